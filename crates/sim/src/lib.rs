@@ -8,4 +8,5 @@
 
 pub mod asic;
 pub mod gpu;
+pub mod replay;
 pub mod rng;
