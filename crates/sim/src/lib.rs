@@ -7,6 +7,8 @@
 //! the model and econ crates.
 
 pub mod asic;
+pub mod grid;
 pub mod gpu;
 pub mod replay;
 pub mod rng;
+pub mod stats;
