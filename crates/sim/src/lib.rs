@@ -7,7 +7,9 @@
 //! the model and econ crates.
 
 pub mod asic;
+pub mod demand;
 pub mod grid;
+pub mod market;
 pub mod gpu;
 pub mod replay;
 pub mod rng;
