@@ -269,7 +269,7 @@ pub struct Catalogue {
 }
 
 /// What a model id refers to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ModelRef {
     Asic(AsicModelIdx),
     Gpu(GpuModelIdx),

@@ -191,12 +191,20 @@ pub struct Fleet {
     pub devices: Vec<Device>,
 }
 
-/// Counts by site and model, the unit the cohort simulator and the dispatcher group by.
+/// The devices of one model on one feeder: the unit the simulators and the dispatcher group by.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
     pub site: SiteIdx,
+    pub feeder: FeederIdx,
     pub model: ModelRef,
-    pub count: u32,
+    /// Member devices in fleet order.
+    pub devices: Vec<crate::ids::DeviceIdx>,
+}
+
+impl Group {
+    pub fn count(&self) -> u32 {
+        self.devices.len() as u32
+    }
 }
 
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
@@ -422,23 +430,20 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Device counts by (site, model), sorted by site then model (ASICs before GPUs).
+    /// Devices by (feeder, model), sorted by feeder (hence site) then model, ASICs before GPUs.
     pub fn groups(&self) -> Vec<Group> {
-        let mut map = std::collections::BTreeMap::<(u16, u8, u16), u32>::new();
-        for d in &self.devices {
+        let mut map = std::collections::BTreeMap::<(u32, u8, u16), Group>::new();
+        for (i, d) in self.devices.iter().enumerate() {
             let key = match d.model {
-                ModelRef::Asic(a) => (d.site.0, 0, a.0),
-                ModelRef::Gpu(g) => (d.site.0, 1, g.0),
+                ModelRef::Asic(a) => (d.feeder.0, 0, a.0),
+                ModelRef::Gpu(g) => (d.feeder.0, 1, g.0),
             };
-            *map.entry(key).or_default() += 1;
+            map.entry(key)
+                .or_insert_with(|| Group { site: d.site, feeder: d.feeder, model: d.model, devices: vec![] })
+                .devices
+                .push(crate::ids::DeviceIdx(i as u32));
         }
-        map.into_iter()
-            .map(|((s, k, m), count)| Group {
-                site: SiteIdx(s),
-                model: if k == 0 { ModelRef::Asic(crate::ids::AsicModelIdx(m)) } else { ModelRef::Gpu(crate::ids::GpuModelIdx(m)) },
-                count,
-            })
-            .collect()
+        map.into_values().collect()
     }
 
     pub fn asic_count(&self) -> usize {
@@ -459,19 +464,108 @@ impl Fleet {
     /// Power the site's devices draw at nameplate (ASICs at nameplate, GPUs at their board limit
     /// plus host share at full load).
     pub fn site_nameplate_w(&self, site: SiteIdx) -> f64 {
-        self.groups()
+        self.devices
             .iter()
-            .filter(|g| g.site == site)
-            .map(|g| {
-                f64::from(g.count)
-                    * match g.model {
-                        ModelRef::Asic(a) => self.catalogue.asic(a).power_w,
-                        ModelRef::Gpu(m) => {
-                            let m = self.catalogue.gpu(m);
-                            m.max_power_w + m.host_idle_w + m.host_load_w
-                        }
-                    }
+            .filter(|d| d.site == site)
+            .map(|d| match d.model {
+                ModelRef::Asic(a) => self.catalogue.asic(a).power_w,
+                ModelRef::Gpu(m) => {
+                    let m = self.catalogue.gpu(m);
+                    m.max_power_w + m.host_idle_w + m.host_load_w
+                }
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> Fleet {
+        let path = format!("{}/../../examples/fleets/{name}", env!("CARGO_MANIFEST_DIR"));
+        let src = std::fs::read_to_string(&path).unwrap();
+        Fleet::from_toml(&path, &src).unwrap()
+    }
+
+    #[test]
+    fn example_fleets_load_with_the_promised_sizes() {
+        let small = example("small.toml");
+        assert_eq!(small.sites.len(), 2);
+        assert!((200..=500).contains(&small.devices.len()), "{}", small.devices.len());
+        let r = example("reference.toml");
+        assert_eq!((r.sites.len(), r.asic_count(), r.gpu_count()), (10, 250_000, 50_000));
+        let models: std::collections::BTreeSet<_> = r.groups().iter().map(|g| g.model).collect();
+        assert!(models.len() >= 7, "mixed models");
+        // Groups partition the devices.
+        assert_eq!(r.groups().iter().map(|g| g.devices.len()).sum::<usize>(), r.devices.len());
+    }
+
+    const OK: &str = r#"
+name = "t"
+[[site]]
+id = "a"
+power_cap_mw = 1.0
+settlement_point = "HB_SOUTH"
+  [[site.feeder]]
+  id = "f"
+  limit_kw = 500
+    [[site.feeder.rack]]
+    count = 2
+    devices = [{ model = "antminer-s21", count = 10 }, { model = "h100-sxm", count = 8 }]
+"#;
+
+    fn check(src: &str, field: &str, rule: &str) {
+        let e = Fleet::from_toml("f.toml", src).unwrap_err();
+        assert_eq!((e.file.as_str(), e.field.as_str()), ("f.toml", field), "{e}");
+        assert!(e.rule.contains(rule), "{e}");
+    }
+
+    #[test]
+    fn a_valid_file_resolves_topology() {
+        let f = Fleet::from_toml("f.toml", OK).unwrap();
+        assert_eq!((f.racks.len(), f.devices.len(), f.racks[1].id.as_str()), (2, 36, "a/f/r2"));
+        assert_eq!(f.groups().len(), 2);
+        assert_eq!(f.sites[0].power_cap_w, 1e6);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_field_and_the_rule() {
+        check(&OK.replace("power_cap_mw = 1.0", "power_cap_mw = -1"), "site[0].power_cap_mw", "> 0");
+        check(&OK.replace("limit_kw = 500", "limit_kw = 50"), "site[0].feeder[0].limit_kw", "lowest running power");
+        check(&OK.replace("\"antminer-s21\"", "\"antminer-s99\""), "site[0].feeder[0].rack[0].devices[0].model", "unknown model");
+        check(&OK.replace("count = 2", "count = 0"), "site[0].feeder[0].rack[0].count", ">= 1");
+        check(&OK.replace("settlement_point = \"HB_SOUTH\"", "settlement_point = \"\""), "site[0].settlement_point", "empty");
+        check(&OK.replace("id = \"a\"", "id = \"a\"\ncolour = 3"), "line 5 column 1", "unknown field");
+        check(&OK.replace("power_cap_mw = 1.0", "power_cap_mw = \"big\""), "line 5 column 16", "invalid type");
+        check(&format!("{OK}\n[reliability]\nasic_reboots_per_day = -1\n"), "reliability.asic_reboots_per_day", ">= 0");
+        check(&format!("{OK}{}", OK.split("[[site]]").nth(1).map(|s| format!("[[site]]{s}")).unwrap()), "site[1].id", "duplicate");
+        check("name = \"x\"\n", "site", "at least one");
+    }
+
+    #[test]
+    fn models_are_extensible_and_overridable() {
+        let extra = r#"
+[[asic_model]]
+base = "antminer-s21"
+id = "s21-tuned"
+name = "S21 tuned"
+min_power_w = 2000
+[[asic_model]]
+id = "antminer-s19-xp"
+hashrate_ths = 130
+"#;
+        let src = OK.replace("name = \"t\"", &format!("name = \"t\"\n{extra}")).replace("\"antminer-s21\", count = 10", "\"s21-tuned\", count = 10");
+        let f = Fleet::from_toml("f.toml", &src).unwrap();
+        let Some(ModelRef::Asic(i)) = f.catalogue.lookup("s21-tuned") else { panic!() };
+        assert_eq!((f.catalogue.asic(i).min_power_w, f.catalogue.asic(i).power_w), (2000.0, 3500.0));
+        let Some(ModelRef::Asic(j)) = f.catalogue.lookup("antminer-s19-xp") else { panic!() };
+        assert_eq!(f.catalogue.asic(j).hashrate_ths, 130.0);
+        let bad = OK.replace("name = \"t\"", "name = \"t\"\n[[asic_model]]\nbase = \"antminer-s21\"\nid = \"x\"\nmin_power_w = 9000\n");
+        check(&bad, "asic_model[0].min_power_w", "<= max_power_w");
+        let bad = OK.replace("name = \"t\"", "name = \"t\"\n[[asic_model]]\nbase = \"nope\"\nid = \"x\"\n");
+        check(&bad, "asic_model[0].base", "unknown model");
+        let bad = OK.replace("name = \"t\"", "name = \"t\"\n[[asic_model]]\nid = \"new\"\n");
+        check(&bad, "asic_model[0]", "missing field");
     }
 }
