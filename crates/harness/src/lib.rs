@@ -1,0 +1,14 @@
+//! The whole-platform simulation harness (TigerBeetle style): a seeded loop that advances simulated
+//! time, feeds simulator outputs in as signals and telemetry, lets a controller decide, steps the
+//! fleet, checks invariants every step and reports `seed=N` on failure so any run replays exactly.
+//!
+//! Later issues plug the dispatcher (a [`Controller`]), the router and billing into this loop.
+//!
+//! Architecture invariant: pure and deterministic. No IO, no clock, no threads: the caller passes
+//! parsed inputs and receives rows through a callback.
+
+pub mod controller;
+pub mod run;
+
+pub use controller::{Baseline, BaselineMode, Controller, DecisionContext};
+pub use run::*;

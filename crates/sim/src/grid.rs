@@ -302,7 +302,8 @@ impl GridParams {
         p
     }
 
-    fn temp_mean(&self, t: SimTime) -> f64 {
+    /// Expected air temperature at `t` (season and time of day, without noise).
+    pub fn temp_mean(&self, t: SimTime) -> f64 {
         // Interpolate monthly means at mid-month for a smooth season.
         let yf = t.year_fraction() * 12.0 - 0.5;
         let i = yf.floor().rem_euclid(12.0) as usize;

@@ -8,6 +8,7 @@
 
 pub mod asic;
 pub mod demand;
+pub mod fleet;
 pub mod grid;
 pub mod market;
 pub mod gpu;

@@ -1,0 +1,279 @@
+//! Command-line interface. Every command has `--help`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use hcp_harness::{Baseline, BaselineMode, DemandSource, GridSource, Harness, MarketSource, Scenario};
+use hcp_model::fleet::Fleet;
+use hcp_model::time::{MS_PER_DAY, SimTime, parse_duration_ms};
+use hcp_sim::demand::DemandParams;
+use hcp_sim::fleet::Fidelity;
+use hcp_sim::grid::GridParams;
+use hcp_sim::market::MarketParams;
+use hcp_sim::replay;
+
+use crate::report;
+
+/// The default fleet, built in so that `hcp up` works from any directory.
+pub const SMALL_FLEET: (&str, &str) = ("examples/fleets/small.toml", include_str!("../../../examples/fleets/small.toml"));
+pub const REFERENCE_FLEET: (&str, &str) = ("examples/fleets/reference.toml", include_str!("../../../examples/fleets/reference.toml"));
+
+#[derive(Parser)]
+#[command(name = "hcp", version, about = "HCP, the Hybrid Compute Platform: power split between Bitcoin ASICs, AI GPUs and curtailment")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform. Until the server lands, this simulates the default fleet for a week and
+    /// prints its summary.
+    Up {
+        /// Fleet file (default: the built-in examples/fleets/small.toml).
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Days to simulate.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
+    /// Simulate a fleet over a period and write one CSV row per site and interval.
+    Sim(SimArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Simulator throughput: one hour of the reference fleet per device at 10 s steps, and one
+    /// year per cohort at 15-minute steps.
+    Sim {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fleet file (default: the built-in reference fleet).
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        /// Simulated hours for the per-device run.
+        #[arg(long, default_value_t = 1.0)]
+        device_hours: f64,
+        /// Simulated days for the per-cohort run.
+        #[arg(long, default_value_t = 365)]
+        cohort_days: u32,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FidelityArg {
+    Device,
+    Cohort,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    /// Everything that fits under the caps runs.
+    AlwaysOn,
+    /// ASIC models sleep while the last price plus adder is above their breakeven.
+    Breakeven,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Fleet file (TOML).
+    #[arg(long)]
+    fleet: PathBuf,
+    /// Recorded real-time prices (CSV, the layout of shared/data/ercot). Default: simulated.
+    #[arg(long)]
+    prices: Option<PathBuf>,
+    /// Recorded market series (CSV: timestamp,btc_usd,difficulty[,fees_btc_per_block] or
+    /// timestamp,hashprice_usd_per_ph_day). Default: simulated.
+    #[arg(long)]
+    market: Option<PathBuf>,
+    /// Recorded inference trace (CSV: TIMESTAMP,ContextTokens,GeneratedTokens). Default: simulated.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// First day (YYYY-MM-DD or a date-time). Default: start of --prices, else 2025-06-01.
+    #[arg(long)]
+    from: Option<String>,
+    /// End (exclusive). Default: end of --prices, else 7 days after --from.
+    #[arg(long)]
+    to: Option<String>,
+    /// Interval of decisions and output rows: 15m or 5m (or any whole minutes).
+    #[arg(long, default_value = "15m")]
+    step: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = FidelityArg::Cohort)]
+    fidelity: FidelityArg,
+    #[arg(long, value_enum, default_value_t = PolicyArg::Breakeven)]
+    policy: PolicyArg,
+    /// Fixed charges added to the energy price (USD/MWh).
+    #[arg(long, default_value_t = 0.0)]
+    adder_usd_per_mwh: f64,
+    /// Output CSV.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up { fleet, seed, days } => up(fleet.as_deref(), seed, days),
+        Command::Sim(a) => sim(&a),
+        Command::Bench { what: BenchWhat::Sim { json, fleet, device_hours, cohort_days } } => {
+            crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub fn load_fleet(path: Option<&Path>, default: (&str, &str)) -> Result<Fleet> {
+    let (name, text) = match path {
+        Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("read fleet file {}", p.display()))?),
+        None => (default.0.to_string(), default.1.to_string()),
+    };
+    Ok(Fleet::from_toml(&name, &text)?)
+}
+
+fn open(path: &Path, what: &str) -> Result<File> {
+    File::open(path).with_context(|| format!("open {what} {}", path.display()))
+}
+
+fn parse_time(s: &str, flag: &str) -> Result<SimTime> {
+    SimTime::parse(s).with_context(|| format!("--{flag}"))
+}
+
+fn up(fleet: Option<&Path>, seed: u64, days: u32) -> Result<ExitCode> {
+    let fleet = load_fleet(fleet, SMALL_FLEET)?;
+    if days == 0 || days > 3_660 {
+        bail!("--days: must be between 1 and 3660");
+    }
+    let from = SimTime::parse("2025-06-01").expect("valid date");
+    let scenario = Scenario {
+        from,
+        to: from.plus_ms(i64::from(days) * MS_PER_DAY),
+        interval_ms: 15 * 60_000,
+        fidelity: Fidelity::Device,
+        seed,
+        energy_adder_usd_per_mwh: 0.0,
+    };
+    eprintln!("hcp up: the platform server is not built yet; simulating fleet {:?} per device for {days} days (seed {seed})", fleet.name);
+    let mut h = Harness::new(
+        &fleet,
+        scenario,
+        GridSource::Simulated(GridParams::default()),
+        MarketSource::Simulated(MarketParams::default()),
+        DemandSource::Simulated(DemandParams::default()),
+    )?;
+    run_and_report(&mut h, &fleet, BaselineMode::Breakeven, None)
+}
+
+fn run_and_report(h: &mut Harness, fleet: &Fleet, mode: BaselineMode, out: Option<&Path>) -> Result<ExitCode> {
+    let mut writer = match out {
+        Some(p) => {
+            let w = csv::Writer::from_path(p).with_context(|| format!("create {}", p.display()))?;
+            Some(report::RowWriter::new(w)?)
+        }
+        None => None,
+    };
+    let bar = indicatif::ProgressBar::new(h.intervals());
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} intervals {eta}").expect("valid template"));
+    let mut write_err: Option<anyhow::Error> = None;
+    let started = std::time::Instant::now();
+    let result = h.run(
+        &mut Baseline { mode },
+        &mut |row| {
+            if let (Some(w), None) = (writer.as_mut(), write_err.as_ref()) {
+                if let Err(e) = w.write(row) {
+                    write_err = Some(e);
+                }
+            }
+        },
+        &mut |done, _| bar.set_position(done),
+    );
+    bar.finish_and_clear();
+    if let Some(e) = write_err {
+        return Err(e.context("write output CSV"));
+    }
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    match result {
+        Ok(summary) => {
+            print!("{}", report::summary(&summary, fleet, started.elapsed().as_secs_f64()));
+            if let Some(p) = out {
+                println!("rows written to {}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(v) => {
+            eprintln!("{v}");
+            eprintln!("seed={}", v.seed);
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn sim(a: &SimArgs) -> Result<ExitCode> {
+    let fleet = load_fleet(Some(&a.fleet), SMALL_FLEET)?;
+    let interval_ms = parse_duration_ms(&a.step).context("--step")?;
+    let grid = match &a.prices {
+        Some(p) => GridSource::Recorded(replay::load_grid_csv(&p.display().to_string(), open(p, "prices")?)?),
+        None => GridSource::Simulated(GridParams::default()),
+    };
+    let (rec_from, rec_to) = match &grid {
+        GridSource::Recorded(m) => {
+            let from = m.values().map(|s| s.start()).max().expect("non-empty");
+            let to = m.values().map(|s| s.end()).min().expect("non-empty");
+            (Some(from), Some(to))
+        }
+        GridSource::Simulated(_) => (None, None),
+    };
+    let from = match &a.from {
+        Some(s) => parse_time(s, "from")?,
+        None => rec_from.unwrap_or(SimTime::parse("2025-06-01").expect("valid")),
+    };
+    let to = match &a.to {
+        Some(s) => parse_time(s, "to")?,
+        None => rec_to.unwrap_or(from.plus_ms(7 * MS_PER_DAY)),
+    };
+    let market = match &a.market {
+        Some(p) => MarketSource::Recorded(replay::load_market_csv(&p.display().to_string(), open(p, "market series")?)?),
+        None => MarketSource::Simulated(MarketParams::default()),
+    };
+    let demand = match &a.trace {
+        Some(p) => DemandSource::Trace(replay::load_trace_csv(&p.display().to_string(), open(p, "trace")?)?),
+        None => DemandSource::Simulated(DemandParams::default()),
+    };
+    let scenario = Scenario {
+        from,
+        to,
+        interval_ms,
+        fidelity: match a.fidelity {
+            FidelityArg::Device => Fidelity::Device,
+            FidelityArg::Cohort => Fidelity::Cohort,
+        },
+        seed: a.seed,
+        energy_adder_usd_per_mwh: a.adder_usd_per_mwh,
+    };
+    let mut h = Harness::new(&fleet, scenario, grid, market, demand)?;
+    let mode = match a.policy {
+        PolicyArg::AlwaysOn => BaselineMode::AlwaysOn,
+        PolicyArg::Breakeven => BaselineMode::Breakeven,
+    };
+    run_and_report(&mut h, &fleet, mode, Some(&a.out))
+}

@@ -1,0 +1,10 @@
+//! `hcp`: the Hybrid Compute Platform's one binary. Reads files, parses arguments, wires the pure
+//! crates together and prints results. All decisions happen in the pure crates.
+
+mod bench;
+mod cli;
+mod report;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
