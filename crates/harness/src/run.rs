@@ -18,7 +18,7 @@ use crate::controller::{Controller, DecisionContext};
 
 /// Where grid prices come from.
 pub enum GridSource {
-    Simulated(GridParams),
+    Simulated(Box<GridParams>),
     /// Recorded series by settlement point. A file with one settlement point serves every site.
     Recorded(BTreeMap<String, GridSeries>),
 }
@@ -213,18 +213,30 @@ enum Demand {
 }
 
 impl<'f> Harness<'f> {
-    pub fn new(fleet: &'f Fleet, scenario: Scenario, grid: GridSource, market: MarketSource, demand: DemandSource) -> Result<Self, SetupError> {
+    pub fn new(
+        fleet: &'f Fleet,
+        scenario: Scenario,
+        grid: GridSource,
+        market: MarketSource,
+        demand: DemandSource,
+    ) -> Result<Self, SetupError> {
         let err = |field: &str, rule: String| SetupError { field: field.into(), rule };
         let s = &scenario;
         if s.to <= s.from {
             return Err(err("to", format!("must be after from ({} is not after {})", s.to, s.from)));
         }
         if s.interval_ms <= 0 || s.interval_ms % s.step_ms() != 0 || s.interval_ms % 60_000 != 0 {
-            return Err(err("step", "must be a whole number of minutes and a multiple of the 10 s telemetry step".into()));
+            return Err(err(
+                "step",
+                "must be a whole number of minutes and a multiple of the 10 s telemetry step".into(),
+            ));
         }
         let intervals = (s.to.0 - s.from.0) / s.interval_ms;
         if intervals < 1 || intervals as usize > MAX_INTERVALS {
-            return Err(err("to", format!("the run must hold between 1 and {MAX_INTERVALS} intervals, not {intervals}")));
+            return Err(err(
+                "to",
+                format!("the run must hold between 1 and {MAX_INTERVALS} intervals, not {intervals}"),
+            ));
         }
         if !s.energy_adder_usd_per_mwh.is_finite() {
             return Err(err("energy_adder_usd_per_mwh", "must be finite".into()));
@@ -237,7 +249,13 @@ impl<'f> Harness<'f> {
         let series: Vec<GridSeries> = match grid {
             GridSource::Simulated(p) => {
                 p.validate().map_err(|r| err("grid", r))?;
-                let sim = grid::simulate(&GridRun { params: &p, from: s.from, to: s.to, seed: s.seed, settlement_points: &unique });
+                let sim = grid::simulate(&GridRun {
+                    params: &p,
+                    from: s.from,
+                    to: s.to,
+                    seed: s.seed,
+                    settlement_points: &unique,
+                });
                 let by: BTreeMap<&str, &GridSeries> = unique.iter().map(String::as_str).zip(sim.iter()).collect();
                 points.iter().map(|sp| by[sp.as_str()].clone()).collect()
             }
@@ -247,25 +265,52 @@ impl<'f> Harness<'f> {
                         return Ok(map.values().next().cloned().expect("one series"));
                     }
                     map.get(sp).cloned().ok_or_else(|| {
-                        err("prices", format!("no series for settlement point {sp} (the file has: {})", map.keys().cloned().collect::<Vec<_>>().join(", ")))
+                        err(
+                            "prices",
+                            format!(
+                                "no series for settlement point {sp} (the file has: {})",
+                                map.keys().cloned().collect::<Vec<_>>().join(", ")
+                            ),
+                        )
                     })
                 };
                 if map.len() == 1 {
                     let (sp, x) = map.iter().next().expect("one series");
-                    notes.push(format!("recorded prices of {} applied to every site", if sp.is_empty() { "the file" } else { sp }));
+                    notes.push(format!(
+                        "recorded prices of {} applied to every site",
+                        if sp.is_empty() { "the file" } else { sp }
+                    ));
                     if x.filled_gaps + x.dropped_duplicates > 0 {
-                        notes.push(format!("{} missing intervals filled forward, {} repeated dropped", x.filled_gaps, x.dropped_duplicates));
+                        notes.push(format!(
+                            "{} missing intervals filled forward, {} repeated dropped",
+                            x.filled_gaps, x.dropped_duplicates
+                        ));
                     }
                 }
                 let mut v = vec![];
                 for sp in &points {
                     let mut x = pick(sp)?;
                     if x.start() > s.from || x.end() < s.to {
-                        return Err(err("from", format!("the period {}..{} is not inside the recorded prices {}..{}", s.from, s.to, x.start(), x.end())));
+                        return Err(err(
+                            "from",
+                            format!(
+                                "the period {}..{} is not inside the recorded prices {}..{}",
+                                s.from,
+                                s.to,
+                                x.start(),
+                                x.end()
+                            ),
+                        ));
                     }
                     let derivable = x.interval_ms == 3 * s.interval_ms && x.interval_ms == 15 * 60_000;
                     if !derivable && (x.interval_ms > s.interval_ms || s.interval_ms % x.interval_ms != 0) {
-                        return Err(err("step", format!("must be a multiple of the prices' {} min interval (or 5 min on 15-minute prices)", x.interval_ms / 60_000)));
+                        return Err(err(
+                            "step",
+                            format!(
+                                "must be a multiple of the prices' {} min interval (or 5 min on 15-minute prices)",
+                                x.interval_ms / 60_000
+                            ),
+                        ));
                     }
                     if x.signals.iter().all(|g| g.temperature_c.is_nan()) {
                         notes.push("no temperature in the prices file: using the default weather".into());
@@ -285,7 +330,10 @@ impl<'f> Harness<'f> {
             MarketSource::Simulated(p) => MarketSim::simulate(&p, s.from, s.to, s.interval_ms, s.seed),
             MarketSource::Recorded(v) => {
                 if v.first().is_none_or(|m| m.at > s.from) {
-                    return Err(err("market", format!("the recorded market series must start at or before {}", s.from)));
+                    return Err(err(
+                        "market",
+                        format!("the recorded market series must start at or before {}", s.from),
+                    ));
                 }
                 v
             }
@@ -293,7 +341,11 @@ impl<'f> Harness<'f> {
         let mut sites_demand = vec![];
         let default_rps = DemandParams::default().rps_per_gpu;
         for site in &fleet.sites {
-            let gpus = fleet.devices.iter().filter(|d| d.site == site.idx && matches!(d.model, hcp_model::ModelRef::Gpu(_))).count() as f64;
+            let gpus = fleet
+                .devices
+                .iter()
+                .filter(|d| d.site == site.idx && matches!(d.model, hcp_model::ModelRef::Gpu(_)))
+                .count() as f64;
             let idx = u64::from(site.idx.0);
             sites_demand.push(match &demand {
                 DemandSource::Simulated(p) => Demand::Sim(DemandSim::new(p.clone(), gpus, s.seed, idx)),
@@ -305,7 +357,10 @@ impl<'f> Harness<'f> {
             });
         }
         if let DemandSource::Trace(t) = &demand {
-            notes.push(format!("demand: recorded trace of {} requests, looped and scaled to {default_rps} req/s per GPU", t.len()));
+            notes.push(format!(
+                "demand: recorded trace of {} requests, looped and scaled to {default_rps} req/s per GPU",
+                t.len()
+            ));
         }
         Ok(Harness { fleet, groups: fleet.groups(), scenario, grid: series, market, demand: sites_demand, notes })
     }
@@ -313,7 +368,11 @@ impl<'f> Harness<'f> {
 
 fn check_power(seed: u64, at: SimTime, what: &str, name: &str, power_w: f64, limit_w: f64) -> Result<(), Violation> {
     if power_w > limit_w * (1.0 + 1e-9) + 1e-6 {
-        return Err(Violation { seed, at, what: format!("{what} {name} draws {:.1} kW above its {:.1} kW limit", power_w / 1e3, limit_w / 1e3) });
+        return Err(Violation {
+            seed,
+            at,
+            what: format!("{what} {name} draws {:.1} kW above its {:.1} kW limit", power_w / 1e3, limit_w / 1e3),
+        });
     }
     Ok(())
 }
@@ -397,7 +456,11 @@ impl Harness<'_> {
             };
             let targets = controller.decide(&ctx);
             if targets.len() != self.groups.len() {
-                return Err(Violation { seed, at: t0, what: format!("controller returned {} targets for {} groups", targets.len(), self.groups.len()) });
+                return Err(Violation {
+                    seed,
+                    at: t0,
+                    what: format!("controller returned {} targets for {} groups", targets.len(), self.groups.len()),
+                });
             }
             let sim = fleet_sim.get_or_insert_with(|| FleetSim::new(fleet, sc.fidelity, &targets, seed));
             let mut acc = vec![Acc::default(); n_sites];
@@ -412,7 +475,11 @@ impl Harness<'_> {
                     };
                     let n = d.requests as f64;
                     let w = if n > 0.0 {
-                        Workload { rate_rps: n / step_s, prompt_tokens: d.prompt_tokens as f64 / n, output_tokens: d.output_tokens as f64 / n }
+                        Workload {
+                            rate_rps: n / step_s,
+                            prompt_tokens: d.prompt_tokens as f64 / n,
+                            output_tokens: d.output_tokens as f64 / n,
+                        }
                     } else {
                         Workload { rate_rps: 0.0, prompt_tokens: 1_000.0, output_tokens: 250.0 }
                     };
@@ -436,7 +503,8 @@ impl Harness<'_> {
                             a.asic_idle_j += x.idle_w * step_s;
                             a.hash_th_s += x.hashrate_ths * step_s;
                             a.reported_th_s += x.reported_ths * step_s;
-                            a.revenue_usd += x.hashrate_ths / 1_000.0 * market.hashprice_usd_per_ph_day * step_s / 86_400.0;
+                            a.revenue_usd +=
+                                x.hashrate_ths / 1_000.0 * market.hashprice_usd_per_ph_day * step_s / 86_400.0;
                             a.faults += x.faults;
                             if k == per_interval - 1 {
                                 a.end[0] += x.n_hashing;
@@ -459,11 +527,26 @@ impl Harness<'_> {
                         }
                     };
                     if (counted - n).abs() > 1e-6 * n.max(1.0) {
-                        return Err(Violation { seed, at: t, what: format!("group of {} on feeder {} counts {counted} devices, not {n}", fleet.model_id(g.model), fleet.feeders[g.feeder.index()].id) });
+                        return Err(Violation {
+                            seed,
+                            at: t,
+                            what: format!(
+                                "group of {} on feeder {} counts {counted} devices, not {n}",
+                                fleet.model_id(g.model),
+                                fleet.feeders[g.feeder.index()].id
+                            ),
+                        });
                     }
                 }
                 for (f, w) in fleet.feeders.iter().zip(&feeder_w) {
-                    check_power(seed, t, "feeder", &format!("{}/{}", fleet.sites[f.site.index()].id, f.id), *w, f.limit_w)?;
+                    check_power(
+                        seed,
+                        t,
+                        "feeder",
+                        &format!("{}/{}", fleet.sites[f.site.index()].id, f.id),
+                        *w,
+                        f.limit_w,
+                    )?;
                 }
                 for (s, w) in fleet.sites.iter().zip(&site_w) {
                     check_power(seed, t, "site", &s.id, *w, s.power_cap_w)?;
@@ -475,7 +558,10 @@ impl Harness<'_> {
             for (s, a) in acc.iter().enumerate() {
                 let site = &fleet.sites[s];
                 let mw = |j: f64| j / dur_s / 1e6;
-                let energy_mwh = mwh((a.asic_hashing_j + a.asic_transition_j + a.asic_idle_j + a.gpu_serving_j + a.gpu_idle_j) / dur_s, dur_s);
+                let energy_mwh = mwh(
+                    (a.asic_hashing_j + a.asic_transition_j + a.asic_idle_j + a.gpu_serving_j + a.gpu_idle_j) / dur_s,
+                    dur_s,
+                );
                 let price = now_grid[s].rt_price_usd_per_mwh;
                 let row = SiteRow {
                     at: t0,
@@ -509,7 +595,14 @@ impl Harness<'_> {
                 // Energy balances: the metered energy is the sum of the energy by state.
                 let by_state = row.total_mw() * hours;
                 if (by_state - row.energy_mwh).abs() > 1e-9 * row.energy_mwh.abs().max(1.0) {
-                    return Err(Violation { seed, at: t0, what: format!("site {}: energy by state {by_state} MWh != metered {} MWh", site.id, row.energy_mwh) });
+                    return Err(Violation {
+                        seed,
+                        at: t0,
+                        what: format!(
+                            "site {}: energy by state {by_state} MWh != metered {} MWh",
+                            site.id, row.energy_mwh
+                        ),
+                    });
                 }
                 if row.peak_mw > row.cap_mw * (1.0 + 1e-9) {
                     return Err(Violation { seed, at: t0, what: format!("site {} peak above cap", site.id) });

@@ -10,7 +10,6 @@ use hcp_sim::asic::{AsicTarget, IdleMode};
 use hcp_sim::demand::DemandParams;
 use hcp_sim::fleet::{Fidelity, GroupTarget};
 use hcp_sim::gpu::GpuTarget;
-use hcp_sim::grid::GridParams;
 use hcp_sim::market::MarketParams;
 use proptest::prelude::*;
 
@@ -35,7 +34,7 @@ fn run(fleet: &Fleet, sc: Scenario, mode: BaselineMode) -> Result<(Summary, Vec<
     let mut h = Harness::new(
         fleet,
         sc,
-        GridSource::Simulated(GridParams::default()),
+        GridSource::Simulated(Box::default()),
         MarketSource::Simulated(MarketParams::default()),
         DemandSource::Simulated(DemandParams::default()),
     )
@@ -75,10 +74,16 @@ fn money_in_rows_adds_up_to_the_summary() {
 fn breakeven_sleeps_asics_when_prices_spike() {
     let f = small();
     let (_, rows) = run(&f, scenario("2024-06-01", 30.0, Fidelity::Cohort, 2), BaselineMode::Breakeven).unwrap();
-    let spikes: Vec<_> = rows.windows(2).filter(|w| w[0].site == "tx-south" && w[0].rt_price_usd_per_mwh > 500.0).collect();
+    let spikes: Vec<_> =
+        rows.windows(2).filter(|w| w[0].site == "tx-south" && w[0].rt_price_usd_per_mwh > 500.0).collect();
     assert!(!spikes.is_empty(), "a month of simulated prices has spikes");
     // Decisions use the last known price: the interval after a spike has no hashing.
-    let after: Vec<_> = rows.iter().zip(rows.iter().skip(2)).filter(|(a, _)| a.site == "tx-south" && a.rt_price_usd_per_mwh > 500.0).map(|(_, b)| b).collect();
+    let after: Vec<_> = rows
+        .iter()
+        .zip(rows.iter().skip(2))
+        .filter(|(a, _)| a.site == "tx-south" && a.rt_price_usd_per_mwh > 500.0)
+        .map(|(_, b)| b)
+        .collect();
     assert!(after.iter().all(|r| r.asics_hashing == 0.0), "ASICs sleep after a spike");
     let (on, _) = run(&f, scenario("2024-06-01", 30.0, Fidelity::Cohort, 2), BaselineMode::AlwaysOn).unwrap();
     let (be, _) = run(&f, scenario("2024-06-01", 30.0, Fidelity::Cohort, 2), BaselineMode::Breakeven).unwrap();
@@ -123,7 +128,11 @@ impl Controller for Reckless {
         ctx.groups
             .iter()
             .map(|g| match g.model {
-                ModelRef::Asic(a) => GroupTarget::Asic(AsicTarget { hashing: g.count(), power_w: ctx.fleet.catalogue.asic(a).max_power_w, idle: IdleMode::Sleep }),
+                ModelRef::Asic(a) => GroupTarget::Asic(AsicTarget {
+                    hashing: g.count(),
+                    power_w: ctx.fleet.catalogue.asic(a).max_power_w,
+                    idle: IdleMode::Sleep,
+                }),
                 ModelRef::Gpu(_) => GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w: 700.0, idle_off: false }),
             })
             .collect()
@@ -137,7 +146,7 @@ fn a_cap_violation_is_caught_with_its_seed() {
     let mut h = Harness::new(
         &f,
         scenario("2024-07-01", 1.0, Fidelity::Cohort, 77),
-        GridSource::Simulated(GridParams::default()),
+        GridSource::Simulated(Box::default()),
         MarketSource::Simulated(MarketParams::default()),
         DemandSource::Simulated(DemandParams::default()),
     )
@@ -154,7 +163,7 @@ fn setup_errors_name_the_field() {
         Harness::new(
             &f,
             sc,
-            GridSource::Simulated(GridParams::default()),
+            GridSource::Simulated(Box::default()),
             MarketSource::Simulated(MarketParams::default()),
             DemandSource::Simulated(DemandParams::default()),
         )

@@ -9,7 +9,6 @@ use hcp_harness::{Baseline, BaselineMode, DemandSource, GridSource, Harness, Mar
 use hcp_model::time::{MS_PER_DAY, SimTime};
 use hcp_sim::demand::DemandParams;
 use hcp_sim::fleet::Fidelity;
-use hcp_sim::grid::GridParams;
 use hcp_sim::market::MarketParams;
 
 use crate::cli::{REFERENCE_FLEET, load_fleet};
@@ -29,11 +28,18 @@ struct Run {
 
 fn run(fleet: &hcp_model::fleet::Fleet, fidelity: Fidelity, span_ms: i64) -> Result<Run> {
     let from = SimTime::parse("2025-01-01").expect("valid");
-    let scenario = Scenario { from, to: from.plus_ms(span_ms), interval_ms: 15 * 60_000, fidelity, seed: 1, energy_adder_usd_per_mwh: 0.0 };
+    let scenario = Scenario {
+        from,
+        to: from.plus_ms(span_ms),
+        interval_ms: 15 * 60_000,
+        fidelity,
+        seed: 1,
+        energy_adder_usd_per_mwh: 0.0,
+    };
     let mut h = Harness::new(
         fleet,
         scenario,
-        GridSource::Simulated(GridParams::default()),
+        GridSource::Simulated(Box::default()),
         MarketSource::Simulated(MarketParams::default()),
         DemandSource::Simulated(DemandParams::default()),
     )?;
@@ -43,6 +49,12 @@ fn run(fleet: &hcp_model::fleet::Fleet, fidelity: Fidelity, span_ms: i64) -> Res
 }
 
 pub fn sim(json: bool, fleet: Option<&Path>, device_hours: f64, cohort_days: u32) -> Result<ExitCode> {
+    if !(0.25..=8_760.0).contains(&device_hours) || device_hours * 4.0 != (device_hours * 4.0).round() {
+        anyhow::bail!("--device-hours: must be a whole number of quarter hours between 0.25 and 8760");
+    }
+    if !(1..=3_660).contains(&cohort_days) {
+        anyhow::bail!("--cohort-days: must be between 1 and 3660");
+    }
     let t = Instant::now();
     let fleet = load_fleet(fleet, REFERENCE_FLEET)?;
     let load_s = t.elapsed().as_secs_f64();

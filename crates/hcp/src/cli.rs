@@ -11,18 +11,23 @@ use hcp_model::fleet::Fleet;
 use hcp_model::time::{MS_PER_DAY, SimTime, parse_duration_ms};
 use hcp_sim::demand::DemandParams;
 use hcp_sim::fleet::Fidelity;
-use hcp_sim::grid::GridParams;
 use hcp_sim::market::MarketParams;
 use hcp_sim::replay;
 
 use crate::report;
 
 /// The default fleet, built in so that `hcp up` works from any directory.
-pub const SMALL_FLEET: (&str, &str) = ("examples/fleets/small.toml", include_str!("../../../examples/fleets/small.toml"));
-pub const REFERENCE_FLEET: (&str, &str) = ("examples/fleets/reference.toml", include_str!("../../../examples/fleets/reference.toml"));
+pub const SMALL_FLEET: (&str, &str) =
+    ("examples/fleets/small.toml", include_str!("../../../examples/fleets/small.toml"));
+pub const REFERENCE_FLEET: (&str, &str) =
+    ("examples/fleets/reference.toml", include_str!("../../../examples/fleets/reference.toml"));
 
 #[derive(Parser)]
-#[command(name = "hcp", version, about = "HCP, the Hybrid Compute Platform: power split between Bitcoin ASICs, AI GPUs and curtailment")]
+#[command(
+    name = "hcp",
+    version,
+    about = "HCP, the Hybrid Compute Platform: power split between Bitcoin ASICs, AI GPUs and curtailment"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -143,7 +148,10 @@ pub fn main() -> ExitCode {
 
 pub fn load_fleet(path: Option<&Path>, default: (&str, &str)) -> Result<Fleet> {
     let (name, text) = match path {
-        Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("read fleet file {}", p.display()))?),
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).with_context(|| format!("read fleet file {}", p.display()))?,
+        ),
         None => (default.0.to_string(), default.1.to_string()),
     };
     Ok(Fleet::from_toml(&name, &text)?)
@@ -171,11 +179,14 @@ fn up(fleet: Option<&Path>, seed: u64, days: u32) -> Result<ExitCode> {
         seed,
         energy_adder_usd_per_mwh: 0.0,
     };
-    eprintln!("hcp up: the platform server is not built yet; simulating fleet {:?} per device for {days} days (seed {seed})", fleet.name);
+    eprintln!(
+        "hcp up: the platform server is not built yet; simulating fleet {:?} per device for {days} days (seed {seed})",
+        fleet.name
+    );
     let mut h = Harness::new(
         &fleet,
         scenario,
-        GridSource::Simulated(GridParams::default()),
+        GridSource::Simulated(Box::default()),
         MarketSource::Simulated(MarketParams::default()),
         DemandSource::Simulated(DemandParams::default()),
     )?;
@@ -191,16 +202,18 @@ fn run_and_report(h: &mut Harness, fleet: &Fleet, mode: BaselineMode, out: Optio
         None => None,
     };
     let bar = indicatif::ProgressBar::new(h.intervals());
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} intervals {eta}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} intervals {eta}").expect("valid template"),
+    );
     let mut write_err: Option<anyhow::Error> = None;
     let started = std::time::Instant::now();
     let result = h.run(
         &mut Baseline { mode },
         &mut |row| {
-            if let (Some(w), None) = (writer.as_mut(), write_err.as_ref()) {
-                if let Err(e) = w.write(row) {
-                    write_err = Some(e);
-                }
+            if let (Some(w), None) = (writer.as_mut(), write_err.as_ref())
+                && let Err(e) = w.write(row)
+            {
+                write_err = Some(e);
             }
         },
         &mut |done, _| bar.set_position(done),
@@ -233,7 +246,7 @@ fn sim(a: &SimArgs) -> Result<ExitCode> {
     let interval_ms = parse_duration_ms(&a.step).context("--step")?;
     let grid = match &a.prices {
         Some(p) => GridSource::Recorded(replay::load_grid_csv(&p.display().to_string(), open(p, "prices")?)?),
-        None => GridSource::Simulated(GridParams::default()),
+        None => GridSource::Simulated(Box::default()),
     };
     let (rec_from, rec_to) = match &grid {
         GridSource::Recorded(m) => {
@@ -252,7 +265,9 @@ fn sim(a: &SimArgs) -> Result<ExitCode> {
         None => rec_to.unwrap_or(from.plus_ms(7 * MS_PER_DAY)),
     };
     let market = match &a.market {
-        Some(p) => MarketSource::Recorded(replay::load_market_csv(&p.display().to_string(), open(p, "market series")?)?),
+        Some(p) => {
+            MarketSource::Recorded(replay::load_market_csv(&p.display().to_string(), open(p, "market series")?)?)
+        }
         None => MarketSource::Simulated(MarketParams::default()),
     };
     let demand = match &a.trace {

@@ -102,7 +102,8 @@ fn usd(m: MicroUsd) -> String {
 }
 
 fn line(out: &mut String, name: &str, t: &Totals) {
-    let mining_rev_per_mwh = if t.mining_energy_mwh > 0.0 { t.mining_revenue.as_usd_f64() / t.mining_energy_mwh } else { 0.0 };
+    let mining_rev_per_mwh =
+        if t.mining_energy_mwh > 0.0 { t.mining_revenue.as_usd_f64() / t.mining_energy_mwh } else { 0.0 };
     let _ = writeln!(
         out,
         "{name:<14} {:>11.1} {:>8.2} {:>8.2} {:>9.1} {:>13} {:>13} {:>13} {:>8.1} {:>9.1}",
@@ -141,7 +142,16 @@ pub fn summary(s: &Summary, fleet: &Fleet, wall_s: f64) -> String {
     let _ = writeln!(
         out,
         "{:<14} {:>11} {:>8} {:>8} {:>9} {:>13} {:>13} {:>13} {:>8} {:>9}",
-        "site", "energy MWh", "mean MW", "peak MW", "PH/s", "mining USD", "energy USD", "margin USD", "USD/MWh", "rev/MWh"
+        "site",
+        "energy MWh",
+        "mean MW",
+        "peak MW",
+        "PH/s",
+        "mining USD",
+        "energy USD",
+        "margin USD",
+        "USD/MWh",
+        "rev/MWh"
     );
     for (name, t) in &s.sites {
         line(&mut out, name, t);
@@ -157,6 +167,10 @@ pub fn summary(s: &Summary, fleet: &Fleet, wall_s: f64) -> String {
         t.asic_faults,
         t.gpu_xid_events
     );
-    let _ = writeln!(out, "{} steps, {} device-steps in {wall_s:.2} s; invariants held at every step", s.steps, s.device_steps);
+    let _ = writeln!(
+        out,
+        "{} steps, {} device-steps in {wall_s:.2} s; invariants held at every step",
+        s.steps, s.device_steps
+    );
     out
 }

@@ -288,7 +288,14 @@ impl Fleet {
             |m| &m.id,
             AsicModel::validate,
         )?;
-        fold_models::<GpuModel, _>(file, "gpu_model", raw.gpu_model, &mut catalogue.gpus, |m| &m.id, GpuModel::validate)?;
+        fold_models::<GpuModel, _>(
+            file,
+            "gpu_model",
+            raw.gpu_model,
+            &mut catalogue.gpus,
+            |m| &m.id,
+            GpuModel::validate,
+        )?;
         raw.reliability.validate().map_err(|(f, r)| err(format!("reliability.{f}"), &r))?;
         let served_model = raw.served_model.unwrap_or_else(ServedModel::llama3_8b);
         if !(served_model.params_b > 0.0 && served_model.bytes_per_param > 0.0) {
@@ -358,7 +365,12 @@ impl Fleet {
                     return Err(err(format!("{fp}.limit_kw"), "must be a number > 0"));
                 }
                 let feeder_idx = FeederIdx(fleet.feeders.len() as u32);
-                fleet.feeders.push(Feeder { idx: feeder_idx, site: site_idx, id: f.id.clone(), limit_w: f.limit_kw * 1e3 });
+                fleet.feeders.push(Feeder {
+                    idx: feeder_idx,
+                    site: site_idx,
+                    id: f.id.clone(),
+                    limit_w: f.limit_kw * 1e3,
+                });
                 let mut feeder_min_w = 0.0;
                 let mut rack_no = 0;
                 for (ri, r) in f.rack.into_iter().enumerate() {
@@ -391,10 +403,16 @@ impl Fleet {
                     }
                     let per_rack: usize = models.iter().map(|(_, c)| *c as usize).sum();
                     if fleet.devices.len() + per_rack * r.count as usize > MAX_DEVICES {
-                        return Err(err(format!("{rp}.count"), &format!("the fleet may hold at most {MAX_DEVICES} devices")));
+                        return Err(err(
+                            format!("{rp}.count"),
+                            &format!("the fleet may hold at most {MAX_DEVICES} devices"),
+                        ));
                     }
                     if fleet.racks.len() + r.count as usize > MAX_RACKS {
-                        return Err(err(format!("{rp}.count"), &format!("the fleet may hold at most {MAX_RACKS} racks")));
+                        return Err(err(
+                            format!("{rp}.count"),
+                            &format!("the fleet may hold at most {MAX_RACKS} racks"),
+                        ));
                     }
                     for _ in 0..r.count {
                         rack_no += 1;
@@ -406,9 +424,10 @@ impl Fleet {
                             id: format!("{}/{}/r{rack_no}", s.id, f.id),
                         });
                         for &(model, count) in &models {
-                            fleet.devices.extend(
-                                std::iter::repeat_n(Device { site: site_idx, feeder: feeder_idx, rack: rack_idx, model }, count as usize),
-                            );
+                            fleet.devices.extend(std::iter::repeat_n(
+                                Device { site: site_idx, feeder: feeder_idx, rack: rack_idx, model },
+                                count as usize,
+                            ));
                         }
                     }
                 }
@@ -533,13 +552,25 @@ settlement_point = "HB_SOUTH"
     fn errors_name_the_file_the_field_and_the_rule() {
         check(&OK.replace("power_cap_mw = 1.0", "power_cap_mw = -1"), "site[0].power_cap_mw", "> 0");
         check(&OK.replace("limit_kw = 500", "limit_kw = 50"), "site[0].feeder[0].limit_kw", "lowest running power");
-        check(&OK.replace("\"antminer-s21\"", "\"antminer-s99\""), "site[0].feeder[0].rack[0].devices[0].model", "unknown model");
+        check(
+            &OK.replace("\"antminer-s21\"", "\"antminer-s99\""),
+            "site[0].feeder[0].rack[0].devices[0].model",
+            "unknown model",
+        );
         check(&OK.replace("count = 2", "count = 0"), "site[0].feeder[0].rack[0].count", ">= 1");
-        check(&OK.replace("settlement_point = \"HB_SOUTH\"", "settlement_point = \"\""), "site[0].settlement_point", "empty");
+        check(
+            &OK.replace("settlement_point = \"HB_SOUTH\"", "settlement_point = \"\""),
+            "site[0].settlement_point",
+            "empty",
+        );
         check(&OK.replace("id = \"a\"", "id = \"a\"\ncolour = 3"), "line 5 column 1", "unknown field");
         check(&OK.replace("power_cap_mw = 1.0", "power_cap_mw = \"big\""), "line 5 column 16", "invalid type");
         check(&format!("{OK}\n[reliability]\nasic_reboots_per_day = -1\n"), "reliability.asic_reboots_per_day", ">= 0");
-        check(&format!("{OK}{}", OK.split("[[site]]").nth(1).map(|s| format!("[[site]]{s}")).unwrap()), "site[1].id", "duplicate");
+        check(
+            &format!("{OK}{}", OK.split("[[site]]").nth(1).map(|s| format!("[[site]]{s}")).unwrap()),
+            "site[1].id",
+            "duplicate",
+        );
         check("name = \"x\"\n", "site", "at least one");
     }
 
@@ -555,13 +586,18 @@ min_power_w = 2000
 id = "antminer-s19-xp"
 hashrate_ths = 130
 "#;
-        let src = OK.replace("name = \"t\"", &format!("name = \"t\"\n{extra}")).replace("\"antminer-s21\", count = 10", "\"s21-tuned\", count = 10");
+        let src = OK
+            .replace("name = \"t\"", &format!("name = \"t\"\n{extra}"))
+            .replace("\"antminer-s21\", count = 10", "\"s21-tuned\", count = 10");
         let f = Fleet::from_toml("f.toml", &src).unwrap();
         let Some(ModelRef::Asic(i)) = f.catalogue.lookup("s21-tuned") else { panic!() };
         assert_eq!((f.catalogue.asic(i).min_power_w, f.catalogue.asic(i).power_w), (2000.0, 3500.0));
         let Some(ModelRef::Asic(j)) = f.catalogue.lookup("antminer-s19-xp") else { panic!() };
         assert_eq!(f.catalogue.asic(j).hashrate_ths, 130.0);
-        let bad = OK.replace("name = \"t\"", "name = \"t\"\n[[asic_model]]\nbase = \"antminer-s21\"\nid = \"x\"\nmin_power_w = 9000\n");
+        let bad = OK.replace(
+            "name = \"t\"",
+            "name = \"t\"\n[[asic_model]]\nbase = \"antminer-s21\"\nid = \"x\"\nmin_power_w = 9000\n",
+        );
         check(&bad, "asic_model[0].min_power_w", "<= max_power_w");
         let bad = OK.replace("name = \"t\"", "name = \"t\"\n[[asic_model]]\nbase = \"nope\"\nid = \"x\"\n");
         check(&bad, "asic_model[0].base", "unknown model");

@@ -36,9 +36,7 @@ pub struct Civil {
 /// Why a timestamp or duration string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimeParseError {
-    #[error(
-        "expected a date-time like 2024-06-01, 2024-06-01T00:15:00 or 2023-11-16 18:17:03.97, got {0:?}"
-    )]
+    #[error("expected a date-time like 2024-06-01, 2024-06-01T00:15:00 or 2023-11-16 18:17:03.97, got {0:?}")]
     Format(String),
     #[error("{0:?} is not a valid calendar date or time of day")]
     Range(String),
@@ -91,10 +89,8 @@ impl SimTime {
             return None;
         }
         let days = days_from_civil(y, mo, d);
-        let ms_of_day = i64::from(h) * MS_PER_HOUR
-            + i64::from(mi) * MS_PER_MIN
-            + i64::from(s) * MS_PER_S
-            + i64::from(ms);
+        let ms_of_day =
+            i64::from(h) * MS_PER_HOUR + i64::from(mi) * MS_PER_MIN + i64::from(s) * MS_PER_S + i64::from(ms);
         Some(SimTime(days * MS_PER_DAY + ms_of_day))
     }
 
@@ -188,11 +184,7 @@ impl SimTime {
 impl fmt::Display for SimTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = self.civil();
-        write!(
-            f,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            c.year, c.month, c.day, c.hour, c.minute, c.second
-        )?;
+        write!(f, "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}", c.year, c.month, c.day, c.hour, c.minute, c.second)?;
         if c.millis != 0 {
             write!(f, ".{:03}", c.millis)?;
         }

@@ -410,7 +410,8 @@ impl AsicCohort {
             let boards = events * self.rates.board / t;
             self.hashing -= reboots + fans;
             self.fan_fault += fans;
-            self.pipeline.push_back(InFlight { ready_ms: now_ms + (self.rel.asic_reboot_s * 1e3) as i64, count: reboots });
+            self.pipeline
+                .push_back(InFlight { ready_ms: now_ms + (self.rel.asic_reboot_s * 1e3) as i64, count: reboots });
             let max_lost = self.n * f64::from(m.hash_boards - 1);
             self.boards_lost = (self.boards_lost + boards).min(max_lost);
         }
@@ -493,7 +494,12 @@ mod tests {
     #[test]
     fn wake_and_cold_start_take_their_time() {
         let m = s21();
-        let rel = Reliability { asic_reboots_per_day: 0.0, asic_board_failures_per_day: 0.0, asic_fan_failures_per_day: 0.0, ..Default::default() };
+        let rel = Reliability {
+            asic_reboots_per_day: 0.0,
+            asic_board_failures_per_day: 0.0,
+            asic_fan_failures_per_day: 0.0,
+            ..Default::default()
+        };
         let off = AsicTarget { hashing: 0, power_w: 3500.0, idle: IdleMode::Off };
         let mut g = AsicDevices::new(m.clone(), &rel, 4, off, rng::stream(1, "a", 0));
         let mut t = 0;

@@ -80,7 +80,8 @@ impl DemandParams {
     /// The deterministic part of the rate at `t`, per GPU.
     pub fn shape(&self, t: SimTime) -> f64 {
         let c = t.civil();
-        let daily = 1.0 + self.diurnal_amplitude * (std::f64::consts::TAU * (t.hour_of_day() - self.peak_hour) / 24.0).cos();
+        let daily =
+            1.0 + self.diurnal_amplitude * (std::f64::consts::TAU * (t.hour_of_day() - self.peak_hour) / 24.0).cos();
         let weekly = if c.weekday >= 5 { self.weekend_factor } else { 1.0 };
         self.rps_per_gpu * daily * weekly
     }
@@ -251,7 +252,8 @@ mod tests {
     #[test]
     fn trace_replays_shifted_and_looped() {
         let base = SimTime::parse("2023-11-16T18:00:00").unwrap();
-        let trace: Vec<Request> = (0..10).map(|i| Request { at: base.plus_ms(i * 1000), prompt_tokens: 100, output_tokens: 10 }).collect();
+        let trace: Vec<Request> =
+            (0..10).map(|i| Request { at: base.plus_ms(i * 1000), prompt_tokens: 100, output_tokens: 10 }).collect();
         let start = SimTime::parse("2024-01-01").unwrap();
         let mut t = TraceDemand::new(trace.clone(), start, 1.0, 1, 0);
         let first = t.requests(start, 10_000);

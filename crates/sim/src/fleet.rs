@@ -115,9 +115,13 @@ impl FleetSim {
                     t,
                     rng,
                 )),
-                (ModelRef::Gpu(m), GroupTarget::Gpu(t), Fidelity::Cohort) => {
-                    Sim::GpuCoh(GpuCohort::new(fleet.catalogue.gpu(m).clone(), fleet.served_model.clone(), &fleet.reliability, n, t))
-                }
+                (ModelRef::Gpu(m), GroupTarget::Gpu(t), Fidelity::Cohort) => Sim::GpuCoh(GpuCohort::new(
+                    fleet.catalogue.gpu(m).clone(),
+                    fleet.served_model.clone(),
+                    &fleet.reliability,
+                    n,
+                    t,
+                )),
                 _ => panic!("group {gi}: target kind does not match the model kind"),
             };
             out.push(GroupSim { site: g.site, feeder: g.feeder, model: g.model, count: n as u32, sim });
@@ -127,7 +131,14 @@ impl FleetSim {
 
     /// Advances every group over `[now, now + dt)`. `env` is indexed by site. A site's offered
     /// inference load is split over its GPU groups in proportion to the GPUs each is asked to serve.
-    pub fn step(&mut self, now_ms: i64, dt_ms: i64, targets: &[GroupTarget], env: &[SiteEnv], out: &mut Vec<GroupStep>) {
+    pub fn step(
+        &mut self,
+        now_ms: i64,
+        dt_ms: i64,
+        targets: &[GroupTarget],
+        env: &[SiteEnv],
+        out: &mut Vec<GroupStep>,
+    ) {
         assert_eq!(targets.len(), self.groups.len(), "one target per group");
         let mut serving_by_site = vec![0.0f64; env.len()];
         for (g, t) in self.groups.iter().zip(targets) {
@@ -146,8 +157,12 @@ impl FleetSim {
             out.push(match (&mut g.sim, t) {
                 (Sim::AsicDev(s), GroupTarget::Asic(t)) => GroupStep::Asic(s.step(now_ms, dt_ms, t, e.ambient_c)),
                 (Sim::AsicCoh(s), GroupTarget::Asic(t)) => GroupStep::Asic(s.step(now_ms, dt_ms, t, e.ambient_c)),
-                (Sim::GpuDev(s), GroupTarget::Gpu(t)) => GroupStep::Gpu(s.step(now_ms, dt_ms, t, &share(t), e.ambient_c)),
-                (Sim::GpuCoh(s), GroupTarget::Gpu(t)) => GroupStep::Gpu(s.step(now_ms, dt_ms, t, &share(t), e.ambient_c)),
+                (Sim::GpuDev(s), GroupTarget::Gpu(t)) => {
+                    GroupStep::Gpu(s.step(now_ms, dt_ms, t, &share(t), e.ambient_c))
+                }
+                (Sim::GpuCoh(s), GroupTarget::Gpu(t)) => {
+                    GroupStep::Gpu(s.step(now_ms, dt_ms, t, &share(t), e.ambient_c))
+                }
                 _ => panic!("target kind does not match group kind"),
             });
         }

@@ -100,7 +100,9 @@ pub fn max_batch(g: &GpuModel, s: &ServedModel, context: f64) -> f64 {
 pub fn operating_point(g: &GpuModel, s: &ServedModel, cap_w: f64, w: &Workload, inlet_c: f64) -> OperatingPoint {
     let context = w.prompt_tokens + w.output_tokens / 2.0;
     let b_max = max_batch(g, s, context).max(1.0);
-    let latency = |b: f64, clock: f64| prefill_s(g, s, w.prompt_tokens, clock) + w.output_tokens * step_time_s(g, s, b, context, clock);
+    let latency = |b: f64, clock: f64| {
+        prefill_s(g, s, w.prompt_tokens, clock) + w.output_tokens * step_time_s(g, s, b, context, clock)
+    };
     let mut clock = 1.0;
     let mut b: f64 = 0.0;
     // Fixed point of b = rate * latency(b), with clocks following the cap and heat at that batch.
@@ -251,7 +253,14 @@ pub struct GpuDevices {
 }
 
 impl GpuDevices {
-    pub fn new(model: GpuModel, served: ServedModel, rel: &Reliability, n: usize, initial: &GpuTarget, rng: Rng) -> Self {
+    pub fn new(
+        model: GpuModel,
+        served: ServedModel,
+        rel: &Reliability,
+        n: usize,
+        initial: &GpuTarget,
+        rng: Rng,
+    ) -> Self {
         let k = (initial.serving as usize).min(n);
         let mut state = vec![GpuState::Serving; k];
         state.resize(n, if initial.idle_off { GpuState::Off } else { GpuState::Idle });
@@ -498,7 +507,13 @@ mod tests {
         assert!((420.0..=430.0).contains(&p), "{p}");
         // End to end: one request per second of Llama-3-8B with 1,000 prompt and 400 output tokens.
         let s = ServedModel::llama3_8b();
-        let op = operating_point(&g, &s, 700.0, &Workload { rate_rps: 1.0, prompt_tokens: 1000.0, output_tokens: 400.0 }, 25.0);
+        let op = operating_point(
+            &g,
+            &s,
+            700.0,
+            &Workload { rate_rps: 1.0, prompt_tokens: 1000.0, output_tokens: 400.0 },
+            25.0,
+        );
         assert!((0.88..=0.95).contains(&op.utilisation), "util {}", op.utilisation);
         assert!((405.0..=445.0).contains(&op.board_w), "power {}", op.board_w);
         assert!((0.004..=0.010).contains(&op.tpot_s), "tpot {}", op.tpot_s);
@@ -529,7 +544,13 @@ mod tests {
     fn saturation_caps_throughput() {
         let g = Catalogue::default().gpus[1].clone();
         let s = ServedModel::llama3_8b();
-        let op = operating_point(&g, &s, 350.0, &Workload { rate_rps: 500.0, prompt_tokens: 2000.0, output_tokens: 500.0 }, 25.0);
+        let op = operating_point(
+            &g,
+            &s,
+            350.0,
+            &Workload { rate_rps: 500.0, prompt_tokens: 2000.0, output_tokens: 500.0 },
+            25.0,
+        );
         assert!(op.served_rps < 500.0 && op.ttft_s.is_infinite());
     }
 

@@ -68,8 +68,8 @@ impl Default for GridParams {
     fn default() -> Self {
         GridParams {
             hourly_median: [
-                19.0, 18.0, 17.5, 17.0, 17.5, 18.5, 20.0, 20.5, 18.0, 15.5, 14.5, 14.5, 15.0, 16.0, 18.0, 21.0,
-                25.0, 31.0, 36.0, 33.0, 27.0, 23.0, 21.0, 20.0,
+                19.0, 18.0, 17.5, 17.0, 17.5, 18.5, 20.0, 20.5, 18.0, 15.5, 14.5, 14.5, 15.0, 16.0, 18.0, 21.0, 25.0,
+                31.0, 36.0, 33.0, 27.0, 23.0, 21.0, 20.0,
             ],
             monthly_level: [1.1, 1.1, 0.9, 0.9, 1.0, 1.05, 1.1, 1.2, 1.1, 0.9, 0.9, 1.0],
             ar_phi: 0.9,
@@ -80,7 +80,18 @@ impl Default for GridParams {
             spike_mean_len: 2.0,
             spike_tail_alpha: 1.4,
             negative_onset: 0.004,
-            negative_hour_weight: hours_weight(&[(0, 2.0), (1, 2.5), (2, 3.0), (3, 3.0), (4, 3.0), (5, 2.5), (11, 1.5), (12, 2.0), (13, 2.0), (14, 1.5)]),
+            negative_hour_weight: hours_weight(&[
+                (0, 2.0),
+                (1, 2.5),
+                (2, 3.0),
+                (3, 3.0),
+                (4, 3.0),
+                (5, 2.5),
+                (11, 1.5),
+                (12, 2.0),
+                (13, 2.0),
+                (14, 1.5),
+            ]),
             negative_mean_len: 6.0,
             negative_mean_usd: 6.0,
             da_level: 1.1,
@@ -113,7 +124,8 @@ fn asymmetric_laplace_quantiles(left: f64, right: f64) -> Vec<f64> {
 fn phi_cdf(z: f64) -> f64 {
     let x = z.abs() / std::f64::consts::SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * x);
-    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     let erf = 1.0 - poly * (-x * x).exp();
     if z >= 0.0 { 0.5 * (1.0 + erf) } else { 0.5 * (1.0 - erf) }
 }
@@ -170,7 +182,6 @@ impl GridParams {
 
     /// Estimates the parameters from a recorded series at any resolution.
     pub fn fit(series: &GridSeries) -> GridParams {
-        let d = GridParams::default();
         let sig = &series.signals;
         let prices: Vec<f64> = sig.iter().map(|s| s.rt_price_usd_per_mwh).collect();
         let median_all = quantile(&prices, 0.5);
@@ -181,14 +192,14 @@ impl GridParams {
             by_hour[hour(s.at)].push(s.rt_price_usd_per_mwh);
             by_month[month0(s.at)].push(s.rt_price_usd_per_mwh);
         }
-        let mut p = GridParams { ..d.clone() };
-        for h in 0..24 {
-            p.hourly_median[h] = if by_hour[h].is_empty() { median_all } else { quantile(&by_hour[h], 0.5) }.max(1.0);
+        let mut p = GridParams::default();
+        for (slot, xs) in p.hourly_median.iter_mut().zip(&by_hour) {
+            *slot = if xs.is_empty() { median_all } else { quantile(xs, 0.5) }.max(1.0);
         }
         let samples_per_month = 7.0 * MS_PER_DAY as f64 / series.interval_ms as f64;
-        for m in 0..12 {
-            p.monthly_level[m] = if by_month[m].len() as f64 >= samples_per_month {
-                (quantile(&by_month[m], 0.5) / median_all.max(1.0)).clamp(0.2, 5.0)
+        for (slot, xs) in p.monthly_level.iter_mut().zip(&by_month) {
+            *slot = if xs.len() as f64 >= samples_per_month {
+                (quantile(xs, 0.5) / median_all.max(1.0)).clamp(0.2, 5.0)
             } else {
                 1.0
             };
@@ -281,7 +292,8 @@ impl GridParams {
             p.da_level = (da_med / median_all).clamp(0.5, 2.0);
         }
         // Weather, where the file has it.
-        let temps: Vec<(SimTime, f64)> = sig.iter().filter(|s| s.temperature_c.is_finite()).map(|s| (s.at, s.temperature_c)).collect();
+        let temps: Vec<(SimTime, f64)> =
+            sig.iter().filter(|s| s.temperature_c.is_finite()).map(|s| (s.at, s.temperature_c)).collect();
         if temps.len() as f64 > samples_per_month {
             let mut tm: Vec<Vec<f64>> = vec![vec![]; 12];
             let mut days: std::collections::BTreeMap<i64, (f64, f64)> = Default::default();
@@ -291,9 +303,9 @@ impl GridParams {
                 e.0 = e.0.min(c);
                 e.1 = e.1.max(c);
             }
-            for m in 0..12 {
-                if tm[m].len() as f64 >= samples_per_month {
-                    p.temp_monthly_mean_c[m] = mean(&tm[m]);
+            for (slot, xs) in p.temp_monthly_mean_c.iter_mut().zip(&tm) {
+                if xs.len() as f64 >= samples_per_month {
+                    *slot = mean(xs);
                 }
             }
             let swings: Vec<f64> = days.values().map(|(lo, hi)| (hi - lo) / 2.0).collect();
@@ -316,12 +328,16 @@ impl GridParams {
 
     /// Checks ranges; the error names the field and the rule.
     pub fn validate(&self) -> Result<(), String> {
-        let pos = |name: &str, v: f64| if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(format!("{name}: must be a finite number >= 0")) };
+        let pos = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(format!("{name}: must be a finite number >= 0")) }
+        };
         pos("ar_phi", self.ar_phi)?;
         if self.ar_phi >= 1.0 {
             return Err("ar_phi: must be < 1".into());
         }
-        if self.log_dev_quantiles.len() < 2 || self.log_dev_quantiles.windows(2).any(|w| !(w[0] <= w[1])) {
+        if self.log_dev_quantiles.len() < 2
+            || self.log_dev_quantiles.windows(2).any(|w| w[0].is_nan() || w[1].is_nan() || w[0] > w[1])
+        {
             return Err("log_dev_quantiles: need at least 2 finite values in increasing order".into());
         }
         for (n, v) in [
@@ -428,10 +444,15 @@ pub fn simulate(run: &GridRun) -> Vec<GridSeries> {
             .iter()
             .map(|s| {
                 basis = if k == 0 { 0.0 } else { 0.95 * basis + laplace(&mut b_rng, p.basis_scale_usd) };
-                GridSignal { rt_price_usd_per_mwh: (s.rt_price_usd_per_mwh + basis).clamp(PRICE_FLOOR_USD_PER_MWH, PRICE_CAP_USD_PER_MWH), ..*s }
+                GridSignal {
+                    rt_price_usd_per_mwh: (s.rt_price_usd_per_mwh + basis)
+                        .clamp(PRICE_FLOOR_USD_PER_MWH, PRICE_CAP_USD_PER_MWH),
+                    ..*s
+                }
             })
             .collect();
-        let mut series = GridSeries { settlement_point: sp.clone(), interval_ms, signals, filled_gaps: 0, dropped_duplicates: 0 };
+        let mut series =
+            GridSeries { settlement_point: sp.clone(), interval_ms, signals, filled_gaps: 0, dropped_duplicates: 0 };
         mark_four_cp(&mut series);
         out.push(series);
     }
@@ -455,7 +476,12 @@ pub fn five_minute(series: &GridSeries, seed: u64) -> GridSeries {
         let e: [f64; 3] = [laplace(&mut rng, scale), laplace(&mut rng, scale), laplace(&mut rng, scale)];
         let m = (e[0] + e[1] + e[2]) / 3.0;
         for (k, ek) in e.iter().enumerate() {
-            signals.push(GridSignal { at: s.at.plus_ms(k as i64 * sub), interval_ms: sub, rt_price_usd_per_mwh: p + ek - m, ..*s });
+            signals.push(GridSignal {
+                at: s.at.plus_ms(k as i64 * sub),
+                interval_ms: sub,
+                rt_price_usd_per_mwh: p + ek - m,
+                ..*s
+            });
         }
     }
     GridSeries { interval_ms: sub, signals, ..series.clone() }
@@ -548,7 +574,11 @@ pub fn deployments(series: &GridSeries, params: &GridParams, seed: u64) -> Vec<D
                     notice_at,
                     respond_by: notice_at.plus_ms(program.response_ms()),
                     end_at: notice_at.plus_ms((dur_h * MS_PER_HOUR as f64) as i64),
-                    fraction: if *program == GridProgram::ResponsiveReserve { 1.0 } else { 0.5 + 0.5 * rng::unit(&mut rng) },
+                    fraction: if *program == GridProgram::ResponsiveReserve {
+                        1.0
+                    } else {
+                        0.5 + 0.5 * rng::unit(&mut rng)
+                    },
                 });
             }
         }

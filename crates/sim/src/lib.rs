@@ -9,9 +9,9 @@
 pub mod asic;
 pub mod demand;
 pub mod fleet;
+pub mod gpu;
 pub mod grid;
 pub mod market;
-pub mod gpu;
 pub mod replay;
 pub mod rng;
 pub mod stats;

@@ -131,9 +131,11 @@ impl MarketSim {
             self.ln_btc += p.btc_jump_mean + p.btc_jump_sd * rng::normal(r);
         }
         let hv = p.hashrate_vol_per_sqrt_year;
-        self.hashrate_hs *= ((p.hashrate_growth_per_year - 0.5 * hv * hv) * dt_y + hv * dt_y.sqrt() * rng::normal(r)).exp();
+        self.hashrate_hs *=
+            ((p.hashrate_growth_per_year - 0.5 * hv * hv) * dt_y + hv * dt_y.sqrt() * rng::normal(r)).exp();
         let gv = p.gpu_rental_vol_per_sqrt_year;
-        self.ln_gpu += p.gpu_rental_reversion_per_year * (p.gpu_rental_mean_usd.ln() - self.ln_gpu) * dt_y + gv * dt_y.sqrt() * rng::normal(r);
+        self.ln_gpu += p.gpu_rental_reversion_per_year * (p.gpu_rental_mean_usd.ln() - self.ln_gpu) * dt_y
+            + gv * dt_y.sqrt() * rng::normal(r);
         // Blocks found in the step, spread evenly through it.
         let expected = dt_ms as f64 / 1e3 * self.hashrate_hs / (self.difficulty * 4_294_967_296.0);
         let blocks = rng::poisson(r, expected) as u64;

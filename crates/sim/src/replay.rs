@@ -48,7 +48,12 @@ impl<'a> Csv<'a> {
         let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(Box::new(input) as Box<dyn Read>);
         let headers = rdr
             .headers()
-            .map_err(|e| ReplayError { file: file.into(), line: 1, column: "-".into(), rule: format!("unreadable header: {e}") })?
+            .map_err(|e| ReplayError {
+                file: file.into(),
+                line: 1,
+                column: "-".into(),
+                rule: format!("unreadable header: {e}"),
+            })?
             .iter()
             .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
             .collect();
@@ -74,7 +79,12 @@ impl<'a> Csv<'a> {
         let headers = &self.headers;
         self.rdr.records().enumerate().map(move |(i, r)| {
             if i >= MAX_ROWS {
-                return Err(ReplayError { file: file.into(), line: i as u64 + 2, column: "-".into(), rule: format!("more than {MAX_ROWS} rows") });
+                return Err(ReplayError {
+                    file: file.into(),
+                    line: i as u64 + 2,
+                    column: "-".into(),
+                    rule: format!("more than {MAX_ROWS} rows"),
+                });
             }
             match r {
                 Ok(rec) => Ok(Row { file, headers, line: rec.position().map_or(i as u64 + 2, |p| p.line()), rec }),
@@ -189,7 +199,14 @@ pub fn load_grid_csv(file: &str, input: impl Read) -> Result<BTreeMap<String, Gr
             _ => f64::NAN,
         };
         let sp = c_sp.map_or("", |c| row.text(c)).to_string();
-        let sig = GridSignal { at, interval_ms: 0, rt_price_usd_per_mwh: rt, da_price_usd_per_mwh: da, temperature_c: temp, four_cp_alert: false };
+        let sig = GridSignal {
+            at,
+            interval_ms: 0,
+            rt_price_usd_per_mwh: rt,
+            da_price_usd_per_mwh: da,
+            temperature_c: temp,
+            four_cp_alert: false,
+        };
         raw.entry(sp).or_default().push((row.line, sig));
     }
     if raw.is_empty() {
@@ -203,7 +220,12 @@ pub fn load_grid_csv(file: &str, input: impl Read) -> Result<BTreeMap<String, Gr
 }
 
 fn regularise(file: &str, sp: String, rows: Vec<(u64, GridSignal)>, c_at: usize) -> Result<GridSeries, ReplayError> {
-    let at_err = |line: u64, rule: String| ReplayError { file: file.into(), line, column: format!("interval_start (#{})", c_at + 1), rule };
+    let at_err = |line: u64, rule: String| ReplayError {
+        file: file.into(),
+        line,
+        column: format!("interval_start (#{})", c_at + 1),
+        rule,
+    };
     // The interval is the most common positive step between consecutive rows.
     let mut steps: BTreeMap<i64, usize> = BTreeMap::new();
     for w in rows.windows(2) {
@@ -227,7 +249,10 @@ fn regularise(file: &str, sp: String, rows: Vec<(u64, GridSignal)>, c_at: usize)
                 continue;
             }
             if d % interval_ms != 0 {
-                return Err(at_err(line, format!("{} is not on the {} s grid of this series", s.at, interval_ms / 1000)));
+                return Err(at_err(
+                    line,
+                    format!("{} is not on the {} s grid of this series", s.at, interval_ms / 1000),
+                ));
             }
             let missing = d / interval_ms - 1;
             if missing > 96 * 7 {
@@ -253,15 +278,17 @@ pub fn load_trace_csv(file: &str, input: impl Read) -> Result<Vec<Request>, Repl
     for row in csv.rows() {
         let row = row?;
         let at = row.time(c_at)?;
-        if let Some(prev) = out.last() {
-            if at < prev.at {
-                return Err(row.err(c_at, format!("arrivals must not go backwards: {at} after {}", prev.at)));
-            }
+        if let Some(prev) = out.last()
+            && at < prev.at
+        {
+            return Err(row.err(c_at, format!("arrivals must not go backwards: {at} after {}", prev.at)));
         }
         let p = row.num(c_in, 0.0, 10_000_000.0)?;
         let o = row.num(c_out, 0.0, 10_000_000.0)?;
         if p.fract() != 0.0 || o.fract() != 0.0 {
-            return Err(row.err(if p.fract() != 0.0 { c_in } else { c_out }, "token counts must be whole numbers".into()));
+            return Err(
+                row.err(if p.fract() != 0.0 { c_in } else { c_out }, "token counts must be whole numbers".into())
+            );
         }
         out.push(Request { at, prompt_tokens: p as u32, output_tokens: o as u32 });
     }
@@ -286,10 +313,10 @@ pub fn load_market_csv(file: &str, input: impl Read) -> Result<Vec<MarketSignal>
     for row in csv.rows() {
         let row = row?;
         let at = row.time(c_at)?;
-        if let Some(prev) = out.last() {
-            if at <= prev.at {
-                return Err(row.err(c_at, format!("timestamps must increase: {at} after {}", prev.at)));
-            }
+        if let Some(prev) = out.last()
+            && at <= prev.at
+        {
+            return Err(row.err(c_at, format!("timestamps must increase: {at} after {}", prev.at)));
         }
         let btc = c_btc.map(|c| row.num(c, 1.0, 1e8)).transpose()?.unwrap_or(f64::NAN);
         let diff = c_diff.map(|c| row.num(c, 1.0, 1e18)).transpose()?.unwrap_or(f64::NAN);
@@ -326,7 +353,8 @@ mod tests {
         load_grid_csv("p.csv", text.as_bytes())
     }
 
-    const HEAD: &str = "interval_start,settlement_point,rt_price_usd_per_mwh,da_price_usd_per_mwh,temperature_c,dew_point_c\n";
+    const HEAD: &str =
+        "interval_start,settlement_point,rt_price_usd_per_mwh,da_price_usd_per_mwh,temperature_c,dew_point_c\n";
 
     #[test]
     fn loads_the_ercot_layout() {
@@ -355,10 +383,20 @@ mod tests {
             assert!(e.rule.contains(rule), "{e}");
         };
         check("2024-06-01T00:00:00,X,abc,1,1,1\n", 2, "rt_price_usd_per_mwh (#3)", "expected a number");
-        check("2024-06-01T00:00:00,X,1,1,1,1\n2024-06-01T00:15,X,1,1e9,1,1\n", 3, "da_price_usd_per_mwh (#4)", "outside");
+        check(
+            "2024-06-01T00:00:00,X,1,1,1,1\n2024-06-01T00:15,X,1,1e9,1,1\n",
+            3,
+            "da_price_usd_per_mwh (#4)",
+            "outside",
+        );
         check("2024-06-01T00:00:00,X,1,1,1,1\nnot-a-time,X,1,1,1,1\n", 3, "interval_start (#1)", "date-time");
         check("2024-06-01T00:00:00,X,1,1,1,1\n2024-06-01T00:15:00,X,1\n", 3, "-", "expected 6 fields");
-        check("2024-06-01T00:15:00,X,1,1,1,1\n2024-06-01T00:30:00,X,1,1,1,1\n2024-06-01T00:00:00,X,1,1,1,1\n", 4, "interval_start (#1)", "backwards");
+        check(
+            "2024-06-01T00:15:00,X,1,1,1,1\n2024-06-01T00:30:00,X,1,1,1,1\n2024-06-01T00:00:00,X,1,1,1,1\n",
+            4,
+            "interval_start (#1)",
+            "backwards",
+        );
         check("2024-06-01T00:00:00,X,NaN,1,1,1\n", 2, "rt_price_usd_per_mwh (#3)", "outside");
         let e = load_grid_csv("p.csv", "a,b\n1,2\n".as_bytes()).unwrap_err();
         assert!(e.rule.contains("missing column \"interval_start\""), "{e}");
@@ -370,13 +408,19 @@ mod tests {
         let t = load_trace_csv("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,4808,10\n2023-11-16 18:17:04.03,3180,8\n".as_bytes()).unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!((t[0].prompt_tokens, t[1].output_tokens), (4808, 8));
-        let e = load_trace_csv("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,-4,10\n".as_bytes()).unwrap_err();
+        let e =
+            load_trace_csv("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,-4,10\n".as_bytes())
+                .unwrap_err();
         assert_eq!((e.line, e.column.as_str()), (2, "contexttokens (#2)"));
     }
 
     #[test]
     fn loads_a_market_series() {
-        let m = load_market_csv("m.csv", "timestamp,btc_usd,difficulty,fees_btc_per_block\n2025-01-01,91000,152e12,0.03\n".as_bytes()).unwrap();
+        let m = load_market_csv(
+            "m.csv",
+            "timestamp,btc_usd,difficulty,fees_btc_per_block\n2025-01-01,91000,152e12,0.03\n".as_bytes(),
+        )
+        .unwrap();
         assert!((m[0].hashprice_usd_per_ph_day - 38.0).abs() < 1.0);
         let m = load_market_csv("m.csv", "date,hashprice_usd_per_ph_day\n2025-01-01,44.3\n".as_bytes()).unwrap();
         assert_eq!(m[0].hashprice_usd_per_ph_day, 44.3);

@@ -31,7 +31,14 @@ fn grid_simulator_matches_the_real_ercot_distribution() {
     let seeds = 5;
     let mut sims = vec![];
     for seed in 0..seeds {
-        let s = grid::simulate(&GridRun { params: &params, from: real.start(), to: real.end(), seed, settlement_points: &sp }).remove(0);
+        let s = grid::simulate(&GridRun {
+            params: &params,
+            from: real.start(),
+            to: real.end(),
+            seed,
+            settlement_points: &sp,
+        })
+        .remove(0);
         assert_eq!(s.signals.len(), real.signals.len());
         sims.push(PriceStats::of(&s.rt_prices(), s.interval_ms));
     }
@@ -42,7 +49,15 @@ fn grid_simulator_matches_the_real_ercot_distribution() {
     assert!((mean / rs.mean - 1.0).abs() < 0.15, "mean {mean} vs {}", rs.mean);
     assert!((median / rs.median - 1.0).abs() < 0.15, "median {median} vs {}", rs.median);
     assert!((p99 / rs.p99 - 1.0).abs() < 0.30, "p99 {p99} vs {}", rs.p99);
-    assert!((neg - rs.negative_share).abs() < 0.003 || (0.5..2.0).contains(&(neg / rs.negative_share)), "neg {neg} vs {}", rs.negative_share);
+    assert!(
+        (neg - rs.negative_share).abs() < 0.003 || (0.5..2.0).contains(&(neg / rs.negative_share)),
+        "neg {neg} vs {}",
+        rs.negative_share
+    );
     let sr = spikes / rs.spikes_over_1000_per_month;
-    assert!((spikes - rs.spikes_over_1000_per_month).abs() < 1.0 || (0.4..2.5).contains(&sr), "spikes {spikes} vs {}", rs.spikes_over_1000_per_month);
+    assert!(
+        (spikes - rs.spikes_over_1000_per_month).abs() < 1.0 || (0.4..2.5).contains(&sr),
+        "spikes {spikes} vs {}",
+        rs.spikes_over_1000_per_month
+    );
 }

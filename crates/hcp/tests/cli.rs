@@ -1,0 +1,182 @@
+//! The CLI as a user runs it: the real binary, real files.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn hcp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hcp")).args(args).output().expect("run hcp")
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hcp-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in
+        [&["--help"][..], &["up", "--help"], &["sim", "--help"], &["bench", "--help"], &["bench", "sim", "--help"]]
+    {
+        let o = hcp(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage:"), "{args:?}");
+    }
+}
+
+#[test]
+fn up_simulates_the_default_fleet_and_prints_a_summary() {
+    let o = hcp(&["up", "--days", "1"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("fleet small (2 sites, 320 ASICs, 64 GPUs)") && t.contains("invariants held"), "{t}");
+}
+
+#[test]
+fn sim_writes_one_row_per_site_and_interval() {
+    let out = tmp("small.csv");
+    let fleet = root().join("examples/fleets/small.toml");
+    let o = hcp(&[
+        "sim",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--from",
+        "2024-06-01",
+        "--to",
+        "2024-06-03",
+        "--seed",
+        "5",
+        "--fidelity",
+        "device",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let csv = std::fs::read_to_string(&out).unwrap();
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap();
+    for col in [
+        "interval_start",
+        "site",
+        "asic_hashing_mw",
+        "hashrate_ph_s",
+        "energy_mwh",
+        "mining_revenue_usd",
+        "energy_cost_usd",
+    ] {
+        assert!(header.split(',').any(|c| c == col), "missing {col}");
+    }
+    assert_eq!(lines.count(), 2 * 2 * 96);
+}
+
+#[test]
+fn sim_replays_the_recorded_ercot_prices_and_trace() {
+    let out = tmp("ercot.csv");
+    let fleet = root().join("examples/fleets/small.toml");
+    let prices = root().join("../shared/data/ercot/hb_south_15min_2024-06_2024-11.csv");
+    let trace = root().join("../shared/data/llm-traces/azure_llm_inference_2023_code.csv");
+    let o = hcp(&[
+        "sim",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--prices",
+        prices.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--from",
+        "2024-08-01",
+        "--to",
+        "2024-08-08",
+        "--step",
+        "5m",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("recorded prices of HB_SOUTH applied to every site"), "{t}");
+    assert!(t.contains("recorded trace of"), "{t}");
+    let csv = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(csv.lines().count() - 1, 2 * 7 * 288);
+    // The first interval's price is the file's (5-minute prices average to it over three rows).
+    let first: Vec<f64> =
+        csv.lines().skip(1).step_by(2).take(3).map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect();
+    let avg = first.iter().sum::<f64>() / 3.0;
+    let file = std::fs::read_to_string(&prices).unwrap();
+    let real: f64 = file
+        .lines()
+        .find(|l| l.starts_with("2024-08-01T00:00:00"))
+        .unwrap()
+        .split(',')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((avg - real).abs() < 0.01, "{avg} vs {real}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_no_output() {
+    let bad_prices = tmp("bad.csv");
+    std::fs::write(
+        &bad_prices,
+        "interval_start,rt_price_usd_per_mwh\n2024-06-01T00:00:00,12\n2024-06-01T00:15:00,twelve\n",
+    )
+    .unwrap();
+    let out = tmp("never.csv");
+    let fleet = root().join("examples/fleets/small.toml");
+    let o = hcp(&[
+        "sim",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--prices",
+        bad_prices.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(t.contains("bad.csv: line 3, column rt_price_usd_per_mwh (#2): expected a number"), "{t}");
+    assert!(!out.exists(), "nothing written on bad input");
+
+    let bad_fleet = tmp("bad.toml");
+    std::fs::write(&bad_fleet, "name = \"x\"\n[[site]]\nid = \"a\"\npower_cap_mw = 0\nsettlement_point = \"P\"\n")
+        .unwrap();
+    let o = hcp(&["sim", "--fleet", bad_fleet.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(text(&o).contains("bad.toml: site[0].power_cap_mw: must be a number > 0"), "{}", text(&o));
+
+    let o = hcp(&["sim", "--fleet", fleet.to_str().unwrap(), "--step", "7x", "--out", out.to_str().unwrap()]);
+    assert!(text(&o).contains("--step"), "{}", text(&o));
+    let o = hcp(&["sim", "--fleet", fleet.to_str().unwrap(), "--from", "2024-02-30", "--out", out.to_str().unwrap()]);
+    assert!(text(&o).contains("--from") && text(&o).contains("not a valid calendar date"), "{}", text(&o));
+}
+
+#[test]
+fn bench_sim_prints_json() {
+    let o = hcp(&[
+        "bench",
+        "sim",
+        "--json",
+        "--fleet",
+        root().join("examples/fleets/small.toml").to_str().unwrap(),
+        "--device-hours",
+        "0.25",
+        "--cohort-days",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["device_fidelity"]["wall_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["cohort_fidelity"]["steps"].as_u64(), Some(192));
+    assert_eq!(v["devices"].as_u64(), Some(384));
+    let o = hcp(&["bench", "sim", "--device-hours", "0.1"]);
+    assert!(text(&o).contains("--device-hours: must be a whole number of quarter hours"), "{}", text(&o));
+}
