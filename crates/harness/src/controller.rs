@@ -4,7 +4,7 @@
 //! breakeven mode) an ASIC model sleeps while the last known price is above its breakeven.
 
 use hcp_model::fleet::{Fleet, Group};
-use hcp_model::signals::{GridSignal, MarketSignal};
+use hcp_model::signals::{Deployment, GridSignal, MarketSignal};
 use hcp_model::{ModelRef, SimTime};
 use hcp_sim::asic::{AsicTarget, IdleMode};
 use hcp_sim::fleet::GroupTarget;
@@ -18,6 +18,10 @@ pub struct DecisionContext<'a> {
     /// Last known grid interval per site (the one before `now`; prices are published after the
     /// interval), indexed by site.
     pub last_grid: &'a [GridSignal],
+    /// Whether a 4CP peak window is forecast for the interval starting `now`, by site.
+    pub four_cp_alert: &'a [bool],
+    /// Demand-response deployments announced by `now` and not yet over, by site.
+    pub deployments: &'a [Vec<Deployment>],
     pub market: &'a MarketSignal,
     pub energy_adder_usd_per_mwh: f64,
 }

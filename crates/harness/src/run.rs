@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use hcp_model::fleet::{Fleet, Group};
-use hcp_model::signals::{GridSignal, MarketSignal, Request};
+use hcp_model::signals::{Deployment, GridSignal, MarketSignal, Request};
 use hcp_model::time::SimTime;
 use hcp_model::units::{MicroUsd, mwh};
 use hcp_sim::demand::{DemandParams, DemandSim, TraceDemand};
@@ -93,6 +93,8 @@ pub struct SiteRow {
     pub hashprice_usd_per_ph_day: f64,
     pub ambient_c: f64,
     pub four_cp_alert: bool,
+    /// Programs with a deployment in force at the interval's start (e.g. `ERS-10`), `+`-joined.
+    pub grid_event: String,
     pub cap_mw: f64,
     /// Mean power over the interval by device state.
     pub asic_hashing_mw: f64,
@@ -135,30 +137,35 @@ pub struct Totals {
     pub mining_revenue: MicroUsd,
     pub energy_cost: MicroUsd,
     pub hashrate_ph_s_hours: f64,
+    /// Length of the period in hours (each interval counted once, however many sites).
     pub hours: f64,
+    /// Sum of hours over site rows (the weight of the price averages).
+    pub site_hours: f64,
     pub requests: f64,
     pub output_tokens: f64,
     pub asic_faults: f64,
     pub gpu_xid_events: f64,
     pub peak_mw: f64,
+    /// Demand-response deployments announced at the site's settlement point.
+    pub deployments: u64,
     pub price_x_hours: f64,
     pub hashprice_x_hours: f64,
     pub rows: u64,
 }
 
 impl Totals {
+    /// Adds a site row; the caller adds the interval's hours once per interval.
     fn add(&mut self, r: &SiteRow, hours: f64) {
         self.energy_mwh += r.energy_mwh;
         self.mining_energy_mwh += (r.asic_hashing_mw + r.asic_transition_mw + r.asic_idle_mw) * hours;
         self.mining_revenue += r.mining_revenue;
         self.energy_cost += r.energy_cost;
         self.hashrate_ph_s_hours += r.hashrate_ph_s * hours;
-        self.hours += hours;
+        self.site_hours += hours;
         self.requests += r.requests;
         self.output_tokens += r.output_tokens;
         self.asic_faults += r.asic_faults;
         self.gpu_xid_events += r.gpu_xid_events;
-        self.peak_mw = self.peak_mw.max(r.peak_mw);
         self.price_x_hours += r.rt_price_usd_per_mwh * hours;
         self.hashprice_x_hours += r.hashprice_usd_per_ph_day * hours;
         self.rows += 1;
@@ -173,10 +180,10 @@ impl Totals {
         if self.hours > 0.0 { self.hashrate_ph_s_hours / self.hours } else { 0.0 }
     }
     pub fn mean_price(&self) -> f64 {
-        if self.hours > 0.0 { self.price_x_hours / self.hours } else { 0.0 }
+        if self.site_hours > 0.0 { self.price_x_hours / self.site_hours } else { 0.0 }
     }
     pub fn mean_hashprice(&self) -> f64 {
-        if self.hours > 0.0 { self.hashprice_x_hours / self.hours } else { 0.0 }
+        if self.site_hours > 0.0 { self.hashprice_x_hours / self.site_hours } else { 0.0 }
     }
 }
 
@@ -202,6 +209,8 @@ pub struct Harness<'f> {
     groups: Vec<Group>,
     scenario: Scenario,
     grid: Vec<GridSeries>,
+    /// Deployments by site, sorted by notice time.
+    deployments: Vec<Vec<Deployment>>,
     market: Vec<MarketSignal>,
     demand: Vec<Demand>,
     notes: Vec<String>,
@@ -246,7 +255,7 @@ impl<'f> Harness<'f> {
         let mut unique: Vec<String> = points.clone();
         unique.sort();
         unique.dedup();
-        let series: Vec<GridSeries> = match grid {
+        let (series, grid_params): (Vec<GridSeries>, Option<GridParams>) = match grid {
             GridSource::Simulated(p) => {
                 p.validate().map_err(|r| err("grid", r))?;
                 let sim = grid::simulate(&GridRun {
@@ -257,7 +266,7 @@ impl<'f> Harness<'f> {
                     settlement_points: &unique,
                 });
                 let by: BTreeMap<&str, &GridSeries> = unique.iter().map(String::as_str).zip(sim.iter()).collect();
-                points.iter().map(|sp| by[sp.as_str()].clone()).collect()
+                (points.iter().map(|sp| by[sp.as_str()].clone()).collect(), Some(*p))
             }
             GridSource::Recorded(map) => {
                 let pick = |sp: &str| -> Result<GridSeries, SetupError> {
@@ -318,9 +327,21 @@ impl<'f> Harness<'f> {
                     grid::mark_four_cp(&mut x);
                     v.push(x.window(s.from, s.to));
                 }
-                v
+                (v, None)
             }
         };
+        // Deployments per settlement point, drawn from the prices the sites see (scarcity makes
+        // them likelier); a recorded series uses the parameters fitted to it.
+        let deployments: Vec<Vec<Deployment>> = series
+            .iter()
+            .map(|x| {
+                let params = grid_params.clone().unwrap_or_else(|| GridParams::fit(x));
+                let stream = hcp_sim::rng::mix64(
+                    x.settlement_point.bytes().fold(s.seed, |h, b| hcp_sim::rng::mix64(h ^ u64::from(b))),
+                );
+                grid::deployments(x, &params, stream)
+            })
+            .collect();
         // 5-minute runs on 15-minute prices: derive 5-minute prices that average to the 15-minute ones.
         let series: Vec<GridSeries> = series
             .into_iter()
@@ -362,7 +383,16 @@ impl<'f> Harness<'f> {
                 t.len()
             ));
         }
-        Ok(Harness { fleet, groups: fleet.groups(), scenario, grid: series, market, demand: sites_demand, notes })
+        Ok(Harness {
+            fleet,
+            groups: fleet.groups(),
+            scenario,
+            grid: series,
+            deployments,
+            market,
+            demand: sites_demand,
+            notes,
+        })
     }
 }
 
@@ -446,11 +476,19 @@ impl Harness<'_> {
             let now_grid: Vec<GridSignal> = self.grid.iter().map(|g| *g.at(t0)).collect();
             let last_grid: Vec<GridSignal> = self.grid.iter().map(|g| *g.at(t0.plus_ms(-sc.interval_ms))).collect();
             let market = *self.market_at(t0);
+            let four_cp: Vec<bool> = now_grid.iter().map(|g| g.four_cp_alert).collect();
+            let announced: Vec<Vec<Deployment>> = self
+                .deployments
+                .iter()
+                .map(|d| d.iter().filter(|x| x.notice_at <= t0 && x.end_at > t0).copied().collect())
+                .collect();
             let ctx = DecisionContext {
                 now: t0,
                 fleet,
                 groups: &self.groups,
                 last_grid: &last_grid,
+                four_cp_alert: &four_cp,
+                deployments: &announced,
                 market: &market,
                 energy_adder_usd_per_mwh: sc.energy_adder_usd_per_mwh,
             };
@@ -553,6 +591,8 @@ impl Harness<'_> {
                     let a = &mut acc[s.idx.index()];
                     a.peak_w = a.peak_w.max(*w);
                 }
+                // The fleet's coincident peak.
+                total.peak_mw = total.peak_mw.max(site_w.iter().sum::<f64>() / 1e6);
             }
             let dur_s = sc.interval_ms as f64 / 1e3;
             for (s, a) in acc.iter().enumerate() {
@@ -570,6 +610,7 @@ impl Harness<'_> {
                     hashprice_usd_per_ph_day: market.hashprice_usd_per_ph_day,
                     ambient_c: ambient[s],
                     four_cp_alert: now_grid[s].four_cp_alert,
+                    grid_event: announced[s].iter().map(|d| d.program.name()).collect::<Vec<_>>().join("+"),
                     cap_mw: site.power_cap_w / 1e6,
                     asic_hashing_mw: mw(a.asic_hashing_j),
                     asic_transition_mw: mw(a.asic_transition_j),
@@ -608,9 +649,18 @@ impl Harness<'_> {
                     return Err(Violation { seed, at: t0, what: format!("site {} peak above cap", site.id) });
                 }
                 site_totals[s].add(&row, hours);
+                site_totals[s].hours += hours;
+                let new = self.deployments[s]
+                    .iter()
+                    .filter(|d| d.notice_at >= t0 && d.notice_at < t0.plus_ms(sc.interval_ms))
+                    .count() as u64;
+                site_totals[s].deployments += new;
+                total.deployments += new;
+                site_totals[s].peak_mw = site_totals[s].peak_mw.max(row.peak_mw);
                 total.add(&row, hours);
                 on_row(&row);
             }
+            total.hours += hours;
             on_progress(i + 1, total_intervals);
         }
         // Ledger check: the fleet's money is exactly the sum of its sites'.

@@ -62,6 +62,10 @@ fn money_in_rows_adds_up_to_the_summary() {
     let cost = rows.iter().fold(MicroUsd::ZERO, |a, r| a + r.energy_cost);
     assert_eq!((rev, cost), (s.total.mining_revenue, s.total.energy_cost));
     assert_eq!(rows.len(), 2 * 3 * 96);
+    // The fleet's mean power is the sum of its sites'; its period is counted once.
+    let sites_mw: f64 = s.sites.iter().map(|(_, t)| t.mean_mw()).sum();
+    assert!((s.total.mean_mw() - sites_mw).abs() < 1e-9 && (s.total.hours - 72.0).abs() < 1e-9);
+    assert!(s.total.peak_mw <= s.sites.iter().map(|(_, t)| t.peak_mw).sum::<f64>() + 1e-9);
     for r in &rows {
         assert!(r.peak_mw <= r.cap_mw + 1e-9);
         // Cost is energy x (price + adder), rounded once.

@@ -8,13 +8,14 @@ use hcp_harness::{SiteRow, Summary, Totals};
 use hcp_model::fleet::Fleet;
 use hcp_model::units::MicroUsd;
 
-pub const COLUMNS: [&str; 27] = [
+pub const COLUMNS: [&str; 28] = [
     "interval_start",
     "site",
     "rt_price_usd_per_mwh",
     "hashprice_usd_per_ph_day",
     "ambient_c",
     "four_cp_alert",
+    "grid_event",
     "cap_mw",
     "asic_hashing_mw",
     "asic_transition_mw",
@@ -50,13 +51,14 @@ impl RowWriter {
 
     pub fn write(&mut self, r: &SiteRow) -> Result<()> {
         let f = |x: f64, d: usize| format!("{x:.d$}");
-        let rec: [String; 27] = [
+        let rec: [String; 28] = [
             r.at.to_string(),
             r.site.clone(),
             f(r.rt_price_usd_per_mwh, 2),
             f(r.hashprice_usd_per_ph_day, 3),
             f(r.ambient_c, 1),
             u8::from(r.four_cp_alert).to_string(),
+            r.grid_event.clone(),
             f(r.cap_mw, 3),
             f(r.asic_hashing_mw, 6),
             f(r.asic_transition_mw, 6),
@@ -160,8 +162,9 @@ pub fn summary(s: &Summary, fleet: &Fleet, wall_s: f64) -> String {
     let t = &s.total;
     let _ = writeln!(
         out,
-        "hashprice {:.2} USD/PH/day (mean) | inference {:.0} requests, {:.2} M output tokens | ASIC faults {:.0}, GPU Xid events {:.0}",
+        "hashprice {:.2} USD/PH/day (mean) | {} grid deployments announced | inference {:.0} requests, {:.2} M output tokens | ASIC faults {:.0}, GPU Xid events {:.0}",
         t.mean_hashprice(),
+        t.deployments,
         t.requests,
         t.output_tokens / 1e6,
         t.asic_faults,
