@@ -660,6 +660,30 @@ mod tests {
         }
     }
 
+    /// The fit is a general estimator, not a match to one file: fitting a long series simulated from
+    /// known parameters recovers them.
+    #[test]
+    fn fit_recovers_the_parameters_that_generated_a_series() {
+        // The estimator classifies spikes by its threshold rule, so the truth uses the same rule.
+        let mut truth = GridParams::default();
+        let median = quantile(&sim(&truth, "2023-01-01", 2 * 365, 17).rt_prices(), 0.5);
+        truth.spike_threshold = GridParams::spike_threshold_for(median);
+        let s = sim(&truth, "2023-01-01", 2 * 365, 17);
+        let fit = GridParams::fit(&s);
+        fit.validate().unwrap();
+        let close = |name: &str, a: f64, b: f64, tol: f64| assert!((a / b - 1.0).abs() < tol, "{name}: fitted {a} vs true {b}");
+        close("spike_onset", fit.spike_onset, truth.spike_onset, 0.25);
+        close("spike_tail_alpha", fit.spike_tail_alpha, truth.spike_tail_alpha, 0.25);
+        close("negative_onset", fit.negative_onset, truth.negative_onset, 0.2);
+        close("negative_mean_len", fit.negative_mean_len, truth.negative_mean_len, 0.2);
+        close("negative_mean_usd", fit.negative_mean_usd, truth.negative_mean_usd, 0.15);
+        close("ar_phi", fit.ar_phi, truth.ar_phi, 0.05);
+        for h in [3, 12, 18] {
+            close("hourly_median", fit.hourly_median[h], truth.hourly_median[h] * 1.0, 0.12);
+        }
+        close("temp_monthly_mean_c[7]", fit.temp_monthly_mean_c[7], truth.temp_monthly_mean_c[7], 0.05);
+    }
+
     #[test]
     fn same_seed_same_series() {
         let a = sim(&GridParams::default(), "2024-06-01", 5, 42);
