@@ -184,3 +184,51 @@ impl FleetSim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::asic::IdleMode;
+    use hcp_model::DeviceIdx;
+
+    #[test]
+    fn per_device_telemetry_adds_up_to_the_group() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml");
+        let fleet = Fleet::from_toml(path, &std::fs::read_to_string(path).unwrap()).unwrap();
+        let targets: Vec<GroupTarget> = fleet
+            .groups()
+            .iter()
+            .map(|g| match g.model {
+                ModelRef::Asic(a) => GroupTarget::Asic(AsicTarget {
+                    hashing: g.count() / 2,
+                    power_w: fleet.catalogue.asic(a).min_power_w,
+                    idle: IdleMode::Sleep,
+                }),
+                ModelRef::Gpu(_) => GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w: 300.0, idle_off: false }),
+            })
+            .collect();
+        let mut sim = FleetSim::new(&fleet, Fidelity::Device, &targets, 9);
+        let env = vec![
+            SiteEnv {
+                ambient_c: 30.0,
+                workload: Workload { rate_rps: 40.0, prompt_tokens: 800.0, output_tokens: 200.0 }
+            };
+            fleet.sites.len()
+        ];
+        let mut out = vec![];
+        sim.step(0, 10_000, &targets, &env, &mut out);
+        for (gi, g) in fleet.groups().iter().enumerate() {
+            let sum: f64 = g
+                .devices
+                .iter()
+                .map(|d| match sim.telemetry(*d).unwrap() {
+                    Telemetry::Asic { power_w, .. } | Telemetry::Gpu { power_w, .. } => f64::from(power_w),
+                })
+                .sum();
+            assert!((sum / out[gi].power_w() - 1.0).abs() < 1e-5, "group {gi}: {sum} vs {}", out[gi].power_w());
+        }
+        assert!(sim.telemetry(DeviceIdx(fleet.devices.len() as u32)).is_none());
+        let cohort = FleetSim::new(&fleet, Fidelity::Cohort, &targets, 9);
+        assert!(cohort.telemetry(DeviceIdx(0)).is_none(), "cohorts have no per-device telemetry");
+    }
+}

@@ -671,7 +671,8 @@ mod tests {
         let s = sim(&truth, "2023-01-01", 2 * 365, 17);
         let fit = GridParams::fit(&s);
         fit.validate().unwrap();
-        let close = |name: &str, a: f64, b: f64, tol: f64| assert!((a / b - 1.0).abs() < tol, "{name}: fitted {a} vs true {b}");
+        let close =
+            |name: &str, a: f64, b: f64, tol: f64| assert!((a / b - 1.0).abs() < tol, "{name}: fitted {a} vs true {b}");
         close("spike_onset", fit.spike_onset, truth.spike_onset, 0.25);
         close("spike_tail_alpha", fit.spike_tail_alpha, truth.spike_tail_alpha, 0.25);
         close("negative_onset", fit.negative_onset, truth.negative_onset, 0.2);

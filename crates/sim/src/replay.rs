@@ -309,6 +309,7 @@ pub fn load_market_csv(file: &str, input: impl Read) -> Result<Vec<MarketSignal>
     };
     let c_fee = csv.find(&["fees_btc_per_block"]);
     let c_gpu = csv.find(&["gpu_rental_usd_per_gpu_hour"]);
+    let c_height = csv.find(&["block_height", "height"]);
     let mut out: Vec<MarketSignal> = Vec::new();
     for row in csv.rows() {
         let row = row?;
@@ -321,7 +322,11 @@ pub fn load_market_csv(file: &str, input: impl Read) -> Result<Vec<MarketSignal>
         let btc = c_btc.map(|c| row.num(c, 1.0, 1e8)).transpose()?.unwrap_or(f64::NAN);
         let diff = c_diff.map(|c| row.num(c, 1.0, 1e18)).transpose()?.unwrap_or(f64::NAN);
         let fees = c_fee.map(|c| row.num(c, 0.0, 100.0)).transpose()?.unwrap_or(0.0);
-        let subsidy = 3.125;
+        let height = match c_height {
+            Some(c) => row.num(c, 0.0, 1e8)? as u64,
+            None => height_at(at),
+        };
+        let subsidy = hcp_econ::subsidy_btc(height);
         let hp = match c_hp {
             Some(c) => row.num(c, 0.0, 1e6)?,
             None => hcp_econ::hashprice_usd_per_ph_day(diff, subsidy, fees, btc),
@@ -331,7 +336,7 @@ pub fn load_market_csv(file: &str, input: impl Read) -> Result<Vec<MarketSignal>
             at,
             btc_usd: btc,
             difficulty: diff,
-            block_height: 0,
+            block_height: height,
             subsidy_btc: subsidy,
             fees_btc_per_block: fees,
             network_hashrate_ehs: if diff.is_finite() { hcp_econ::network_hashrate_hs(diff) / 1e18 } else { f64::NAN },
@@ -343,6 +348,16 @@ pub fn load_market_csv(file: &str, input: impl Read) -> Result<Vec<MarketSignal>
         return Err(ReplayError { file: file.into(), line: 2, column: "-".into(), rule: "no data rows".into() });
     }
     Ok(out)
+}
+
+/// Approximate block height at a date, from the last halvings (for subsidy when a market file has
+/// no height column): 630,000 on 2020-05-11, 840,000 on 2024-04-20, then 144 blocks a day.
+fn height_at(t: SimTime) -> u64 {
+    let anchors = [("2016-07-09", 420_000.0), ("2020-05-11", 630_000.0), ("2024-04-20", 840_000.0)];
+    let (date, h) =
+        anchors.iter().rev().find(|(d, _)| SimTime::parse(d).is_ok_and(|a| a <= t)).copied().unwrap_or(anchors[0]);
+    let days = t.secs_since(SimTime::parse(date).expect("valid anchor")) / 86_400.0;
+    (h + 144.0 * days).max(0.0) as u64
 }
 
 #[cfg(test)]
@@ -422,6 +437,10 @@ mod tests {
         )
         .unwrap();
         assert!((m[0].hashprice_usd_per_ph_day - 38.0).abs() < 1.0);
+        assert_eq!(m[0].subsidy_btc, 3.125);
+        let old =
+            load_market_csv("m.csv", "timestamp,btc_usd,difficulty\n2022-06-01,30000,30e12\n".as_bytes()).unwrap();
+        assert_eq!(old[0].subsidy_btc, 6.25);
         let m = load_market_csv("m.csv", "date,hashprice_usd_per_ph_day\n2025-01-01,44.3\n".as_bytes()).unwrap();
         assert_eq!(m[0].hashprice_usd_per_ph_day, 44.3);
         let e = load_market_csv("m.csv", "date,btc_usd\n2025-01-01,1\n".as_bytes()).unwrap_err();
