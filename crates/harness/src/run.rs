@@ -258,9 +258,10 @@ impl<'f> Harness<'f> {
         let (series, grid_params): (Vec<GridSeries>, Option<GridParams>) = match grid {
             GridSource::Simulated(p) => {
                 p.validate().map_err(|r| err("grid", r))?;
+                // One interval before the run, so the first decision has a last known price.
                 let sim = grid::simulate(&GridRun {
                     params: &p,
-                    from: s.from,
+                    from: s.from.plus_ms(-s.interval_ms),
                     to: s.to,
                     seed: s.seed,
                     settlement_points: &unique,
@@ -311,13 +312,21 @@ impl<'f> Harness<'f> {
                             ),
                         ));
                     }
-                    let derivable = x.interval_ms == 3 * s.interval_ms && x.interval_ms == 15 * 60_000;
-                    if !derivable && (x.interval_ms > s.interval_ms || s.interval_ms % x.interval_ms != 0) {
+                    // Finer prices average into the step; coarser ones hold over it.
+                    if x.interval_ms < s.interval_ms && s.interval_ms % x.interval_ms == 0 {
+                        x = x.resample_mean(s.interval_ms);
+                        notes.push(format!(
+                            "{} min prices averaged into {} min intervals",
+                            x.interval_ms / 60_000,
+                            s.interval_ms / 60_000
+                        ));
+                    } else if x.interval_ms % s.interval_ms != 0 {
                         return Err(err(
                             "step",
                             format!(
-                                "must be a multiple of the prices' {} min interval (or 5 min on 15-minute prices)",
-                                x.interval_ms / 60_000
+                                "the prices' {} s interval and the {} s step must divide one another",
+                                x.interval_ms / 1000,
+                                s.interval_ms / 1000
                             ),
                         ));
                     }
@@ -325,7 +334,7 @@ impl<'f> Harness<'f> {
                         notes.push("no temperature in the prices file: using the default weather".into());
                     }
                     grid::mark_four_cp(&mut x);
-                    v.push(x.window(s.from, s.to));
+                    v.push(x);
                 }
                 (v, None)
             }
@@ -342,10 +351,17 @@ impl<'f> Harness<'f> {
                 grid::deployments(x, &params, stream)
             })
             .collect();
-        // 5-minute runs on 15-minute prices: derive 5-minute prices that average to the 15-minute ones.
+        // 5-minute runs on 15-minute prices: derive 5-minute prices that average to the 15-minute
+        // ones (other coarser series hold their price over each step).
         let series: Vec<GridSeries> = series
             .into_iter()
-            .map(|x| if x.interval_ms == 3 * s.interval_ms { grid::five_minute(&x, s.seed) } else { x })
+            .map(|x| {
+                if x.interval_ms == 15 * 60_000 && s.interval_ms == 5 * 60_000 {
+                    grid::five_minute(&x, s.seed)
+                } else {
+                    x
+                }
+            })
             .collect();
         let market = match market {
             MarketSource::Simulated(p) => MarketSim::simulate(&p, s.from, s.to, s.interval_ms, s.seed),

@@ -166,10 +166,27 @@ impl GridSeries {
         self.signals.iter().map(|s| s.rt_price_usd_per_mwh).collect()
     }
 
-    /// The part of the series in `[from, to)`.
-    pub fn window(&self, from: SimTime, to: SimTime) -> GridSeries {
-        let signals = self.signals.iter().filter(|s| s.at >= from && s.at < to).copied().collect();
-        GridSeries { signals, ..self.clone() }
+    /// The series at a coarser interval (a multiple of its own): prices and temperature averaged,
+    /// a 4CP alert if any part had one. A trailing partial interval is dropped.
+    pub fn resample_mean(&self, interval_ms: i64) -> GridSeries {
+        assert!(interval_ms % self.interval_ms == 0, "resample to a multiple of the interval");
+        let k = (interval_ms / self.interval_ms) as usize;
+        let signals = self
+            .signals
+            .chunks_exact(k)
+            .map(|c| {
+                let avg = |f: fn(&GridSignal) -> f64| c.iter().map(f).sum::<f64>() / k as f64;
+                GridSignal {
+                    at: c[0].at,
+                    interval_ms,
+                    rt_price_usd_per_mwh: avg(|s| s.rt_price_usd_per_mwh),
+                    da_price_usd_per_mwh: avg(|s| s.da_price_usd_per_mwh),
+                    temperature_c: avg(|s| s.temperature_c),
+                    four_cp_alert: c.iter().any(|s| s.four_cp_alert),
+                }
+            })
+            .collect();
+        GridSeries { interval_ms, signals, ..self.clone() }
     }
 }
 
@@ -378,6 +395,16 @@ mod tests {
         assert_eq!(s.interval_ms, 900_000);
         assert_eq!(s.rt_prices(), vec![17.69, -3.5]);
         assert_eq!(s.signals[1].temperature_c, 29.2);
+    }
+
+    #[test]
+    fn resamples_by_averaging() {
+        let rows: String = (0..6).map(|i| format!("2024-06-01T00:{:02}:00,X,{},1,20,1\n", i * 5, i * 3)).collect();
+        let s = &grid(&format!("{HEAD}{rows}")).unwrap()["X"];
+        assert_eq!(s.interval_ms, 300_000);
+        let q = s.resample_mean(900_000);
+        assert_eq!(q.rt_prices(), vec![3.0, 12.0]);
+        assert_eq!(q.signals[1].at, SimTime::parse("2024-06-01T00:15").unwrap());
     }
 
     #[test]
