@@ -16,10 +16,9 @@
 //! [`AsicCohort`] holds counts per state and moves expected flows. Same physics, same command rule:
 //! the first `hashing` available devices (in device order) hash, the rest idle.
 
-use std::collections::VecDeque;
-
 use hcp_model::{AsicModel, Reliability};
 
+use crate::cohort::{Pipeline, Pools, rebalance};
 use crate::rng::{self, Rng};
 
 /// How far below `shutdown_c` the air must cool before a thermally stopped miner may restart.
@@ -296,12 +295,6 @@ impl AsicDevices {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct InFlight {
-    ready_ms: i64,
-    count: f64,
-}
-
 /// Per-cohort fidelity: counts per state, expected flows.
 pub struct AsicCohort {
     pub model: AsicModel,
@@ -314,7 +307,7 @@ pub struct AsicCohort {
     fan_fault: f64,
     thermal: f64,
     /// Devices booting, waking or rebooting, by when they hash.
-    pipeline: VecDeque<InFlight>,
+    pipeline: Pipeline,
     /// Expected number of lost hash boards in the group.
     boards_lost: f64,
 }
@@ -337,17 +330,17 @@ impl AsicCohort {
             hashing: k,
             fan_fault: 0.0,
             thermal: 0.0,
-            pipeline: VecDeque::new(),
+            pipeline: Pipeline::default(),
             boards_lost: 0.0,
         }
     }
 
     fn in_flight(&self) -> f64 {
-        self.pipeline.iter().map(|e| e.count).sum()
+        self.pipeline.total()
     }
 
     pub fn step(&mut self, now_ms: i64, dt_ms: i64, target: &AsicTarget, ambient_c: f64) -> AsicStep {
-        let m = self.model.clone();
+        let m = &self.model;
         let dt = dt_ms as f64;
         // Heat: everything powered stops; restart once cooled.
         if ambient_c >= m.shutdown_c {
@@ -367,36 +360,13 @@ impl AsicCohort {
         // Commands: the first `hashing` available devices run.
         let available = self.n - self.fan_fault - self.thermal;
         let want = f64::from(target.hashing).min(available);
-        let active = self.hashing + self.in_flight();
-        if want > active + 1e-9 {
-            let mut need = want - active;
-            let from_sleep = need.min(self.sleeping);
-            self.sleeping -= from_sleep;
-            need -= from_sleep;
-            if from_sleep > 0.0 {
-                self.pipeline.push_back(InFlight { ready_ms: now_ms + (m.wake_s * 1e3) as i64, count: from_sleep });
-            }
-            let from_off = need.min(self.off);
-            self.off -= from_off;
-            if from_off > 0.0 {
-                self.pipeline.push_back(InFlight { ready_ms: now_ms + (m.cold_start_s * 1e3) as i64, count: from_off });
-            }
-        } else if want < active - 1e-9 {
-            let mut shed = active - want;
-            let from_hash = shed.min(self.hashing);
-            self.hashing -= from_hash;
-            shed -= from_hash;
-            while shed > 1e-12 {
-                let Some(last) = self.pipeline.back_mut() else { break };
-                let take = shed.min(last.count);
-                last.count -= take;
-                shed -= take;
-                if last.count <= 1e-12 {
-                    self.pipeline.pop_back();
-                }
-            }
-            self.sleeping += active - want - shed;
-        }
+        let pools = Pools {
+            running: &mut self.hashing,
+            warm: &mut self.sleeping,
+            cold: &mut self.off,
+            starting: &mut self.pipeline,
+        };
+        rebalance(pools, want, now_ms, (m.wake_s * 1e3) as i64, (m.cold_start_s * 1e3) as i64);
         if target.idle == IdleMode::Off {
             self.off += self.sleeping;
             self.sleeping = 0.0;
@@ -410,30 +380,18 @@ impl AsicCohort {
             let boards = events * self.rates.board / t;
             self.hashing -= reboots + fans;
             self.fan_fault += fans;
-            self.pipeline
-                .push_back(InFlight { ready_ms: now_ms + (self.rel.asic_reboot_s * 1e3) as i64, count: reboots });
+            self.pipeline.push(now_ms + (self.rel.asic_reboot_s * 1e3) as i64, reboots);
             let max_lost = self.n * f64::from(m.hash_boards - 1);
             self.boards_lost = (self.boards_lost + boards).min(max_lost);
         }
         // Power over the step, time-weighted through transitions that complete inside it.
-        let p_eff = effective_power_w(&m, target.power_w, ambient_c);
+        let p_eff = effective_power_w(m, target.power_w, ambient_c);
         let ok = 1.0 - self.boards_lost / (self.n * f64::from(m.hash_boards));
-        let mut hashing_dev_time = self.hashing;
-        let mut transition_dev_time = 0.0;
-        let end = now_ms + dt_ms;
-        let mut still = VecDeque::with_capacity(self.pipeline.len());
-        for e in self.pipeline.drain(..) {
-            let boot_frac = ((e.ready_ms - now_ms) as f64 / dt).clamp(0.0, 1.0);
-            transition_dev_time += e.count * boot_frac;
-            hashing_dev_time += e.count * (1.0 - boot_frac);
-            if e.ready_ms <= end {
-                self.hashing += e.count;
-            } else {
-                still.push_back(e);
-            }
-        }
-        self.pipeline = still;
-        let h = hashrate_ths(&m, p_eff, ambient_c) * ok * hashing_dev_time;
+        let d = self.pipeline.drain_step(now_ms, dt_ms);
+        let hashing_dev_time = self.hashing + d.running_after;
+        let transition_dev_time = d.in_transition;
+        self.hashing += d.completed;
+        let h = hashrate_ths(m, p_eff, ambient_c) * ok * hashing_dev_time;
         AsicStep {
             hashing_w: p_eff * ok * hashing_dev_time,
             transition_w: m.boot_power_w * transition_dev_time,

@@ -15,10 +15,9 @@
 //! - temperature is inlet + `thermal_c_per_w * board power`; above `throttle_c` clocks drop 3 % per
 //!   degree.
 
-use std::collections::VecDeque;
-
 use hcp_model::{GpuModel, Reliability, ServedModel};
 
+use crate::cohort::{Pipeline, Pools, rebalance};
 use crate::rng::{self, Rng};
 
 const DECODE_BW_EFF: f64 = 0.8;
@@ -375,8 +374,9 @@ pub struct GpuCohort {
     off: f64,
     idle: f64,
     serving: f64,
-    loading: VecDeque<(i64, f64)>,
-    faulted: VecDeque<(i64, f64)>,
+    loading: Pipeline,
+    /// Faulted GPUs by when they return to idle.
+    faulted: Pipeline,
 }
 
 impl GpuCohort {
@@ -392,53 +392,23 @@ impl GpuCohort {
             off,
             idle,
             serving: k,
-            loading: VecDeque::new(),
-            faulted: VecDeque::new(),
+            loading: Pipeline::default(),
+            faulted: Pipeline::default(),
         }
     }
 
     pub fn step(&mut self, now_ms: i64, dt_ms: i64, target: &GpuTarget, w: &Workload, inlet_c: f64) -> GpuStep {
-        let g = self.model.clone();
+        let g = &self.model;
         let dt = dt_ms as f64;
-        while let Some(&(t, c)) = self.faulted.front() {
-            if t > now_ms {
-                break;
-            }
-            self.idle += c;
-            self.faulted.pop_front();
-        }
-        let faulted: f64 = self.faulted.iter().map(|e| e.1).sum();
-        let want = f64::from(target.serving).min(self.n - faulted);
-        let loading: f64 = self.loading.iter().map(|e| e.1).sum();
-        let active = self.serving + loading;
-        if want > active + 1e-9 {
-            let need = want - active;
-            let a = need.min(self.idle);
-            self.idle -= a;
-            if a > 0.0 {
-                self.loading.push_back((now_ms + (MODEL_LOAD_S * 1e3) as i64, a));
-            }
-            let b = (need - a).min(self.off);
-            self.off -= b;
-            if b > 0.0 {
-                self.loading.push_back((now_ms + ((NODE_BOOT_S + MODEL_LOAD_S) * 1e3) as i64, b));
-            }
-        } else if want < active - 1e-9 {
-            let mut shed = active - want;
-            let a = shed.min(self.serving);
-            self.serving -= a;
-            shed -= a;
-            while shed > 1e-12 {
-                let Some(last) = self.loading.back_mut() else { break };
-                let take = shed.min(last.1);
-                last.1 -= take;
-                shed -= take;
-                if last.1 <= 1e-12 {
-                    self.loading.pop_back();
-                }
-            }
-            self.idle += active - want - shed;
-        }
+        self.idle += self.faulted.take_ready(now_ms);
+        let want = f64::from(target.serving).min(self.n - self.faulted.total());
+        let pools = Pools {
+            running: &mut self.serving,
+            warm: &mut self.idle,
+            cold: &mut self.off,
+            starting: &mut self.loading,
+        };
+        rebalance(pools, want, now_ms, (MODEL_LOAD_S * 1e3) as i64, ((NODE_BOOT_S + MODEL_LOAD_S) * 1e3) as i64);
         if target.idle_off {
             self.off += self.idle;
             self.idle = 0.0;
@@ -447,41 +417,27 @@ impl GpuCohort {
         if events > 0.0 {
             self.serving -= events;
             for (_, share, s) in Xid::TABLE {
-                self.faulted.push_back((now_ms + (s * 1e3) as i64, events * share));
+                self.faulted.push(now_ms + (s * 1e3) as i64, events * share);
             }
-            self.faulted.make_contiguous().sort_by_key(|e| e.0);
         }
         // Loading time inside the step draws loading power; the rest of the step serves.
-        let end = now_ms + dt_ms;
-        let mut load_time = 0.0;
-        let mut serve_extra = 0.0;
-        let mut still = VecDeque::new();
         let serving_before = self.serving;
-        for (t, c) in self.loading.drain(..) {
-            let f = ((t - now_ms) as f64 / dt).clamp(0.0, 1.0);
-            load_time += c * f;
-            serve_extra += c * (1.0 - f);
-            if t <= end {
-                self.serving += c;
-            } else {
-                still.push_back((t, c));
-            }
-        }
-        self.loading = still;
-        let faulted: f64 = self.faulted.iter().map(|e| e.1).sum();
+        let d = self.loading.drain_step(now_ms, dt_ms);
+        self.serving += d.completed;
+        let faulted = self.faulted.total();
         let mut out = GpuStep {
-            idle_w: self.idle * idle_w(&g, GpuState::Idle)
-                + faulted * idle_w(&g, GpuState::Faulted)
-                + load_time * idle_w(&g, GpuState::Loading),
-            n_idle: self.idle + self.loading.iter().map(|e| e.1).sum::<f64>(),
+            idle_w: self.idle * idle_w(g, GpuState::Idle)
+                + faulted * idle_w(g, GpuState::Faulted)
+                + d.in_transition * idle_w(g, GpuState::Loading),
+            n_idle: self.idle + self.loading.total(),
             n_off: self.off,
             n_faulted: faulted,
             xid_events: events,
             ..Default::default()
         };
         // Serve with the time-weighted number of serving GPUs, report the count at the end.
-        out.n_serving = serving_before + serve_extra;
-        fill_serving(&mut out, &g, &self.served, target.cap_w, w, inlet_c, dt_ms);
+        out.n_serving = serving_before + d.running_after;
+        fill_serving(&mut out, g, &self.served, target.cap_w, w, inlet_c, dt_ms);
         out.n_serving = self.serving;
         out
     }

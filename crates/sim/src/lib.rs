@@ -7,6 +7,7 @@
 //! the model and econ crates.
 
 pub mod asic;
+mod cohort;
 pub mod demand;
 pub mod fleet;
 pub mod gpu;
