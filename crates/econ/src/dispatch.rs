@@ -1,0 +1,824 @@
+//! The fast path: an event-driven merit-order dispatcher over pre-sorted efficiency curves.
+//!
+//! Every ASIC has power levels (0 = asleep, 1 = the lowest running target, ..., L = the highest).
+//! Each step up is a *segment* with a power increment and a hashrate increment; its value is the
+//! mining revenue per MWh it adds. The hashrate curve is concave, so a device's segments have
+//! falling values and any prefix of a value-sorted list is a consistent plan (a device is never at
+//! level 3 without levels 1 and 2). Values scale with hashprice and heat uniformly inside a group
+//! (one feeder, one model), so each group's segments are sorted once, when the fleet or a device's
+//! measured efficiency changes; a new price, cap or commitment only moves a cut in each sorted list
+//! (binary searches on prefix sums of power), and the changed targets are the segments between the
+//! old and the new cut. That makes a full-fleet re-plan cost O(groups x log n + changes).
+//!
+//! Rules the cut obeys, each recorded as a [`Reason`]:
+//! - economics: a segment runs while its value exceeds the price plus the adder; to restore it
+//!   must beat the price by the hysteresis band, to curtail it must fall below by the band;
+//! - caps: site cap and feeder limits at every instant, after reserving the idle draw of every
+//!   device, the fixed draw of devices the dispatcher may not touch, the GPUs' budget and the
+//!   megawatts held for grid commitments;
+//! - devices with stale telemetry, in maintenance, faulted or in their minimum on/off time are
+//!   skipped (held where they are), each with its reason;
+//! - a stale price feed switches the site to the configured safe policy within one interval.
+//!
+//! Architecture invariant: pure; time comes in as `now_ms`. Deterministic: ties break by device
+//! index.
+
+use hcp_model::fleet::Fleet;
+use hcp_model::signals::GridProgram;
+use hcp_model::{DeviceIdx, FeederIdx, ModelRef, SiteIdx};
+
+/// Limits on one plan.
+pub const MAX_LEVELS: usize = 16;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DispatchConfig {
+    /// Fixed charges added to the energy price (USD/MWh).
+    pub energy_adder_usd_per_mwh: f64,
+    /// Dead band against flapping (USD/MWh): restore above price + band, curtail below price - band.
+    pub hysteresis_usd_per_mwh: f64,
+    /// Running power levels per ASIC, evenly spaced from the lowest to the highest target.
+    pub running_levels: usize,
+    /// A device stays in a state at least this long after a change (wear and inrush).
+    pub min_on_ms: i64,
+    pub min_off_ms: i64,
+    /// Telemetry older than this makes a device stale (skipped).
+    pub stale_telemetry_ms: i64,
+    /// A price older than this is stale: the site falls back to `safe_policy`.
+    pub stale_price_ms: i64,
+    pub safe_policy: SafePolicy,
+    /// Staggered restarts: this many devices per feeder per batch, batches this far apart.
+    pub batch_size: u32,
+    pub batch_interval_ms: i64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            energy_adder_usd_per_mwh: 0.0,
+            hysteresis_usd_per_mwh: 2.0,
+            running_levels: 4,
+            min_on_ms: 5 * 60_000,
+            min_off_ms: 5 * 60_000,
+            stale_telemetry_ms: 60_000,
+            stale_price_ms: 20 * 60_000,
+            safe_policy: SafePolicy::Curtail,
+            batch_size: 10,
+            batch_interval_ms: 5_000,
+        }
+    }
+}
+
+/// What a site does when its price feed is stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SafePolicy {
+    /// ASICs sleep; GPUs keep serving (their paying demand is worth far more than any price cap).
+    Curtail,
+    /// Keep the last plan.
+    Hold,
+}
+
+/// Why a device is held where it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Skip {
+    StaleTelemetry,
+    Maintenance,
+    Faulted,
+    /// Inside its minimum on or off time.
+    Cooldown,
+}
+
+/// A grid commitment in force at a site.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Commitment {
+    pub site: SiteIdx,
+    pub program: GridProgram,
+    pub kind: ReduceKind,
+    pub respond_by_ms: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ReduceKind {
+    /// Draw at most this much.
+    To { mw: f64 },
+    /// Draw this much less than the site drew when the deployment arrived.
+    By { mw: f64, baseline_mw: f64 },
+}
+
+impl Commitment {
+    fn limit_w(&self) -> f64 {
+        match self.kind {
+            ReduceKind::To { mw } => mw * 1e6,
+            ReduceKind::By { mw, baseline_mw } => (baseline_mw - mw).max(0.0) * 1e6,
+        }
+    }
+}
+
+/// Machine-readable reasons for a plan's changes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reason {
+    /// Segments curtailed: the price (plus adder) is above their value.
+    PriceAboveValue {
+        site: SiteIdx,
+        model: String,
+        price_usd_per_mwh: f64,
+        value_usd_per_mwh: f64,
+    },
+    /// Segments restored: their value beats the price by the hysteresis band.
+    PriceBelowValue {
+        site: SiteIdx,
+        model: String,
+        price_usd_per_mwh: f64,
+        value_usd_per_mwh: f64,
+    },
+    /// The site cap (less reservations) binds: the cut is where the budget runs out.
+    SiteCap {
+        site: SiteIdx,
+        cap_mw: f64,
+        budget_for_asics_mw: f64,
+    },
+    FeederLimit {
+        feeder: FeederIdx,
+        limit_mw: f64,
+    },
+    /// A grid program's deployment: the site must draw at most `limit_mw` by `respond_by_ms`.
+    GridCommitment {
+        site: SiteIdx,
+        program: GridProgram,
+        limit_mw: f64,
+        respond_by_ms: i64,
+    },
+    /// The price feed is stale; the safe policy applies.
+    StalePrice {
+        site: SiteIdx,
+        age_ms: i64,
+        policy: SafePolicy,
+    },
+}
+
+/// One device's new target.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TargetChange {
+    pub device: DeviceIdx,
+    pub from_level: u8,
+    pub to_level: u8,
+    /// Commanded power at the new level (the idle draw for level 0).
+    pub power_w: f64,
+    /// Index into [`Plan::reasons`].
+    pub reason: u32,
+    /// Earliest time to send (restarts are staggered in batches per feeder).
+    pub not_before_ms: i64,
+}
+
+/// The plan's view of one site.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct SitePlan {
+    pub asic_mw: f64,
+    pub gpu_mw: f64,
+    pub held_for_grid_mw: f64,
+    pub limit_mw: f64,
+    pub price_usd_per_mwh: f64,
+    pub stale: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub at_ms: i64,
+    pub changes: Vec<TargetChange>,
+    pub reasons: Vec<Reason>,
+    pub sites: Vec<SitePlan>,
+    /// Devices skipped in this plan, by reason (counts).
+    pub skipped: Vec<(Skip, u32)>,
+}
+
+/// The signals of one site the fast path decides on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SiteSignal {
+    pub price_usd_per_mwh: f64,
+    /// When the price was published (for staleness).
+    pub price_at_ms: i64,
+    pub ambient_c: f64,
+}
+
+/// Power the site's GPUs are planned to draw (from the GPU pool plan) and may not go below.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct GpuBudget {
+    pub planned_w: f64,
+}
+
+struct Group {
+    site: SiteIdx,
+    feeder: FeederIdx,
+    model_id: String,
+    /// Power and hashrate per level (index 0 = asleep).
+    level_w: Vec<f64>,
+    level_ths: Vec<f64>,
+    heat_rise_per_c: f64,
+    heat_ref_c: f64,
+    /// Members, in fleet order.
+    devices: Vec<u32>,
+    /// Segments sorted by value (desc): value per MWh at 1 USD/PH/day hashprice and no heat,
+    /// the member (position in `devices`) and the level it raises the member to.
+    seg_value: Vec<f64>,
+    seg_member: Vec<u32>,
+    seg_level: Vec<u8>,
+    /// Prefix sums of the free members' segment power increments (skipped members count zero).
+    prefix_w: Vec<f64>,
+    /// Segments in force; `usize::MAX` when the free members' levels are not a prefix (after a
+    /// re-sort or a change of skips), which makes the next cut recount every member.
+    cut: usize,
+    /// Draw of skipped members above idle, at their held levels.
+    held_extra_w: f64,
+    /// Idle draw of all members.
+    idle_w: f64,
+    /// Skips must be recomputed (a change of telemetry, maintenance, on/off, efficiency).
+    dirty: bool,
+    /// The price the group last decided on; prices within the hysteresis band of it keep it.
+    anchor_price: Option<f64>,
+    /// Earliest time a member's skip can lapse or start by itself (cooldown end, staleness).
+    next_check_ms: i64,
+}
+
+impl Group {
+    fn scale(&self, hashprice: f64, ambient_c: f64) -> f64 {
+        hashprice / (1.0 + self.heat_rise_per_c * (ambient_c - self.heat_ref_c).max(0.0))
+    }
+
+    /// Segments whose value exceeds `v` (USD/MWh) at `scale`.
+    fn count_above(&self, v: f64, scale: f64) -> usize {
+        if scale <= 0.0 {
+            return 0;
+        }
+        let unit = v / scale;
+        self.seg_value.partition_point(|&x| x > unit)
+    }
+
+    /// Largest cut whose power fits in `budget_w`.
+    fn count_fitting(&self, budget_w: f64) -> usize {
+        self.prefix_w.partition_point(|&p| p <= budget_w + 1e-6).saturating_sub(1)
+    }
+
+    fn planned_w(&self) -> f64 {
+        let free = if self.cut == usize::MAX { 0.0 } else { self.prefix_w[self.cut] };
+        self.idle_w + self.held_extra_w + free
+    }
+}
+
+/// The dispatcher's state: groups with sorted segments, each device's level and history.
+pub struct Dispatcher {
+    pub cfg: DispatchConfig,
+    groups: Vec<Group>,
+    /// ASIC groups of each site.
+    site_groups: Vec<Vec<usize>>,
+    site_cap_w: Vec<f64>,
+    feeder_limit_w: Vec<f64>,
+    /// Per device (fleet index): level, group, efficiency factor, last on/off change, flags.
+    level: Vec<u8>,
+    group_of: Vec<u32>,
+    efficiency: Vec<f32>,
+    changed_ms: Vec<i64>,
+    maintenance: Vec<bool>,
+    faulted: Vec<bool>,
+    seen_ms: Vec<i64>,
+    skip: Vec<Option<Skip>>,
+}
+
+fn asic_levels(m: &hcp_model::AsicModel, running: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut w = vec![m.sleep_power_w];
+    let mut ths = vec![0.0];
+    for k in 0..running {
+        let f = if running == 1 { 1.0 } else { k as f64 / (running - 1) as f64 };
+        let p = m.min_power_w + f * (m.max_power_w - m.min_power_w);
+        w.push(p);
+        ths.push(m.hashrate_ths * (p / m.power_w).powf(m.curve_exponent));
+    }
+    (w, ths)
+}
+
+impl Dispatcher {
+    /// Builds the merit order of a fleet. Every ASIC starts at its highest level, with fresh
+    /// telemetry at `now_ms` and no cooldown.
+    pub fn new(fleet: &Fleet, cfg: DispatchConfig, now_ms: i64) -> Self {
+        assert!((1..MAX_LEVELS).contains(&cfg.running_levels), "running_levels must be 1..{MAX_LEVELS}");
+        let n = fleet.devices.len();
+        let mut d = Dispatcher {
+            groups: vec![],
+            site_groups: vec![vec![]; fleet.sites.len()],
+            site_cap_w: fleet.sites.iter().map(|s| s.power_cap_w).collect(),
+            feeder_limit_w: fleet.feeders.iter().map(|f| f.limit_w).collect(),
+            level: vec![0; n],
+            group_of: vec![u32::MAX; n],
+            efficiency: vec![1.0; n],
+            changed_ms: vec![i64::MIN / 2; n],
+            maintenance: vec![false; n],
+            faulted: vec![false; n],
+            seen_ms: vec![now_ms; n],
+            skip: vec![None; n],
+            cfg,
+        };
+        for g in fleet.groups() {
+            let ModelRef::Asic(a) = g.model else { continue };
+            let m = fleet.catalogue.asic(a);
+            let (level_w, level_ths) = asic_levels(m, d.cfg.running_levels);
+            let gi = d.groups.len();
+            for dev in &g.devices {
+                d.group_of[dev.index()] = gi as u32;
+                d.level[dev.index()] = d.cfg.running_levels as u8;
+            }
+            d.site_groups[g.site.index()].push(gi);
+            d.groups.push(Group {
+                site: g.site,
+                feeder: g.feeder,
+                model_id: m.id.clone(),
+                idle_w: g.devices.len() as f64 * level_w[0],
+                level_w,
+                level_ths,
+                heat_rise_per_c: m.jth_rise_per_c,
+                heat_ref_c: m.efficiency_ref_c,
+                devices: g.devices.iter().map(|x| x.0).collect(),
+                seg_value: vec![],
+                seg_member: vec![],
+                seg_level: vec![],
+                prefix_w: vec![0.0],
+                cut: usize::MAX,
+                held_extra_w: 0.0,
+                dirty: true,
+                anchor_price: None,
+                next_check_ms: i64::MIN,
+            });
+            d.resort(gi);
+        }
+        d
+    }
+
+    /// Number of ASIC groups (feeder x model).
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Current level of a device (ASICs; 0 for GPUs).
+    pub fn level(&self, device: DeviceIdx) -> u8 {
+        self.level[device.index()]
+    }
+
+    /// Commanded power of an ASIC at its current level.
+    pub fn power_w(&self, device: DeviceIdx) -> Option<f64> {
+        let g = self.groups.get(*self.group_of.get(device.index())? as usize)?;
+        Some(g.level_w[self.level[device.index()] as usize])
+    }
+
+    /// Power of each level of an ASIC's group (index 0 = asleep).
+    pub fn level_powers_w(&self, device: DeviceIdx) -> Option<&[f64]> {
+        let g = self.groups.get(*self.group_of.get(device.index())? as usize)?;
+        Some(&g.level_w)
+    }
+
+    /// The skip that held a device in the last plan.
+    pub fn skip(&self, device: DeviceIdx) -> Option<Skip> {
+        self.skip[device.index()]
+    }
+
+    fn mark(&mut self, i: usize) {
+        if let Some(g) = self.groups.get_mut(self.group_of[i] as usize) {
+            g.dirty = true;
+        }
+    }
+
+    /// Telemetry arrived for a device: fresh, its measured efficiency (J/TH over nameplate J/TH;
+    /// 1.0 = nameplate) and whether it reports a fault. A changed efficiency re-sorts its group.
+    pub fn observe(&mut self, device: DeviceIdx, now_ms: i64, efficiency_factor: f64, faulted: bool) {
+        let i = device.index();
+        if self.group_of[i] == u32::MAX {
+            return;
+        }
+        if self.skip[i] == Some(Skip::StaleTelemetry) || self.faulted[i] != faulted {
+            self.mark(i);
+        }
+        self.seen_ms[i] = now_ms;
+        self.faulted[i] = faulted;
+        let e = efficiency_factor.clamp(0.5, 5.0) as f32;
+        if (self.efficiency[i] - e).abs() > 0.005 {
+            self.efficiency[i] = e;
+            self.resort(self.group_of[i] as usize);
+        }
+    }
+
+    pub fn set_maintenance(&mut self, device: DeviceIdx, on: bool) {
+        let i = device.index();
+        if self.group_of[i] != u32::MAX && self.maintenance[i] != on {
+            self.maintenance[i] = on;
+            self.mark(i);
+        }
+    }
+
+    fn skip_of(&self, i: usize, now_ms: i64) -> Option<Skip> {
+        if self.maintenance[i] {
+            Some(Skip::Maintenance)
+        } else if self.faulted[i] {
+            Some(Skip::Faulted)
+        } else if now_ms - self.seen_ms[i] > self.cfg.stale_telemetry_ms {
+            Some(Skip::StaleTelemetry)
+        } else {
+            let min = if self.level[i] == 0 { self.cfg.min_off_ms } else { self.cfg.min_on_ms };
+            (now_ms - self.changed_ms[i] < min).then_some(Skip::Cooldown)
+        }
+    }
+
+    /// Re-sorts a group's segments by value (after its members' efficiencies changed).
+    fn resort(&mut self, gi: usize) {
+        let g = &mut self.groups[gi];
+        let levels = g.level_w.len() - 1;
+        let mut segs: Vec<(f64, u32, u8)> = Vec::with_capacity(g.devices.len() * levels);
+        for (k, &dev) in g.devices.iter().enumerate() {
+            let e = f64::from(self.efficiency[dev as usize]);
+            for l in 1..=levels {
+                let dw = g.level_w[l] - g.level_w[l - 1];
+                let dths = (g.level_ths[l] - g.level_ths[l - 1]) / e;
+                // USD per MWh at 1 USD/PH/day: (TH/s / 1000) PH/s earn 1/24 USD per hour, per MW.
+                segs.push((dths / 1_000.0 / 24.0 / (dw / 1e6), k as u32, l as u8));
+            }
+        }
+        // Value descending; ties by member then level, so a member's levels stay in order.
+        segs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        g.seg_value = segs.iter().map(|s| s.0).collect();
+        g.seg_member = segs.iter().map(|s| s.1).collect();
+        g.seg_level = segs.iter().map(|s| s.2).collect();
+        g.prefix_w = vec![0.0; segs.len() + 1];
+        g.dirty = true;
+        g.cut = usize::MAX;
+    }
+
+    /// Recomputes a group's skips, prefix sums and held draw if anything could have changed.
+    fn refresh(&mut self, gi: usize, now_ms: i64) {
+        let g = &self.groups[gi];
+        if !g.dirty && now_ms < g.next_check_ms {
+            return;
+        }
+        let mut changed = g.dirty;
+        let mut freed = false;
+        let mut next = i64::MAX;
+        for &dev in &g.devices {
+            let i = dev as usize;
+            let s = self.skip_of(i, now_ms);
+            changed |= s != self.skip[i];
+            freed |= s.is_none() && self.skip[i].is_some();
+            self.skip[i] = s;
+            match s {
+                None => {
+                    next = next.min(self.seen_ms[i] + self.cfg.stale_telemetry_ms + 1);
+                }
+                Some(Skip::Cooldown) => {
+                    let min = if self.level[i] == 0 { self.cfg.min_off_ms } else { self.cfg.min_on_ms };
+                    next = next.min(self.changed_ms[i] + min);
+                }
+                Some(_) => {}
+            }
+        }
+        let g = &mut self.groups[gi];
+        g.next_check_ms = next;
+        g.dirty = false;
+        if !changed {
+            return;
+        }
+        let mut acc = 0.0;
+        let mut held = 0.0;
+        for (j, (&m, &l)) in g.seg_member.iter().zip(&g.seg_level).enumerate() {
+            let dev = g.devices[m as usize] as usize;
+            let dw = g.level_w[l as usize] - g.level_w[l as usize - 1];
+            if self.skip[dev].is_none() {
+                acc += dw;
+            } else if l <= self.level[dev] {
+                held += dw;
+            }
+            g.prefix_w[j + 1] = acc;
+        }
+        g.held_extra_w = held;
+        // A member that was held may sit at a level the cut does not imply: recount.
+        if freed {
+            g.cut = usize::MAX;
+        }
+    }
+
+    /// Plans every site for the signals at `now_ms` (see [`Dispatcher::plan_sites`]).
+    pub fn plan(
+        &mut self,
+        now_ms: i64,
+        sites: &[SiteSignal],
+        hashprice: f64,
+        gpus: &[GpuBudget],
+        commitments: &[Commitment],
+    ) -> Plan {
+        let all: Vec<SiteIdx> = (0..self.site_cap_w.len()).map(|s| SiteIdx(s as u16)).collect();
+        self.plan_sites(now_ms, &all, sites, hashprice, gpus, commitments)
+    }
+
+    /// Plans the listed sites (an event at one site re-plans only that site). `sites` and `gpus`
+    /// are indexed by site; `hashprice` is USD/PH/day. Returns the changed targets, shutdowns
+    /// first, with their reasons.
+    pub fn plan_sites(
+        &mut self,
+        now_ms: i64,
+        which: &[SiteIdx],
+        sites: &[SiteSignal],
+        hashprice: f64,
+        gpus: &[GpuBudget],
+        commitments: &[Commitment],
+    ) -> Plan {
+        let mut plan =
+            Plan { at_ms: now_ms, sites: vec![SitePlan::default(); self.site_cap_w.len()], ..Default::default() };
+        let mut skipped: std::collections::BTreeMap<Skip, u32> = Default::default();
+        let mut restarts = vec![0u32; self.feeder_limit_w.len()];
+        for &site in which {
+            let s = site.index();
+            for k in 0..self.site_groups[s].len() {
+                let gi = self.site_groups[s][k];
+                self.refresh(gi, now_ms);
+                for &dev in &self.groups[gi].devices {
+                    if let Some(x) = self.skip[dev as usize] {
+                        *skipped.entry(x).or_default() += 1;
+                    }
+                }
+            }
+            self.plan_site(
+                now_ms,
+                s,
+                &sites[s],
+                hashprice,
+                gpus.get(s).copied().unwrap_or_default(),
+                commitments,
+                &mut restarts,
+                &mut plan,
+            );
+        }
+        plan.skipped = skipped.into_iter().collect();
+        // Shutdowns before restarts, so that no instant draws more than either plan.
+        plan.changes.sort_by_key(|c| (c.not_before_ms, c.to_level > c.from_level, c.device));
+        plan
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan_site(
+        &mut self,
+        now_ms: i64,
+        s: usize,
+        sig: &SiteSignal,
+        hashprice: f64,
+        gpu: GpuBudget,
+        commitments: &[Commitment],
+        restarts: &mut [u32],
+        plan: &mut Plan,
+    ) {
+        let site = SiteIdx(s as u16);
+        let mut limit = self.site_cap_w[s];
+        let mut site_reason = None;
+        for c in commitments.iter().filter(|c| c.site == site) {
+            if c.limit_w() < limit {
+                limit = c.limit_w();
+                plan.reasons.push(Reason::GridCommitment {
+                    site,
+                    program: c.program,
+                    limit_mw: limit / 1e6,
+                    respond_by_ms: c.respond_by_ms,
+                });
+                site_reason = Some(plan.reasons.len() as u32 - 1);
+            }
+        }
+        let age = now_ms - sig.price_at_ms;
+        let stale = age > self.cfg.stale_price_ms;
+        if stale {
+            plan.reasons.push(Reason::StalePrice { site, age_ms: age, policy: self.cfg.safe_policy });
+            site_reason = Some(plan.reasons.len() as u32 - 1);
+        }
+        let price = sig.price_usd_per_mwh + self.cfg.energy_adder_usd_per_mwh;
+        plan.sites[s] = SitePlan {
+            gpu_mw: gpu.planned_w / 1e6,
+            held_for_grid_mw: (self.site_cap_w[s] - limit) / 1e6,
+            limit_mw: limit / 1e6,
+            price_usd_per_mwh: sig.price_usd_per_mwh,
+            stale,
+            asic_mw: 0.0,
+        };
+        let gs = self.site_groups[s].clone();
+        if !(stale && self.cfg.safe_policy == SafePolicy::Hold) {
+            // Budgets after the GPUs, every member's idle draw and the held members.
+            let mut budget = limit - gpu.planned_w;
+            let mut feeder_budget: std::collections::BTreeMap<u32, f64> = Default::default();
+            for &gi in &gs {
+                let g = &self.groups[gi];
+                let fixed = g.idle_w + g.held_extra_w;
+                budget -= fixed;
+                *feeder_budget.entry(g.feeder.0).or_insert(self.feeder_limit_w[g.feeder.index()]) -= fixed;
+            }
+            let budget = budget.max(0.0);
+            let scale: Vec<f64> = gs.iter().map(|&gi| self.groups[gi].scale(hashprice, sig.ambient_c)).collect();
+            // Site load when every segment worth more than `v` runs, each feeder filled in group order.
+            let fit = |v: f64, out: &mut Vec<usize>, hit: &mut Vec<bool>| -> f64 {
+                out.clear();
+                hit.clear();
+                let mut used: std::collections::BTreeMap<u32, f64> = Default::default();
+                let mut total = 0.0;
+                for (k, &gi) in gs.iter().enumerate() {
+                    let g = &self.groups[gi];
+                    let u = used.entry(g.feeder.0).or_default();
+                    let room = (feeder_budget[&g.feeder.0] - *u).max(0.0);
+                    let want = g.count_above(v, scale[k]);
+                    let fits = g.count_fitting(room);
+                    hit.push(fits < want);
+                    let n = want.min(fits);
+                    *u += g.prefix_w[n];
+                    total += g.prefix_w[n];
+                    out.push(n);
+                }
+                total
+            };
+            // The counts the caps allow, independent of price (so hysteresis can hold a group
+            // inside its band): all segments if they fit, else raise the value threshold.
+            let (mut caps, mut hit) = (Vec::with_capacity(gs.len()), Vec::with_capacity(gs.len()));
+            let mut cap_reason = site_reason;
+            if fit(f64::NEG_INFINITY, &mut caps, &mut hit) > budget + 1e-6 {
+                let (mut lo, mut hi) = (-1.0f64, 1.0f64);
+                while fit(hi, &mut caps, &mut hit) > budget + 1e-6 && hi < 1e12 {
+                    hi *= 2.0;
+                }
+                while fit(lo, &mut caps, &mut hit) <= budget + 1e-6 && lo > -1e12 {
+                    lo *= 2.0;
+                }
+                for _ in 0..64 {
+                    let mid = 0.5 * (lo + hi);
+                    if fit(mid, &mut caps, &mut hit) > budget + 1e-6 {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                // Segments of equal value (identical devices) straddle the threshold: hand what is
+                // left of the budget to the groups between `hi` and `lo`, most valuable first.
+                let mut more = Vec::with_capacity(gs.len());
+                fit(lo, &mut more, &mut hit);
+                let mut left = budget - fit(hi, &mut caps, &mut hit);
+                let mut order: Vec<usize> = (0..gs.len()).filter(|&k| more[k] > caps[k]).collect();
+                order.sort_by(|&a, &b| {
+                    let va = self.groups[gs[a]].seg_value[caps[a]] * scale[a];
+                    let vb = self.groups[gs[b]].seg_value[caps[b]] * scale[b];
+                    vb.total_cmp(&va).then(a.cmp(&b))
+                });
+                let mut feeder_used: std::collections::BTreeMap<u32, f64> = Default::default();
+                for (k, &gi) in gs.iter().enumerate() {
+                    *feeder_used.entry(self.groups[gi].feeder.0).or_default() += self.groups[gi].prefix_w[caps[k]];
+                }
+                for k in order {
+                    let g = &self.groups[gs[k]];
+                    let used = feeder_used.entry(g.feeder.0).or_default();
+                    let room = left.min(feeder_budget[&g.feeder.0] - *used).max(0.0);
+                    let n = g.count_fitting(g.prefix_w[caps[k]] + room).min(more[k]).max(caps[k]);
+                    let add = g.prefix_w[n] - g.prefix_w[caps[k]];
+                    left -= add;
+                    *used += add;
+                    caps[k] = n;
+                }
+                if cap_reason.is_none() {
+                    plan.reasons.push(Reason::SiteCap {
+                        site,
+                        cap_mw: self.site_cap_w[s] / 1e6,
+                        budget_for_asics_mw: budget / 1e6,
+                    });
+                    cap_reason = Some(plan.reasons.len() as u32 - 1);
+                }
+            }
+            let h = self.cfg.hysteresis_usd_per_mwh;
+            for (k, &gi) in gs.iter().enumerate() {
+                // Hysteresis: a price within the band of the last decided price keeps it.
+                let decided = match self.groups[gi].anchor_price {
+                    Some(a) if (price - a).abs() <= h => a,
+                    _ => price,
+                };
+                if !stale {
+                    self.groups[gi].anchor_price = Some(decided);
+                }
+                let g = &self.groups[gi];
+                let econ = if stale { 0 } else { g.count_above(decided, scale[k]) };
+                let n = econ.min(caps[k]);
+                let mut forced = if stale { site_reason } else { None };
+                if n < econ {
+                    forced = cap_reason;
+                    if hit[k] && site_reason.is_none() {
+                        let f = g.feeder;
+                        plan.reasons
+                            .push(Reason::FeederLimit { feeder: f, limit_mw: self.feeder_limit_w[f.index()] / 1e6 });
+                        forced = Some(plan.reasons.len() as u32 - 1);
+                    }
+                }
+                self.apply_cut(gi, n, now_ms, price, scale[k], forced, restarts, plan);
+            }
+        }
+        plan.sites[s].asic_mw = gs.iter().map(|&gi| self.groups[gi].planned_w()).sum::<f64>() / 1e6;
+    }
+
+    /// Moves group `gi` to `n` segments and records the device changes. `forced` is the reason
+    /// when a cap, a commitment or the safe policy (not the price) set the cut.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_cut(
+        &mut self,
+        gi: usize,
+        n: usize,
+        now_ms: i64,
+        price: f64,
+        scale: f64,
+        forced: Option<u32>,
+        restarts: &mut [u32],
+        plan: &mut Plan,
+    ) {
+        let g = &self.groups[gi];
+        let old = g.cut;
+        if old == n {
+            return;
+        }
+        // New level of each free member whose segments cross the cut. A member's segments appear
+        // in level order, so moving the cut up raises it to its highest segment now inside, and
+        // moving it down lowers it to just below its lowest segment now outside. An unknown cut
+        // recounts every free member.
+        let mut new_level: Vec<(u32, u8)> = Vec::new();
+        let free = |m: u32| self.skip[g.devices[m as usize] as usize].is_none();
+        if old == usize::MAX {
+            let mut lvl = vec![0u8; g.devices.len()];
+            for j in 0..n {
+                let m = g.seg_member[j] as usize;
+                lvl[m] = lvl[m].max(g.seg_level[j]);
+            }
+            new_level.extend((0..g.devices.len() as u32).filter(|&m| free(m)).map(|m| (m, lvl[m as usize])));
+        } else if n > old {
+            for j in old..n {
+                let m = g.seg_member[j];
+                if free(m) {
+                    new_level.push((m, g.seg_level[j]));
+                }
+            }
+        } else {
+            for j in n..old {
+                let m = g.seg_member[j];
+                if free(m) {
+                    new_level.push((m, g.seg_level[j] - 1));
+                }
+            }
+        }
+        // One entry per member: the highest level reached going up, the lowest going down.
+        new_level.sort_unstable_by_key(|&(m, l)| (m, if n > old { u8::MAX - l } else { l }));
+        new_level.dedup_by_key(|e| e.0);
+        let edge = |j: usize| g.seg_value.get(j).map_or(0.0, |v| v * scale);
+        let (site, feeder, model) = (g.site, g.feeder, &g.model_id);
+        let mut up_reason = None;
+        let mut down_reason = forced;
+        for (m, to) in new_level {
+            let dev = self.groups[gi].devices[m as usize];
+            let i = dev as usize;
+            let from = self.level[i];
+            if from == to {
+                continue;
+            }
+            let reason = if to > from {
+                *up_reason.get_or_insert_with(|| {
+                    plan.reasons.push(Reason::PriceBelowValue {
+                        site,
+                        model: model.clone(),
+                        price_usd_per_mwh: price,
+                        value_usd_per_mwh: edge(n.saturating_sub(1)),
+                    });
+                    plan.reasons.len() as u32 - 1
+                })
+            } else {
+                *down_reason.get_or_insert_with(|| {
+                    plan.reasons.push(Reason::PriceAboveValue {
+                        site,
+                        model: model.clone(),
+                        price_usd_per_mwh: price,
+                        value_usd_per_mwh: edge(n),
+                    });
+                    plan.reasons.len() as u32 - 1
+                })
+            };
+            let not_before_ms = if from == 0 {
+                let r = &mut restarts[feeder.index()];
+                let batch = *r / self.cfg.batch_size.max(1);
+                *r += 1;
+                now_ms + i64::from(batch) * self.cfg.batch_interval_ms
+            } else {
+                now_ms
+            };
+            if (from == 0) != (to == 0) {
+                self.changed_ms[i] = now_ms;
+            }
+            self.level[i] = to;
+            plan.changes.push(TargetChange {
+                device: DeviceIdx(dev),
+                from_level: from,
+                to_level: to,
+                power_w: self.groups[gi].level_w[to as usize],
+                reason,
+                not_before_ms,
+            });
+        }
+        let g = &mut self.groups[gi];
+        g.cut = n;
+        // Devices that switched on or off start a cooldown: they become held on the next refresh.
+        g.dirty = true;
+    }
+}

@@ -1,0 +1,285 @@
+//! The fast-path dispatcher: golden merit order and breakevens, caps, commitments, hysteresis,
+//! cooldowns, skips, stale prices, staggering, and a property test of the caps.
+
+use hcp_econ::dispatch::*;
+use hcp_model::fleet::Fleet;
+use hcp_model::signals::GridProgram;
+use hcp_model::{DeviceIdx, SiteIdx};
+use proptest::prelude::*;
+
+const FLEET: &str = r#"
+name = "two-models"
+[[site]]
+id = "s"
+power_cap_mw = 2.0
+settlement_point = "HB_SOUTH"
+  [[site.feeder]]
+  id = "old"
+  limit_kw = 400
+    [[site.feeder.rack]]
+    count = 10
+    devices = [{ model = "antminer-s19-xp", count = 10 }]
+  [[site.feeder]]
+  id = "new"
+  limit_kw = 400
+    [[site.feeder.rack]]
+    count = 10
+    devices = [{ model = "antminer-s21-xp", count = 10 }]
+"#;
+
+fn fleet(src: &str) -> Fleet {
+    Fleet::from_toml("t.toml", src).unwrap()
+}
+
+fn cfg() -> DispatchConfig {
+    DispatchConfig { hysteresis_usd_per_mwh: 0.0, min_on_ms: 0, min_off_ms: 0, ..Default::default() }
+}
+
+fn sig(price: f64, at: i64) -> Vec<SiteSignal> {
+    vec![SiteSignal { price_usd_per_mwh: price, price_at_ms: at, ambient_c: 20.0 }]
+}
+
+fn levels(d: &Dispatcher, range: std::ops::Range<u32>) -> Vec<u8> {
+    range.map(|i| d.level(DeviceIdx(i))).collect()
+}
+
+fn site_w(d: &Dispatcher, f: &Fleet) -> f64 {
+    (0..f.devices.len() as u32).filter_map(|i| d.power_w(DeviceIdx(i))).sum()
+}
+
+/// Hand-computed values at 50 USD/PH/day, 4 running levels from 80 % to 100 % of nameplate:
+/// S19 XP segments 107.06, 62.55, 60.65, 58.94 USD/MWh; S21 XP 170.19, 99.61, 96.59, 93.87.
+#[test]
+fn golden_merit_order_and_breakevens() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    let check = |d: &mut Dispatcher, price: f64, s19: u8, s21: u8, t: i64| {
+        let p = d.plan(t, &sig(price, t), 50.0, &[GpuBudget::default()], &[]);
+        assert!(levels(d, 0..100).iter().all(|&l| l == s19), "S19 XP at {price}: {:?}", levels(d, 0..3));
+        assert!(levels(d, 100..200).iter().all(|&l| l == s21), "S21 XP at {price}: {:?}", levels(d, 100..103));
+        p
+    };
+    check(&mut d, 20.0, 4, 4, 0);
+    check(&mut d, 59.5, 3, 4, 1);
+    check(&mut d, 61.0, 2, 4, 2);
+    check(&mut d, 95.0, 1, 3, 3);
+    check(&mut d, 100.0, 1, 1, 4);
+    let p = check(&mut d, 110.0, 0, 1, 5);
+    // The S19 XP curtailment says why, with the value of the segment it gave up.
+    let c = p.changes.iter().find(|c| c.device == DeviceIdx(0)).unwrap();
+    match &p.reasons[c.reason as usize] {
+        Reason::PriceAboveValue { model, price_usd_per_mwh, value_usd_per_mwh, .. } => {
+            assert_eq!(model, "antminer-s19-xp");
+            assert_eq!(*price_usd_per_mwh, 110.0);
+            assert!((value_usd_per_mwh - 107.057).abs() < 0.01, "{value_usd_per_mwh}");
+        }
+        r => panic!("unexpected reason {r:?}"),
+    }
+    check(&mut d, 171.0, 0, 0, 6);
+    // Restored most efficient first.
+    let p = check(&mut d, 150.0, 0, 1, 7);
+    assert!(p.changes.iter().all(|c| c.device.0 >= 100 && c.to_level == 1));
+    assert!(matches!(p.reasons[p.changes[0].reason as usize], Reason::PriceBelowValue { .. }));
+}
+
+#[test]
+fn the_site_cap_curtails_the_least_valuable_segments_first() {
+    let f = fleet(&FLEET.replace("power_cap_mw = 2.0", "power_cap_mw = 0.5"));
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    let p = d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget { planned_w: 50_000.0 }], &[]);
+    let w = site_w(&d, &f);
+    assert!(w + 50_000.0 <= 500_000.0 + 1e-6, "{w}");
+    assert!(w + 50_000.0 > 500_000.0 - 3_700.0, "the cap is used up to one segment: {w}");
+    // The S21 XP (more valuable everywhere) keep running; S19 XP underclock or sleep.
+    assert!(levels(&d, 100..200).iter().all(|&l| l >= 1));
+    assert!(levels(&d, 0..100).iter().any(|&l| l < 4));
+    assert!(p.reasons.iter().any(|r| matches!(r, Reason::SiteCap { .. })));
+    assert!((p.sites[0].asic_mw - w / 1e6).abs() < 1e-9);
+}
+
+#[test]
+fn a_feeder_limit_binds_on_its_own() {
+    let f = fleet(&FLEET.replace(
+        "limit_kw = 400\n    [[site.feeder.rack]]\n    count = 10\n    devices = [{ model = \"antminer-s21-xp\"",
+        "limit_kw = 300\n    [[site.feeder.rack]]\n    count = 10\n    devices = [{ model = \"antminer-s21-xp\"",
+    ));
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    let p = d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    let s21: f64 = (100..200).filter_map(|i| d.power_w(DeviceIdx(i))).sum();
+    assert!(s21 <= 300_000.0 + 1e-6, "{s21}");
+    assert!(levels(&d, 0..100).iter().all(|&l| l == 4), "the other feeder is unaffected");
+    assert!(p.reasons.iter().any(|r| matches!(r, Reason::FeederLimit { .. })));
+}
+
+#[test]
+fn a_grid_commitment_is_met_at_once_with_its_reason() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    let before = site_w(&d, &f);
+    let c = Commitment {
+        site: SiteIdx(0),
+        program: GridProgram::Ers10,
+        kind: ReduceKind::By { mw: 0.3, baseline_mw: before / 1e6 },
+        respond_by_ms: 600_000,
+    };
+    let p = d.plan(1, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[c]);
+    let after = site_w(&d, &f);
+    assert!(after <= before - 300_000.0 + 1e-6, "{before} -> {after}");
+    assert!(p.changes.iter().all(|c| c.not_before_ms <= 600_000), "within the response time");
+    let r = &p.reasons[p.changes[0].reason as usize];
+    assert!(matches!(r, Reason::GridCommitment { program: GridProgram::Ers10, .. }), "{r:?}");
+    assert!((p.sites[0].held_for_grid_mw - (2.0 - (before - 300_000.0) / 1e6)).abs() < 1e-9);
+}
+
+#[test]
+fn hysteresis_holds_inside_the_band() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(
+        &f,
+        DispatchConfig { hysteresis_usd_per_mwh: 5.0, min_on_ms: 0, min_off_ms: 0, ..Default::default() },
+        0,
+    );
+    d.plan(0, &sig(105.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(levels(&d, 0..1), vec![1]);
+    // 107.06 is the S19 XP on-segment: prices of 108-109 are inside the band of 105.
+    for (t, price) in [(1, 108.0), (2, 109.0), (3, 106.0)] {
+        let p = d.plan(t, &sig(price, t), 50.0, &[GpuBudget::default()], &[]);
+        assert!(p.changes.is_empty(), "price {price}: {} changes", p.changes.len());
+    }
+    let p = d.plan(4, &sig(111.0, 4), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(p.changes.len(), 100);
+}
+
+#[test]
+fn cooldown_and_skips_hold_devices_with_reasons() {
+    let f = fleet(FLEET);
+    let c = DispatchConfig {
+        hysteresis_usd_per_mwh: 0.0,
+        min_on_ms: 300_000,
+        min_off_ms: 300_000,
+        stale_telemetry_ms: 60_000,
+        ..Default::default()
+    };
+    let mut d = Dispatcher::new(&f, c, 0);
+    d.set_maintenance(DeviceIdx(100), true);
+    let p = d.plan(0, &sig(200.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    assert!(levels(&d, 0..100).iter().all(|&l| l == 0));
+    assert_eq!(d.level(DeviceIdx(100)), 4, "maintenance holds");
+    assert!(p.skipped.contains(&(Skip::Maintenance, 1)));
+    // Price falls a minute later: everything is inside its minimum off time.
+    for i in 0..200 {
+        d.observe(DeviceIdx(i), 60_000, 1.0, false);
+    }
+    let p = d.plan(60_000, &sig(10.0, 60_000), 50.0, &[GpuBudget::default()], &[]);
+    assert!(p.changes.is_empty());
+    assert!(p.skipped.contains(&(Skip::Cooldown, 199)), "{:?}", p.skipped);
+    for i in 0..200 {
+        d.observe(DeviceIdx(i), 300_000, 1.0, i == 5);
+    }
+    let p = d.plan(300_000, &sig(10.0, 300_000), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(levels(&d, 0..5), vec![4; 5]);
+    assert_eq!(d.level(DeviceIdx(5)), 0, "a faulted miner is not restarted");
+    assert!(p.skipped.contains(&(Skip::Faulted, 1)));
+    // Telemetry goes quiet for device 7: it is held, stale.
+    for i in (0..200).filter(|&i| i != 7) {
+        d.observe(DeviceIdx(i), 400_000, 1.0, false);
+    }
+    let p = d.plan(400_000, &sig(10.0, 400_000), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(d.skip(DeviceIdx(7)), Some(Skip::StaleTelemetry));
+    assert!(p.skipped.contains(&(Skip::StaleTelemetry, 1)));
+}
+
+#[test]
+fn restarts_are_staggered_per_feeder() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    d.plan(0, &sig(500.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    let p = d.plan(1, &sig(10.0, 1), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(p.changes.len(), 200);
+    let batches: std::collections::BTreeSet<i64> = p.changes.iter().map(|c| c.not_before_ms).collect();
+    assert_eq!(batches.len(), 10, "100 per feeder in batches of 10");
+    assert_eq!(*batches.iter().max().unwrap(), 1 + 9 * 5_000);
+    assert_eq!(p.changes.iter().filter(|c| c.not_before_ms == 1).count(), 20);
+}
+
+#[test]
+fn a_stale_price_falls_back_to_the_safe_policy() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    let t = 21 * 60_000;
+    for i in 0..200 {
+        d.observe(DeviceIdx(i), t, 1.0, false);
+    }
+    let p = d.plan(t, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    assert!(levels(&d, 0..200).iter().all(|&l| l == 0));
+    assert!(p.sites[0].stale);
+    assert!(matches!(p.reasons[p.changes[0].reason as usize], Reason::StalePrice { policy: SafePolicy::Curtail, .. }));
+    let mut hold = Dispatcher::new(&f, DispatchConfig { safe_policy: SafePolicy::Hold, ..cfg() }, 0);
+    hold.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    for i in 0..200 {
+        hold.observe(DeviceIdx(i), t, 1.0, false);
+    }
+    let p = hold.plan(t, &sig(500.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    assert!(p.changes.is_empty() && p.skipped.is_empty());
+    assert!(matches!(p.reasons[0], Reason::StalePrice { policy: SafePolicy::Hold, .. }));
+}
+
+#[test]
+fn measured_efficiency_reorders_the_merit_order() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    // One S21 XP runs 80 % worse than nameplate: its on-segment falls to 170.19 / 1.8 = 94.5.
+    d.observe(DeviceIdx(150), 0, 1.8, false);
+    d.plan(0, &sig(100.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(d.level(DeviceIdx(150)), 0);
+    assert_eq!(d.level(DeviceIdx(151)), 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// For any sequence of prices, caps, GPU budgets and commitments, the planned draw never
+    /// exceeds the site limit or a feeder limit, counting held devices and idle draw.
+    #[test]
+    fn plans_never_exceed_caps(
+        cap_mw in 0.1f64..1.0,
+        prices in proptest::collection::vec(-50.0f64..400.0, 1..12),
+        gpu_kw in 0.0f64..80.0,
+        reduce in proptest::option::of(0.0f64..0.5),
+        hp in 20.0f64..80.0,
+        maint in proptest::collection::vec(0u32..200, 0..20),
+    ) {
+        let f = fleet(&FLEET.replace("power_cap_mw = 2.0", &format!("power_cap_mw = {cap_mw}")));
+        let mut d = Dispatcher::new(&f, DispatchConfig { min_on_ms: 0, min_off_ms: 0, ..Default::default() }, 0);
+        for m in &maint {
+            d.set_maintenance(DeviceIdx(*m), true);
+        }
+        let commitments: Vec<Commitment> = reduce
+            .map(|mw| Commitment { site: SiteIdx(0), program: GridProgram::Ecrs, kind: ReduceKind::To { mw }, respond_by_ms: 0 })
+            .into_iter()
+            .collect();
+        for (t, price) in prices.iter().enumerate() {
+            let t = t as i64 * 1_000;
+            let p = d.plan(t, &sig(*price, t), hp, &[GpuBudget { planned_w: gpu_kw * 1e3 }], &commitments);
+            let limit = p.sites[0].limit_mw * 1e6;
+            let w = site_w(&d, &f);
+            // Held (maintenance) devices at full power may already exceed a limit on their own;
+            // everything the dispatcher controls must fit in what is left.
+            let mut held_devices = maint.clone();
+            held_devices.sort_unstable();
+            held_devices.dedup();
+            let held: f64 = held_devices.iter().map(|&m| d.power_w(DeviceIdx(m)).unwrap() - 25.0).sum();
+            let idle_all = 200.0 * 25.0;
+            if held + idle_all + gpu_kw * 1e3 <= limit {
+                prop_assert!(w + gpu_kw * 1e3 <= limit + 1e-3, "site {} > {}", w + gpu_kw * 1e3, limit);
+            }
+            for (range, fl) in [(0u32..100, 400_000.0), (100..200, 400_000.0)] {
+                let fw: f64 = range.filter_map(|i| d.power_w(DeviceIdx(i))).sum();
+                prop_assert!(fw <= fl + 1e-3, "feeder {fw} > {fl}");
+            }
+            prop_assert!((p.sites[0].asic_mw - w / 1e6).abs() < 1e-9);
+        }
+    }
+}
