@@ -29,6 +29,7 @@ use hcp_model::{DeviceIdx, FeederIdx, ModelRef, SiteIdx};
 
 /// Limits on one plan.
 pub const MAX_LEVELS: usize = 16;
+const FORCED: u8 = 0x80;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchConfig {
@@ -83,7 +84,8 @@ pub enum Skip {
     StaleTelemetry,
     Maintenance,
     Faulted,
-    /// Inside its minimum on or off time.
+    /// Inside its minimum on or off time: a restart waits; an economic shutdown becomes the lowest
+    /// running level (a cap or commitment still switches it off).
     Cooldown,
 }
 
@@ -188,6 +190,8 @@ pub struct Plan {
     pub sites: Vec<SitePlan>,
     /// Devices skipped in this plan, by reason (counts).
     pub skipped: Vec<(Skip, u32)>,
+    /// Moves held back by minimum on/off times.
+    pub blocked: u32,
 }
 
 /// The signals of one site the fast path decides on.
@@ -236,6 +240,24 @@ struct Group {
     anchor_price: Option<f64>,
     /// Earliest time a member's skip can lapse or start by itself (cooldown end, staleness).
     next_check_ms: i64,
+    /// Members skipped, by reason (order of [`Skip`]), as of the last refresh.
+    skip_counts: [u32; 4],
+    /// Scratch: a pending new level per member (`u8::MAX` = none; bit 7 marks a forced move).
+    pending: Vec<u8>,
+    /// Exact draw of the free members when their levels are not the prefix (cooldowns held some).
+    irregular_w: Option<f64>,
+    /// Index of the feeder among its site's feeders.
+    local_feeder: usize,
+    /// Bumped whenever `prefix_w` changes (invalidates cached cap counts).
+    version: u64,
+}
+
+/// Cap counts of a site, kept while nothing they depend on changes.
+struct CapCache {
+    key: Vec<f64>,
+    caps: Vec<usize>,
+    hit: Vec<bool>,
+    bound: bool,
 }
 
 impl Group {
@@ -258,7 +280,11 @@ impl Group {
     }
 
     fn planned_w(&self) -> f64 {
-        let free = if self.cut == usize::MAX { 0.0 } else { self.prefix_w[self.cut] };
+        let free = match self.irregular_w {
+            Some(w) => w,
+            None if self.cut == usize::MAX => 0.0,
+            None => self.prefix_w[self.cut],
+        };
         self.idle_w + self.held_extra_w + free
     }
 }
@@ -267,8 +293,10 @@ impl Group {
 pub struct Dispatcher {
     pub cfg: DispatchConfig,
     groups: Vec<Group>,
-    /// ASIC groups of each site.
+    /// ASIC groups of each site, the feeders they sit on, and cached cap counts.
     site_groups: Vec<Vec<usize>>,
+    site_feeders: Vec<Vec<FeederIdx>>,
+    cap_cache: Vec<Option<CapCache>>,
     site_cap_w: Vec<f64>,
     feeder_limit_w: Vec<f64>,
     /// Per device (fleet index): level, group, efficiency factor, last on/off change, flags.
@@ -303,6 +331,8 @@ impl Dispatcher {
         let mut d = Dispatcher {
             groups: vec![],
             site_groups: vec![vec![]; fleet.sites.len()],
+            site_feeders: vec![vec![]; fleet.sites.len()],
+            cap_cache: (0..fleet.sites.len()).map(|_| None).collect(),
             site_cap_w: fleet.sites.iter().map(|s| s.power_cap_w).collect(),
             feeder_limit_w: fleet.feeders.iter().map(|f| f.limit_w).collect(),
             level: vec![0; n],
@@ -344,8 +374,24 @@ impl Dispatcher {
                 dirty: true,
                 anchor_price: None,
                 next_check_ms: i64::MIN,
+                skip_counts: [0; 4],
+                pending: vec![u8::MAX; g.devices.len()],
+                irregular_w: None,
+                local_feeder: 0,
+                version: 0,
             });
             d.resort(gi);
+        }
+        for gi in 0..d.groups.len() {
+            let (site, feeder) = (d.groups[gi].site.index(), d.groups[gi].feeder);
+            let list = &mut d.site_feeders[site];
+            d.groups[gi].local_feeder = match list.iter().position(|&f| f == feeder) {
+                Some(p) => p,
+                None => {
+                    list.push(feeder);
+                    list.len() - 1
+                }
+            };
         }
         d
     }
@@ -418,9 +464,14 @@ impl Dispatcher {
         } else if now_ms - self.seen_ms[i] > self.cfg.stale_telemetry_ms {
             Some(Skip::StaleTelemetry)
         } else {
-            let min = if self.level[i] == 0 { self.cfg.min_off_ms } else { self.cfg.min_on_ms };
-            (now_ms - self.changed_ms[i] < min).then_some(Skip::Cooldown)
+            None
         }
+    }
+
+    /// Inside the minimum on (or off) time since the device last switched.
+    fn cooling(&self, i: usize, now_ms: i64) -> bool {
+        let min = if self.level[i] == 0 { self.cfg.min_off_ms } else { self.cfg.min_on_ms };
+        now_ms - self.changed_ms[i] < min
     }
 
     /// Re-sorts a group's segments by value (after its members' efficiencies changed).
@@ -445,6 +496,7 @@ impl Dispatcher {
         g.prefix_w = vec![0.0; segs.len() + 1];
         g.dirty = true;
         g.cut = usize::MAX;
+        g.version += 1;
     }
 
     /// Recomputes a group's skips, prefix sums and held draw if anything could have changed.
@@ -456,26 +508,24 @@ impl Dispatcher {
         let mut changed = g.dirty;
         let mut freed = false;
         let mut next = i64::MAX;
+        let mut counts = [0u32; 4];
         for &dev in &g.devices {
             let i = dev as usize;
             let s = self.skip_of(i, now_ms);
             changed |= s != self.skip[i];
             freed |= s.is_none() && self.skip[i].is_some();
+            if let Some(x) = s {
+                counts[x as usize] += 1;
+            }
             self.skip[i] = s;
-            match s {
-                None => {
-                    next = next.min(self.seen_ms[i] + self.cfg.stale_telemetry_ms + 1);
-                }
-                Some(Skip::Cooldown) => {
-                    let min = if self.level[i] == 0 { self.cfg.min_off_ms } else { self.cfg.min_on_ms };
-                    next = next.min(self.changed_ms[i] + min);
-                }
-                Some(_) => {}
+            if s.is_none() {
+                next = next.min(self.seen_ms[i] + self.cfg.stale_telemetry_ms + 1);
             }
         }
         let g = &mut self.groups[gi];
         g.next_check_ms = next;
         g.dirty = false;
+        g.skip_counts = counts;
         if !changed {
             return;
         }
@@ -492,6 +542,7 @@ impl Dispatcher {
             g.prefix_w[j + 1] = acc;
         }
         g.held_extra_w = held;
+        g.version += 1;
         // A member that was held may sit at a level the cut does not imply: recount.
         if freed {
             g.cut = usize::MAX;
@@ -525,17 +576,15 @@ impl Dispatcher {
     ) -> Plan {
         let mut plan =
             Plan { at_ms: now_ms, sites: vec![SitePlan::default(); self.site_cap_w.len()], ..Default::default() };
-        let mut skipped: std::collections::BTreeMap<Skip, u32> = Default::default();
+        let mut skipped = [0u32; 4];
         let mut restarts = vec![0u32; self.feeder_limit_w.len()];
         for &site in which {
             let s = site.index();
             for k in 0..self.site_groups[s].len() {
                 let gi = self.site_groups[s][k];
                 self.refresh(gi, now_ms);
-                for &dev in &self.groups[gi].devices {
-                    if let Some(x) = self.skip[dev as usize] {
-                        *skipped.entry(x).or_default() += 1;
-                    }
+                for (a, b) in skipped.iter_mut().zip(self.groups[gi].skip_counts) {
+                    *a += b;
                 }
             }
             self.plan_site(
@@ -549,9 +598,25 @@ impl Dispatcher {
                 &mut plan,
             );
         }
-        plan.skipped = skipped.into_iter().collect();
-        // Shutdowns before restarts, so that no instant draws more than either plan.
-        plan.changes.sort_by_key(|c| (c.not_before_ms, c.to_level > c.from_level, c.device));
+        skipped[Skip::Cooldown as usize] += plan.blocked;
+        plan.skipped = [Skip::StaleTelemetry, Skip::Maintenance, Skip::Faulted, Skip::Cooldown]
+            .into_iter()
+            .zip(skipped)
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        // Reductions before increases, so that no instant draws more than either plan; increases
+        // keep their staggered `not_before_ms`.
+        let mut ups = std::mem::take(&mut plan.changes);
+        let mut downs = Vec::with_capacity(ups.len());
+        ups.retain(|c| {
+            let up = c.to_level > c.from_level;
+            if !up {
+                downs.push(*c);
+            }
+            up
+        });
+        downs.append(&mut ups);
+        plan.changes = downs;
         plan
     }
 
@@ -601,88 +666,37 @@ impl Dispatcher {
         if !(stale && self.cfg.safe_policy == SafePolicy::Hold) {
             // Budgets after the GPUs, every member's idle draw and the held members.
             let mut budget = limit - gpu.planned_w;
-            let mut feeder_budget: std::collections::BTreeMap<u32, f64> = Default::default();
+            let mut feeder_budget: Vec<f64> =
+                self.site_feeders[s].iter().map(|f| self.feeder_limit_w[f.index()]).collect();
             for &gi in &gs {
                 let g = &self.groups[gi];
                 let fixed = g.idle_w + g.held_extra_w;
                 budget -= fixed;
-                *feeder_budget.entry(g.feeder.0).or_insert(self.feeder_limit_w[g.feeder.index()]) -= fixed;
+                feeder_budget[g.local_feeder] -= fixed;
             }
             let budget = budget.max(0.0);
             let scale: Vec<f64> = gs.iter().map(|&gi| self.groups[gi].scale(hashprice, sig.ambient_c)).collect();
-            // Site load when every segment worth more than `v` runs, each feeder filled in group order.
-            let fit = |v: f64, out: &mut Vec<usize>, hit: &mut Vec<bool>| -> f64 {
-                out.clear();
-                hit.clear();
-                let mut used: std::collections::BTreeMap<u32, f64> = Default::default();
-                let mut total = 0.0;
-                for (k, &gi) in gs.iter().enumerate() {
-                    let g = &self.groups[gi];
-                    let u = used.entry(g.feeder.0).or_default();
-                    let room = (feeder_budget[&g.feeder.0] - *u).max(0.0);
-                    let want = g.count_above(v, scale[k]);
-                    let fits = g.count_fitting(room);
-                    hit.push(fits < want);
-                    let n = want.min(fits);
-                    *u += g.prefix_w[n];
-                    total += g.prefix_w[n];
-                    out.push(n);
+            let mut key = Vec::with_capacity(1 + feeder_budget.len() + 2 * gs.len());
+            key.push(budget);
+            key.extend_from_slice(&feeder_budget);
+            key.extend_from_slice(&scale);
+            key.extend(gs.iter().map(|&gi| self.groups[gi].version as f64));
+            let (caps, hit, bound) = match &self.cap_cache[s] {
+                Some(c) if c.key == key => (c.caps.clone(), c.hit.clone(), c.bound),
+                _ => {
+                    let (caps, hit, bound) = self.cap_counts(&gs, budget, &feeder_budget, &scale);
+                    self.cap_cache[s] = Some(CapCache { key, caps: caps.clone(), hit: hit.clone(), bound });
+                    (caps, hit, bound)
                 }
-                total
             };
-            // The counts the caps allow, independent of price (so hysteresis can hold a group
-            // inside its band): all segments if they fit, else raise the value threshold.
-            let (mut caps, mut hit) = (Vec::with_capacity(gs.len()), Vec::with_capacity(gs.len()));
             let mut cap_reason = site_reason;
-            if fit(f64::NEG_INFINITY, &mut caps, &mut hit) > budget + 1e-6 {
-                let (mut lo, mut hi) = (-1.0f64, 1.0f64);
-                while fit(hi, &mut caps, &mut hit) > budget + 1e-6 && hi < 1e12 {
-                    hi *= 2.0;
-                }
-                while fit(lo, &mut caps, &mut hit) <= budget + 1e-6 && lo > -1e12 {
-                    lo *= 2.0;
-                }
-                for _ in 0..64 {
-                    let mid = 0.5 * (lo + hi);
-                    if fit(mid, &mut caps, &mut hit) > budget + 1e-6 {
-                        lo = mid;
-                    } else {
-                        hi = mid;
-                    }
-                }
-                // Segments of equal value (identical devices) straddle the threshold: hand what is
-                // left of the budget to the groups between `hi` and `lo`, most valuable first.
-                let mut more = Vec::with_capacity(gs.len());
-                fit(lo, &mut more, &mut hit);
-                let mut left = budget - fit(hi, &mut caps, &mut hit);
-                let mut order: Vec<usize> = (0..gs.len()).filter(|&k| more[k] > caps[k]).collect();
-                order.sort_by(|&a, &b| {
-                    let va = self.groups[gs[a]].seg_value[caps[a]] * scale[a];
-                    let vb = self.groups[gs[b]].seg_value[caps[b]] * scale[b];
-                    vb.total_cmp(&va).then(a.cmp(&b))
+            if bound && cap_reason.is_none() {
+                plan.reasons.push(Reason::SiteCap {
+                    site,
+                    cap_mw: self.site_cap_w[s] / 1e6,
+                    budget_for_asics_mw: budget / 1e6,
                 });
-                let mut feeder_used: std::collections::BTreeMap<u32, f64> = Default::default();
-                for (k, &gi) in gs.iter().enumerate() {
-                    *feeder_used.entry(self.groups[gi].feeder.0).or_default() += self.groups[gi].prefix_w[caps[k]];
-                }
-                for k in order {
-                    let g = &self.groups[gs[k]];
-                    let used = feeder_used.entry(g.feeder.0).or_default();
-                    let room = left.min(feeder_budget[&g.feeder.0] - *used).max(0.0);
-                    let n = g.count_fitting(g.prefix_w[caps[k]] + room).min(more[k]).max(caps[k]);
-                    let add = g.prefix_w[n] - g.prefix_w[caps[k]];
-                    left -= add;
-                    *used += add;
-                    caps[k] = n;
-                }
-                if cap_reason.is_none() {
-                    plan.reasons.push(Reason::SiteCap {
-                        site,
-                        cap_mw: self.site_cap_w[s] / 1e6,
-                        budget_for_asics_mw: budget / 1e6,
-                    });
-                    cap_reason = Some(plan.reasons.len() as u32 - 1);
-                }
+                cap_reason = Some(plan.reasons.len() as u32 - 1);
             }
             let h = self.cfg.hysteresis_usd_per_mwh;
             for (k, &gi) in gs.iter().enumerate() {
@@ -707,10 +721,92 @@ impl Dispatcher {
                         forced = Some(plan.reasons.len() as u32 - 1);
                     }
                 }
-                self.apply_cut(gi, n, now_ms, price, scale[k], forced, restarts, plan);
+                // The safe policy's shutdowns are forced like a cap's: no minimum on time holds them.
+                let cap_cut = if stale { 0 } else { caps[k] };
+                self.apply_cut(gi, n, cap_cut, now_ms, price, scale[k], forced, restarts, plan);
             }
         }
         plan.sites[s].asic_mw = gs.iter().map(|&gi| self.groups[gi].planned_w()).sum::<f64>() / 1e6;
+    }
+
+    /// The counts the caps allow, independent of price (so that hysteresis can hold a group inside
+    /// its band): every segment if all fit, else the most valuable ones up to the site budget, each
+    /// feeder filled within its own budget. Returns the counts, whether each group's feeder bound
+    /// it, and whether the site budget bound.
+    fn cap_counts(
+        &self,
+        gs: &[usize],
+        budget: f64,
+        feeder_budget: &[f64],
+        scale: &[f64],
+    ) -> (Vec<usize>, Vec<bool>, bool) {
+        let mut used = vec![0.0; feeder_budget.len()];
+        // Site load when every segment worth more than `v` runs, each feeder filled in group order.
+        let mut fit = |v: f64, out: &mut Vec<usize>, hit: &mut Vec<bool>| -> f64 {
+            out.clear();
+            hit.clear();
+            used.iter_mut().for_each(|u| *u = 0.0);
+            let mut total = 0.0;
+            for (k, &gi) in gs.iter().enumerate() {
+                let g = &self.groups[gi];
+                let room = (feeder_budget[g.local_feeder] - used[g.local_feeder]).max(0.0);
+                let want = g.count_above(v, scale[k]);
+                let fits = g.count_fitting(room);
+                hit.push(fits < want);
+                let n = want.min(fits);
+                used[g.local_feeder] += g.prefix_w[n];
+                total += g.prefix_w[n];
+                out.push(n);
+            }
+            total
+        };
+        let (mut caps, mut hit) = (Vec::with_capacity(gs.len()), Vec::with_capacity(gs.len()));
+        if fit(f64::NEG_INFINITY, &mut caps, &mut hit) <= budget + 1e-6 {
+            return (caps, hit, false);
+        }
+        // Raise the value threshold until the site fits: the least valuable segments go first.
+        let (mut lo, mut hi) = (-1.0f64, 1.0f64);
+        while fit(hi, &mut caps, &mut hit) > budget + 1e-6 && hi < 1e12 {
+            hi *= 2.0;
+        }
+        while fit(lo, &mut caps, &mut hit) <= budget + 1e-6 && lo > -1e12 {
+            lo *= 2.0;
+        }
+        while hi - lo > 1e-7 * hi.abs().max(1.0) {
+            let mid = 0.5 * (lo + hi);
+            if fit(mid, &mut caps, &mut hit) > budget + 1e-6 {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        // Segments of equal value (identical devices) straddle the threshold: hand what is left
+        // of the budget to the groups between `hi` and `lo`, most valuable first.
+        let mut more = Vec::with_capacity(gs.len());
+        let mut more_hit = Vec::with_capacity(gs.len());
+        fit(lo, &mut more, &mut more_hit);
+        let mut left = budget - fit(hi, &mut caps, &mut hit);
+        let mut order: Vec<usize> = (0..gs.len()).filter(|&k| more[k] > caps[k]).collect();
+        order.sort_by(|&a, &b| {
+            let va = self.groups[gs[a]].seg_value[caps[a]] * scale[a];
+            let vb = self.groups[gs[b]].seg_value[caps[b]] * scale[b];
+            vb.total_cmp(&va).then(a.cmp(&b))
+        });
+        let mut feeder_used = vec![0.0; feeder_budget.len()];
+        for (k, &gi) in gs.iter().enumerate() {
+            feeder_used[self.groups[gi].local_feeder] += self.groups[gi].prefix_w[caps[k]];
+        }
+        for k in order {
+            let g = &self.groups[gs[k]];
+            let used = &mut feeder_used[g.local_feeder];
+            let room = left.min(feeder_budget[g.local_feeder] - *used).max(0.0);
+            let n = g.count_fitting(g.prefix_w[caps[k]] + room).min(more[k]).max(caps[k]);
+            let add = g.prefix_w[n] - g.prefix_w[caps[k]];
+            left -= add;
+            *used += add;
+            caps[k] = n;
+        }
+        (caps, hit, true)
     }
 
     /// Moves group `gi` to `n` segments and records the device changes. `forced` is the reason
@@ -720,6 +816,7 @@ impl Dispatcher {
         &mut self,
         gi: usize,
         n: usize,
+        cap_cut: usize,
         now_ms: i64,
         price: f64,
         scale: f64,
@@ -729,48 +826,96 @@ impl Dispatcher {
     ) {
         let g = &self.groups[gi];
         let old = g.cut;
-        if old == n {
+        if old == n && g.irregular_w.is_none() {
             return;
         }
         // New level of each free member whose segments cross the cut. A member's segments appear
         // in level order, so moving the cut up raises it to its highest segment now inside, and
         // moving it down lowers it to just below its lowest segment now outside. An unknown cut
         // recounts every free member.
-        let mut new_level: Vec<(u32, u8)> = Vec::new();
+        let mut pending = std::mem::take(&mut self.groups[gi].pending);
+        let g = &self.groups[gi];
+        let mut touched: Vec<u32> = Vec::new();
         let free = |m: u32| self.skip[g.devices[m as usize] as usize].is_none();
         if old == usize::MAX {
-            let mut lvl = vec![0u8; g.devices.len()];
             for j in 0..n {
                 let m = g.seg_member[j] as usize;
-                lvl[m] = lvl[m].max(g.seg_level[j]);
+                pending[m] = if pending[m] == u8::MAX { g.seg_level[j] } else { pending[m].max(g.seg_level[j]) };
             }
-            new_level.extend((0..g.devices.len() as u32).filter(|&m| free(m)).map(|m| (m, lvl[m as usize])));
+            // Level each member may keep under the caps: a move below it is forced.
+            let mut at_cap = vec![0u8; g.devices.len()];
+            for j in 0..cap_cut.min(g.seg_member.len()) {
+                let m = g.seg_member[j] as usize;
+                at_cap[m] = at_cap[m].max(g.seg_level[j]);
+            }
+            for m in 0..g.devices.len() as u32 {
+                let mu = m as usize;
+                if free(m) {
+                    if pending[mu] == u8::MAX {
+                        pending[mu] = 0;
+                    }
+                    if self.level[g.devices[mu] as usize] > at_cap[mu] {
+                        pending[mu] |= FORCED;
+                    }
+                    touched.push(m);
+                } else {
+                    pending[mu] = u8::MAX;
+                }
+            }
         } else if n > old {
             for j in old..n {
                 let m = g.seg_member[j];
                 if free(m) {
-                    new_level.push((m, g.seg_level[j]));
+                    let p = &mut pending[m as usize];
+                    if *p == u8::MAX {
+                        touched.push(m);
+                        *p = g.seg_level[j];
+                    } else {
+                        *p = (*p).max(g.seg_level[j]);
+                    }
                 }
             }
         } else {
             for j in n..old {
                 let m = g.seg_member[j];
                 if free(m) {
-                    new_level.push((m, g.seg_level[j] - 1));
+                    let p = &mut pending[m as usize];
+                    let forced = if j >= cap_cut { FORCED } else { 0 };
+                    if *p == u8::MAX {
+                        touched.push(m);
+                        *p = (g.seg_level[j] - 1) | forced;
+                    } else {
+                        *p = ((*p & !FORCED).min(g.seg_level[j] - 1)) | (*p & FORCED) | forced;
+                    }
                 }
             }
         }
-        // One entry per member: the highest level reached going up, the lowest going down.
-        new_level.sort_unstable_by_key(|&(m, l)| (m, if n > old { u8::MAX - l } else { l }));
-        new_level.dedup_by_key(|e| e.0);
         let edge = |j: usize| g.seg_value.get(j).map_or(0.0, |v| v * scale);
         let (site, feeder, model) = (g.site, g.feeder, &g.model_id);
         let mut up_reason = None;
         let mut down_reason = forced;
-        for (m, to) in new_level {
+        plan.changes.reserve(touched.len());
+        let mut irregular = false;
+        let mut blocked = 0u32;
+        for m in touched {
+            let p = std::mem::replace(&mut pending[m as usize], u8::MAX);
+            let (mut to, forced_move) = (p & !FORCED, p & FORCED != 0);
             let dev = self.groups[gi].devices[m as usize];
             let i = dev as usize;
             let from = self.level[i];
+            // Minimum on/off times: a restart waits; an economic shutdown stops at the lowest
+            // running level. Moves the caps force are not held.
+            if self.cooling(i, now_ms) {
+                if from == 0 && to > 0 {
+                    to = 0;
+                } else if to == 0 && from > 0 && !forced_move {
+                    to = 1;
+                }
+                if to != p & !FORCED {
+                    irregular = true;
+                    blocked += 1;
+                }
+            }
             if from == to {
                 continue;
             }
@@ -816,9 +961,21 @@ impl Dispatcher {
                 not_before_ms,
             });
         }
+        plan.blocked += blocked;
         let g = &mut self.groups[gi];
+        g.pending = pending;
         g.cut = n;
-        // Devices that switched on or off start a cooldown: they become held on the next refresh.
-        g.dirty = true;
+        g.irregular_w = None;
+        if irregular {
+            // Some members sit off the prefix: account their exact draw and recount next time.
+            let w: f64 = g
+                .devices
+                .iter()
+                .filter(|&&d| self.skip[d as usize].is_none())
+                .map(|&d| g.level_w[self.level[d as usize] as usize] - g.level_w[0])
+                .sum();
+            g.irregular_w = Some(w);
+            g.cut = usize::MAX;
+        }
     }
 }

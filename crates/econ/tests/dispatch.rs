@@ -191,6 +191,34 @@ fn cooldown_and_skips_hold_devices_with_reasons() {
 }
 
 #[test]
+fn minimum_on_time_underclocks_instead_of_stopping_unless_a_cap_forces_it() {
+    let f = fleet(FLEET);
+    let c = DispatchConfig { hysteresis_usd_per_mwh: 0.0, min_on_ms: 300_000, min_off_ms: 0, ..Default::default() };
+    let mut d = Dispatcher::new(&f, c, 0);
+    d.plan(0, &sig(500.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    d.plan(1_000, &sig(10.0, 1_000), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(levels(&d, 0..2), vec![4, 4]);
+    // A spike a minute after the restart: economic shutdowns stop at the lowest running level.
+    let p = d.plan(60_000, &sig(500.0, 60_000), 50.0, &[GpuBudget::default()], &[]);
+    assert!(levels(&d, 0..200).iter().all(|&l| l == 1));
+    assert_eq!(p.blocked, 200);
+    assert!(p.skipped.contains(&(Skip::Cooldown, 200)));
+    assert!((p.sites[0].asic_mw - site_w(&d, &f) / 1e6).abs() < 1e-9);
+    // An ERS deployment forces the reduction despite the minimum on time.
+    let ers = Commitment {
+        site: SiteIdx(0),
+        program: GridProgram::Ers10,
+        kind: ReduceKind::To { mw: 0.1 },
+        respond_by_ms: 660_000,
+    };
+    for i in 0..200 {
+        d.observe(DeviceIdx(i), 61_000, 1.0, false);
+    }
+    d.plan(61_000, &sig(500.0, 61_000), 50.0, &[GpuBudget::default()], &[ers]);
+    assert!(site_w(&d, &f) <= 100_000.0 + 1e-6, "{}", site_w(&d, &f));
+}
+
+#[test]
 fn restarts_are_staggered_per_feeder() {
     let f = fleet(FLEET);
     let mut d = Dispatcher::new(&f, cfg(), 0);
@@ -252,7 +280,8 @@ proptest! {
         maint in proptest::collection::vec(0u32..200, 0..20),
     ) {
         let f = fleet(&FLEET.replace("power_cap_mw = 2.0", &format!("power_cap_mw = {cap_mw}")));
-        let mut d = Dispatcher::new(&f, DispatchConfig { min_on_ms: 0, min_off_ms: 0, ..Default::default() }, 0);
+        // Minimum on/off times of 2 s against 1 s between plans: cooldowns hold devices often.
+        let mut d = Dispatcher::new(&f, DispatchConfig { min_on_ms: 2_000, min_off_ms: 2_000, ..Default::default() }, 0);
         for m in &maint {
             d.set_maintenance(DeviceIdx(*m), true);
         }
@@ -262,6 +291,9 @@ proptest! {
             .collect();
         for (t, price) in prices.iter().enumerate() {
             let t = t as i64 * 1_000;
+            for i in 0..200 {
+                d.observe(DeviceIdx(i), t, 1.0, false);
+            }
             let p = d.plan(t, &sig(*price, t), hp, &[GpuBudget { planned_w: gpu_kw * 1e3 }], &commitments);
             let limit = p.sites[0].limit_mw * 1e6;
             let w = site_w(&d, &f);

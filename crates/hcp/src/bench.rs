@@ -96,3 +96,107 @@ pub fn sim(json: bool, fleet: Option<&Path>, device_hours: f64, cohort_days: u32
     }
     Ok(ExitCode::SUCCESS)
 }
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `hcp bench dispatch`: fast-path latency on the reference fleet, from a new price to the
+/// complete list of changed targets; whole fleet and one site.
+pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitCode> {
+    use hcp_econ::dispatch::{DispatchConfig, Dispatcher, GpuBudget, SiteSignal};
+    use hcp_model::DeviceIdx;
+    use hcp_sim::grid::{self, GridParams, GridRun};
+    if !(10..=100_000).contains(&events) {
+        anyhow::bail!("--events: must be between 10 and 100000");
+    }
+    let fleet = load_fleet(fleet, REFERENCE_FLEET)?;
+    let n_sites = fleet.sites.len();
+    // Prices: a simulated ERCOT-like series (spikes included), one event per 5 minutes.
+    let from = SimTime::parse("2024-07-01").expect("valid");
+    let params = GridParams::default();
+    let points = ["HB_SOUTH".to_string()];
+    let days = (events as i64 * 5 * 60_000 / MS_PER_DAY + 2).max(2);
+    let series = grid::five_minute(
+        &grid::simulate(&GridRun {
+            params: &params,
+            from,
+            to: from.plus_ms(days * MS_PER_DAY),
+            seed: 7,
+            settlement_points: &points,
+        })[0],
+        7,
+    );
+    let prices: Vec<f64> = series.rt_prices();
+    let cfg = DispatchConfig::default();
+    let gpus: Vec<GpuBudget> = fleet
+        .sites
+        .iter()
+        .map(|s| {
+            let n = fleet
+                .devices
+                .iter()
+                .filter(|d| d.site == s.idx && matches!(d.model, hcp_model::ModelRef::Gpu(_)))
+                .count();
+            GpuBudget { planned_w: n as f64 * 1_275.0 }
+        })
+        .collect();
+    let t_build = Instant::now();
+    let mut d = Dispatcher::new(&fleet, cfg, 0);
+    let build_s = t_build.elapsed().as_secs_f64();
+    let asics: Vec<DeviceIdx> =
+        (0..fleet.devices.len() as u32).map(DeviceIdx).filter(|&i| d.power_w(i).is_some()).collect();
+    let hashprice = 45.0;
+    let mut full = Vec::with_capacity(events);
+    let mut single = Vec::with_capacity(events);
+    let mut changes = Vec::with_capacity(events);
+    let step = 5 * 60_000;
+    for e in 0..events {
+        let now = e as i64 * step;
+        // Telemetry keeps every device fresh (not timed).
+        for &i in &asics {
+            d.observe(i, now, 1.0, false);
+        }
+        // Every other event spikes, so that a large part of the fleet switches.
+        let p = if e % 2 == 1 { prices[e % prices.len()] + 400.0 } else { prices[e % prices.len()] };
+        let signals = vec![SiteSignal { price_usd_per_mwh: p, price_at_ms: now, ambient_c: 25.0 }; n_sites];
+        let t = Instant::now();
+        let plan = d.plan(now, &signals, hashprice, &gpus, &[]);
+        full.push(t.elapsed().as_secs_f64() * 1e3);
+        changes.push(plan.changes.len() as f64);
+        // One site's price moves a little a second later.
+        let mut one = signals.clone();
+        one[0].price_usd_per_mwh += 3.0;
+        one[0].price_at_ms = now + 1_000;
+        let t = Instant::now();
+        let plan = d.plan_sites(now + 1_000, &[hcp_model::SiteIdx(0)], &one, hashprice, &gpus, &[]);
+        single.push(t.elapsed().as_secs_f64() * 1e6);
+        std::hint::black_box(plan);
+    }
+    let mut f = full.clone();
+    f.sort_by(f64::total_cmp);
+    let mut s1 = single.clone();
+    s1.sort_by(f64::total_cmp);
+    let mut c = changes.clone();
+    c.sort_by(f64::total_cmp);
+    let obj = serde_json::json!({
+        "fleet": fleet.name,
+        "asics": asics.len(),
+        "sites": n_sites,
+        "groups": d.group_count(),
+        "events": events,
+        "build_s": build_s,
+        "full_fleet_plan_ms": { "p50": percentile(&f, 0.5), "p99": percentile(&f, 0.99), "max": f.last(), "target_p99": 5.0 },
+        "changed_targets_per_event": { "p50": percentile(&c, 0.5), "max": c.last() },
+        "single_site_plan_us": { "p50": percentile(&s1, 0.5), "p99": percentile(&s1, 0.99), "max": s1.last(), "target": 50.0 },
+    });
+    if json {
+        println!("{obj}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -74,6 +74,18 @@ enum BenchWhat {
         #[arg(long, default_value_t = 365)]
         cohort_days: u32,
     },
+    /// Fast-path dispatcher latency: whole reference fleet and one site, per price event.
+    Dispatch {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fleet file (default: the built-in reference fleet).
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        /// Price events to time.
+        #[arg(long, default_value_t = 400)]
+        events: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -135,6 +147,9 @@ pub fn main() -> ExitCode {
         Command::Sim(a) => sim(&a),
         Command::Bench { what: BenchWhat::Sim { json, fleet, device_hours, cohort_days } } => {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
+        }
+        Command::Bench { what: BenchWhat::Dispatch { json, fleet, events } } => {
+            crate::bench::dispatch(json, fleet.as_deref(), events)
         }
     };
     match result {
