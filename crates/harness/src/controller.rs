@@ -98,8 +98,7 @@ impl Controller for Baseline {
                 if self.mode == BaselineMode::Breakeven && price > breakeven {
                     k = 0;
                 }
-                out[i] =
-                    Some(GroupTarget::Asic(AsicTarget { hashing: k, power_w: m.max_power_w, idle: IdleMode::Sleep }));
+                out[i] = Some(GroupTarget::Asic(AsicTarget::uniform(k, m.max_power_w, IdleMode::Sleep)));
             } else if let ModelRef::Gpu(gm) = g.model {
                 let cap_w = fleet.catalogue.gpu(gm).max_power_w;
                 out[i] = Some(GroupTarget::Gpu(GpuTarget { serving: k, cap_w, idle_off: false }));

@@ -132,11 +132,11 @@ impl Controller for Reckless {
         ctx.groups
             .iter()
             .map(|g| match g.model {
-                ModelRef::Asic(a) => GroupTarget::Asic(AsicTarget {
-                    hashing: g.count(),
-                    power_w: ctx.fleet.catalogue.asic(a).max_power_w,
-                    idle: IdleMode::Sleep,
-                }),
+                ModelRef::Asic(a) => GroupTarget::Asic(AsicTarget::uniform(
+                    g.count(),
+                    ctx.fleet.catalogue.asic(a).max_power_w,
+                    IdleMode::Sleep,
+                )),
                 ModelRef::Gpu(_) => GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w: 700.0, idle_off: false }),
             })
             .collect()

@@ -56,12 +56,28 @@ pub fn hashrate_ths(m: &AsicModel, power_w: f64, ambient_c: f64) -> f64 {
     m.hashrate_ths * (power_w / m.power_w).powf(m.curve_exponent) / heat_factor(m, ambient_c)
 }
 
-/// What the dispatcher asks of a group: how many devices hash, at what power, and what the others do.
+/// What the dispatcher asks of a group: how many devices hash, at what power, and what the others
+/// do. Of the `hashing` devices, the last `low` run at `low_power_w` (a merit-order cut leaves
+/// identical devices at two adjacent levels).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AsicTarget {
     pub hashing: u32,
     pub power_w: f64,
+    pub low: u32,
+    pub low_power_w: f64,
     pub idle: IdleMode,
+}
+
+impl AsicTarget {
+    /// All hashing devices at one power.
+    pub fn uniform(hashing: u32, power_w: f64, idle: IdleMode) -> Self {
+        AsicTarget { hashing, power_w, low: 0, low_power_w: power_w, idle }
+    }
+
+    /// Devices at the high power.
+    pub fn high(&self) -> u32 {
+        self.hashing - self.low.min(self.hashing)
+    }
 }
 
 /// What a device not asked to hash does.
@@ -193,8 +209,10 @@ impl AsicDevices {
         let m = &self.model;
         let hot = ambient_c >= m.shutdown_c;
         let cooled = ambient_c < m.shutdown_c - THERMAL_HYSTERESIS_C;
-        let p_eff = effective_power_w(m, target.power_w, ambient_c);
-        let h_full = hashrate_ths(m, p_eff, ambient_c);
+        let p_hi = effective_power_w(m, target.power_w, ambient_c);
+        let p_lo = effective_power_w(m, target.low_power_w, ambient_c);
+        let (h_hi, h_lo) = (hashrate_ths(m, p_hi, ambient_c), hashrate_ths(m, p_lo, ambient_c));
+        let high = target.high();
         let boards = f64::from(m.hash_boards);
         let idle_state = match target.idle {
             IdleMode::Sleep => Sleeping,
@@ -217,6 +235,7 @@ impl AsicDevices {
             }
             let available = !matches!(st, FanFault | Thermal);
             let want = available && seen < target.hashing;
+            let (p_eff, h_full) = if seen < high { (p_hi, h_hi) } else { (p_lo, h_lo) };
             seen += u32::from(available);
             if want {
                 match st {
@@ -384,14 +403,19 @@ impl AsicCohort {
             let max_lost = self.n * f64::from(m.hash_boards - 1);
             self.boards_lost = (self.boards_lost + boards).min(max_lost);
         }
-        // Power over the step, time-weighted through transitions that complete inside it.
-        let p_eff = effective_power_w(m, target.power_w, ambient_c);
+        // Power over the step, time-weighted through transitions that complete inside it. Hashing
+        // devices split between the two powers as the target does.
+        let f_hi = if target.hashing > 0 { f64::from(target.high()) / f64::from(target.hashing) } else { 1.0 };
+        let p_hi = effective_power_w(m, target.power_w, ambient_c);
+        let p_lo = effective_power_w(m, target.low_power_w, ambient_c);
+        let p_eff = f_hi * p_hi + (1.0 - f_hi) * p_lo;
+        let h_per = f_hi * hashrate_ths(m, p_hi, ambient_c) + (1.0 - f_hi) * hashrate_ths(m, p_lo, ambient_c);
         let ok = 1.0 - self.boards_lost / (self.n * f64::from(m.hash_boards));
         let d = self.pipeline.drain_step(now_ms, dt_ms);
         let hashing_dev_time = self.hashing + d.running_after;
         let transition_dev_time = d.in_transition;
         self.hashing += d.completed;
-        let h = hashrate_ths(m, p_eff, ambient_c) * ok * hashing_dev_time;
+        let h = h_per * ok * hashing_dev_time;
         AsicStep {
             hashing_w: p_eff * ok * hashing_dev_time,
             transition_w: m.boot_power_w * transition_dev_time,
@@ -446,7 +470,7 @@ mod tests {
     }
 
     fn target(k: u32) -> AsicTarget {
-        AsicTarget { hashing: k, power_w: 3500.0, idle: IdleMode::Sleep }
+        AsicTarget::uniform(k, 3500.0, IdleMode::Sleep)
     }
 
     #[test]
@@ -458,7 +482,7 @@ mod tests {
             asic_fan_failures_per_day: 0.0,
             ..Default::default()
         };
-        let off = AsicTarget { hashing: 0, power_w: 3500.0, idle: IdleMode::Off };
+        let off = AsicTarget::uniform(0, 3500.0, IdleMode::Off);
         let mut g = AsicDevices::new(m.clone(), &rel, 4, off, rng::stream(1, "a", 0));
         let mut t = 0;
         let mut first_hash = None;

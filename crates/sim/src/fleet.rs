@@ -201,7 +201,9 @@ mod tests {
             .map(|g| match g.model {
                 ModelRef::Asic(a) => GroupTarget::Asic(AsicTarget {
                     hashing: g.count() / 2,
-                    power_w: fleet.catalogue.asic(a).min_power_w,
+                    power_w: fleet.catalogue.asic(a).max_power_w,
+                    low: g.count() / 4,
+                    low_power_w: fleet.catalogue.asic(a).min_power_w,
                     idle: IdleMode::Sleep,
                 }),
                 ModelRef::Gpu(_) => GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w: 300.0, idle_off: false }),
