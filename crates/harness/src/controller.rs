@@ -24,10 +24,26 @@ pub struct DecisionContext<'a> {
     pub deployments: &'a [Vec<Deployment>],
     pub market: &'a MarketSignal,
     pub energy_adder_usd_per_mwh: f64,
+    /// Day-ahead prices by site for the interval starting `now` and the following ones, as many as
+    /// [`Controller::horizon_intervals`] asks (day-ahead prices are published the day before).
+    pub day_ahead: &'a [Vec<f64>],
+    /// 4CP alerts (a forecast) by site over the same horizon.
+    pub four_cp_ahead: &'a [Vec<bool>],
+    /// The interval's actual grid signal by site, given only to a controller whose
+    /// [`Controller::foresight`] is true (the perfect-foresight bound).
+    pub actual: Option<&'a [GridSignal]>,
 }
 
 pub trait Controller {
     fn name(&self) -> &str;
+    /// Intervals of day-ahead prices and 4CP alerts the controller wants ahead of `now`.
+    fn horizon_intervals(&self) -> usize {
+        0
+    }
+    /// True only for the perfect-foresight bound, which sees the interval's actual prices.
+    fn foresight(&self) -> bool {
+        false
+    }
     /// One target per group, in `ctx.groups` order. The harness checks the result against site
     /// caps and feeder limits every step.
     fn decide(&mut self, ctx: &DecisionContext) -> Vec<GroupTarget>;

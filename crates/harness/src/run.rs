@@ -117,6 +117,8 @@ pub struct SiteRow {
     pub gpu_xid_events: f64,
     pub energy_mwh: f64,
     pub mining_revenue: MicroUsd,
+    /// GPU-hours served x the market's GPU rental price (what the capacity earns at market rates).
+    pub inference_revenue: MicroUsd,
     pub energy_cost: MicroUsd,
 }
 
@@ -125,7 +127,7 @@ impl SiteRow {
         self.asic_hashing_mw + self.asic_transition_mw + self.asic_idle_mw + self.gpu_serving_mw + self.gpu_idle_mw
     }
     pub fn margin(&self) -> MicroUsd {
-        self.mining_revenue - self.energy_cost
+        self.mining_revenue + self.inference_revenue - self.energy_cost
     }
 }
 
@@ -135,6 +137,7 @@ pub struct Totals {
     pub energy_mwh: f64,
     pub mining_energy_mwh: f64,
     pub mining_revenue: MicroUsd,
+    pub inference_revenue: MicroUsd,
     pub energy_cost: MicroUsd,
     pub hashrate_ph_s_hours: f64,
     /// Length of the period in hours (each interval counted once, however many sites).
@@ -159,6 +162,7 @@ impl Totals {
         self.energy_mwh += r.energy_mwh;
         self.mining_energy_mwh += (r.asic_hashing_mw + r.asic_transition_mw + r.asic_idle_mw) * hours;
         self.mining_revenue += r.mining_revenue;
+        self.inference_revenue += r.inference_revenue;
         self.energy_cost += r.energy_cost;
         self.hashrate_ph_s_hours += r.hashrate_ph_s * hours;
         self.site_hours += hours;
@@ -171,7 +175,7 @@ impl Totals {
         self.rows += 1;
     }
     pub fn margin(&self) -> MicroUsd {
-        self.mining_revenue - self.energy_cost
+        self.mining_revenue + self.inference_revenue - self.energy_cost
     }
     pub fn mean_mw(&self) -> f64 {
         if self.hours > 0.0 { self.energy_mwh / self.hours } else { 0.0 }
@@ -412,6 +416,10 @@ impl<'f> Harness<'f> {
     }
 }
 
+fn finite_or(x: f64, default: f64) -> f64 {
+    if x.is_finite() { x } else { default }
+}
+
 fn check_power(seed: u64, at: SimTime, what: &str, name: &str, power_w: f64, limit_w: f64) -> Result<(), Violation> {
     if power_w > limit_w * (1.0 + 1e-9) + 1e-6 {
         return Err(Violation {
@@ -429,6 +437,7 @@ struct Acc {
     asic_transition_j: f64,
     asic_idle_j: f64,
     gpu_serving_j: f64,
+    gpu_serving_s: f64,
     gpu_idle_j: f64,
     peak_w: f64,
     hash_th_s: f64,
@@ -498,6 +507,17 @@ impl Harness<'_> {
                 .iter()
                 .map(|d| d.iter().filter(|x| x.notice_at <= t0 && x.end_at > t0).copied().collect())
                 .collect();
+            let horizon = controller.horizon_intervals();
+            let (day_ahead, four_cp_ahead): (Vec<Vec<f64>>, Vec<Vec<bool>>) = self
+                .grid
+                .iter()
+                .map(|g| {
+                    (0..horizon as i64)
+                        .map(|k| g.at(t0.plus_ms(k * sc.interval_ms)))
+                        .map(|x| (x.da_price_usd_per_mwh, x.four_cp_alert))
+                        .unzip()
+                })
+                .unzip();
             let ctx = DecisionContext {
                 now: t0,
                 fleet,
@@ -507,6 +527,9 @@ impl Harness<'_> {
                 deployments: &announced,
                 market: &market,
                 energy_adder_usd_per_mwh: sc.energy_adder_usd_per_mwh,
+                day_ahead: &day_ahead,
+                four_cp_ahead: &four_cp_ahead,
+                actual: controller.foresight().then_some(&now_grid[..]),
             };
             let targets = controller.decide(&ctx);
             if targets.len() != self.groups.len() {
@@ -570,6 +593,7 @@ impl Harness<'_> {
                         }
                         GroupStep::Gpu(x) => {
                             a.gpu_serving_j += x.serving_w * step_s;
+                            a.gpu_serving_s += x.n_serving * step_s;
                             a.gpu_idle_j += x.idle_w * step_s;
                             a.requests += x.requests_served;
                             a.output_tokens += x.output_tokens;
@@ -647,6 +671,9 @@ impl Harness<'_> {
                     gpu_xid_events: a.xids,
                     energy_mwh,
                     mining_revenue: MicroUsd::from_usd_f64(a.revenue_usd),
+                    inference_revenue: MicroUsd::from_usd_f64(
+                        a.gpu_serving_s / 3_600.0 * finite_or(market.gpu_rental_usd_per_gpu_hour, 0.0),
+                    ),
                     energy_cost: MicroUsd::from_usd_f64(energy_mwh * (price + sc.energy_adder_usd_per_mwh)),
                 };
                 // Energy balances: the metered energy is the sum of the energy by state.
@@ -680,9 +707,11 @@ impl Harness<'_> {
             on_progress(i + 1, total_intervals);
         }
         // Ledger check: the fleet's money is exactly the sum of its sites'.
-        let sum_rev = site_totals.iter().fold(MicroUsd::ZERO, |a, t| a + t.mining_revenue);
-        let sum_cost = site_totals.iter().fold(MicroUsd::ZERO, |a, t| a + t.energy_cost);
-        if sum_rev != total.mining_revenue || sum_cost != total.energy_cost {
+        let sum = |f: fn(&Totals) -> MicroUsd| site_totals.iter().fold(MicroUsd::ZERO, |a, t| a + f(t));
+        if sum(|t| t.mining_revenue) != total.mining_revenue
+            || sum(|t| t.inference_revenue) != total.inference_revenue
+            || sum(|t| t.energy_cost) != total.energy_cost
+        {
             return Err(Violation { seed, at: sc.to, what: "site totals do not add up to the fleet total".into() });
         }
         Ok(Summary {

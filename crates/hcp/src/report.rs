@@ -8,7 +8,7 @@ use hcp_harness::{SiteRow, Summary, Totals};
 use hcp_model::fleet::Fleet;
 use hcp_model::units::MicroUsd;
 
-pub const COLUMNS: [&str; 28] = [
+pub const COLUMNS: [&str; 29] = [
     "interval_start",
     "site",
     "rt_price_usd_per_mwh",
@@ -35,6 +35,7 @@ pub const COLUMNS: [&str; 28] = [
     "output_tokens",
     "energy_mwh",
     "mining_revenue_usd",
+    "inference_revenue_usd",
     "energy_cost_usd",
     "margin_usd",
 ];
@@ -51,7 +52,7 @@ impl RowWriter {
 
     pub fn write(&mut self, r: &SiteRow) -> Result<()> {
         let f = |x: f64, d: usize| format!("{x:.d$}");
-        let rec: [String; 28] = [
+        let rec: [String; 29] = [
             r.at.to_string(),
             r.site.clone(),
             f(r.rt_price_usd_per_mwh, 2),
@@ -78,6 +79,7 @@ impl RowWriter {
             f(r.output_tokens, 0),
             f(r.energy_mwh, 6),
             r.mining_revenue.to_string(),
+            r.inference_revenue.to_string(),
             r.energy_cost.to_string(),
             r.margin().to_string(),
         ];
@@ -108,12 +110,13 @@ fn line(out: &mut String, name: &str, t: &Totals) {
         if t.mining_energy_mwh > 0.0 { t.mining_revenue.as_usd_f64() / t.mining_energy_mwh } else { 0.0 };
     let _ = writeln!(
         out,
-        "{name:<14} {:>11.1} {:>8.2} {:>8.2} {:>9.1} {:>13} {:>13} {:>13} {:>8.1} {:>9.1}",
+        "{name:<14} {:>11.1} {:>8.2} {:>8.2} {:>9.1} {:>13} {:>13} {:>13} {:>13} {:>8.1} {:>9.1}",
         t.energy_mwh,
         t.mean_mw(),
         t.peak_mw,
         t.mean_hashrate_ph_s(),
         usd(t.mining_revenue),
+        usd(t.inference_revenue),
         usd(t.energy_cost),
         usd(t.margin()),
         t.mean_price(),
@@ -143,13 +146,14 @@ pub fn summary(s: &Summary, fleet: &Fleet, wall_s: f64) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<14} {:>11} {:>8} {:>8} {:>9} {:>13} {:>13} {:>13} {:>8} {:>9}",
+        "{:<14} {:>11} {:>8} {:>8} {:>9} {:>13} {:>13} {:>13} {:>13} {:>8} {:>9}",
         "site",
         "energy MWh",
         "mean MW",
         "peak MW",
         "PH/s",
         "mining USD",
+        "inference USD",
         "energy USD",
         "margin USD",
         "USD/MWh",
