@@ -7,7 +7,9 @@
 //! Architecture invariant: pure and deterministic. No IO, no clock, no threads: the caller passes
 //! parsed inputs and receives rows through a callback.
 
+pub mod backtest;
 pub mod controller;
+pub mod policies;
 pub mod run;
 
 pub use controller::{Baseline, BaselineMode, Controller, DecisionContext};

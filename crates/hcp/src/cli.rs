@@ -49,6 +49,8 @@ enum Command {
     },
     /// Simulate a fleet over a period and write one CSV row per site and interval.
     Sim(SimArgs),
+    /// Run the dispatcher and the baselines over a recorded period and compare what they earn.
+    Backtest(crate::backtest_cmd::BacktestArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -145,6 +147,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up { fleet, seed, days } => up(fleet.as_deref(), seed, days),
         Command::Sim(a) => sim(&a),
+        Command::Backtest(a) => crate::backtest_cmd::run(&a),
         Command::Bench { what: BenchWhat::Sim { json, fleet, device_hours, cohort_days } } => {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }

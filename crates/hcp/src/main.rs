@@ -1,7 +1,9 @@
 //! `hcp`: the Hybrid Compute Platform's one binary. Reads files, parses arguments, wires the pure
 //! crates together and prints results. All decisions happen in the pure crates.
 
+mod backtest_cmd;
 mod bench;
+mod chart;
 mod cli;
 mod report;
 

@@ -1,0 +1,291 @@
+//! Controllers built on the economic dispatcher, and the strike-price baseline fleet tools use.
+//!
+//! - [`DispatchPolicy`] runs the fast-path [`Dispatcher`] every interval. Online, it decides
+//!   interval t from what is known then: the real-time price of t-1, the day-ahead prices, and
+//!   what it learnt from the intervals before. With foresight (the bound) it sees the
+//!   interval's actual price and has no hysteresis and no minimum on/off time. Online, the price
+//!   it plans on comes from [`PriceEstimator`].
+//! - [`StrikePolicy`]: on/off with dwell (economics.md section 6): curtail every ASIC of a site after
+//!   `curtail_after` intervals whose last known price is above the strike, resume after
+//!   `resume_after` intervals below; GPUs and caps as [`Baseline`].
+
+use hcp_econ::dispatch::{Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal};
+use hcp_model::fleet::Fleet;
+use hcp_model::{ModelRef, SimTime};
+use hcp_sim::asic::{AsicTarget, IdleMode};
+use hcp_sim::fleet::GroupTarget;
+use hcp_sim::gpu::GpuTarget;
+
+use crate::controller::{Baseline, BaselineMode, Controller, DecisionContext};
+
+/// Online estimate of the coming interval's real-time price at one site: three simple
+/// predictors (persistence, persistence plus the day-ahead change, and the day-ahead price plus a
+/// fitted share of the last deviation), each scored on the intervals already seen by its absolute
+/// error (clipped, so that one spike does not decide); the best so far makes the estimate.
+#[derive(Clone, Debug, Default)]
+pub struct PriceEstimator {
+    prev: Option<(f64, f64)>,
+    pending: Option<[f64; 3]>,
+    error: [f64; 3],
+    sxy: f64,
+    sxx: f64,
+    n: u32,
+}
+
+impl PriceEstimator {
+    /// Intervals of history before the fitted coefficient replaces pure persistence.
+    pub const WARM_UP: u32 = 96;
+    const ERROR_CLIP: f64 = 500.0;
+
+    /// Learns from the last known interval (real-time and day-ahead) and estimates the next one
+    /// from its day-ahead price.
+    pub fn update_and_estimate(&mut self, last_rt: f64, last_da: f64, next_da: f64) -> f64 {
+        if let Some(p) = self.pending.take() {
+            for (e, x) in self.error.iter_mut().zip(p) {
+                *e += (x - last_rt).abs().min(Self::ERROR_CLIP);
+            }
+        }
+        let dev = last_rt - last_da;
+        if let Some((prt, pda)) = self.prev {
+            let pdev = prt - pda;
+            if pdev.is_finite() && dev.is_finite() {
+                self.sxy += pdev * dev;
+                self.sxx += pdev * pdev;
+                self.n += 1;
+            }
+        }
+        self.prev = Some((last_rt, last_da));
+        if !(next_da.is_finite() && last_da.is_finite()) {
+            return last_rt;
+        }
+        let predictions = [last_rt, last_rt + (next_da - last_da), next_da + self.phi() * dev];
+        self.pending = Some(predictions);
+        let best = (0..3).min_by(|&a, &b| self.error[a].total_cmp(&self.error[b]).then(a.cmp(&b))).unwrap_or(0);
+        predictions[best]
+    }
+
+    /// Share of the last deviation from day-ahead that persists, fitted by least squares.
+    pub fn phi(&self) -> f64 {
+        if self.n < Self::WARM_UP || self.sxx <= 0.0 { 1.0 } else { (self.sxy / self.sxx).clamp(0.0, 1.0) }
+    }
+}
+
+/// The economic dispatcher as a harness controller.
+pub struct DispatchPolicy {
+    name: String,
+    dispatcher: Dispatcher,
+    foresight: bool,
+    /// Harness group of each device (ASICs), and each ASIC group's level histogram and powers.
+    group_of: Vec<u32>,
+    hist: Vec<Vec<u32>>,
+    level_w: Vec<Vec<f64>>,
+    estimators: Vec<PriceEstimator>,
+    /// Megawatts per site sold into grid programs; deployments must be honoured.
+    commit_mw: f64,
+    /// Site draw when each deployment arrived (the baseline of reduce-by).
+    baselines: std::collections::BTreeMap<(u16, i64), f64>,
+    last_site_mw: Vec<f64>,
+    /// The last plan (changes and reasons), for inspection.
+    pub last_plan: Option<Plan>,
+    /// On/off switches commanded so far.
+    pub switches: u64,
+}
+
+impl DispatchPolicy {
+    /// `cfg.stale_telemetry_ms` is ignored: a backtest feeds no per-device telemetry back, so
+    /// every device is fresh; faults stay inside the simulator.
+    pub fn new(fleet: &Fleet, mut cfg: DispatchConfig, foresight: bool, commit_mw: f64, start: SimTime) -> Self {
+        cfg.stale_telemetry_ms = i64::MAX / 4;
+        if foresight {
+            cfg.hysteresis_usd_per_mwh = 0.0;
+            cfg.min_on_ms = 0;
+            cfg.min_off_ms = 0;
+        }
+        let dispatcher = Dispatcher::new(fleet, cfg, start.0);
+        let groups = fleet.groups();
+        let mut group_of = vec![u32::MAX; fleet.devices.len()];
+        let mut hist = vec![vec![]; groups.len()];
+        let mut level_w = vec![vec![]; groups.len()];
+        for (gi, g) in groups.iter().enumerate() {
+            if let ModelRef::Asic(_) = g.model {
+                let w = dispatcher.level_powers_w(g.devices[0]).expect("ASIC group").to_vec();
+                let mut h = vec![0u32; w.len()];
+                for d in &g.devices {
+                    group_of[d.index()] = gi as u32;
+                    h[dispatcher.level(*d) as usize] += 1;
+                }
+                hist[gi] = h;
+                level_w[gi] = w;
+            }
+        }
+        DispatchPolicy {
+            name: if foresight { "perfect-foresight" } else { "optimizer" }.into(),
+            dispatcher,
+            foresight,
+            group_of,
+            hist,
+            level_w,
+            estimators: vec![PriceEstimator::default(); fleet.sites.len()],
+            commit_mw,
+            baselines: Default::default(),
+            last_site_mw: vec![0.0; fleet.sites.len()],
+            last_plan: None,
+            switches: 0,
+        }
+    }
+
+    /// The two-tier target that reproduces a group's level histogram (more than two running levels
+    /// only arise from measured efficiencies; the lower ones merge into the low tier by power).
+    fn target(&self, gi: usize) -> AsicTarget {
+        let h = &self.hist[gi];
+        let w = &self.level_w[gi];
+        let running: Vec<usize> = (1..h.len()).rev().filter(|&l| h[l] > 0).collect();
+        let Some(&top) = running.first() else {
+            return AsicTarget::uniform(0, w[w.len() - 1], IdleMode::Sleep);
+        };
+        let low: u32 = running[1..].iter().map(|&l| h[l]).sum();
+        let low_w = if low > 0 {
+            running[1..].iter().map(|&l| f64::from(h[l]) * w[l]).sum::<f64>() / f64::from(low)
+        } else {
+            w[top]
+        };
+        AsicTarget { hashing: h[top] + low, power_w: w[top], low, low_power_w: low_w, idle: IdleMode::Sleep }
+    }
+}
+
+impl Controller for DispatchPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn horizon_intervals(&self) -> usize {
+        1
+    }
+
+    fn foresight(&self) -> bool {
+        self.foresight
+    }
+
+    fn decide(&mut self, ctx: &DecisionContext) -> Vec<GroupTarget> {
+        let now = ctx.now.0;
+        let n_sites = ctx.fleet.sites.len();
+        let mut signals = Vec::with_capacity(n_sites);
+        for s in 0..n_sites {
+            let last = &ctx.last_grid[s];
+            let next_da = ctx.day_ahead[s].first().copied().unwrap_or(f64::NAN);
+            let estimate =
+                self.estimators[s].update_and_estimate(last.rt_price_usd_per_mwh, last.da_price_usd_per_mwh, next_da);
+            let (price, ambient) = match ctx.actual {
+                Some(a) => (a[s].rt_price_usd_per_mwh, a[s].temperature_c),
+                None => (estimate, last.temperature_c),
+            };
+            let ambient = if ambient.is_finite() { ambient } else { 25.0 } + ctx.fleet.sites[s].ambient_offset_c;
+            signals.push(SiteSignal { price_usd_per_mwh: price, price_at_ms: now, ambient_c: ambient });
+        }
+        // GPUs serve at their highest cap: their paying demand is worth far more than power.
+        let mut gpus = vec![GpuBudget::default(); n_sites];
+        let mut targets: Vec<Option<GroupTarget>> = vec![None; ctx.groups.len()];
+        for (gi, g) in ctx.groups.iter().enumerate() {
+            if let ModelRef::Gpu(m) = g.model {
+                let m = ctx.fleet.catalogue.gpu(m);
+                gpus[g.site.index()].planned_w +=
+                    f64::from(g.count()) * (m.max_power_w + m.host_idle_w + m.host_load_w);
+                targets[gi] =
+                    Some(GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w: m.max_power_w, idle_off: false }));
+            }
+        }
+        let mut commitments = vec![];
+        if self.commit_mw > 0.0 {
+            for (s, deps) in ctx.deployments.iter().enumerate() {
+                for d in deps {
+                    let base = *self.baselines.entry((s as u16, d.notice_at.0)).or_insert(self.last_site_mw[s]);
+                    commitments.push(Commitment {
+                        site: hcp_model::SiteIdx(s as u16),
+                        program: d.program,
+                        kind: ReduceKind::By { mw: self.commit_mw * d.fraction, baseline_mw: base },
+                        respond_by_ms: d.respond_by.0,
+                    });
+                }
+            }
+        }
+        let plan = self.dispatcher.plan(now, &signals, ctx.market.hashprice_usd_per_ph_day, &gpus, &commitments);
+        for c in &plan.changes {
+            let gi = self.group_of[c.device.index()] as usize;
+            self.hist[gi][c.from_level as usize] -= 1;
+            self.hist[gi][c.to_level as usize] += 1;
+            if (c.from_level == 0) != (c.to_level == 0) {
+                self.switches += 1;
+            }
+        }
+        for (s, p) in plan.sites.iter().enumerate() {
+            self.last_site_mw[s] = p.asic_mw + p.gpu_mw;
+        }
+        for (gi, t) in targets.iter_mut().enumerate() {
+            if t.is_none() {
+                *t = Some(GroupTarget::Asic(self.target(gi)));
+            }
+        }
+        self.last_plan = Some(plan);
+        targets.into_iter().map(|t| t.expect("every group has a target")).collect()
+    }
+}
+
+/// Strike price with dwell, on/off for a whole site, as fleet tools do it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StrikeParams {
+    pub strike_usd_per_mwh: f64,
+    pub curtail_after: u32,
+    pub resume_after: u32,
+}
+
+pub struct StrikePolicy {
+    pub params: StrikeParams,
+    above: Vec<u32>,
+    below: Vec<u32>,
+    curtailed: Vec<bool>,
+}
+
+impl StrikePolicy {
+    pub fn new(params: StrikeParams, sites: usize) -> Self {
+        StrikePolicy { params, above: vec![0; sites], below: vec![0; sites], curtailed: vec![false; sites] }
+    }
+
+    /// Advances one site's state with the last known price; true while curtailed.
+    pub fn step(&mut self, site: usize, last_price: f64) -> bool {
+        if last_price > self.params.strike_usd_per_mwh {
+            self.above[site] += 1;
+            self.below[site] = 0;
+        } else {
+            self.below[site] += 1;
+            self.above[site] = 0;
+        }
+        if !self.curtailed[site] && self.above[site] >= self.params.curtail_after {
+            self.curtailed[site] = true;
+        } else if self.curtailed[site] && self.below[site] >= self.params.resume_after {
+            self.curtailed[site] = false;
+        }
+        self.curtailed[site]
+    }
+}
+
+impl Controller for StrikePolicy {
+    fn name(&self) -> &str {
+        "strike"
+    }
+
+    fn decide(&mut self, ctx: &DecisionContext) -> Vec<GroupTarget> {
+        let curtailed: Vec<bool> = (0..ctx.fleet.sites.len())
+            .map(|s| self.step(s, ctx.last_grid[s].rt_price_usd_per_mwh + ctx.energy_adder_usd_per_mwh))
+            .collect();
+        let mut t = Baseline { mode: BaselineMode::AlwaysOn }.decide(ctx);
+        for (g, target) in ctx.groups.iter().zip(t.iter_mut()) {
+            if let GroupTarget::Asic(a) = target
+                && curtailed[g.site.index()]
+            {
+                a.hashing = 0;
+                a.low = 0;
+            }
+        }
+        t
+    }
+}

@@ -1,0 +1,195 @@
+//! `hcp backtest`: the four policies over a recorded period, compared.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use hcp_econ::dispatch::DispatchConfig;
+use hcp_harness::backtest::{BacktestError, BacktestInput, Outcome, PolicyKind, backtest};
+use hcp_model::signals::MarketSignal;
+use hcp_model::time::SimTime;
+use hcp_sim::market::{MarketParams, MarketSim};
+use hcp_sim::replay;
+
+use crate::cli::{SMALL_FLEET, load_fleet};
+
+#[derive(clap::Args)]
+pub struct BacktestArgs {
+    /// Fleet file (TOML).
+    #[arg(long)]
+    fleet: PathBuf,
+    /// Recorded real-time (and day-ahead) prices, CSV (the layout of shared/data/ercot).
+    #[arg(long)]
+    prices: PathBuf,
+    /// A constant hashprice for the whole period (USD per PH/s per day).
+    #[arg(long, conflicts_with = "market")]
+    hashprice_usd_per_ph_day: Option<f64>,
+    /// Recorded market series (CSV: timestamp,btc_usd,difficulty[,fees_btc_per_block] or
+    /// timestamp,hashprice_usd_per_ph_day). Default: the simulated market.
+    #[arg(long)]
+    market: Option<PathBuf>,
+    /// One policy (default: all four, compared).
+    #[arg(long, value_parser = parse_policy)]
+    policy: Option<PolicyKind>,
+    /// One JSON object per policy, in an array.
+    #[arg(long)]
+    json: bool,
+    /// Draw price against the power split over time (the optimizer's run, or the one policy's).
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Start and end (exclusive) inside the price file. Default: the whole file.
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    to: Option<String>,
+    /// Fixed charges added to the energy price (USD/MWh).
+    #[arg(long, default_value_t = 0.0)]
+    adder_usd_per_mwh: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn parse_policy(s: &str) -> Result<PolicyKind, String> {
+    s.parse()
+}
+
+pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
+    let fleet = load_fleet(Some(&a.fleet), SMALL_FLEET)?;
+    let name = a.prices.display().to_string();
+    let prices =
+        replay::load_grid_csv(&name, std::fs::File::open(&a.prices).with_context(|| format!("open prices {name}"))?)?;
+    let start = prices.values().map(|s| s.start()).max().expect("non-empty");
+    let end = prices.values().map(|s| s.end()).min().expect("non-empty");
+    let from = match &a.from {
+        Some(s) => SimTime::parse(s).context("--from")?,
+        None => start,
+    };
+    let to = match &a.to {
+        Some(s) => SimTime::parse(s).context("--to")?,
+        None => end,
+    };
+    let market: Vec<MarketSignal> = match (&a.hashprice_usd_per_ph_day, &a.market) {
+        (Some(hp), _) => {
+            if !(hp.is_finite() && *hp > 0.0 && *hp < 10_000.0) {
+                bail!("--hashprice-usd-per-ph-day: must be a number > 0 and < 10000, got {hp}");
+            }
+            let mut m = MarketSim::new(MarketParams::default(), from, a.seed).signal();
+            m.at = from;
+            m.hashprice_usd_per_ph_day = *hp;
+            vec![m]
+        }
+        (None, Some(p)) => replay::load_market_csv(
+            &p.display().to_string(),
+            std::fs::File::open(p).with_context(|| format!("open market {}", p.display()))?,
+        )?,
+        (None, None) => {
+            MarketSim::simulate(&MarketParams::default(), from, to.max(from.plus_ms(1)), 15 * 60_000, a.seed)
+        }
+    };
+    if !a.adder_usd_per_mwh.is_finite() {
+        bail!("--adder-usd-per-mwh: must be a finite number");
+    }
+    let input = BacktestInput {
+        fleet: &fleet,
+        prices,
+        market,
+        from,
+        to,
+        seed: a.seed,
+        energy_adder_usd_per_mwh: a.adder_usd_per_mwh,
+        dispatch: DispatchConfig { energy_adder_usd_per_mwh: a.adder_usd_per_mwh, ..Default::default() },
+    };
+    let policies: Vec<PolicyKind> = match a.policy {
+        Some(p) => vec![p],
+        None => PolicyKind::ALL.to_vec(),
+    };
+    let outcomes = match backtest(&input, &policies) {
+        Ok(o) => o,
+        Err(BacktestError::Violation(v)) => {
+            eprintln!("{v}");
+            eprintln!("seed={}", v.seed);
+            return Ok(ExitCode::from(2));
+        }
+        Err(BacktestError::Setup(e)) => return Err(e.into()),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&outcomes.iter().map(json).collect::<Vec<_>>())?);
+    } else {
+        print!("{}", table(&fleet.name, from, to, &outcomes));
+    }
+    if let Some(path) = &a.chart {
+        let o = outcomes.iter().find(|o| o.policy == PolicyKind::Optimizer).unwrap_or(&outcomes[0]);
+        write_chart(path, &format!("{} — {} ({} .. {})", fleet.name, o.policy.name(), from, to), o)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_chart(path: &Path, title: &str, o: &Outcome) -> Result<()> {
+    std::fs::write(path, crate::chart::svg(title, &o.chart)).with_context(|| format!("write chart {}", path.display()))
+}
+
+fn json(o: &Outcome) -> serde_json::Value {
+    serde_json::json!({
+        "policy": o.policy.name(),
+        "energy_mwh": o.energy_mwh,
+        "mining_revenue_usd": o.mining_revenue.as_usd_f64(),
+        "inference_revenue_usd": o.inference_revenue.as_usd_f64(),
+        "energy_cost_usd": o.energy_cost.as_usd_f64(),
+        "credits_usd": o.credits.as_usd_f64(),
+        "margin_usd": o.margin.as_usd_f64(),
+        "always_on_margin_usd": o.always_on_margin.as_usd_f64(),
+        "bound_margin_usd": o.bound_margin.as_usd_f64(),
+        "uplift_captured": o.uplift_captured,
+        "switches": o.switches,
+        "switches_per_device_day": o.switches_per_device_day,
+        "strike": o.strike.map(|s| serde_json::json!({
+            "strike_usd_per_mwh": s.strike_usd_per_mwh,
+            "curtail_after_intervals": s.curtail_after,
+            "resume_after_intervals": s.resume_after,
+        })),
+    })
+}
+
+fn table(fleet: &str, from: SimTime, to: SimTime, outcomes: &[Outcome]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "backtest of fleet {fleet}, {from} .. {to}");
+    let _ = writeln!(
+        s,
+        "{:<18} {:>12} {:>14} {:>14} {:>14} {:>10} {:>14} {:>12} {:>8}",
+        "policy",
+        "energy MWh",
+        "mining USD",
+        "inference USD",
+        "energy USD",
+        "credits",
+        "margin USD",
+        "sw/dev/day",
+        "uplift"
+    );
+    for o in outcomes {
+        let _ = writeln!(
+            s,
+            "{:<18} {:>12.1} {:>14.0} {:>14.0} {:>14.0} {:>10.0} {:>14.0} {:>12.3} {:>8.3}",
+            o.policy.name(),
+            o.energy_mwh,
+            o.mining_revenue.as_usd_f64(),
+            o.inference_revenue.as_usd_f64(),
+            o.energy_cost.as_usd_f64(),
+            o.credits.as_usd_f64(),
+            o.margin.as_usd_f64(),
+            o.switches_per_device_day,
+            o.uplift_captured
+        );
+    }
+    for o in outcomes {
+        if let Some(p) = o.strike {
+            let _ = writeln!(
+                s,
+                "strike tuned on the period: {:.0} USD/MWh, curtail after {} intervals above, resume after {} below",
+                p.strike_usd_per_mwh, p.curtail_after, p.resume_after
+            );
+        }
+    }
+    s
+}
