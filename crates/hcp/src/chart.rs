@@ -15,6 +15,9 @@ const BOTTOM: f64 = 60.0;
 /// At most this many points are drawn; longer series are averaged into buckets.
 const MAX_POINTS: usize = 2_000;
 
+/// A stacked area: its label, colour and value.
+type Layer = (&'static str, &'static str, fn(&ChartPoint) -> f64);
+
 fn bucket(points: &[ChartPoint]) -> Vec<ChartPoint> {
     let k = points.len().div_ceil(MAX_POINTS).max(1);
     points
@@ -59,7 +62,7 @@ pub fn svg(title: &str, points: &[ChartPoint]) -> String {
     let _ = writeln!(s, r#"<title>{title}</title><rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(s, r#"<text x="{LEFT}" y="24" font-size="16">{title}</text>"#);
     // Stacked areas: inference at the bottom, then mining, then curtailed.
-    let layers: [(&str, &str, fn(&ChartPoint) -> f64); 3] = [
+    let layers: [Layer; 3] = [
         ("inference (GPU) MW", "#6a3d9a", |p| p.inference_mw),
         ("mining (ASIC) MW", "#33a02c", |p| p.mining_mw),
         ("curtailed ASIC MW", "#fdbf6f", |p| p.curtailed_mw),
