@@ -155,6 +155,11 @@ pub enum Reason {
         age_ms: i64,
         policy: SafePolicy,
     },
+    /// The planning path holds the site below the cap (a 4CP window or a ramp).
+    Scheduled {
+        site: SiteIdx,
+        limit_mw: f64,
+    },
 }
 
 /// One device's new target.
@@ -201,6 +206,15 @@ pub struct SiteSignal {
     /// When the price was published (for staleness).
     pub price_at_ms: i64,
     pub ambient_c: f64,
+    /// The planning path's limit on the site's draw for this interval (4CP window, ramp), or
+    /// infinity when the plan holds nothing back.
+    pub schedule_limit_w: f64,
+}
+
+impl SiteSignal {
+    pub fn new(price_usd_per_mwh: f64, price_at_ms: i64, ambient_c: f64) -> Self {
+        SiteSignal { price_usd_per_mwh, price_at_ms, ambient_c, schedule_limit_w: f64::INFINITY }
+    }
 }
 
 /// Power the site's GPUs are planned to draw (from the GPU pool plan) and may not go below.
@@ -646,6 +660,11 @@ impl Dispatcher {
                 });
                 site_reason = Some(plan.reasons.len() as u32 - 1);
             }
+        }
+        if sig.schedule_limit_w < limit {
+            limit = sig.schedule_limit_w.max(0.0);
+            plan.reasons.push(Reason::Scheduled { site, limit_mw: limit / 1e6 });
+            site_reason = Some(plan.reasons.len() as u32 - 1);
         }
         let age = now_ms - sig.price_at_ms;
         let stale = age > self.cfg.stale_price_ms;

@@ -5,5 +5,6 @@
 
 pub mod dispatch;
 pub mod hashprice;
+pub mod plan;
 
 pub use hashprice::*;

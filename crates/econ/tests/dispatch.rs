@@ -36,7 +36,7 @@ fn cfg() -> DispatchConfig {
 }
 
 fn sig(price: f64, at: i64) -> Vec<SiteSignal> {
-    vec![SiteSignal { price_usd_per_mwh: price, price_at_ms: at, ambient_c: 20.0 }]
+    vec![SiteSignal::new(price, at, 20.0)]
 }
 
 fn levels(d: &Dispatcher, range: std::ops::Range<u32>) -> Vec<u8> {

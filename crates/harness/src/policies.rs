@@ -180,7 +180,7 @@ impl Controller for DispatchPolicy {
                 None => (estimate, last.temperature_c),
             };
             let ambient = if ambient.is_finite() { ambient } else { 25.0 } + ctx.fleet.sites[s].ambient_offset_c;
-            signals.push(SiteSignal { price_usd_per_mwh: price, price_at_ms: now, ambient_c: ambient });
+            signals.push(SiteSignal::new(price, now, ambient));
         }
         // GPUs serve at their highest cap: their paying demand is worth far more than power.
         let mut gpus = vec![GpuBudget::default(); n_sites];

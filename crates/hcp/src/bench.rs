@@ -162,7 +162,7 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
         }
         // Every other event spikes, so that a large part of the fleet switches.
         let p = if e % 2 == 1 { prices[e % prices.len()] + 400.0 } else { prices[e % prices.len()] };
-        let signals = vec![SiteSignal { price_usd_per_mwh: p, price_at_ms: now, ambient_c: 25.0 }; n_sites];
+        let signals = vec![SiteSignal::new(p, now, 25.0); n_sites];
         let t = Instant::now();
         let plan = d.plan(now, &signals, hashprice, &gpus, &[]);
         full.push(t.elapsed().as_secs_f64() * 1e3);
