@@ -25,6 +25,7 @@ use hcp_model::time::SimTime;
 use hcp_model::units::MicroUsd;
 use hcp_sim::demand::DemandParams;
 use hcp_sim::fleet::{Fidelity, GroupTarget};
+use hcp_sim::grid;
 use hcp_sim::replay::GridSeries;
 
 use crate::controller::{Baseline, BaselineMode, Controller, DecisionContext};
@@ -74,6 +75,8 @@ pub struct BacktestInput<'a> {
     pub seed: u64,
     pub energy_adder_usd_per_mwh: f64,
     pub dispatch: DispatchConfig,
+    /// Transmission charge set by the 4CP peaks (USD per kW-year); 0 leaves 4CP out.
+    pub four_cp_usd_per_kw_year: f64,
 }
 
 /// One point of the chart: fleet totals over an interval.
@@ -95,6 +98,8 @@ pub struct Outcome {
     pub inference_revenue: MicroUsd,
     pub energy_cost: MicroUsd,
     pub credits: MicroUsd,
+    /// 4CP exposure: the site draw in each actual 4CP interval x the rate / 4.
+    pub four_cp: MicroUsd,
     pub margin: MicroUsd,
     pub switches: u64,
     pub switches_per_device_day: f64,
@@ -179,16 +184,60 @@ impl BacktestInput<'_> {
     }
 }
 
-/// Margin of a run's rows.
-fn margin(rows: &[SiteRow]) -> MicroUsd {
-    rows.iter().fold(MicroUsd::ZERO, |a, r| a + r.margin())
+impl BacktestInput<'_> {
+    /// The actual 4CP intervals of each site's price series (empty when 4CP is left out).
+    fn peaks(&self) -> Vec<std::collections::BTreeSet<i64>> {
+        self.fleet
+            .sites
+            .iter()
+            .map(|site| {
+                if self.four_cp_usd_per_kw_year <= 0.0 {
+                    return Default::default();
+                }
+                let series = if self.prices.len() == 1 {
+                    self.prices.values().next()
+                } else {
+                    self.prices.get(&site.settlement_point)
+                };
+                series
+                    .map(|x| {
+                        grid::four_cp_peaks(&x.clone())
+                            .into_iter()
+                            .filter(|t| *t >= self.from && *t < self.to)
+                            .map(|t| t.0)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The 4CP exposure of a run.
+    fn four_cp(&self, rows: &[SiteRow], peaks: &[std::collections::BTreeSet<i64>]) -> MicroUsd {
+        let index: BTreeMap<&str, usize> = self.fleet.sites.iter().map(|s| (s.id.as_str(), s.idx.index())).collect();
+        let kw_at_peaks: f64 = rows
+            .iter()
+            .filter(|r| peaks[index[r.site.as_str()]].contains(&r.at.0))
+            .map(|r| r.total_mw() * 1_000.0)
+            .sum();
+        MicroUsd::from_usd_f64(kw_at_peaks * self.four_cp_usd_per_kw_year / 4.0)
+    }
+
+    /// Margin of a run: revenue less energy cost and 4CP exposure.
+    fn margin(&self, rows: &[SiteRow], peaks: &[std::collections::BTreeSet<i64>]) -> MicroUsd {
+        rows.iter().fold(MicroUsd::ZERO, |a, r| a + r.margin()) - self.four_cp(rows, peaks)
+    }
 }
 
 /// The strike grid: strikes every 5 USD/MWh from -20 to 600, curtail after 1-4 intervals, resume
 /// after 1, 2, 3, 4, 6 or 8. Each candidate is scored exactly on the always-on run's per-interval
 /// mining margins (on) and idle costs (off); the five best are then run through the simulator and
 /// the best of those is kept.
-fn tune_strike(input: &BacktestInput, always_on: &[SiteRow]) -> Result<(StrikeParams, Run), BacktestError> {
+fn tune_strike(
+    input: &BacktestInput,
+    always_on: &[SiteRow],
+    peaks: &[std::collections::BTreeSet<i64>],
+) -> Result<(StrikeParams, Run), BacktestError> {
     let fleet = input.fleet;
     let sites = fleet.sites.len();
     let sleep_w: Vec<f64> = (0..sites)
@@ -239,7 +288,7 @@ fn tune_strike(input: &BacktestInput, always_on: &[SiteRow]) -> Result<(StrikePa
     let mut best: Option<(MicroUsd, StrikeParams, Run)> = None;
     for &(_, params) in scored.iter().take(5) {
         let run = input.run(StrikePolicy::new(params, sites))?;
-        let m = margin(&run.rows);
+        let m = input.margin(&run.rows, peaks);
         if best.as_ref().is_none_or(|b| m > b.0) {
             best = Some((m, params, run));
         }
@@ -284,19 +333,22 @@ pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Ou
     let fleet = input.fleet;
     let days = (input.to.0 - input.from.0) as f64 / 86_400_000.0;
     let asics = fleet.asic_count().max(1) as f64;
+    let peaks = input.peaks();
+    let policy = |foresight: bool| {
+        DispatchPolicy::new(fleet, input.dispatch.clone(), foresight, 0.0, input.from)
+            .with_four_cp(input.four_cp_usd_per_kw_year, peaks.clone())
+    };
     let always_on = input.run(Baseline { mode: BaselineMode::AlwaysOn })?;
-    let bound = input.run(DispatchPolicy::new(fleet, input.dispatch.clone(), true, 0.0, input.from))?;
-    let (m_on, m_bound) = (margin(&always_on.rows), margin(&bound.rows));
+    let bound = input.run(policy(true))?;
+    let (m_on, m_bound) = (input.margin(&always_on.rows, &peaks), input.margin(&bound.rows, &peaks));
     let mut runs: Vec<(PolicyKind, Run, Option<StrikeParams>)> = vec![];
     for &p in policies {
         let (run, strike) = match p {
             PolicyKind::AlwaysOn => (always_on.clone(), None),
             PolicyKind::PerfectForesight => (bound.clone(), None),
-            PolicyKind::Optimizer => {
-                (input.run(DispatchPolicy::new(fleet, input.dispatch.clone(), false, 0.0, input.from))?, None)
-            }
+            PolicyKind::Optimizer => (input.run(policy(false))?, None),
             PolicyKind::Strike => {
-                let (params, run) = tune_strike(input, &always_on.rows)?;
+                let (params, run) = tune_strike(input, &always_on.rows, &peaks)?;
                 (run, Some(params))
             }
         };
@@ -306,7 +358,7 @@ pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Ou
         .into_iter()
         .map(|(policy, run, strike)| {
             let sum = |f: fn(&SiteRow) -> MicroUsd| run.rows.iter().fold(MicroUsd::ZERO, |a, r| a + f(r));
-            let m = margin(&run.rows);
+            let m = input.margin(&run.rows, &peaks);
             let span = (m_bound - m_on).as_usd_f64();
             Outcome {
                 policy,
@@ -315,6 +367,7 @@ pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Ou
                 inference_revenue: sum(|r| r.inference_revenue),
                 energy_cost: sum(|r| r.energy_cost),
                 credits: MicroUsd::ZERO,
+                four_cp: input.four_cp(&run.rows, &peaks),
                 margin: m,
                 switches: run.switches,
                 switches_per_device_day: run.switches as f64 / asics / days.max(1e-9),

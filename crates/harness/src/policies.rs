@@ -10,6 +10,7 @@
 //!   `resume_after` intervals below; GPUs and caps as [`Baseline`].
 
 use hcp_econ::dispatch::{Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal};
+use hcp_econ::plan::{PlanInput, PlannerConfig, Schedule};
 use hcp_model::fleet::Fleet;
 use hcp_model::{ModelRef, SimTime};
 use hcp_sim::asic::{AsicTarget, IdleMode};
@@ -85,6 +86,16 @@ pub struct DispatchPolicy {
     /// Site draw when each deployment arrived (the baseline of reduce-by).
     baselines: std::collections::BTreeMap<(u16, i64), f64>,
     last_site_mw: Vec<f64>,
+    /// The planning path: configuration, the schedule in force and when it started.
+    planner: PlannerConfig,
+    schedule: Option<(SimTime, Schedule)>,
+    /// Intervals between re-plans, and the horizon of each plan.
+    pub replan_every: usize,
+    pub horizon: usize,
+    /// Per site, intervals known (with foresight) to be 4CP peaks: the bound draws nothing there.
+    peaks: Vec<std::collections::BTreeSet<i64>>,
+    /// Idle draw of each site's ASICs.
+    idle_w: Vec<f64>,
     /// The last plan (changes and reasons), for inspection.
     pub last_plan: Option<Plan>,
     /// On/off switches commanded so far.
@@ -95,6 +106,13 @@ impl DispatchPolicy {
     /// `cfg.stale_telemetry_ms` is ignored: a backtest feeds no per-device telemetry back, so
     /// every device is fresh; faults stay inside the simulator.
     pub fn new(fleet: &Fleet, mut cfg: DispatchConfig, foresight: bool, commit_mw: f64, start: SimTime) -> Self {
+        let planner = PlannerConfig {
+            running_levels: cfg.running_levels,
+            energy_adder_usd_per_mwh: cfg.energy_adder_usd_per_mwh,
+            batch_size: cfg.batch_size,
+            batch_interval_ms: cfg.batch_interval_ms,
+            ..Default::default()
+        };
         cfg.stale_telemetry_ms = i64::MAX / 4;
         if foresight {
             cfg.hysteresis_usd_per_mwh = 0.0;
@@ -129,8 +147,74 @@ impl DispatchPolicy {
             commit_mw,
             baselines: Default::default(),
             last_site_mw: vec![0.0; fleet.sites.len()],
+            planner,
+            schedule: None,
+            replan_every: 96,
+            horizon: 192,
+            peaks: vec![Default::default(); fleet.sites.len()],
+            idle_w: (0..fleet.sites.len())
+                .map(|s| {
+                    fleet
+                        .devices
+                        .iter()
+                        .filter(|d| d.site.index() == s)
+                        .filter_map(|d| match d.model {
+                            ModelRef::Asic(a) => Some(fleet.catalogue.asic(a).sleep_power_w),
+                            ModelRef::Gpu(_) => None,
+                        })
+                        .sum()
+                })
+                .collect(),
             last_plan: None,
             switches: 0,
+        }
+    }
+
+    /// Prices the expected 4CP charge into the plan (USD per kW-year); with foresight, `peaks`
+    /// are the actual 4CP intervals per site.
+    pub fn with_four_cp(mut self, usd_per_kw_year: f64, peaks: Vec<std::collections::BTreeSet<i64>>) -> Self {
+        self.planner.four_cp_usd_per_kw_year = usd_per_kw_year;
+        if self.foresight && usd_per_kw_year > 0.0 {
+            self.peaks = peaks;
+        }
+        self
+    }
+
+    /// Re-plans the horizon from the day-ahead prices and 4CP alerts when due.
+    fn replan(&mut self, ctx: &DecisionContext, gpus: &[GpuBudget], ambient: &[f64]) {
+        let due = match &self.schedule {
+            None => true,
+            Some((at, _)) => (ctx.now.0 - at.0) / self.planner.interval_ms >= self.replan_every as i64,
+        };
+        if !due || ctx.day_ahead.iter().any(|d| d.is_empty()) {
+            return;
+        }
+        let gpu_w: Vec<f64> = gpus.iter().map(|g| g.planned_w).collect();
+        let current: Vec<f64> = (0..ctx.fleet.sites.len())
+            .map(|s| (self.last_site_mw[s] * 1e6 - gpu_w[s] - self.idle_w[s]).max(0.0))
+            .collect();
+        let input = PlanInput {
+            price: ctx.day_ahead,
+            four_cp_alert: ctx.four_cp_ahead,
+            ambient_c: ambient,
+            hashprice_usd_per_ph_day: ctx.market.hashprice_usd_per_ph_day,
+            gpu_w: &gpu_w,
+            current_asic_w: &current,
+        };
+        // A failed solve keeps the previous schedule (or none): the fast path still runs safely.
+        if let Ok(s) = hcp_econ::plan::solve(ctx.fleet, &self.planner, &input) {
+            self.schedule = Some((ctx.now, s));
+        }
+    }
+
+    /// The schedule's limit on a site's draw for the interval starting `now`, if the plan holds
+    /// the site back there.
+    fn schedule_limit(&self, now: SimTime, site: usize, gpu_w: f64) -> f64 {
+        let Some((at, s)) = &self.schedule else { return f64::INFINITY };
+        let k = ((now.0 - at.0) / self.planner.interval_ms) as usize;
+        match (s.held[site].get(k), s.site_asic_w[site].get(k)) {
+            (Some(true), Some(w)) => w + self.idle_w[site] + gpu_w,
+            _ => f64::INFINITY,
         }
     }
 
@@ -159,7 +243,7 @@ impl Controller for DispatchPolicy {
     }
 
     fn horizon_intervals(&self) -> usize {
-        1
+        if self.foresight { 1 } else { self.horizon }
     }
 
     fn foresight(&self) -> bool {
@@ -170,6 +254,7 @@ impl Controller for DispatchPolicy {
         let now = ctx.now.0;
         let n_sites = ctx.fleet.sites.len();
         let mut signals = Vec::with_capacity(n_sites);
+        let mut ambients = Vec::with_capacity(n_sites);
         for s in 0..n_sites {
             let last = &ctx.last_grid[s];
             let next_da = ctx.day_ahead[s].first().copied().unwrap_or(f64::NAN);
@@ -179,8 +264,9 @@ impl Controller for DispatchPolicy {
                 Some(a) => (a[s].rt_price_usd_per_mwh, a[s].temperature_c),
                 None => (estimate, last.temperature_c),
             };
-            let ambient = if ambient.is_finite() { ambient } else { 25.0 } + ctx.fleet.sites[s].ambient_offset_c;
-            signals.push(SiteSignal::new(price, now, ambient));
+            let ambient = if ambient.is_finite() { ambient } else { 25.0 };
+            ambients.push(ambient);
+            signals.push(SiteSignal::new(price, now, ambient + ctx.fleet.sites[s].ambient_offset_c));
         }
         // GPUs serve at their highest cap: their paying demand is worth far more than power.
         let mut gpus = vec![GpuBudget::default(); n_sites];
@@ -193,6 +279,16 @@ impl Controller for DispatchPolicy {
                 targets[gi] =
                     Some(GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w: m.max_power_w, idle_off: false }));
             }
+        }
+        if !self.foresight {
+            self.replan(ctx, &gpus, &ambients);
+        }
+        for (s, sig) in signals.iter_mut().enumerate() {
+            sig.schedule_limit_w = if self.peaks[s].contains(&now) {
+                self.idle_w[s] + gpus[s].planned_w
+            } else {
+                self.schedule_limit(ctx.now, s, gpus[s].planned_w)
+            };
         }
         let mut commitments = vec![];
         if self.commit_mw > 0.0 {

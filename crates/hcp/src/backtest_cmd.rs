@@ -46,6 +46,10 @@ pub struct BacktestArgs {
     /// Fixed charges added to the energy price (USD/MWh).
     #[arg(long, default_value_t = 0.0)]
     adder_usd_per_mwh: f64,
+    /// Transmission charge set by the 4CP peaks (USD per kW-year, 50-150 in ERCOT); 0 leaves
+    /// 4CP out of the margin.
+    #[arg(long, default_value_t = 0.0)]
+    four_cp_usd_per_kw_year: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -90,6 +94,9 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
     if !a.adder_usd_per_mwh.is_finite() {
         bail!("--adder-usd-per-mwh: must be a finite number");
     }
+    if !(a.four_cp_usd_per_kw_year.is_finite() && (0.0..=10_000.0).contains(&a.four_cp_usd_per_kw_year)) {
+        bail!("--four-cp-usd-per-kw-year: must be between 0 and 10000");
+    }
     let input = BacktestInput {
         fleet: &fleet,
         prices,
@@ -99,6 +106,7 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         seed: a.seed,
         energy_adder_usd_per_mwh: a.adder_usd_per_mwh,
         dispatch: DispatchConfig { energy_adder_usd_per_mwh: a.adder_usd_per_mwh, ..Default::default() },
+        four_cp_usd_per_kw_year: a.four_cp_usd_per_kw_year,
     };
     let policies: Vec<PolicyKind> = match a.policy {
         Some(p) => vec![p],
@@ -137,6 +145,7 @@ fn json(o: &Outcome) -> serde_json::Value {
         "inference_revenue_usd": o.inference_revenue.as_usd_f64(),
         "energy_cost_usd": o.energy_cost.as_usd_f64(),
         "credits_usd": o.credits.as_usd_f64(),
+        "four_cp_usd": o.four_cp.as_usd_f64(),
         "margin_usd": o.margin.as_usd_f64(),
         "always_on_margin_usd": o.always_on_margin.as_usd_f64(),
         "bound_margin_usd": o.bound_margin.as_usd_f64(),
@@ -156,13 +165,14 @@ fn table(fleet: &str, from: SimTime, to: SimTime, outcomes: &[Outcome]) -> Strin
     let _ = writeln!(s, "backtest of fleet {fleet}, {from} .. {to}");
     let _ = writeln!(
         s,
-        "{:<18} {:>12} {:>14} {:>14} {:>14} {:>10} {:>14} {:>12} {:>8}",
+        "{:<18} {:>12} {:>14} {:>14} {:>14} {:>10} {:>12} {:>14} {:>12} {:>8}",
         "policy",
         "energy MWh",
         "mining USD",
         "inference USD",
         "energy USD",
         "credits",
+        "4CP USD",
         "margin USD",
         "sw/dev/day",
         "uplift"
@@ -170,13 +180,14 @@ fn table(fleet: &str, from: SimTime, to: SimTime, outcomes: &[Outcome]) -> Strin
     for o in outcomes {
         let _ = writeln!(
             s,
-            "{:<18} {:>12.1} {:>14.0} {:>14.0} {:>14.0} {:>10.0} {:>14.0} {:>12.3} {:>8.3}",
+            "{:<18} {:>12.1} {:>14.0} {:>14.0} {:>14.0} {:>10.0} {:>12.0} {:>14.0} {:>12.3} {:>8.3}",
             o.policy.name(),
             o.energy_mwh,
             o.mining_revenue.as_usd_f64(),
             o.inference_revenue.as_usd_f64(),
             o.energy_cost.as_usd_f64(),
             o.credits.as_usd_f64(),
+            o.four_cp.as_usd_f64(),
             o.margin.as_usd_f64(),
             o.switches_per_device_day,
             o.uplift_captured
