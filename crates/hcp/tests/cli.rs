@@ -180,3 +180,83 @@ fn bench_sim_prints_json() {
     let o = hcp(&["bench", "sim", "--device-hours", "0.1"]);
     assert!(text(&o).contains("--device-hours: must be a whole number of quarter hours"), "{}", text(&o));
 }
+
+#[test]
+fn backtest_compares_the_four_policies_and_draws_a_chart() {
+    let fleet = root().join("examples/fleets/small.toml");
+    let prices = root().join("../shared/data/ercot/hb_south_15min_2024-06_2024-11.csv");
+    let chart = tmp("bt.svg");
+    let args = [
+        "backtest",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--prices",
+        prices.to_str().unwrap(),
+        "--hashprice-usd-per-ph-day",
+        "50",
+        "--from",
+        "2024-08-01",
+        "--to",
+        "2024-08-15",
+    ];
+    let o = hcp(&[&args[..], &["--json", "--chart", chart.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let arr = v.as_array().unwrap();
+    let names: Vec<&str> = arr.iter().map(|x| x["policy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["optimizer", "strike", "always-on", "perfect-foresight"]);
+    for x in arr {
+        for key in [
+            "margin_usd",
+            "always_on_margin_usd",
+            "bound_margin_usd",
+            "uplift_captured",
+            "switches_per_device_day",
+            "energy_mwh",
+            "mining_revenue_usd",
+            "inference_revenue_usd",
+            "energy_cost_usd",
+            "credits_usd",
+        ] {
+            assert!(x[key].is_number(), "{key} in {x}");
+        }
+    }
+    let bound = arr[3]["margin_usd"].as_f64().unwrap();
+    assert!(arr.iter().all(|x| x["margin_usd"].as_f64().unwrap() <= bound + 1e-6));
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("real-time price") && svg.contains("mining (ASIC) MW"));
+
+    let o = hcp(&[&args[..], &["--policy", "strike"]].concat());
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("strike") && t.contains("strike tuned on the period") && !t.contains("optimizer "), "{t}");
+
+    let o = hcp(&[
+        "backtest",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--prices",
+        prices.to_str().unwrap(),
+        "--hashprice-usd-per-ph-day=-3",
+    ]);
+    assert!(text(&o).contains("--hashprice-usd-per-ph-day: must be a number > 0"), "{}", text(&o));
+    let o = hcp(&[&args[..], &["--policy", "genius"]].concat());
+    assert!(text(&o).contains("policy must be one of"), "{}", text(&o));
+}
+
+#[test]
+fn bench_dispatch_prints_json() {
+    let o = hcp(&[
+        "bench",
+        "dispatch",
+        "--json",
+        "--fleet",
+        root().join("examples/fleets/small.toml").to_str().unwrap(),
+        "--events",
+        "20",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["full_fleet_plan_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(v["planner"]["variables"].as_u64().unwrap() > 0);
+}
