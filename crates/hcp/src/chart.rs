@@ -103,6 +103,7 @@ pub fn svg(title: &str, points: &[ChartPoint]) -> String {
         LEFT + pw,
         TOP + ph
     );
+    let mw_decimals = if mw_max < 10.0 { 1 } else { 0 };
     for k in 0..=5 {
         let f = k as f64 / 5.0;
         let yy = TOP + ph * (1.0 - f);
