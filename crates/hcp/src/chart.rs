@@ -109,9 +109,10 @@ pub fn svg(title: &str, points: &[ChartPoint]) -> String {
         let yy = TOP + ph * (1.0 - f);
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{:.*}</text>"#,
             LEFT - 6.0,
             yy + 4.0,
+            mw_decimals,
             mw_max * f
         );
         let _ = writeln!(
