@@ -265,24 +265,70 @@ fn measured_efficiency_reorders_the_merit_order() {
     assert_eq!(d.level(DeviceIdx(151)), 1);
 }
 
+const MODELS: [&str; 7] = [
+    "antminer-s19-xp",
+    "antminer-s21",
+    "antminer-s21-pro",
+    "antminer-s21-xp",
+    "antminer-s21-plus-hydro",
+    "whatsminer-m66s-plus",
+    "whatsminer-m60s",
+];
+
+fn random_fleet(cap_mw: f64, a: (usize, u32), b: (usize, u32), limit_kw: f64) -> Fleet {
+    fleet(&format!(
+        r#"
+name = "random"
+[[site]]
+id = "s"
+power_cap_mw = {cap_mw}
+settlement_point = "P"
+  [[site.feeder]]
+  id = "a"
+  limit_kw = {limit_kw}
+    [[site.feeder.rack]]
+    devices = [{{ model = "{}", count = {} }}, {{ model = "{}", count = {} }}]
+  [[site.feeder]]
+  id = "b"
+  limit_kw = {limit_kw}
+    [[site.feeder.rack]]
+    devices = [{{ model = "{}", count = {} }}]
+"#,
+        MODELS[a.0],
+        a.1,
+        MODELS[b.0],
+        b.1,
+        MODELS[(a.0 + b.0) % 7],
+        a.1.max(b.1)
+    ))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
-    /// For any sequence of prices, caps, GPU budgets and commitments, the planned draw never
-    /// exceeds the site limit or a feeder limit, counting held devices and idle draw.
+    /// For random fleets and any sequence of prices, caps, GPU budgets, commitments and
+    /// maintenance, the draw never exceeds the site limit or a feeder limit: not after the plan,
+    /// and not at any instant while its changes execute in order (reductions first, restarts
+    /// staggered), counting held devices and idle draw.
     #[test]
-    fn plans_never_exceed_caps(
-        cap_mw in 0.1f64..1.0,
+    fn plans_never_exceed_caps_at_any_instant(
+        cap_mw in 0.05f64..1.0,
+        a in (0usize..7, 1u32..60),
+        b in (0usize..7, 1u32..60),
         prices in proptest::collection::vec(-50.0f64..400.0, 1..12),
-        gpu_kw in 0.0f64..80.0,
+        gpu_kw in 0.0f64..40.0,
         reduce in proptest::option::of(0.0f64..0.5),
         hp in 20.0f64..80.0,
-        maint in proptest::collection::vec(0u32..200, 0..20),
+        maint in proptest::collection::vec(0u32..40, 0..8),
     ) {
-        let f = fleet(&FLEET.replace("power_cap_mw = 2.0", &format!("power_cap_mw = {cap_mw}")));
+        let f = random_fleet(cap_mw, a, b, 800.0);
+        let n = f.devices.len() as u32;
         // Minimum on/off times of 2 s against 1 s between plans: cooldowns hold devices often.
         let mut d = Dispatcher::new(&f, DispatchConfig { min_on_ms: 2_000, min_off_ms: 2_000, ..Default::default() }, 0);
-        for m in &maint {
+        let mut held: Vec<u32> = maint.iter().copied().filter(|m| *m < n).collect();
+        held.sort_unstable();
+        held.dedup();
+        for m in &held {
             d.set_maintenance(DeviceIdx(*m), true);
         }
         let commitments: Vec<Commitment> = reduce
@@ -291,27 +337,47 @@ proptest! {
             .collect();
         for (t, price) in prices.iter().enumerate() {
             let t = t as i64 * 1_000;
-            for i in 0..200 {
+            for i in 0..n {
                 d.observe(DeviceIdx(i), t, 1.0, false);
             }
+            let mut power: Vec<f64> = (0..n).map(|i| d.power_w(DeviceIdx(i)).unwrap()).collect();
             let p = d.plan(t, &sig(*price, t), hp, &[GpuBudget { planned_w: gpu_kw * 1e3 }], &commitments);
-            let limit = p.sites[0].limit_mw * 1e6;
-            let w = site_w(&d, &f);
-            // Held (maintenance) devices at full power may already exceed a limit on their own;
-            // everything the dispatcher controls must fit in what is left.
-            let mut held_devices = maint.clone();
-            held_devices.sort_unstable();
-            held_devices.dedup();
-            let held: f64 = held_devices.iter().map(|&m| d.power_w(DeviceIdx(m)).unwrap() - 25.0).sum();
-            let idle_all = 200.0 * 25.0;
-            if held + idle_all + gpu_kw * 1e3 <= limit {
-                prop_assert!(w + gpu_kw * 1e3 <= limit + 1e-3, "site {} > {}", w + gpu_kw * 1e3, limit);
+            let limit = p.sites[0].limit_mw * 1e6 - gpu_kw * 1e3;
+            let idle: f64 = (0..n).map(|i| d.level_powers_w(DeviceIdx(i)).unwrap()[0]).sum();
+            let fixed: f64 = held.iter().map(|&m| power[m as usize] - d.level_powers_w(DeviceIdx(m)).unwrap()[0]).sum::<f64>() + idle;
+            let feeder_of = |i: u32| f.devices[i as usize].feeder.index();
+            let mut total: f64 = power.iter().sum();
+            let start = total;
+            let mut worst: f64 = total;
+            let mut feeders = [0.0f64; 2];
+            for (i, w) in power.iter().enumerate() {
+                feeders[feeder_of(i as u32)] += w;
             }
-            for (range, fl) in [(0u32..100, 400_000.0), (100..200, 400_000.0)] {
-                let fw: f64 = range.filter_map(|i| d.power_w(DeviceIdx(i))).sum();
-                prop_assert!(fw <= fl + 1e-3, "feeder {fw} > {fl}");
+            let start_feeders = feeders;
+            let mut worst_feeders = feeders;
+            for c in &p.changes {
+                let i = c.device.0 as usize;
+                total += c.power_w - power[i];
+                feeders[feeder_of(c.device.0)] += c.power_w - power[i];
+                power[i] = c.power_w;
+                worst = worst.max(total);
+                for k in 0..2 {
+                    worst_feeders[k] = worst_feeders[k].max(feeders[k]);
+                }
             }
-            prop_assert!((p.sites[0].asic_mw - w / 1e6).abs() < 1e-9);
+            let end: f64 = (0..n).map(|i| d.power_w(DeviceIdx(i)).unwrap()).sum();
+            prop_assert!((end - total).abs() < 1e-6, "changes replay to the final levels");
+            prop_assert!((p.sites[0].asic_mw - end / 1e6).abs() < 1e-9);
+            // Where the limit leaves room for the fixed draw, the plan fits at every instant, or
+            // (when it started above a lowered limit) only ever comes down towards it.
+            if fixed <= limit {
+                prop_assert!(end <= limit + 1e-3, "site {end} > {limit}");
+                prop_assert!(worst <= limit.max(start) + 1e-3, "an instant at {worst} above {limit}");
+            }
+            for k in 0..2 {
+                prop_assert!(feeders[k] <= 800_000.0 + 1e-3 || feeders[k] <= start_feeders[k] + 1e-3, "feeder {k}: {}", feeders[k]);
+                prop_assert!(worst_feeders[k] <= 800_000.0_f64.max(start_feeders[k]) + 1e-3, "feeder {k} instant {}", worst_feeders[k]);
+            }
         }
     }
 }

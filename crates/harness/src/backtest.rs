@@ -77,6 +77,11 @@ pub struct BacktestInput<'a> {
     pub dispatch: DispatchConfig,
     /// Transmission charge set by the 4CP peaks (USD per kW-year); 0 leaves 4CP out.
     pub four_cp_usd_per_kw_year: f64,
+    /// Megawatts per site sold into grid programs (the dispatcher honours their deployments),
+    /// and the availability payment per committed MW-hour. Policies that cannot honour
+    /// deployments (always-on, strike) sell nothing and earn no credits.
+    pub commit_mw: f64,
+    pub credit_usd_per_mw_h: f64,
 }
 
 /// One point of the chart: fleet totals over an interval.
@@ -335,12 +340,19 @@ pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Ou
     let asics = fleet.asic_count().max(1) as f64;
     let peaks = input.peaks();
     let policy = |foresight: bool| {
-        DispatchPolicy::new(fleet, input.dispatch.clone(), foresight, 0.0, input.from)
+        DispatchPolicy::new(fleet, input.dispatch.clone(), foresight, input.commit_mw, input.from)
             .with_four_cp(input.four_cp_usd_per_kw_year, peaks.clone())
+    };
+    let credits =
+        MicroUsd::from_usd_f64(input.commit_mw * fleet.sites.len() as f64 * days * 24.0 * input.credit_usd_per_mw_h);
+    let credits_of = |p: PolicyKind| match p {
+        PolicyKind::Optimizer | PolicyKind::PerfectForesight => credits,
+        PolicyKind::Strike | PolicyKind::AlwaysOn => MicroUsd::ZERO,
     };
     let always_on = input.run(Baseline { mode: BaselineMode::AlwaysOn })?;
     let bound = input.run(policy(true))?;
-    let (m_on, m_bound) = (input.margin(&always_on.rows, &peaks), input.margin(&bound.rows, &peaks));
+    let m_on = input.margin(&always_on.rows, &peaks);
+    let m_bound = input.margin(&bound.rows, &peaks) + credits_of(PolicyKind::PerfectForesight);
     let mut runs: Vec<(PolicyKind, Run, Option<StrikeParams>)> = vec![];
     for &p in policies {
         let (run, strike) = match p {
@@ -358,7 +370,7 @@ pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Ou
         .into_iter()
         .map(|(policy, run, strike)| {
             let sum = |f: fn(&SiteRow) -> MicroUsd| run.rows.iter().fold(MicroUsd::ZERO, |a, r| a + f(r));
-            let m = input.margin(&run.rows, &peaks);
+            let m = input.margin(&run.rows, &peaks) + credits_of(policy);
             let span = (m_bound - m_on).as_usd_f64();
             Outcome {
                 policy,
@@ -366,7 +378,7 @@ pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Ou
                 mining_revenue: sum(|r| r.mining_revenue),
                 inference_revenue: sum(|r| r.inference_revenue),
                 energy_cost: sum(|r| r.energy_cost),
-                credits: MicroUsd::ZERO,
+                credits: credits_of(policy),
                 four_cp: input.four_cp(&run.rows, &peaks),
                 margin: m,
                 switches: run.switches,

@@ -49,6 +49,8 @@ fn input(f: &Fleet, prices: BTreeMap<String, GridSeries>, four_cp: f64) -> Backt
         energy_adder_usd_per_mwh: 0.0,
         dispatch: DispatchConfig::default(),
         four_cp_usd_per_kw_year: four_cp,
+        commit_mw: 0.0,
+        credit_usd_per_mw_h: 0.0,
     }
 }
 
@@ -138,6 +140,21 @@ fn on_simulated_periods_the_bound_bounds_and_the_optimizer_keeps_up_with_the_str
             strike.uplift_captured
         );
     }
+}
+
+#[test]
+fn committed_megawatts_earn_credits_for_the_dispatcher_only() {
+    let f = fleet("small.toml");
+    let mut i = input(&f, ercot(), 0.0);
+    i.from = SimTime::parse("2024-08-01").unwrap();
+    i.to = SimTime::parse("2024-08-15").unwrap();
+    i.commit_mw = 0.1;
+    i.credit_usd_per_mw_h = 5.0;
+    let o = backtest(&i, &PolicyKind::ALL).unwrap();
+    check_accounting(&o);
+    // 0.1 MW x 2 sites x 14 days x 24 h x 5 USD.
+    assert_eq!(by(&o, PolicyKind::Optimizer).credits, MicroUsd::from_usd_f64(336.0));
+    assert_eq!(by(&o, PolicyKind::Strike).credits, MicroUsd::ZERO);
 }
 
 #[test]

@@ -50,6 +50,13 @@ pub struct BacktestArgs {
     /// 4CP out of the margin.
     #[arg(long, default_value_t = 0.0)]
     four_cp_usd_per_kw_year: f64,
+    /// Megawatts per site sold into grid programs (ECRS, Non-Spin, ERS): the optimizer honours
+    /// the simulated deployments on the price file and earns the availability payment.
+    #[arg(long, default_value_t = 0.0)]
+    grid_commit_mw: f64,
+    /// Availability payment per committed MW-hour (USD).
+    #[arg(long, default_value_t = 0.0)]
+    credit_usd_per_mw_h: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -94,6 +101,12 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
     if !a.adder_usd_per_mwh.is_finite() {
         bail!("--adder-usd-per-mwh: must be a finite number");
     }
+    if !(a.grid_commit_mw.is_finite() && a.grid_commit_mw >= 0.0) {
+        bail!("--grid-commit-mw: must be a number >= 0");
+    }
+    if !(a.credit_usd_per_mw_h.is_finite() && a.credit_usd_per_mw_h >= 0.0) {
+        bail!("--credit-usd-per-mw-h: must be a number >= 0");
+    }
     if !(a.four_cp_usd_per_kw_year.is_finite() && (0.0..=10_000.0).contains(&a.four_cp_usd_per_kw_year)) {
         bail!("--four-cp-usd-per-kw-year: must be between 0 and 10000");
     }
@@ -107,6 +120,8 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         energy_adder_usd_per_mwh: a.adder_usd_per_mwh,
         dispatch: DispatchConfig { energy_adder_usd_per_mwh: a.adder_usd_per_mwh, ..Default::default() },
         four_cp_usd_per_kw_year: a.four_cp_usd_per_kw_year,
+        commit_mw: a.grid_commit_mw,
+        credit_usd_per_mw_h: a.credit_usd_per_mw_h,
     };
     let policies: Vec<PolicyKind> = match a.policy {
         Some(p) => vec![p],
