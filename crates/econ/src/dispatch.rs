@@ -56,10 +56,10 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
             energy_adder_usd_per_mwh: 0.0,
-            hysteresis_usd_per_mwh: 2.0,
+            hysteresis_usd_per_mwh: 5.0,
             running_levels: 4,
-            min_on_ms: 5 * 60_000,
-            min_off_ms: 5 * 60_000,
+            min_on_ms: 30 * 60_000,
+            min_off_ms: 30 * 60_000,
             stale_telemetry_ms: 60_000,
             stale_price_ms: 20 * 60_000,
             safe_policy: SafePolicy::Curtail,

@@ -57,6 +57,12 @@ pub struct BacktestArgs {
     /// Availability payment per committed MW-hour (USD).
     #[arg(long, default_value_t = 0.0)]
     credit_usd_per_mw_h: f64,
+    /// The dispatcher's dead band against flapping (USD/MWh).
+    #[arg(long)]
+    hysteresis_usd_per_mwh: Option<f64>,
+    /// The dispatcher's minimum on and off time per device (minutes).
+    #[arg(long)]
+    min_on_off_min: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -118,7 +124,7 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         to,
         seed: a.seed,
         energy_adder_usd_per_mwh: a.adder_usd_per_mwh,
-        dispatch: DispatchConfig { energy_adder_usd_per_mwh: a.adder_usd_per_mwh, ..Default::default() },
+        dispatch: dispatch_config(a)?,
         four_cp_usd_per_kw_year: a.four_cp_usd_per_kw_year,
         commit_mw: a.grid_commit_mw,
         credit_usd_per_mw_h: a.credit_usd_per_mw_h,
@@ -146,6 +152,24 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         write_chart(path, &format!("{} — {} ({} .. {})", fleet.name, o.policy.name(), from, to), o)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn dispatch_config(a: &BacktestArgs) -> Result<DispatchConfig> {
+    let mut cfg = DispatchConfig { energy_adder_usd_per_mwh: a.adder_usd_per_mwh, ..Default::default() };
+    if let Some(h) = a.hysteresis_usd_per_mwh {
+        if !(h.is_finite() && (0.0..=1_000.0).contains(&h)) {
+            bail!("--hysteresis-usd-per-mwh: must be between 0 and 1000");
+        }
+        cfg.hysteresis_usd_per_mwh = h;
+    }
+    if let Some(m) = a.min_on_off_min {
+        if !(m.is_finite() && (0.0..=1_440.0).contains(&m)) {
+            bail!("--min-on-off-min: must be between 0 and 1440 minutes");
+        }
+        cfg.min_on_ms = (m * 60_000.0) as i64;
+        cfg.min_off_ms = cfg.min_on_ms;
+    }
+    Ok(cfg)
 }
 
 fn write_chart(path: &Path, title: &str, o: &Outcome) -> Result<()> {

@@ -131,7 +131,8 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
         7,
     );
     let prices: Vec<f64> = series.rt_prices();
-    let cfg = DispatchConfig::default();
+    // No minimum on/off time here: every spike flips the whole fleet (the worst case).
+    let cfg = DispatchConfig { min_on_ms: 0, min_off_ms: 0, ..DispatchConfig::default() };
     let gpus: Vec<GpuBudget> = fleet
         .sites
         .iter()
