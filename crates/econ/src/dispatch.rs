@@ -160,6 +160,12 @@ pub enum Reason {
         site: SiteIdx,
         limit_mw: f64,
     },
+    /// The ASICs alone cannot make room for the limit: the GPUs are power-capped.
+    GpusCapped {
+        site: SiteIdx,
+        planned_mw: f64,
+        capped_mw: f64,
+    },
 }
 
 /// One device's new target.
@@ -217,10 +223,13 @@ impl SiteSignal {
     }
 }
 
-/// Power the site's GPUs are planned to draw (from the GPU pool plan) and may not go below.
+/// Power the site's GPUs are planned to draw, and the least they can draw when obligated (every
+/// serving GPU capped at its lowest cap). GPUs give power back only when the ASICs cannot make room
+/// for a limit (economics.md section 4: by power capping, not by stopping).
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct GpuBudget {
     pub planned_w: f64,
+    pub min_w: f64,
 }
 
 struct Group {
@@ -683,8 +692,9 @@ impl Dispatcher {
         };
         let gs = self.site_groups[s].clone();
         if !(stale && self.cfg.safe_policy == SafePolicy::Hold) {
-            // Budgets after the GPUs, every member's idle draw and the held members.
-            let mut budget = limit - gpu.planned_w;
+            // Budgets after every member's idle draw, the held members and the GPUs; the GPUs are
+            // capped only as far as the limit requires with every ASIC asleep.
+            let mut budget = limit;
             let mut feeder_budget: Vec<f64> =
                 self.site_feeders[s].iter().map(|f| self.feeder_limit_w[f.index()]).collect();
             for &gi in &gs {
@@ -693,7 +703,12 @@ impl Dispatcher {
                 budget -= fixed;
                 feeder_budget[g.local_feeder] -= fixed;
             }
-            let budget = budget.max(0.0);
+            let gpu_w = budget.clamp(gpu.min_w.min(gpu.planned_w), gpu.planned_w);
+            if gpu_w < gpu.planned_w - 1e-6 {
+                plan.reasons.push(Reason::GpusCapped { site, planned_mw: gpu.planned_w / 1e6, capped_mw: gpu_w / 1e6 });
+                plan.sites[s].gpu_mw = gpu_w / 1e6;
+            }
+            let budget = (budget - gpu_w).max(0.0);
             let scale: Vec<f64> = gs.iter().map(|&gi| self.groups[gi].scale(hashprice, sig.ambient_c)).collect();
             let mut key = Vec::with_capacity(1 + feeder_budget.len() + 2 * gs.len());
             key.push(budget);

@@ -86,7 +86,7 @@ fn golden_merit_order_and_breakevens() {
 fn the_site_cap_curtails_the_least_valuable_segments_first() {
     let f = fleet(&FLEET.replace("power_cap_mw = 2.0", "power_cap_mw = 0.5"));
     let mut d = Dispatcher::new(&f, cfg(), 0);
-    let p = d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget { planned_w: 50_000.0 }], &[]);
+    let p = d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget { planned_w: 50_000.0, min_w: 50_000.0 }], &[]);
     let w = site_w(&d, &f);
     assert!(w + 50_000.0 <= 500_000.0 + 1e-6, "{w}");
     assert!(w + 50_000.0 > 500_000.0 - 3_700.0, "the cap is used up to one segment: {w}");
@@ -130,6 +130,30 @@ fn a_grid_commitment_is_met_at_once_with_its_reason() {
     let r = &p.reasons[p.changes[0].reason as usize];
     assert!(matches!(r, Reason::GridCommitment { program: GridProgram::Ers10, .. }), "{r:?}");
     assert!((p.sites[0].held_for_grid_mw - (2.0 - (before - 300_000.0) / 1e6)).abs() < 1e-9);
+}
+
+#[test]
+fn gpus_are_capped_only_when_the_asics_cannot_make_room() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    let gpu = GpuBudget { planned_w: 300_000.0, min_w: 120_000.0 };
+    let p = d.plan(0, &sig(20.0, 0), 50.0, &[gpu], &[]);
+    assert_eq!(p.sites[0].gpu_mw, 0.3, "no obligation: GPUs keep their budget");
+    // An ERS deployment to 0.2 MW: every ASIC sleeps (5 kW idle) and the GPUs give the rest.
+    let ers = Commitment {
+        site: SiteIdx(0),
+        program: GridProgram::Ers10,
+        kind: ReduceKind::To { mw: 0.2 },
+        respond_by_ms: 600_000,
+    };
+    let p = d.plan(1, &sig(20.0, 1), 50.0, &[gpu], &[ers]);
+    assert!(levels(&d, 0..200).iter().all(|&l| l == 0));
+    assert!((p.sites[0].gpu_mw - (0.2 - 0.005)).abs() < 1e-9, "{}", p.sites[0].gpu_mw);
+    assert!(p.reasons.iter().any(|r| matches!(r, Reason::GpusCapped { .. })));
+    // Deeper than the GPUs' lowest caps: they stop at their floor.
+    let deep = Commitment { kind: ReduceKind::To { mw: 0.05 }, ..ers };
+    let p = d.plan(2, &sig(20.0, 2), 50.0, &[gpu], &[deep]);
+    assert_eq!(p.sites[0].gpu_mw, 0.12);
 }
 
 #[test]
@@ -341,8 +365,11 @@ proptest! {
                 d.observe(DeviceIdx(i), t, 1.0, false);
             }
             let mut power: Vec<f64> = (0..n).map(|i| d.power_w(DeviceIdx(i)).unwrap()).collect();
-            let p = d.plan(t, &sig(*price, t), hp, &[GpuBudget { planned_w: gpu_kw * 1e3 }], &commitments);
-            let limit = p.sites[0].limit_mw * 1e6 - gpu_kw * 1e3;
+            let gpu = GpuBudget { planned_w: gpu_kw * 1e3, min_w: gpu_kw * 0.5e3 };
+            let p = d.plan(t, &sig(*price, t), hp, &[gpu], &commitments);
+            let gpu_w = p.sites[0].gpu_mw * 1e6;
+            prop_assert!(gpu_w >= gpu.min_w - 1e-6 && gpu_w <= gpu.planned_w + 1e-6);
+            let limit = p.sites[0].limit_mw * 1e6 - gpu_w;
             let idle: f64 = (0..n).map(|i| d.level_powers_w(DeviceIdx(i)).unwrap()[0]).sum();
             let fixed: f64 = held.iter().map(|&m| power[m as usize] - d.level_powers_w(DeviceIdx(m)).unwrap()[0]).sum::<f64>() + idle;
             let feeder_of = |i: u32| f.devices[i as usize].feeder.index();
@@ -370,7 +397,7 @@ proptest! {
             prop_assert!((p.sites[0].asic_mw - end / 1e6).abs() < 1e-9);
             // Where the limit leaves room for the fixed draw, the plan fits at every instant, or
             // (when it started above a lowered limit) only ever comes down towards it.
-            if fixed <= limit {
+            if fixed + gpu.min_w <= p.sites[0].limit_mw * 1e6 {
                 prop_assert!(end <= limit + 1e-3, "site {end} > {limit}");
                 prop_assert!(worst <= limit.max(start) + 1e-3, "an instant at {worst} above {limit}");
             }

@@ -98,8 +98,6 @@ pub struct DispatchPolicy {
     idle_w: Vec<f64>,
     /// The last plan (changes and reasons), for inspection.
     pub last_plan: Option<Plan>,
-    /// On/off switches commanded so far.
-    pub switches: u64,
 }
 
 impl DispatchPolicy {
@@ -166,7 +164,6 @@ impl DispatchPolicy {
                 })
                 .collect(),
             last_plan: None,
-            switches: 0,
         }
     }
 
@@ -268,16 +265,15 @@ impl Controller for DispatchPolicy {
             ambients.push(ambient);
             signals.push(SiteSignal::new(price, now, ambient + ctx.fleet.sites[s].ambient_offset_c));
         }
-        // GPUs serve at their highest cap: their paying demand is worth far more than power.
+        // GPUs serve at their highest cap (their paying demand is worth far more than power) unless
+        // an obligation needs more than the ASICs can give.
         let mut gpus = vec![GpuBudget::default(); n_sites];
-        let mut targets: Vec<Option<GroupTarget>> = vec![None; ctx.groups.len()];
-        for (gi, g) in ctx.groups.iter().enumerate() {
+        for g in ctx.groups {
             if let ModelRef::Gpu(m) = g.model {
                 let m = ctx.fleet.catalogue.gpu(m);
-                gpus[g.site.index()].planned_w +=
-                    f64::from(g.count()) * (m.max_power_w + m.host_idle_w + m.host_load_w);
-                targets[gi] =
-                    Some(GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w: m.max_power_w, idle_off: false }));
+                let n = f64::from(g.count());
+                gpus[g.site.index()].planned_w += n * (m.max_power_w + m.host_idle_w + m.host_load_w);
+                gpus[g.site.index()].min_w += n * (m.min_cap_w + m.host_idle_w + m.host_load_w);
             }
         }
         if !self.foresight {
@@ -309,20 +305,34 @@ impl Controller for DispatchPolicy {
             let gi = self.group_of[c.device.index()] as usize;
             self.hist[gi][c.from_level as usize] -= 1;
             self.hist[gi][c.to_level as usize] += 1;
-            if (c.from_level == 0) != (c.to_level == 0) {
-                self.switches += 1;
-            }
         }
         for (s, p) in plan.sites.iter().enumerate() {
             self.last_site_mw[s] = p.asic_mw + p.gpu_mw;
         }
-        for (gi, t) in targets.iter_mut().enumerate() {
-            if t.is_none() {
-                *t = Some(GroupTarget::Asic(self.target(gi)));
-            }
-        }
+        // GPU caps: the highest, unless the plan capped the site's GPUs (then the same share of
+        // the range between the lowest and the highest cap on every serving GPU).
+        let targets = ctx
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| match g.model {
+                ModelRef::Asic(_) => GroupTarget::Asic(self.target(gi)),
+                ModelRef::Gpu(m) => {
+                    let m = ctx.fleet.catalogue.gpu(m);
+                    let b = gpus[g.site.index()];
+                    let got = plan.sites[g.site.index()].gpu_mw * 1e6;
+                    let share = if b.planned_w > b.min_w {
+                        ((got - b.min_w) / (b.planned_w - b.min_w)).clamp(0.0, 1.0)
+                    } else {
+                        1.0
+                    };
+                    let cap_w = m.min_cap_w + share * (m.max_power_w - m.min_cap_w);
+                    GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w, idle_off: false })
+                }
+            })
+            .collect();
         self.last_plan = Some(plan);
-        targets.into_iter().map(|t| t.expect("every group has a target")).collect()
+        targets
     }
 }
 
