@@ -245,19 +245,7 @@ fn tune_strike(
 ) -> Result<(StrikeParams, Run), BacktestError> {
     let fleet = input.fleet;
     let sites = fleet.sites.len();
-    let sleep_w: Vec<f64> = (0..sites)
-        .map(|s| {
-            fleet
-                .devices
-                .iter()
-                .filter(|d| d.site.index() == s)
-                .filter_map(|d| match d.model {
-                    ModelRef::Asic(a) => Some(fleet.catalogue.asic(a).sleep_power_w),
-                    ModelRef::Gpu(_) => None,
-                })
-                .sum()
-        })
-        .collect();
+    let sleep_w = fleet.asic_sleep_w_by_site();
     let adder = input.energy_adder_usd_per_mwh;
     // Per site: (last known price, margin if on, margin if off), interval by interval.
     let mut by_site: Vec<Vec<(f64, f64, f64)>> = vec![vec![]; sites];

@@ -150,19 +150,7 @@ impl DispatchPolicy {
             replan_every: 96,
             horizon: 192,
             peaks: vec![Default::default(); fleet.sites.len()],
-            idle_w: (0..fleet.sites.len())
-                .map(|s| {
-                    fleet
-                        .devices
-                        .iter()
-                        .filter(|d| d.site.index() == s)
-                        .filter_map(|d| match d.model {
-                            ModelRef::Asic(a) => Some(fleet.catalogue.asic(a).sleep_power_w),
-                            ModelRef::Gpu(_) => None,
-                        })
-                        .sum()
-                })
-                .collect(),
+            idle_w: fleet.asic_sleep_w_by_site(),
             last_plan: None,
         }
     }

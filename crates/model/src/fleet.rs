@@ -465,6 +465,17 @@ impl Fleet {
         map.into_values().collect()
     }
 
+    /// Draw of each site's ASICs when all are asleep, by site.
+    pub fn asic_sleep_w_by_site(&self) -> Vec<f64> {
+        let mut w = vec![0.0; self.sites.len()];
+        for d in &self.devices {
+            if let ModelRef::Asic(a) = d.model {
+                w[d.site.index()] += self.catalogue.asic(a).sleep_power_w;
+            }
+        }
+        w
+    }
+
     pub fn asic_count(&self) -> usize {
         self.devices.iter().filter(|d| matches!(d.model, ModelRef::Asic(_))).count()
     }
