@@ -587,7 +587,7 @@ impl Dispatcher {
 
     /// Plans the listed sites (an event at one site re-plans only that site). `sites` and `gpus`
     /// are indexed by site; `hashprice` is USD/PH/day. Returns the changed targets, shutdowns
-    /// first, with their reasons.
+    /// first, with their reasons; `Plan::sites` is filled for the listed sites only.
     pub fn plan_sites(
         &mut self,
         now_ms: i64,
