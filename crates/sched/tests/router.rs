@@ -1,0 +1,363 @@
+//! Router scenarios and properties.
+
+use hcp_model::TenantId;
+use hcp_sched::*;
+use proptest::prelude::*;
+
+const M: ModelId = ModelId(1);
+
+fn router() -> Router {
+    Router::new(RouterConfig::three_bands()).unwrap()
+}
+
+fn tenant(r: &mut Router, id: u32, weight: f64, guaranteed: f64, borrow: f64) {
+    r.add_tenant(TenantSpec { id: TenantId(id), weight, guaranteed_gpus: guaranteed, borrow_limit_gpus: borrow })
+        .unwrap();
+}
+
+fn replica(r: &mut Router, id: u32, slots: u32, out: &mut Vec<Decision>) {
+    r.set_replica(ReplicaSpec { id: ReplicaId(id), model: M, gpus: slots, slots, kv_tokens: 1_000_000 }, 0, out)
+        .unwrap();
+}
+
+fn work(id: u64, t: u32, band: u8) -> Work {
+    Work {
+        id,
+        tenant: TenantId(t),
+        band,
+        model: M,
+        prompt_tokens: 100,
+        max_output_tokens: 100,
+        deadline_ms: None,
+        gang: 1,
+        preemptible: true,
+        restart_cost: 0.0,
+    }
+}
+
+fn dispatched(out: &[Decision]) -> Vec<u64> {
+    out.iter().filter_map(|d| if let Decision::Dispatch { id, .. } = d { Some(*id) } else { None }).collect()
+}
+
+#[test]
+fn places_on_the_least_saturated_replica_and_queues_when_full() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 2, &mut out);
+    replica(&mut r, 2, 2, &mut out);
+    for id in 1..=4 {
+        r.arrive(work(id, 1, 1), 0, &mut out);
+    }
+    let placed: Vec<Vec<ReplicaId>> = out
+        .iter()
+        .filter_map(|d| if let Decision::Dispatch { replicas, .. } = d { Some(replicas.clone()) } else { None })
+        .collect();
+    assert_eq!(placed, vec![vec![ReplicaId(1)], vec![ReplicaId(2)], vec![ReplicaId(1)], vec![ReplicaId(2)]]);
+    out.clear();
+    r.arrive(work(5, 1, 1), 1, &mut out);
+    assert_eq!(out, vec![Decision::Queue { id: 5 }]);
+    out.clear();
+    r.complete(2, 100, 2, &mut out);
+    assert_eq!(dispatched(&out), vec![5]);
+    r.check().unwrap();
+}
+
+#[test]
+fn rejects_what_can_never_fit_and_unknown_tenants() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 2, &mut out);
+    r.arrive(Work { model: ModelId(9), ..work(1, 1, 0) }, 0, &mut out);
+    r.arrive(Work { prompt_tokens: 2_000_000, ..work(2, 1, 0) }, 0, &mut out);
+    r.arrive(Work { gang: 3, ..work(3, 1, 2) }, 0, &mut out);
+    r.arrive(work(4, 7, 0), 0, &mut out);
+    r.arrive(work(5, 1, 5), 0, &mut out);
+    let reasons: Vec<RejectReason> = out
+        .iter()
+        .filter_map(|d| if let Decision::Reject { reason, .. } = d { Some(reason.clone()) } else { None })
+        .collect();
+    assert_eq!(
+        reasons[..4],
+        [RejectReason::NeverFits, RejectReason::NeverFits, RejectReason::NeverFits, RejectReason::UnknownTenant]
+    );
+    assert!(matches!(reasons[4], RejectReason::Invalid(_)));
+}
+
+#[test]
+fn strict_priority_with_an_anti_starvation_floor() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 1, &mut out);
+    r.arrive(work(1_000, 1, 0), 0, &mut out);
+    for i in 0..100 {
+        r.arrive(work(i, 1, 0), 0, &mut out);
+        r.arrive(work(500 + i, 1, 2), 0, &mut out);
+    }
+    out.clear();
+    let mut order = vec![];
+    let mut running = 1_000;
+    for t in 1..=100 {
+        r.complete(running, 10, t, &mut out);
+        let d = dispatched(&out);
+        out.clear();
+        running = d[0];
+        order.push(running);
+    }
+    let low = order.iter().filter(|&&id| id >= 500).count();
+    // One decision in 20 goes to the backlogged lower band.
+    assert_eq!(low, 5, "{order:?}");
+    let at: Vec<usize> = order.iter().enumerate().filter(|(_, id)| **id >= 500).map(|(i, _)| i).collect();
+    assert!(at.windows(2).all(|w| w[1] - w[0] == 20), "evenly spaced: {at:?}");
+}
+
+#[test]
+fn weighted_fairness_between_backlogged_tenants() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    tenant(&mut r, 2, 3.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 1, &mut out);
+    for i in 0..400 {
+        r.arrive(work(i, 1, 1), 0, &mut out);
+        r.arrive(work(10_000 + i, 2, 1), 0, &mut out);
+    }
+    let mut running = dispatched(&out)[0];
+    let mut served = [0u32; 2];
+    for t in 1..=200 {
+        out.clear();
+        r.complete(running, 100, t, &mut out);
+        running = dispatched(&out)[0];
+        served[usize::from(running >= 10_000)] += 1;
+    }
+    // Weights 1:3 -> about 50 and 150 of 200.
+    assert!((45..=55).contains(&served[0]), "{served:?}");
+    let j = r.fairness_index(1).unwrap();
+    assert!(j > 0.99, "weighted service is fair: {j}");
+}
+
+#[test]
+fn guaranteed_quota_is_reclaimed_from_a_borrower() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 2.0, 0.0);
+    tenant(&mut r, 2, 1.0, 0.0, 10.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 4, &mut out);
+    for i in 0..4 {
+        r.arrive(work(100 + i, 2, 1), 0, &mut out);
+    }
+    assert_eq!(r.tenant_usage_gpus(TenantId(2)), 4.0, "idle capacity is borrowed");
+    out.clear();
+    r.arrive(work(1, 1, 1), 10_000, &mut out);
+    r.arrive(work(2, 1, 1), 10_000, &mut out);
+    r.arrive(work(3, 1, 1), 10_000, &mut out);
+    let reclaims = out
+        .iter()
+        .filter(|d| matches!(d, Decision::Preempt { reason: PreemptReason::QuotaReclaim { by: TenantId(1) }, .. }))
+        .count();
+    assert_eq!(reclaims, 2);
+    assert_eq!(r.tenant_usage_gpus(TenantId(1)), 2.0, "guarantee honoured, not exceeded by reclaim");
+    assert_eq!(out.last(), Some(&Decision::Queue { id: 3 }));
+    r.check().unwrap();
+}
+
+#[test]
+fn capacity_shrink_picks_victims_minimally_and_keeps_their_place() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    tenant(&mut r, 2, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 4, &mut out);
+    r.arrive(work(1, 1, 0), 0, &mut out);
+    r.arrive(work(2, 1, 2), 0, &mut out);
+    r.arrive(work(3, 2, 1), 0, &mut out);
+    r.arrive(Work { restart_cost: 1_000.0, ..work(4, 2, 2) }, 0, &mut out);
+    r.arrive(work(5, 2, 2), 60_000, &mut out);
+    assert_eq!(out.last(), Some(&Decision::Queue { id: 5 }));
+    out.clear();
+    // Curtailment: the replica keeps 2 of its 4 slots. The batch band goes first, the cheaper to
+    // restart of the two first; then nothing more.
+    r.set_replica(
+        ReplicaSpec { id: ReplicaId(1), model: M, gpus: 2, slots: 2, kv_tokens: 1_000_000 },
+        120_000,
+        &mut out,
+    )
+    .unwrap();
+    let preempted: Vec<u64> =
+        out.iter().filter_map(|d| if let Decision::Preempt { id, .. } = d { Some(*id) } else { None }).collect();
+    assert_eq!(preempted, vec![2, 4]);
+    assert_eq!(r.replica_load(ReplicaId(1)), Some((2, 2)));
+    // Capacity returns: the preempted work goes before the later arrival (id 5) of the same band.
+    out.clear();
+    r.set_replica(
+        ReplicaSpec { id: ReplicaId(1), model: M, gpus: 3, slots: 3, kv_tokens: 1_000_000 },
+        130_000,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(dispatched(&out), vec![2]);
+    r.check().unwrap();
+}
+
+#[test]
+fn gangs_are_placed_and_preempted_whole() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 2, &mut out);
+    replica(&mut r, 2, 2, &mut out);
+    r.arrive(Work { gang: 3, ..work(1, 1, 2) }, 0, &mut out);
+    let Decision::Dispatch { replicas, .. } = &out[0] else { panic!("{out:?}") };
+    assert_eq!(replicas.len(), 2);
+    assert_eq!(r.replica_load(ReplicaId(1)).unwrap().0 + r.replica_load(ReplicaId(2)).unwrap().0, 3);
+    out.clear();
+    r.remove_replica(ReplicaId(2), 60_000, &mut out);
+    assert!(matches!(out[0], Decision::Preempt { id: 1, .. }));
+    assert_eq!(r.replica_load(ReplicaId(1)), Some((0, 2)), "the whole gang released its slots");
+    assert_eq!(r.queued_len(), 1, "and waits for room for all three");
+    r.check().unwrap();
+}
+
+#[test]
+fn queues_are_bounded_and_expire() {
+    let mut cfg = RouterConfig::three_bands();
+    cfg.queue_cap = vec![3, 2, 2];
+    cfg.queue_cap_total = 4;
+    cfg.ttl_ms = vec![1_000, 1_000, 1_000];
+    let mut r = Router::new(cfg).unwrap();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 1, &mut out);
+    r.arrive(work(1, 1, 0), 0, &mut out);
+    r.arrive(work(2, 1, 2), 0, &mut out);
+    r.arrive(work(3, 1, 2), 0, &mut out);
+    r.arrive(work(4, 1, 2), 0, &mut out);
+    assert!(out.contains(&Decision::Reject { id: 4, reason: RejectReason::QueueFull { band: 2 } }));
+    r.arrive(work(5, 1, 0), 0, &mut out);
+    r.arrive(work(6, 1, 0), 0, &mut out);
+    r.arrive(work(7, 1, 0), 0, &mut out);
+    assert!(out.contains(&Decision::Reject { id: 3, reason: RejectReason::Displaced }), "{out:?}");
+    out.clear();
+    r.tick(1_000, &mut out);
+    assert_eq!(out.iter().filter(|d| matches!(d, Decision::Reject { reason: RejectReason::Expired, .. })).count(), 4);
+    assert_eq!(r.queued_len(), 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random arrivals, completions, shrinks and regrowth across tenants with quotas: capacity is
+    /// never exceeded, every admitted request is queued, running, completed or rejected with a
+    /// reason (nothing vanishes), every quota reclaim leaves the victim's tenant at or above its
+    /// guarantee (the condition under which reclaims cannot loop), and no tenant exceeds its
+    /// guarantee plus borrowing limit.
+    #[test]
+    fn router_invariants(ops in proptest::collection::vec((0u8..5, 0u32..6, 0u8..3, 1u32..2_000, 1u32..4), 1..300)) {
+        let mut r = router();
+        let guarantee = |t: u32| f64::from(t % 2) * 2.0;
+        for t in 0..6u32 {
+            r.add_tenant(TenantSpec { id: TenantId(t), weight: 1.0 + f64::from(t % 3), guaranteed_gpus: guarantee(t), borrow_limit_gpus: 6.0 }).unwrap();
+        }
+        let mut out = vec![];
+        for k in 0..3 {
+            r.set_replica(ReplicaSpec { id: ReplicaId(k), model: M, gpus: 4, slots: 4, kv_tokens: 20_000 }, 0, &mut out).unwrap();
+        }
+        let mut next = 0u64;
+        let mut live: std::collections::BTreeMap<u64, u32> = Default::default();
+        for (i, (op, t, band, size, gang)) in ops.into_iter().enumerate() {
+            let now = i as i64 * 1_000;
+            out.clear();
+            match op {
+                0 | 1 => {
+                    next += 1;
+                    let w = Work { prompt_tokens: size, max_output_tokens: size.min(1_000), gang: if band == 2 { gang } else { 1 }, ..work(next, t, band) };
+                    live.insert(next, t);
+                    r.arrive(w, now, &mut out);
+                }
+                2 => {
+                    if let Some((&id, _)) = live.iter().nth(size as usize % live.len().max(1)) {
+                        if r.is_running(id) == Some(true) {
+                            live.remove(&id);
+                        }
+                        r.complete(id, size.min(1_000), now, &mut out);
+                    }
+                }
+                3 => {
+                    let slots = size % 5;
+                    r.set_replica(ReplicaSpec { id: ReplicaId(t % 3), model: M, gpus: slots.max(1), slots, kv_tokens: 20_000 }, now, &mut out).unwrap();
+                }
+                _ => r.tick(now, &mut out),
+            }
+            prop_assert!(r.check().is_ok(), "{}", r.check().unwrap_err());
+            for d in &out {
+                match d {
+                    Decision::Reject { id, .. } => {
+                        live.remove(id);
+                    }
+                    Decision::Preempt { reason: PreemptReason::QuotaReclaim { by }, id, .. } => {
+                        let victim = live[id];
+                        prop_assert!(victim != by.0, "a tenant never reclaims from itself");
+                        prop_assert!(r.tenant_usage_gpus(TenantId(victim)) >= guarantee(victim) - 1e-9, "victim still at its guarantee");
+                    }
+                    _ => {}
+                }
+            }
+            prop_assert_eq!(live.len(), r.queued_len() + r.running_len(), "every admitted request is accounted for");
+            for t in 0..6u32 {
+                prop_assert!(r.tenant_usage_gpus(TenantId(t)) <= guarantee(t) + 6.0 + 1e-9);
+            }
+            prop_assert!(live.keys().all(|id| r.is_running(*id).is_some()));
+        }
+    }
+
+    /// VTC bound: among tenants continuously backlogged in a band, virtual counters stay within
+    /// twice the largest weighted request cost of each other, and a backlogged tenant is served
+    /// within a bounded number of dispatches.
+    #[test]
+    fn backlogged_tenants_stay_within_the_vtc_bound(
+        weights in proptest::collection::vec(1u32..5, 2..6),
+        sizes in proptest::collection::vec(10u32..500, 400),
+    ) {
+        let mut r = router();
+        for (t, w) in weights.iter().enumerate() {
+            tenant(&mut r, t as u32, f64::from(*w), 0.0, 1e9);
+        }
+        let mut out = vec![];
+        replica(&mut r, 1, 1, &mut out);
+        let n = weights.len();
+        let mut next = 0u64;
+        let mut owner = std::collections::BTreeMap::new();
+        // Keep every tenant backlogged: 200 requests each up front.
+        for round in 0..200 {
+            for t in 0..n {
+                next += 1;
+                let s = sizes[(round * n + t) % sizes.len()];
+                owner.insert(next, t);
+                r.arrive(Work { prompt_tokens: s, max_output_tokens: 0, ..work(next, t as u32, 1) }, 0, &mut out);
+            }
+        }
+        let max_cost = *sizes.iter().max().unwrap() as f64;
+        let min_cost = *sizes.iter().min().unwrap() as f64;
+        let min_w = f64::from(*weights.iter().min().unwrap());
+        let max_w = f64::from(*weights.iter().max().unwrap());
+        let mut running = dispatched(&out)[0];
+        let mut last_served = vec![0usize; n];
+        for k in 1..200 {
+            out.clear();
+            r.complete(running, 0, k as i64, &mut out);
+            running = dispatched(&out)[0];
+            let t = owner[&running];
+            // Counter spread among tenants still backlogged.
+            let cs: Vec<f64> = (0..n).map(|x| r.counter(TenantId(x as u32), 1)).collect();
+            let spread = cs.iter().cloned().fold(f64::MIN, f64::max) - cs.iter().cloned().fold(f64::MAX, f64::min);
+            prop_assert!(spread <= 2.0 * max_cost / min_w + 1e-9, "spread {spread}");
+            // Between two services of a tenant, every other tenant gets at most what fits in
+            // the spread bound.
+            let bound = (n - 1) * ((2.0 * max_cost / min_w) / (min_cost / max_w)).ceil() as usize + 1;
+            prop_assert!(k - last_served[t] <= bound || last_served[t] == 0, "tenant {t} waited {} dispatches (bound {bound})", k - last_served[t]);
+            last_served[t] = k;
+        }
+    }
+}
