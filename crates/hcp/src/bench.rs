@@ -235,3 +235,144 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `hcp bench router`: routing decisions per second with 10,000 tenants, 3 bands and 1,000
+/// replicas (10 models x 100), and the time to preempt after a 30 % capacity cut with 50,000 items
+/// running.
+pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
+    use hcp_model::TenantId;
+    use hcp_sched::{Decision, ModelId, ReplicaId, ReplicaSpec, Router, RouterConfig, TenantSpec, Work};
+    if !(10_000..=100_000_000).contains(&decisions_target) {
+        anyhow::bail!("--decisions: must be between 10000 and 100000000");
+    }
+    // A small deterministic generator (SplitMix64) for the synthetic load.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rnd = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let tenants: u32 = std::env::var("HCP_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let build = |slots: u32| -> Result<Router> {
+        let mut r = Router::new(RouterConfig::three_bands()).map_err(anyhow::Error::msg)?;
+        for t in 0..tenants {
+            r.add_tenant(TenantSpec {
+                id: TenantId(t),
+                weight: f64::from(1 + t % 4),
+                guaranteed_gpus: 0.0,
+                borrow_limit_gpus: 1e9,
+            })
+            .map_err(anyhow::Error::msg)?;
+        }
+        let mut out = vec![];
+        for k in 0..1_000u32 {
+            let spec = ReplicaSpec {
+                id: ReplicaId(k),
+                model: ModelId(k % 10),
+                gpus: 8,
+                slots,
+                kv_tokens: u64::from(slots) * 4_000,
+            };
+            r.set_replica(spec, 0, &mut out).map_err(anyhow::Error::msg)?;
+        }
+        Ok(r)
+    };
+    let mut r = build(64)?;
+    let mut out = Vec::with_capacity(1_024);
+    let mut running: Vec<u64> = Vec::with_capacity(70_000);
+    let mut next = 0u64;
+    let mut arrive = |r: &mut Router, rnd: &mut dyn FnMut() -> u64, out: &mut Vec<Decision>, now: i64| {
+        next += 1;
+        let x = rnd();
+        let w = Work {
+            id: next,
+            tenant: TenantId((x % u64::from(tenants)) as u32),
+            band: ((x >> 20) % 3) as u8,
+            model: ModelId(((x >> 30) % 10) as u32),
+            prompt_tokens: 200 + ((x >> 40) % 1_000) as u32,
+            max_output_tokens: 200,
+            deadline_ms: None,
+            gang: 1,
+            preemptible: true,
+            restart_cost: 0.0,
+        };
+        r.arrive(w, now, out);
+    };
+    // Warm up to a full fleet with a backlog.
+    for _ in 0..80_000 {
+        arrive(&mut r, &mut rnd, &mut out, 0);
+    }
+    let collect = |out: &mut Vec<Decision>, running: &mut Vec<u64>| -> u64 {
+        let n = out.len() as u64;
+        for d in out.drain(..) {
+            if let Decision::Dispatch { id, .. } = d {
+                running.push(id);
+            }
+        }
+        n
+    };
+    collect(&mut out, &mut running);
+    eprintln!("DEBUG after warm-up: running {} (router {}), queued {}", running.len(), r.running_len(), r.queued_len());
+    let mut decisions = 0u64;
+    let t = Instant::now();
+    let mut now = 1i64;
+    let (mut t_complete, mut t_arrive) = (0.0, 0.0);
+    while decisions < decisions_target {
+        // One completion (frees a slot: the router dispatches from the backlog) and one arrival.
+        let i = (rnd() % running.len().max(1) as u64) as usize;
+        let t0 = Instant::now();
+        if !running.is_empty() {
+            let id = running.swap_remove(i);
+            r.complete(id, 200, now, &mut out);
+        }
+        let t1 = Instant::now();
+        arrive(&mut r, &mut rnd, &mut out, now);
+        let t2 = Instant::now();
+        t_complete += (t1 - t0).as_secs_f64();
+        t_arrive += (t2 - t1).as_secs_f64();
+        decisions += collect(&mut out, &mut running);
+        now += 1;
+    }
+    let used: u32 = (0..1_000u32).filter_map(|k| r.replica_load(ReplicaId(k))).map(|x| x.0).sum();
+    eprintln!(
+        "DEBUG complete {t_complete:.3} s, arrive {t_arrive:.3} s, running {} (router {}), queued {}, used slots {used}",
+        running.len(),
+        r.running_len(),
+        r.queued_len()
+    );
+    let wall = t.elapsed().as_secs_f64();
+    r.check().map_err(anyhow::Error::msg)?;
+    // Shrink: 50,000 running items (1,000 replicas x 50 slots), every replica cut by 30 %.
+    let mut s = build(50)?;
+    let mut out = vec![];
+    for _ in 0..60_000 {
+        arrive(&mut s, &mut rnd, &mut out, 0);
+    }
+    out.clear();
+    let before = s.running_len();
+    let sizes: Vec<(ReplicaId, u32)> = (0..1_000u32).map(|k| (ReplicaId(k), 35)).collect();
+    let t = Instant::now();
+    s.resize_many(&sizes, 60_000, &mut out);
+    let shrink_ms = t.elapsed().as_secs_f64() * 1e3;
+    let preempted = out.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count();
+    s.check().map_err(anyhow::Error::msg)?;
+    let obj = serde_json::json!({
+        "tenants": tenants,
+        "bands": 3,
+        "replicas": 1_000,
+        "models": 10,
+        "decisions": decisions,
+        "wall_s": wall,
+        "decisions_per_s": decisions as f64 / wall,
+        "target_decisions_per_s": 1_000_000,
+        "shrink": { "running_before": before, "preempted": preempted, "wall_ms": shrink_ms, "target_ms": 10.0 },
+    });
+    if json {
+        println!("{obj}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

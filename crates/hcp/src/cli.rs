@@ -76,6 +76,15 @@ enum BenchWhat {
         #[arg(long, default_value_t = 365)]
         cohort_days: u32,
     },
+    /// Router throughput (10,000 tenants, 3 bands, 1,000 replicas) and capacity-shrink preemption.
+    Router {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Decisions to time.
+        #[arg(long, default_value_t = 2_000_000)]
+        decisions: u64,
+    },
     /// Fast-path dispatcher latency: whole reference fleet and one site, per price event.
     Dispatch {
         /// Print one JSON object instead of text.
@@ -151,6 +160,7 @@ pub fn main() -> ExitCode {
         Command::Bench { what: BenchWhat::Sim { json, fleet, device_hours, cohort_days } } => {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }
+        Command::Bench { what: BenchWhat::Router { json, decisions } } => crate::bench::router(json, decisions),
         Command::Bench { what: BenchWhat::Dispatch { json, fleet, events } } => {
             crate::bench::dispatch(json, fleet.as_deref(), events)
         }

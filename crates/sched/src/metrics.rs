@@ -2,10 +2,11 @@
 //! served, share of service, preemptions with reasons; Jain's fairness index.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 
 use hcp_model::TenantId;
 
-use crate::router::PreemptReason;
+use crate::router::{IdHasher, PreemptReason};
 
 /// A histogram with power-of-two millisecond buckets (0, 1, 2-3, 4-7, ... ms).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -78,7 +79,7 @@ pub struct BandStats {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {
     pub bands: Vec<BandStats>,
-    pub tenants: HashMap<(TenantId, u8), TenantStats>,
+    pub tenants: HashMap<(TenantId, u8), TenantStats, BuildHasherDefault<IdHasher>>,
     input_weight: f64,
     output_weight: f64,
 }
@@ -96,7 +97,7 @@ impl Metrics {
                     preempted_reclaim: 0,
                 })
                 .collect(),
-            tenants: HashMap::new(),
+            tenants: HashMap::default(),
             input_weight: 1.0,
             output_weight: 2.0,
         }

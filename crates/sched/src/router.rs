@@ -17,6 +17,7 @@
 //!    `tests/router.rs::no_preemption_cycles` checks this over random workloads.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use hcp_model::TenantId;
 
@@ -208,7 +209,7 @@ struct Queued {
 /// Backlog of one (model, band): tenants ordered by virtual counter.
 #[derive(Default)]
 struct BandQueue {
-    by_tenant: HashMap<TenantId, BTreeMap<(i64, u64), ReqId>>,
+    by_tenant: FastMap<TenantId, BTreeMap<(i64, u64), ReqId>>,
     order: BTreeSet<(u64, TenantId)>,
     len: usize,
 }
@@ -227,21 +228,50 @@ struct ModelState {
     bands: Vec<BandQueue>,
     turn: u32,
     max_kv: u64,
+    total_slots: u64,
 }
 
 /// The router.
 pub struct Router {
     cfg: RouterConfig,
-    tenants: HashMap<TenantId, TenantState>,
+    tenants: FastMap<TenantId, TenantState>,
     models: BTreeMap<ModelId, ModelState>,
-    replicas: HashMap<ReplicaId, Replica>,
-    queued: HashMap<ReqId, Queued>,
-    running: HashMap<ReqId, Running>,
+    replicas: FastMap<ReplicaId, Replica>,
+    queued: FastMap<ReqId, Queued>,
+    running: FastMap<ReqId, Running>,
+    /// Whether any tenant has a guarantee (else no reclaim can ever happen).
+    any_guarantee: bool,
     expiry: BTreeSet<(i64, ReqId)>,
     band_len: Vec<usize>,
     seq: u64,
     pub metrics: Metrics,
 }
+
+/// A fast hasher for the router's integer keys (ids are not attacker-chosen hash inputs: they
+/// come from our own gateway). Multiply-xorshift over the written words.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z ^= z >> 32;
+        z
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x100_0000_01B3);
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0 ^ i).wrapping_mul(0xBF58_476D_1CE4_E5B9).rotate_left(29);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
 fn key(c: f64) -> u64 {
     c.max(0.0).to_bits()
@@ -254,11 +284,12 @@ impl Router {
             band_len: vec![0; cfg.bands],
             metrics: Metrics::new(cfg.bands),
             cfg,
-            tenants: HashMap::new(),
+            tenants: FastMap::default(),
             models: BTreeMap::new(),
-            replicas: HashMap::new(),
-            queued: HashMap::new(),
-            running: HashMap::new(),
+            replicas: FastMap::default(),
+            queued: FastMap::default(),
+            running: FastMap::default(),
+            any_guarantee: false,
             expiry: BTreeSet::new(),
             seq: 0,
         })
@@ -278,6 +309,7 @@ impl Router {
         if self.tenants.len() >= MAX_TENANTS && !self.tenants.contains_key(&spec.id) {
             return Err(format!("at most {MAX_TENANTS} tenants"));
         }
+        self.any_guarantee |= spec.guaranteed_gpus > 0.0;
         let bands = self.cfg.bands;
         self.tenants.entry(spec.id).and_modify(|t| t.spec = spec.clone()).or_insert(TenantState {
             spec,
@@ -365,6 +397,23 @@ impl Router {
         Ok(())
     }
 
+    /// Resizes many replicas at once (a curtailment across a site): every replica is fitted first,
+    /// then each affected model's queue is served once.
+    pub fn resize_many(&mut self, sizes: &[(ReplicaId, u32)], now_ms: i64, out: &mut Vec<Decision>) {
+        let mut models = BTreeSet::new();
+        for &(id, slots) in sizes {
+            let Some(rep) = self.replicas.get_mut(&id) else { continue };
+            rep.spec.slots = slots;
+            models.insert(rep.spec.model);
+            self.fit_replica(id, now_ms, out);
+            self.reindex(id);
+        }
+        for m in models {
+            self.refresh_max_kv(m);
+            self.pump(m, now_ms, out);
+        }
+    }
+
     /// Removes a replica (node loss, curtailment): its work is preempted back to the queue.
     pub fn remove_replica(&mut self, id: ReplicaId, now_ms: i64, out: &mut Vec<Decision>) {
         let Some(rep) = self.replicas.get_mut(&id) else { return };
@@ -383,7 +432,9 @@ impl Router {
 
     fn refresh_max_kv(&mut self, model: ModelId) {
         let m = self.models.get_mut(&model).expect("model");
-        m.max_kv = m.replicas.iter().filter_map(|r| self.replicas.get(r)).map(|r| r.spec.kv_tokens).max().unwrap_or(0);
+        let reps = m.replicas.iter().filter_map(|r| self.replicas.get(r));
+        m.max_kv = reps.clone().map(|r| r.spec.kv_tokens).max().unwrap_or(0);
+        m.total_slots = reps.map(|r| u64::from(r.spec.slots)).sum();
     }
 
     /// Preempts work on a replica until its running work fits its slots: lowest band first, then the
@@ -450,19 +501,18 @@ impl Router {
     fn enqueue(&mut self, q: Queued) {
         let (model, band, tenant) = (q.work.model, usize::from(q.work.band), q.work.tenant);
         let order_key = (q.work.deadline_ms.unwrap_or(i64::MAX), q.seq);
-        let counter = {
-            // A tenant becoming backlogged again is lifted to the least counter among the
-            // backlogged, so that idleness banks no credit.
-            let bq = &self.models[&model].bands[band];
-            let min_backlogged = bq.order.iter().next().map(|(k, _)| f64::from_bits(*k));
-            let t = self.tenants.get_mut(&tenant).expect("known tenant");
-            if !bq.by_tenant.contains_key(&tenant)
-                && let Some(m) = min_backlogged
-            {
-                t.counter[band] = t.counter[band].max(m);
+        // A tenant becoming backlogged again is lifted to the least counter among the backlogged,
+        // so that idleness banks no credit.
+        let bq = &self.models[&model].bands[band];
+        if !bq.by_tenant.contains_key(&tenant)
+            && let Some(m) = bq.order.iter().next().map(|(k, _)| f64::from_bits(*k))
+        {
+            let c = self.tenants[&tenant].counter[band];
+            if m > c {
+                self.set_counter(tenant, band, m);
             }
-            t.counter[band]
-        };
+        }
+        let counter = self.tenants[&tenant].counter[band];
         let bq = &mut self.models.get_mut(&model).expect("model").bands[band];
         let tq = bq.by_tenant.entry(tenant).or_default();
         if tq.is_empty() {
@@ -515,9 +565,7 @@ impl Router {
             return;
         }
         let kv = u64::from(w.prompt_tokens + w.max_output_tokens);
-        let fits_ever = self.models.get(&w.model).is_some_and(|m| {
-            m.max_kv >= kv && m.replicas.iter().map(|r| self.replicas[r].spec.slots).sum::<u32>() >= w.gang
-        });
+        let fits_ever = self.models.get(&w.model).is_some_and(|m| m.max_kv >= kv && m.total_slots >= u64::from(w.gang));
         if !fits_ever {
             out.push(Decision::Reject { id, reason: RejectReason::NeverFits });
             return;
@@ -576,14 +624,19 @@ impl Router {
     }
 
     fn charge(&mut self, tenant: TenantId, band: usize, cost: f64) {
+        let t = &self.tenants[&tenant];
+        let new = t.counter[band] + cost / t.spec.weight;
+        self.set_counter(tenant, band, new);
+    }
+
+    /// Sets a tenant's virtual counter in a band, keeping the backlog order keys in step for
+    /// every model the tenant waits on in that band.
+    fn set_counter(&mut self, tenant: TenantId, band: usize, new: f64) {
         let t = self.tenants.get_mut(&tenant).expect("tenant");
-        let old = t.counter[band];
-        t.counter[band] += cost / t.spec.weight;
-        let new = t.counter[band];
-        // Keep the backlog order keys in step for every model the tenant waits on in this band.
+        let old = std::mem::replace(&mut t.counter[band], new);
         for m in self.models.values_mut() {
             let bq = &mut m.bands[band];
-            if bq.order.remove(&(key(old), tenant)) {
+            if bq.by_tenant.contains_key(&tenant) && bq.order.remove(&(key(old), tenant)) {
                 bq.order.insert((key(new), tenant));
             }
         }
@@ -654,15 +707,25 @@ impl Router {
     /// Tries the tenants of a band in VTC order; the first whose head fits (capacity, quota, or a
     /// reclaim) goes. Returns whether something was dispatched.
     fn dispatch_one(&mut self, model: ModelId, band: usize, now_ms: i64, out: &mut Vec<Decision>) -> bool {
-        let candidates: Vec<(TenantId, ReqId)> = {
-            let bq = &self.models[&model].bands[band];
-            bq.order
-                .iter()
-                .take(64)
-                .filter_map(|(_, t)| bq.by_tenant.get(t).and_then(|q| q.values().next()).map(|id| (*t, *id)))
-                .collect()
-        };
-        for (tenant, id) in candidates {
+        if self.models[&model].free.is_empty() && !self.any_guarantee {
+            return false;
+        }
+        // Tenants in VTC order, looked at lazily (the first usually goes).
+        let mut cursor: Option<(u64, TenantId)> = None;
+        let mut tried = 0;
+        while tried < 64 {
+            tried += 1;
+            let next = {
+                let bq = &self.models[&model].bands[band];
+                let mut it = match cursor {
+                    None => bq.order.range(..),
+                    Some(c) => bq.order.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
+                };
+                it.next().copied().map(|k| (k, bq.by_tenant.get(&k.1).and_then(|q| q.values().next()).copied()))
+            };
+            let Some((k, Some(id))) = next else { return false };
+            cursor = Some(k);
+            let tenant = k.1;
             let w = &self.queued[&id].work;
             let (gang, kv) = (w.gang, u64::from(w.prompt_tokens + w.max_output_tokens));
             let Some(placement) = self.place(model, gang, kv) else {
@@ -755,10 +818,10 @@ impl Router {
         now_ms: i64,
         out: &mut Vec<Decision>,
     ) -> bool {
-        if gang != 1 {
+        let t = &self.tenants[&tenant];
+        if gang != 1 || t.usage_gpus >= t.spec.guaranteed_gpus {
             return false;
         }
-        let t = &self.tenants[&tenant];
         let mut best: Option<((bool, i64, ReqId), ReqId)> = None;
         for r in &self.models[&model].replicas {
             let rep = &self.replicas[r];
@@ -831,7 +894,7 @@ impl Router {
                 ));
             }
         }
-        let mut usage: HashMap<TenantId, f64> = HashMap::new();
+        let mut usage: FastMap<TenantId, f64> = FastMap::default();
         for r in self.running.values() {
             *usage.entry(r.work.tenant).or_default() += r.gpus;
         }
@@ -844,6 +907,15 @@ impl Router {
         let queued: usize = self.band_len.iter().sum();
         if queued != self.queued.len() {
             return Err("band lengths do not add up".into());
+        }
+        for (mid, m) in &self.models {
+            for (b, bq) in m.bands.iter().enumerate() {
+                let expect: BTreeSet<(u64, TenantId)> =
+                    bq.by_tenant.keys().map(|t| (key(self.tenants[t].counter[b]), *t)).collect();
+                if expect != bq.order || bq.len != bq.by_tenant.values().map(|q| q.len()).sum::<usize>() {
+                    return Err(format!("model {} band {b}: backlog order out of step", mid.0));
+                }
+            }
         }
         Ok(())
     }
