@@ -254,7 +254,7 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    let tenants: u32 = std::env::var("HCP_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let tenants = 10_000u32;
     let build = |slots: u32| -> Result<Router> {
         let mut r = Router::new(RouterConfig::three_bands()).map_err(anyhow::Error::msg)?;
         for t in 0..tenants {
@@ -314,34 +314,20 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
         n
     };
     collect(&mut out, &mut running);
-    eprintln!("DEBUG after warm-up: running {} (router {}), queued {}", running.len(), r.running_len(), r.queued_len());
     let mut decisions = 0u64;
     let t = Instant::now();
     let mut now = 1i64;
-    let (mut t_complete, mut t_arrive) = (0.0, 0.0);
     while decisions < decisions_target {
         // One completion (frees a slot: the router dispatches from the backlog) and one arrival.
         let i = (rnd() % running.len().max(1) as u64) as usize;
-        let t0 = Instant::now();
         if !running.is_empty() {
             let id = running.swap_remove(i);
             r.complete(id, 200, now, &mut out);
         }
-        let t1 = Instant::now();
         arrive(&mut r, &mut rnd, &mut out, now);
-        let t2 = Instant::now();
-        t_complete += (t1 - t0).as_secs_f64();
-        t_arrive += (t2 - t1).as_secs_f64();
         decisions += collect(&mut out, &mut running);
         now += 1;
     }
-    let used: u32 = (0..1_000u32).filter_map(|k| r.replica_load(ReplicaId(k))).map(|x| x.0).sum();
-    eprintln!(
-        "DEBUG complete {t_complete:.3} s, arrive {t_arrive:.3} s, running {} (router {}), queued {}, used slots {used}",
-        running.len(),
-        r.running_len(),
-        r.queued_len()
-    );
     let wall = t.elapsed().as_secs_f64();
     r.check().map_err(anyhow::Error::msg)?;
     // Shrink: 50,000 running items (1,000 replicas x 50 slots), every replica cut by 30 %.

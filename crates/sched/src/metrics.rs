@@ -1,12 +1,7 @@
 //! The numbers the API exposes: per band and tenant, queue time, time to first token, tokens
 //! served, share of service, preemptions with reasons; Jain's fairness index.
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
-
-use hcp_model::TenantId;
-
-use crate::router::{IdHasher, PreemptReason};
+use crate::router::PreemptReason;
 
 /// A histogram with power-of-two millisecond buckets (0, 1, 2-3, 4-7, ... ms).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -76,12 +71,17 @@ pub struct BandStats {
     pub preempted_reclaim: u64,
 }
 
+/// Per-band figures; per-tenant ones live with each tenant (`Router::tenant_stats`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {
     pub bands: Vec<BandStats>,
-    pub tenants: HashMap<(TenantId, u8), TenantStats, BuildHasherDefault<IdHasher>>,
-    input_weight: f64,
-    output_weight: f64,
+}
+
+impl TenantStats {
+    /// Weighted tokens served (the VTC cost: input x1, output x2).
+    pub fn service(&self) -> f64 {
+        self.input_tokens as f64 + 2.0 * self.output_tokens as f64
+    }
 }
 
 impl Metrics {
@@ -97,9 +97,6 @@ impl Metrics {
                     preempted_reclaim: 0,
                 })
                 .collect(),
-            tenants: HashMap::default(),
-            input_weight: 1.0,
-            output_weight: 2.0,
         }
     }
 
@@ -111,28 +108,12 @@ impl Metrics {
         self.bands[usize::from(band)].rejected += 1;
     }
 
-    pub(crate) fn dispatched(&mut self, t: TenantId, band: u8, waited_ms: i64) {
+    pub(crate) fn dispatched(&mut self, band: u8, waited_ms: i64) {
         self.bands[usize::from(band)].queue.record(waited_ms);
-        let s = self.tenants.entry((t, band)).or_default();
-        s.dispatched += 1;
-        s.queue_ms_sum += waited_ms as f64;
     }
 
-    pub(crate) fn first_token(&mut self, t: TenantId, band: u8, ttft_ms: i64) {
+    pub(crate) fn first_token(&mut self, band: u8, ttft_ms: i64) {
         self.bands[usize::from(band)].ttft.record(ttft_ms);
-        let s = self.tenants.entry((t, band)).or_default();
-        s.first_tokens += 1;
-        s.ttft_ms_sum += ttft_ms as f64;
-    }
-
-    pub(crate) fn served(&mut self, t: TenantId, band: u8, input: u64, output: u64) {
-        let s = self.tenants.entry((t, band)).or_default();
-        s.input_tokens += input;
-        s.output_tokens += output;
-    }
-
-    pub(crate) fn completed(&mut self, t: TenantId, band: u8) {
-        self.tenants.entry((t, band)).or_default().completed += 1;
     }
 
     pub(crate) fn preempted(&mut self, band: u8, why: &PreemptReason) {
@@ -143,12 +124,6 @@ impl Metrics {
         }
     }
 
-    /// Weighted tokens served to a tenant in a band (the VTC cost: input x1, output x2).
-    pub fn service(&self, t: TenantId, band: u8) -> f64 {
-        self.tenants
-            .get(&(t, band))
-            .map_or(0.0, |s| s.input_tokens as f64 * self.input_weight + s.output_tokens as f64 * self.output_weight)
-    }
 }
 
 /// Jain's fairness index: (sum x)^2 / (n sum x^2); 1.0 is perfectly fair. None for no tenants.

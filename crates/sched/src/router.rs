@@ -219,6 +219,9 @@ struct TenantState {
     /// VTC per band.
     counter: Vec<f64>,
     usage_gpus: f64,
+    /// Per band: the models where the tenant has queued work, and its figures.
+    waiting_in: Vec<Vec<ModelId>>,
+    stats: Vec<crate::metrics::TenantStats>,
 }
 
 #[derive(Default)]
@@ -315,6 +318,8 @@ impl Router {
             spec,
             counter: vec![0.0; bands],
             usage_gpus: 0.0,
+            waiting_in: vec![vec![]; bands],
+            stats: vec![Default::default(); bands],
         });
         Ok(())
     }
@@ -473,6 +478,9 @@ impl Router {
         let r = self.running.remove(&rid).expect("running");
         self.release(&r);
         self.metrics.preempted(r.work.band, &reason);
+        if let Some(t) = self.tenants.get_mut(&r.work.tenant) {
+            t.stats[usize::from(r.work.band)].preempted += 1;
+        }
         out.push(Decision::Preempt { id: rid, replicas: r.replicas.clone(), reason });
         // Back in line at its original place, with its service kept (the VTC is not refunded).
         let expires = now_ms + self.cfg.ttl_ms[usize::from(r.work.band)];
@@ -517,6 +525,7 @@ impl Router {
         let tq = bq.by_tenant.entry(tenant).or_default();
         if tq.is_empty() {
             bq.order.insert((key(counter), tenant));
+            self.tenants.get_mut(&tenant).expect("tenant").waiting_in[band].push(model);
         }
         tq.insert(order_key, q.work.id);
         bq.len += 1;
@@ -536,6 +545,7 @@ impl Router {
         if tq.is_empty() {
             bq.by_tenant.remove(&tenant);
             bq.order.remove(&(key(counter), tenant));
+            self.tenants.get_mut(&tenant).expect("tenant").waiting_in[band].retain(|m| *m != model);
         }
         bq.len -= 1;
         self.band_len[band] -= 1;
@@ -615,12 +625,15 @@ impl Router {
         let Some(r) = self.running.get_mut(&id) else { return };
         let add = output_tokens.saturating_sub(r.output_done);
         if r.output_done == 0 && add > 0 {
-            self.metrics.first_token(r.work.tenant, r.work.band, now_ms - r.arrived_ms);
+            self.metrics.first_token(r.work.band, now_ms - r.arrived_ms);
+            let st = &mut self.tenants.get_mut(&r.work.tenant).expect("tenant").stats[usize::from(r.work.band)];
+            st.first_tokens += 1;
+            st.ttft_ms_sum += (now_ms - r.arrived_ms) as f64;
         }
         r.output_done = r.output_done.max(output_tokens);
         let (tenant, band) = (r.work.tenant, r.work.band);
         self.charge(tenant, usize::from(band), f64::from(add) * self.cfg.output_weight);
-        self.metrics.served(tenant, band, 0, u64::from(add));
+        self.tenants.get_mut(&tenant).expect("tenant").stats[usize::from(band)].output_tokens += u64::from(add);
     }
 
     fn charge(&mut self, tenant: TenantId, band: usize, cost: f64) {
@@ -634,9 +647,9 @@ impl Router {
     fn set_counter(&mut self, tenant: TenantId, band: usize, new: f64) {
         let t = self.tenants.get_mut(&tenant).expect("tenant");
         let old = std::mem::replace(&mut t.counter[band], new);
-        for m in self.models.values_mut() {
-            let bq = &mut m.bands[band];
-            if bq.by_tenant.contains_key(&tenant) && bq.order.remove(&(key(old), tenant)) {
+        for model in &t.waiting_in[band] {
+            let bq = &mut self.models.get_mut(model).expect("model").bands[band];
+            if bq.order.remove(&(key(old), tenant)) {
                 bq.order.insert((key(new), tenant));
             }
         }
@@ -647,7 +660,9 @@ impl Router {
         self.progress(id, output_tokens, now_ms);
         let Some(r) = self.running.remove(&id) else { return };
         self.release(&r);
-        self.metrics.completed(r.work.tenant, r.work.band);
+        if let Some(t) = self.tenants.get_mut(&r.work.tenant) {
+            t.stats[usize::from(r.work.band)].completed += 1;
+        }
         let model = r.work.model;
         self.pump(model, now_ms, out);
     }
@@ -672,12 +687,14 @@ impl Router {
     fn pick_band(&self, model: ModelId) -> Option<usize> {
         let floor = self.cfg.floor_every;
         let m = self.models.get(&model)?;
-        let backlogged: Vec<usize> = (0..m.bands.len()).filter(|&b| m.bands[b].len > 0).collect();
-        let top = *backlogged.first()?;
+        let top = m.bands.iter().position(|b| b.len > 0)?;
         let turn = m.turn.wrapping_add(1);
-        if backlogged.len() > 1 && turn.is_multiple_of(floor) {
-            let lower = &backlogged[1..];
-            return Some(lower[(turn / floor) as usize % lower.len()]);
+        if turn.is_multiple_of(floor) {
+            let lower = m.bands.iter().enumerate().skip(top + 1).filter(|(_, b)| b.len > 0).count();
+            if lower > 0 {
+                let k = (turn / floor) as usize % lower;
+                return m.bands.iter().enumerate().skip(top + 1).filter(|(_, b)| b.len > 0).nth(k).map(|(i, _)| i);
+            }
         }
         Some(top)
     }
@@ -786,8 +803,11 @@ impl Router {
         self.tenants.get_mut(&tenant).expect("tenant").usage_gpus += gpus;
         // VTC charges input tokens when the prompt is admitted.
         self.charge(tenant, band, f64::from(q.work.prompt_tokens) * self.cfg.input_weight);
-        self.metrics.dispatched(tenant, q.work.band, now_ms - q.arrived_ms);
-        self.metrics.served(tenant, q.work.band, u64::from(q.work.prompt_tokens), 0);
+        self.metrics.dispatched(q.work.band, now_ms - q.arrived_ms);
+        let st = &mut self.tenants.get_mut(&tenant).expect("tenant").stats[band];
+        st.dispatched += 1;
+        st.queue_ms_sum += (now_ms - q.arrived_ms) as f64;
+        st.input_tokens += u64::from(q.work.prompt_tokens);
         out.push(Decision::Dispatch { id, replicas: distinct.clone() });
         self.running.insert(
             id,
@@ -866,7 +886,7 @@ impl Router {
             for t in m.bands[band].by_tenant.keys() {
                 if seen.insert(*t) {
                     let s = &self.tenants[t];
-                    xs.push(self.metrics.service(*t, band as u8) / s.spec.weight);
+                    xs.push(s.stats[band].service() / s.spec.weight);
                 }
             }
         }
@@ -876,6 +896,11 @@ impl Router {
     /// Queued requests per band (all models).
     pub fn band_lengths(&self) -> &[usize] {
         &self.band_len
+    }
+
+    /// A tenant's figures in a band.
+    pub fn tenant_stats(&self, t: TenantId, band: usize) -> Option<&crate::metrics::TenantStats> {
+        self.tenants.get(&t).and_then(|s| s.stats.get(band))
     }
 
     /// Virtual counter of a tenant in a band.
