@@ -10,6 +10,7 @@
 pub mod backtest;
 pub mod controller;
 pub mod policies;
+pub mod replay;
 pub mod run;
 
 pub use controller::{Baseline, BaselineMode, Controller, DecisionContext};

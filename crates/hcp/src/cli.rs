@@ -49,6 +49,22 @@ enum Command {
     },
     /// Simulate a fleet over a period and write one CSV row per site and interval.
     Sim(SimArgs),
+    /// Replay a recorded inference trace through the router, split across tenants, with part of
+    /// the capacity removed partway (curtailment); per-band queue times and fairness.
+    Replay {
+        /// Inference trace (CSV: TIMESTAMP,ContextTokens,GeneratedTokens).
+        #[arg(long)]
+        trace: PathBuf,
+        /// Tenants the trace is split across (weights 1-4, bands by tenant).
+        #[arg(long, default_value_t = 12)]
+        tenants: u32,
+        /// Capacity cut as FRACTION@TIME, e.g. 0.3@20m.
+        #[arg(long, default_value = "0.3@20m")]
+        shrink: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the dispatcher and the baselines over a recorded period and compare what they earn.
     Backtest(crate::backtest_cmd::BacktestArgs),
     /// Benchmarks.
@@ -157,6 +173,7 @@ pub fn main() -> ExitCode {
         Command::Up { fleet, seed, days } => up(fleet.as_deref(), seed, days),
         Command::Sim(a) => sim(&a),
         Command::Backtest(a) => crate::backtest_cmd::run(&a),
+        Command::Replay { trace, tenants, shrink, json } => replay(&trace, tenants, &shrink, json),
         Command::Bench { what: BenchWhat::Sim { json, fleet, device_hours, cohort_days } } => {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }
@@ -191,6 +208,56 @@ fn open(path: &Path, what: &str) -> Result<File> {
 
 fn parse_time(s: &str, flag: &str) -> Result<SimTime> {
     SimTime::parse(s).with_context(|| format!("--{flag}"))
+}
+
+fn replay(trace: &Path, tenants: u32, shrink: &str, json: bool) -> Result<ExitCode> {
+    let requests = replay::load_trace_csv(&trace.display().to_string(), open(trace, "trace")?)?;
+    let (fraction, at) = shrink
+        .split_once('@')
+        .ok_or_else(|| anyhow::anyhow!("--shrink: expected FRACTION@TIME like 0.3@20m, got {shrink:?}"))?;
+    let fraction: f64 = fraction.parse().map_err(|_| anyhow::anyhow!("--shrink: {fraction:?} is not a number"))?;
+    let at_ms = parse_duration_ms(at).context("--shrink")?;
+    let spec = hcp_harness::replay::ReplaySpec {
+        tenants,
+        shrink_fraction: fraction,
+        shrink_at_ms: at_ms,
+        ..Default::default()
+    };
+    let r = hcp_harness::replay::replay(&requests, &spec).map_err(|e| anyhow::anyhow!("--tenants/--shrink: {e}"))?;
+    let bands: Vec<serde_json::Value> = r
+        .bands
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "band": b.band,
+                "requests": b.requests,
+                "queue_ms_p50_before": b.queue_ms_p50_before,
+                "queue_ms_p99_before": b.queue_ms_p99_before,
+                "queue_ms_p50_after": b.queue_ms_p50_after,
+                "queue_ms_p99_after": b.queue_ms_p99_after,
+                "preempted": b.preempted,
+                "rejected": b.rejected,
+                "fairness_before": b.fairness_before,
+                "fairness_after": b.fairness_after,
+            })
+        })
+        .collect();
+    let obj = serde_json::json!({
+        "requests": r.requests,
+        "trace_copies": r.copies,
+        "completed": r.completed,
+        "tenants": tenants,
+        "replicas_before": r.replicas_before,
+        "replicas_after": r.replicas_after,
+        "shrink_at_ms": at_ms,
+        "bands": bands,
+    });
+    if json {
+        println!("{obj}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn up(fleet: Option<&Path>, seed: u64, days: u32) -> Result<ExitCode> {

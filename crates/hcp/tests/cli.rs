@@ -260,3 +260,22 @@ fn bench_dispatch_prints_json() {
     assert!(v["full_fleet_plan_ms"]["p99"].as_f64().unwrap() > 0.0);
     assert!(v["planner"]["variables"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn replay_and_bench_router_print_json() {
+    let trace = root().join("../shared/data/llm-traces/azure_llm_inference_2023_code.csv");
+    let o = hcp(&["replay", "--trace", trace.to_str().unwrap(), "--tenants", "6", "--shrink", "0.3@20m", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bands"].as_array().unwrap().len(), 3);
+    for key in ["queue_ms_p50_before", "queue_ms_p99_before", "queue_ms_p50_after", "queue_ms_p99_after"] {
+        assert!(v["bands"][0][key].is_number(), "{key}");
+    }
+    let o = hcp(&["replay", "--trace", trace.to_str().unwrap(), "--shrink", "lots"]);
+    assert!(text(&o).contains("--shrink: expected FRACTION@TIME"), "{}", text(&o));
+    let o = hcp(&["bench", "router", "--json", "--decisions", "20000"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["decisions_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["shrink"]["running_before"].as_u64(), Some(50_000));
+}

@@ -123,7 +123,6 @@ impl Metrics {
             PreemptReason::QuotaReclaim { .. } => b.preempted_reclaim += 1,
         }
     }
-
 }
 
 /// Jain's fairness index: (sum x)^2 / (n sum x^2); 1.0 is perfectly fair. None for no tenants.

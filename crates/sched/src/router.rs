@@ -898,6 +898,11 @@ impl Router {
         &self.band_len
     }
 
+    /// Whether a tenant has queued work in a band (any model).
+    pub fn band_backlog(&self, t: TenantId, band: usize) -> bool {
+        self.tenants.get(&t).is_some_and(|s| !s.waiting_in[band].is_empty())
+    }
+
     /// A tenant's figures in a band.
     pub fn tenant_stats(&self, t: TenantId, band: usize) -> Option<&crate::metrics::TenantStats> {
         self.tenants.get(&t).and_then(|s| s.stats.get(band))
