@@ -475,13 +475,13 @@ impl Router {
     }
 
     fn preempt(&mut self, rid: ReqId, reason: PreemptReason, now_ms: i64, out: &mut Vec<Decision>) {
-        let r = self.running.remove(&rid).expect("running");
+        let mut r = self.running.remove(&rid).expect("running");
         self.release(&r);
         self.metrics.preempted(r.work.band, &reason);
         if let Some(t) = self.tenants.get_mut(&r.work.tenant) {
             t.stats[usize::from(r.work.band)].preempted += 1;
         }
-        out.push(Decision::Preempt { id: rid, replicas: r.replicas.clone(), reason });
+        out.push(Decision::Preempt { id: rid, replicas: std::mem::take(&mut r.replicas), reason });
         // Back in line at its original place, with its service kept (the VTC is not refunded).
         let expires = now_ms + self.cfg.ttl_ms[usize::from(r.work.band)];
         self.enqueue(Queued { work: r.work, seq: r.seq, arrived_ms: r.arrived_ms, expires_ms: expires });
