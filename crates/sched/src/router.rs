@@ -16,7 +16,8 @@
 //!    bounded below by zero, so no cycle A preempts B preempts A exists.
 //!    `tests/router.rs::no_preemption_cycles` checks this over random workloads.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use hcp_model::TenantId;
@@ -209,7 +210,8 @@ struct Queued {
 /// Backlog of one (model, band): tenants ordered by virtual counter.
 #[derive(Default)]
 struct BandQueue {
-    by_tenant: FastMap<TenantId, BTreeMap<(i64, u64), ReqId>>,
+    /// Per tenant: its queued work sorted by (deadline, arrival sequence).
+    by_tenant: FastMap<TenantId, VecDeque<((i64, u64), ReqId)>>,
     order: BTreeSet<(u64, TenantId)>,
     len: usize,
 }
@@ -244,7 +246,10 @@ pub struct Router {
     running: FastMap<ReqId, Running>,
     /// Whether any tenant has a guarantee (else no reclaim can ever happen).
     any_guarantee: bool,
-    expiry: BTreeSet<(i64, ReqId)>,
+    /// While fitting a replica, placement-index updates wait here and run once at the end.
+    deferred: Option<Vec<ReplicaId>>,
+    /// Expiry times of queued work; entries of work that has left the queue are skipped lazily.
+    expiry: BinaryHeap<Reverse<(i64, ReqId)>>,
     band_len: Vec<usize>,
     seq: u64,
     pub metrics: Metrics,
@@ -293,7 +298,8 @@ impl Router {
             queued: FastMap::default(),
             running: FastMap::default(),
             any_guarantee: false,
-            expiry: BTreeSet::new(),
+            deferred: None,
+            expiry: BinaryHeap::new(),
             seq: 0,
         })
     }
@@ -463,6 +469,7 @@ impl Router {
             })
             .collect();
         victims.sort_unstable();
+        self.deferred = Some(Vec::new());
         for v in victims {
             let rep = &self.replicas[&id];
             if rep.used_slots <= rep.spec.slots {
@@ -470,6 +477,14 @@ impl Router {
             }
             if self.running.contains_key(&v.5) {
                 self.preempt(v.5, PreemptReason::CapacityShrink { replica: id }, now_ms, out);
+            }
+        }
+        let mut touched = self.deferred.take().unwrap_or_default();
+        touched.sort_unstable();
+        touched.dedup();
+        for r in touched {
+            if self.replicas.contains_key(&r) {
+                self.reindex(r);
             }
         }
     }
@@ -497,7 +512,9 @@ impl Router {
             }
         }
         for id in &r.replicas {
-            if self.replicas.contains_key(id) {
+            if let Some(d) = self.deferred.as_mut() {
+                d.push(*id);
+            } else if self.replicas.contains_key(id) {
                 self.reindex(*id);
             }
         }
@@ -527,21 +544,25 @@ impl Router {
             bq.order.insert((key(counter), tenant));
             self.tenants.get_mut(&tenant).expect("tenant").waiting_in[band].push(model);
         }
-        tq.insert(order_key, q.work.id);
+        // New work usually goes last; preempted work returns near the front (its old place).
+        let at = tq.partition_point(|e| e.0 < order_key);
+        tq.insert(at, (order_key, q.work.id));
         bq.len += 1;
         self.band_len[band] += 1;
-        self.expiry.insert((q.expires_ms, q.work.id));
+        self.expiry.push(Reverse((q.expires_ms, q.work.id)));
         self.queued.insert(q.work.id, q);
     }
 
     fn dequeue(&mut self, id: ReqId) -> Option<Queued> {
         let q = self.queued.remove(&id)?;
         let (model, band, tenant) = (q.work.model, usize::from(q.work.band), q.work.tenant);
-        self.expiry.remove(&(q.expires_ms, id));
         let counter = self.tenants[&tenant].counter[band];
         let bq = &mut self.models.get_mut(&model).expect("model").bands[band];
         let tq = bq.by_tenant.get_mut(&tenant).expect("tenant queue");
-        tq.remove(&(q.work.deadline_ms.unwrap_or(i64::MAX), q.seq));
+        let k = (q.work.deadline_ms.unwrap_or(i64::MAX), q.seq);
+        let at = tq.partition_point(|e| e.0 < k);
+        debug_assert_eq!(tq.get(at).map(|e| e.1), Some(id));
+        tq.remove(at);
         if tq.is_empty() {
             bq.by_tenant.remove(&tenant);
             bq.order.remove(&(key(counter), tenant));
@@ -669,15 +690,17 @@ impl Router {
 
     /// Time passes: queued work past its time-to-live is rejected.
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Decision>) {
-        while let Some(&(t, id)) = self.expiry.iter().next() {
+        while let Some(&Reverse((t, id))) = self.expiry.peek() {
             if t > now_ms {
                 break;
             }
-            if let Some(q) = self.dequeue(id) {
+            self.expiry.pop();
+            // Only work still queued with this expiry (not dispatched, or re-queued since).
+            if self.queued.get(&id).is_some_and(|q| q.expires_ms == t)
+                && let Some(q) = self.dequeue(id)
+            {
                 self.metrics.rejected(q.work.band);
                 out.push(Decision::Reject { id, reason: RejectReason::Expired });
-            } else {
-                self.expiry.remove(&(t, id));
             }
         }
     }
@@ -738,7 +761,7 @@ impl Router {
                     None => bq.order.range(..),
                     Some(c) => bq.order.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
                 };
-                it.next().copied().map(|k| (k, bq.by_tenant.get(&k.1).and_then(|q| q.values().next()).copied()))
+                it.next().copied().map(|k| (k, bq.by_tenant.get(&k.1).and_then(|q| q.front()).map(|e| e.1)))
             };
             let Some((k, Some(id))) = next else { return false };
             cursor = Some(k);
