@@ -207,11 +207,14 @@ struct Queued {
     expires_ms: i64,
 }
 
+/// One tenant's queued work on a (model, band), sorted by (deadline, arrival sequence).
+type TenantQueue = VecDeque<((i64, u64), ReqId)>;
+
 /// Backlog of one (model, band): tenants ordered by virtual counter.
 #[derive(Default)]
 struct BandQueue {
     /// Per tenant: its queued work sorted by (deadline, arrival sequence).
-    by_tenant: FastMap<TenantId, VecDeque<((i64, u64), ReqId)>>,
+    by_tenant: FastMap<TenantId, TenantQueue>,
     order: BTreeSet<(u64, TenantId)>,
     len: usize,
 }
