@@ -190,8 +190,7 @@ impl Replica {
 
 struct Running {
     work: Work,
-    /// Distinct replicas, and one entry per slot held.
-    replicas: Vec<ReplicaId>,
+    /// One entry per slot held (a replica's entries are adjacent).
     slots: Vec<ReplicaId>,
     started_ms: i64,
     output_done: u32,
@@ -499,7 +498,9 @@ impl Router {
         if let Some(t) = self.tenants.get_mut(&r.work.tenant) {
             t.stats[usize::from(r.work.band)].preempted += 1;
         }
-        out.push(Decision::Preempt { id: rid, replicas: std::mem::take(&mut r.replicas), reason });
+        let mut replicas = std::mem::take(&mut r.slots);
+        replicas.dedup();
+        out.push(Decision::Preempt { id: rid, replicas, reason });
         // Back in line at its original place, with its service kept (the VTC is not refunded).
         let expires = now_ms + self.cfg.ttl_ms[usize::from(r.work.band)];
         self.enqueue(Queued { work: r.work, seq: r.seq, arrived_ms: r.arrived_ms, expires_ms: expires });
@@ -514,7 +515,10 @@ impl Router {
                 rep.running.remove(&r.work.id);
             }
         }
-        for id in &r.replicas {
+        for (k, id) in r.slots.iter().enumerate() {
+            if k > 0 && r.slots[k - 1] == *id {
+                continue;
+            }
             if let Some(d) = self.deferred.as_mut() {
                 d.push(*id);
             } else if self.replicas.contains_key(id) {
@@ -813,8 +817,6 @@ impl Router {
         let q = self.dequeue(id).expect("queued");
         let kv = u64::from(q.work.prompt_tokens + q.work.max_output_tokens);
         let mut gpus = 0.0;
-        let mut distinct: Vec<ReplicaId> = placement.clone();
-        distinct.dedup();
         for r in &placement {
             let rep = self.replicas.get_mut(r).expect("replica");
             rep.used_slots += 1;
@@ -822,8 +824,10 @@ impl Router {
             rep.running.insert(id);
             gpus += rep.gpu_per_slot();
         }
-        for r in &distinct {
-            self.reindex(*r);
+        for (k, r) in placement.iter().enumerate() {
+            if k == 0 || placement[k - 1] != *r {
+                self.reindex(*r);
+            }
         }
         let (tenant, band) = (q.work.tenant, usize::from(q.work.band));
         self.tenants.get_mut(&tenant).expect("tenant").usage_gpus += gpus;
@@ -834,11 +838,12 @@ impl Router {
         st.dispatched += 1;
         st.queue_ms_sum += (now_ms - q.arrived_ms) as f64;
         st.input_tokens += u64::from(q.work.prompt_tokens);
-        out.push(Decision::Dispatch { id, replicas: distinct.clone() });
+        let mut replicas = placement.clone();
+        replicas.dedup();
+        out.push(Decision::Dispatch { id, replicas });
         self.running.insert(
             id,
             Running {
-                replicas: distinct,
                 slots: placement,
                 started_ms: now_ms,
                 output_done: 0,
