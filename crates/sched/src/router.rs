@@ -14,7 +14,7 @@
 //!    which it is not). A sequence of reclaims therefore only moves capacity from borrowers to
 //!    tenants under their guarantee; each step strictly lowers total borrowed capacity, which is
 //!    bounded below by zero, so no cycle A preempts B preempts A exists.
-//!    `tests/router.rs::no_preemption_cycles` checks this over random workloads.
+//!    `tests/router.rs::router_invariants` checks the victim condition over random workloads.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
