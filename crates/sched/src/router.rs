@@ -172,7 +172,8 @@ struct Replica {
     spec: ReplicaSpec,
     used_slots: u32,
     kv_used: u64,
-    running: BTreeSet<ReqId>,
+    /// Work running here (order does not matter: victims and reclaims sort by key and id).
+    running: std::collections::HashSet<ReqId, BuildHasherDefault<IdHasher>>,
     /// Key in the model's free index, if it has room.
     key: Option<(u32, u32)>,
 }
@@ -290,6 +291,8 @@ fn key(c: f64) -> u64 {
 impl Router {
     pub fn new(cfg: RouterConfig) -> Result<Self, String> {
         cfg.validate()?;
+        // Room for a large backlog up front, so a burst of re-queued work does not rehash.
+        let reserve = cfg.queue_cap_total.min(1 << 16);
         Ok(Router {
             band_len: vec![0; cfg.bands],
             metrics: Metrics::new(cfg.bands),
@@ -297,7 +300,7 @@ impl Router {
             tenants: FastMap::default(),
             models: BTreeMap::new(),
             replicas: FastMap::default(),
-            queued: FastMap::default(),
+            queued: FastMap::with_capacity_and_hasher(reserve, Default::default()),
             running: FastMap::default(),
             any_guarantee: false,
             deferred: None,
@@ -362,7 +365,9 @@ impl Router {
 
     /// Running work per replica, for checks.
     pub fn running_on(&self, r: ReplicaId) -> Vec<ReqId> {
-        self.replicas.get(&r).map(|x| x.running.iter().copied().collect()).unwrap_or_default()
+        let mut v: Vec<ReqId> = self.replicas.get(&r).map(|x| x.running.iter().copied().collect()).unwrap_or_default();
+        v.sort_unstable();
+        v
     }
 
     fn reindex(&mut self, r: ReplicaId) {
@@ -399,7 +404,7 @@ impl Router {
             spec: spec.clone(),
             used_slots: 0,
             kv_used: 0,
-            running: BTreeSet::new(),
+            running: Default::default(),
             key: None,
         });
         rep.spec = spec.clone();
