@@ -172,8 +172,9 @@ struct Replica {
     spec: ReplicaSpec,
     used_slots: u32,
     kv_used: u64,
-    /// Work running here (order does not matter: victims and reclaims sort by key and id).
-    running: std::collections::HashSet<ReqId, BuildHasherDefault<IdHasher>>,
+    /// Work running here, with what choosing a victim needs (order does not matter: victims and
+    /// reclaims sort by key and id).
+    running: Vec<RunRef>,
     /// Key in the model's free index, if it has room.
     key: Option<(u32, u32)>,
 }
@@ -187,6 +188,14 @@ impl Replica {
     fn gpu_per_slot(&self) -> f64 {
         f64::from(self.spec.gpus) / f64::from(self.spec.slots.max(1))
     }
+}
+
+#[derive(Clone, Copy)]
+struct RunRef {
+    id: ReqId,
+    tenant: TenantId,
+    band: u8,
+    started_ms: i64,
 }
 
 struct Running {
@@ -365,7 +374,8 @@ impl Router {
 
     /// Running work per replica, for checks.
     pub fn running_on(&self, r: ReplicaId) -> Vec<ReqId> {
-        let mut v: Vec<ReqId> = self.replicas.get(&r).map(|x| x.running.iter().copied().collect()).unwrap_or_default();
+        let mut v: Vec<ReqId> =
+            self.replicas.get(&r).map(|x| x.running.iter().map(|e| e.id).collect()).unwrap_or_default();
         v.sort_unstable();
         v
     }
@@ -463,19 +473,39 @@ impl Router {
         if rep.used_slots <= rep.spec.slots {
             return;
         }
+        // Order: not young first, lowest band, most over its weighted share, cheapest restart,
+        // newest, id. The restart cost needs the running record, so it is looked up only where
+        // the cheaper keys tie (items of one tenant and band).
+        let mut over_of: FastMap<TenantId, i64> = FastMap::default();
         let mut victims: Vec<(bool, u8, i64, i64, i64, ReqId)> = rep
             .running
             .iter()
-            .map(|rid| {
-                let r = &self.running[rid];
-                let t = &self.tenants[&r.work.tenant];
-                let over = (t.usage_gpus - t.spec.guaranteed_gpus) / t.spec.weight;
-                let young = now_ms - r.started_ms < self.cfg.min_runtime_ms;
-                let cost = r.work.restart_cost + f64::from(r.output_done);
-                (young, u8::MAX - r.work.band, -(over * 1e6) as i64, (cost * 1e3) as i64, -r.started_ms, *rid)
+            .map(|e| {
+                let over = *over_of.entry(e.tenant).or_insert_with(|| {
+                    let t = &self.tenants[&e.tenant];
+                    -((t.usage_gpus - t.spec.guaranteed_gpus) / t.spec.weight * 1e6) as i64
+                });
+                let young = now_ms - e.started_ms < self.cfg.min_runtime_ms;
+                (young, u8::MAX - e.band, over, 0, -e.started_ms, e.id)
             })
             .collect();
         victims.sort_unstable();
+        let mut i = 0;
+        while i < victims.len() {
+            let mut j = i + 1;
+            let head = (victims[i].0, victims[i].1, victims[i].2);
+            while j < victims.len() && (victims[j].0, victims[j].1, victims[j].2) == head {
+                j += 1;
+            }
+            if j - i > 1 {
+                for v in &mut victims[i..j] {
+                    let r = &self.running[&v.5];
+                    v.3 = ((r.work.restart_cost + f64::from(r.output_done)) * 1e3) as i64;
+                }
+                victims[i..j].sort_unstable();
+            }
+            i = j;
+        }
         self.deferred = Some(Vec::new());
         for v in victims {
             let rep = &self.replicas[&id];
@@ -517,7 +547,9 @@ impl Router {
             if let Some(rep) = self.replicas.get_mut(id) {
                 rep.used_slots -= 1;
                 rep.kv_used -= kv;
-                rep.running.remove(&r.work.id);
+                if let Some(p) = rep.running.iter().position(|e| e.id == r.work.id) {
+                    rep.running.swap_remove(p);
+                }
             }
         }
         for (k, id) in r.slots.iter().enumerate() {
@@ -826,7 +858,9 @@ impl Router {
             let rep = self.replicas.get_mut(r).expect("replica");
             rep.used_slots += 1;
             rep.kv_used += kv;
-            rep.running.insert(id);
+            if rep.running.last().is_none_or(|e| e.id != id) {
+                rep.running.push(RunRef { id, tenant: q.work.tenant, band: q.work.band, started_ms: now_ms });
+            }
             gpus += rep.gpu_per_slot();
         }
         for (k, r) in placement.iter().enumerate() {
@@ -884,7 +918,8 @@ impl Router {
             if rep.spec.slots == 0 || t.usage_gpus + rep.gpu_per_slot() > t.spec.guaranteed_gpus + 1e-9 {
                 continue;
             }
-            for rid in &rep.running {
+            for e in &rep.running {
+                let rid = &e.id;
                 let run = &self.running[rid];
                 let v = &self.tenants[&run.work.tenant];
                 if run.work.tenant == tenant || !run.work.preemptible || run.work.gang != 1 {
