@@ -476,7 +476,8 @@ impl Router {
         // Order: not young first, lowest band, most over its weighted share, cheapest restart,
         // newest, id. The restart cost needs the running record, so it is looked up only where
         // the cheaper keys tie (items of one tenant and band).
-        let mut over_of: FastMap<TenantId, i64> = FastMap::default();
+        let mut over_of: FastMap<TenantId, i64> =
+            FastMap::with_capacity_and_hasher(rep.running.len(), Default::default());
         let mut victims: Vec<(bool, u8, i64, i64, i64, ReqId)> = rep
             .running
             .iter()
