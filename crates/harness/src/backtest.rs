@@ -206,7 +206,7 @@ impl BacktestInput<'_> {
                 };
                 series
                     .map(|x| {
-                        grid::four_cp_peaks(&x.clone())
+                        grid::four_cp_peaks(x)
                             .into_iter()
                             .filter(|t| *t >= self.from && *t < self.to)
                             .map(|t| t.0)

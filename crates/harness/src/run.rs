@@ -345,14 +345,21 @@ impl<'f> Harness<'f> {
         };
         // Deployments per settlement point, drawn from the prices the sites see (scarcity makes
         // them likelier); a recorded series uses the parameters fitted to it.
+        // Sites on one settlement point share its series, so each point is fitted and drawn once.
+        let mut by_point: BTreeMap<&str, Vec<Deployment>> = BTreeMap::new();
         let deployments: Vec<Vec<Deployment>> = series
             .iter()
             .map(|x| {
-                let params = grid_params.clone().unwrap_or_else(|| GridParams::fit(x));
-                let stream = hcp_sim::rng::mix64(
-                    x.settlement_point.bytes().fold(s.seed, |h, b| hcp_sim::rng::mix64(h ^ u64::from(b))),
-                );
-                grid::deployments(x, &params, stream)
+                by_point
+                    .entry(x.settlement_point.as_str())
+                    .or_insert_with(|| {
+                        let params = grid_params.clone().unwrap_or_else(|| GridParams::fit(x));
+                        let stream = hcp_sim::rng::mix64(
+                            x.settlement_point.bytes().fold(s.seed, |h, b| hcp_sim::rng::mix64(h ^ u64::from(b))),
+                        );
+                        grid::deployments(x, &params, stream)
+                    })
+                    .clone()
             })
             .collect();
         // 5-minute runs on 15-minute prices: derive 5-minute prices that average to the 15-minute

@@ -135,11 +135,7 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
     };
     let outcomes = match backtest(&input, &policies) {
         Ok(o) => o,
-        Err(BacktestError::Violation(v)) => {
-            eprintln!("{v}");
-            eprintln!("seed={}", v.seed);
-            return Ok(ExitCode::from(2));
-        }
+        Err(BacktestError::Violation(v)) => return Ok(crate::cli::violation_exit(&v)),
         Err(BacktestError::Setup(e)) => return Err(e.into()),
     };
     if a.json {

@@ -328,12 +328,15 @@ fn run_and_report(h: &mut Harness, fleet: &Fleet, mode: BaselineMode, out: Optio
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(v) => {
-            eprintln!("{v}");
-            eprintln!("seed={}", v.seed);
-            Ok(ExitCode::from(2))
-        }
+        Err(v) => Ok(violation_exit(&v)),
     }
+}
+
+/// A broken invariant: say what and where, and the seed that replays it; exit status 2.
+pub fn violation_exit(v: &hcp_harness::Violation) -> ExitCode {
+    eprintln!("{v}");
+    eprintln!("seed={}", v.seed);
+    ExitCode::from(2)
 }
 
 fn sim(a: &SimArgs) -> Result<ExitCode> {
