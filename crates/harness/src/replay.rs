@@ -1,11 +1,12 @@
 //! Router replay: a recorded inference trace split across tenants of unequal weights and three
 //! bands, served by a pool of replicas through the real router, with part of the capacity removed
-//! partway through (curtailment). Reports per band the queue time before and after the cut and the
-//! fairness between backlogged tenants.
+//! partway through (curtailment). Reports per band the queue time and time to first token before
+//! and after the cut, throughput, preemptions by reason and the fairness between backlogged tenants;
+//! per tenant its queue time, time to first token, throughput and capacity against entitlement.
 //!
 //! Load and service model (stated so the figures can be read): the pool is `replicas` replicas of
 //! `slots` concurrent sequences each; a request holds a slot for `prompt / prefill_tokens_per_s +
-//! output * s_per_output_token`; the trace is overlaid `copies` times (each copy shifted by a share of
+//! output * s_per_output_token`, and its first token comes after the prefill; the trace is overlaid `copies` times (each copy shifted by a share of
 //! the trace's span, wrapping around, and its requests going to other tenants) so that the pool runs
 //! at `target_utilisation` of its slots on average before the cut.
 
@@ -53,10 +54,35 @@ pub struct BandReport {
     pub queue_ms_p99_before: f64,
     pub queue_ms_p50_after: f64,
     pub queue_ms_p99_after: f64,
+    pub ttft_ms_p50_before: f64,
+    pub ttft_ms_p99_before: f64,
+    pub ttft_ms_p50_after: f64,
+    pub ttft_ms_p99_after: f64,
+    /// Output tokens per second over the whole replay.
+    pub output_tokens_per_s: f64,
     pub preempted: u64,
+    pub preempted_shrink: u64,
+    pub preempted_reclaim: u64,
     pub rejected: u64,
     pub fairness_before: Option<f64>,
     pub fairness_after: Option<f64>,
+}
+
+/// One tenant's figures over the replay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantReport {
+    pub tenant: u32,
+    pub weight: f64,
+    pub band: u8,
+    pub dispatched: u64,
+    pub queue_ms_mean: f64,
+    pub ttft_ms_mean: f64,
+    pub output_tokens_per_s: f64,
+    pub preempted: u64,
+    /// GPUs held over GPUs entitled (`Router::shares`), summed over the 10-s ticks at which the
+    /// tenant was active, before and after the cut; None when it was never active.
+    pub share_vs_entitlement_before: Option<f64>,
+    pub share_vs_entitlement_after: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -67,11 +93,13 @@ pub struct ReplayReport {
     pub replicas_before: u32,
     pub replicas_after: u32,
     pub bands: Vec<BandReport>,
+    pub tenants: Vec<TenantReport>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Arrive(usize),
+    FirstToken(u64, u32),
     Complete(u64, u32),
     Shrink,
     Tick,
@@ -88,6 +116,7 @@ pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, Stri
         return Err("shrink: the fraction must be in [0, 1)".into());
     }
     let t0 = trace[0].at.0;
+    let prefill = |prompt: u32| -> i64 { ((f64::from(prompt) / spec.prefill_tokens_per_s) * 1e3).ceil() as i64 };
     let duration = |r: &Request| -> i64 {
         ((f64::from(r.prompt_tokens) / spec.prefill_tokens_per_s
             + f64::from(r.output_tokens) * spec.s_per_output_token)
@@ -164,6 +193,9 @@ pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, Stri
     let bands = 3usize;
     let mut queue_before = vec![Histogram::default(); bands];
     let mut queue_after = vec![Histogram::default(); bands];
+    let mut ttft = [vec![Histogram::default(); bands], vec![Histogram::default(); bands]];
+    // Per tenant, before and after the cut: GPUs held and GPUs entitled, summed over ticks.
+    let mut held = vec![[(0.0f64, 0.0f64); 2]; spec.tenants as usize];
     let mut requests = vec![0u64; bands];
     let mut preempted = vec![0u64; bands];
     let mut rejected = vec![0u64; bands];
@@ -184,6 +216,15 @@ pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, Stri
                 requests[usize::from(w.band)] += 1;
                 router.arrive(w, now, &mut out);
             }
+            Ev::FirstToken(id, e) => {
+                let k = index[&id];
+                if epoch[k] == e {
+                    let w = &works[k].1;
+                    router.progress(id, w.max_output_tokens.min(1), now);
+                    let after = usize::from(now >= spec.shrink_at_ms);
+                    ttft[after][usize::from(w.band)].record(now - works[k].0);
+                }
+            }
             Ev::Complete(id, e) => {
                 let k = index[&id];
                 if epoch[k] == e {
@@ -198,6 +239,14 @@ pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, Stri
             }
             Ev::Tick => {
                 router.tick(now, &mut out);
+                let after = usize::from(now >= spec.shrink_at_ms);
+                for s in router.shares() {
+                    if s.active {
+                        let h = &mut held[s.tenant.0 as usize][after];
+                        h.0 += s.usage_gpus;
+                        h.1 += s.entitled_gpus;
+                    }
+                }
                 for (b, prev) in prev_service.iter_mut().enumerate() {
                     let mut xs = vec![];
                     for tnt in 0..spec.tenants {
@@ -228,6 +277,7 @@ pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, Stri
                     let waited = now - works[k].0;
                     if now < spec.shrink_at_ms { &mut queue_before[band] } else { &mut queue_after[band] }
                         .record(waited);
+                    push(&mut heap, now + prefill(works[k].1.prompt_tokens), Ev::FirstToken(*id, epoch[k]));
                     push(&mut heap, now + works[k].2, Ev::Complete(*id, epoch[k]));
                 }
                 Decision::Preempt { id, .. } => {
@@ -243,6 +293,31 @@ pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, Stri
         }
         router.check()?;
     }
+    let span_s = (end as f64 / 1e3).max(1e-3);
+    let ratio = |h: (f64, f64)| (h.1 > 0.0).then(|| h.0 / h.1);
+    let tenants = (0..spec.tenants)
+        .map(|t| {
+            let id = TenantId(t);
+            let band = (t % 3) as usize;
+            let st = router.tenant_stats(id, band).cloned().unwrap_or_default();
+            let per = |sum: f64, n: u64| if n == 0 { 0.0 } else { sum / n as f64 };
+            TenantReport {
+                tenant: t,
+                weight: f64::from(t % 4 + 1),
+                band: band as u8,
+                dispatched: st.dispatched,
+                queue_ms_mean: per(st.queue_ms_sum, st.dispatched),
+                ttft_ms_mean: per(st.ttft_ms_sum, st.first_tokens),
+                output_tokens_per_s: st.output_tokens as f64 / span_s,
+                preempted: st.preempted,
+                share_vs_entitlement_before: ratio(held[t as usize][0]),
+                share_vs_entitlement_after: ratio(held[t as usize][1]),
+            }
+        })
+        .collect();
+    let band_output: Vec<u64> = (0..bands)
+        .map(|b| (0..spec.tenants).filter_map(|t| router.tenant_stats(TenantId(t), b)).map(|s| s.output_tokens).sum())
+        .collect();
     let fairness = |w: usize, b: usize| -> Option<f64> {
         let (sum, n) = fair[w][b];
         (n > 0).then(|| sum / f64::from(n))
@@ -261,11 +336,19 @@ pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, Stri
                 queue_ms_p99_before: queue_before[b].quantile_ms(0.99),
                 queue_ms_p50_after: queue_after[b].quantile_ms(0.5),
                 queue_ms_p99_after: queue_after[b].quantile_ms(0.99),
+                ttft_ms_p50_before: ttft[0][b].quantile_ms(0.5),
+                ttft_ms_p99_before: ttft[0][b].quantile_ms(0.99),
+                ttft_ms_p50_after: ttft[1][b].quantile_ms(0.5),
+                ttft_ms_p99_after: ttft[1][b].quantile_ms(0.99),
+                output_tokens_per_s: band_output[b] as f64 / span_s,
                 preempted: preempted[b],
+                preempted_shrink: router.metrics.bands[b].preempted_shrink,
+                preempted_reclaim: router.metrics.bands[b].preempted_reclaim,
                 rejected: rejected[b],
                 fairness_before: fairness(0, b),
                 fairness_after: fairness(1, b),
             })
             .collect(),
+        tenants,
     })
 }

@@ -330,20 +330,27 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
     }
     let wall = t.elapsed().as_secs_f64();
     r.check().map_err(anyhow::Error::msg)?;
-    // Shrink: 50,000 running items (1,000 replicas x 50 slots), every replica cut by 30 %.
-    let mut s = build(50)?;
-    let mut out = vec![];
-    for _ in 0..60_000 {
-        arrive(&mut s, &mut rnd, &mut out, 0);
+    // Shrink: 50,000 running items (1,000 replicas x 50 slots), every replica cut by 30 %. Five
+    // fresh routers, each cut once; the median and the fastest are reported.
+    let mut walls = vec![];
+    let (mut before, mut preempted) = (0, 0);
+    for _ in 0..5 {
+        let mut s = build(50)?;
+        let mut out = vec![];
+        for _ in 0..60_000 {
+            arrive(&mut s, &mut rnd, &mut out, 0);
+        }
+        out.clear();
+        before = s.running_len();
+        let sizes: Vec<(ReplicaId, u32)> = (0..1_000u32).map(|k| (ReplicaId(k), 35)).collect();
+        let t = Instant::now();
+        s.resize_many(&sizes, 60_000, &mut out);
+        walls.push(t.elapsed().as_secs_f64() * 1e3);
+        preempted = out.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count();
+        s.check().map_err(anyhow::Error::msg)?;
     }
-    out.clear();
-    let before = s.running_len();
-    let sizes: Vec<(ReplicaId, u32)> = (0..1_000u32).map(|k| (ReplicaId(k), 35)).collect();
-    let t = Instant::now();
-    s.resize_many(&sizes, 60_000, &mut out);
-    let shrink_ms = t.elapsed().as_secs_f64() * 1e3;
-    let preempted = out.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count();
-    s.check().map_err(anyhow::Error::msg)?;
+    walls.sort_by(f64::total_cmp);
+    let shrink_ms = walls[walls.len() / 2];
     let obj = serde_json::json!({
         "tenants": tenants,
         "bands": 3,
@@ -353,7 +360,14 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
         "wall_s": wall,
         "decisions_per_s": decisions as f64 / wall,
         "target_decisions_per_s": 1_000_000,
-        "shrink": { "running_before": before, "preempted": preempted, "wall_ms": shrink_ms, "target_ms": 10.0 },
+        "shrink": {
+            "running_before": before,
+            "preempted": preempted,
+            "runs": walls.len(),
+            "wall_ms": shrink_ms,
+            "wall_ms_min": walls[0],
+            "target_ms": 10.0,
+        },
     });
     if json {
         println!("{obj}");

@@ -235,7 +235,14 @@ fn replay(trace: &Path, tenants: u32, shrink: &str, json: bool) -> Result<ExitCo
                 "queue_ms_p99_before": b.queue_ms_p99_before,
                 "queue_ms_p50_after": b.queue_ms_p50_after,
                 "queue_ms_p99_after": b.queue_ms_p99_after,
+                "ttft_ms_p50_before": b.ttft_ms_p50_before,
+                "ttft_ms_p99_before": b.ttft_ms_p99_before,
+                "ttft_ms_p50_after": b.ttft_ms_p50_after,
+                "ttft_ms_p99_after": b.ttft_ms_p99_after,
+                "output_tokens_per_s": b.output_tokens_per_s,
                 "preempted": b.preempted,
+                "preempted_shrink": b.preempted_shrink,
+                "preempted_reclaim": b.preempted_reclaim,
                 "rejected": b.rejected,
                 "fairness_before": b.fairness_before,
                 "fairness_after": b.fairness_after,
@@ -251,6 +258,18 @@ fn replay(trace: &Path, tenants: u32, shrink: &str, json: bool) -> Result<ExitCo
         "replicas_after": r.replicas_after,
         "shrink_at_ms": at_ms,
         "bands": bands,
+        "tenants": r.tenants.iter().map(|t| serde_json::json!({
+            "tenant": t.tenant,
+            "weight": t.weight,
+            "band": t.band,
+            "dispatched": t.dispatched,
+            "queue_ms_mean": t.queue_ms_mean,
+            "ttft_ms_mean": t.ttft_ms_mean,
+            "output_tokens_per_s": t.output_tokens_per_s,
+            "preempted": t.preempted,
+            "share_vs_entitlement_before": t.share_vs_entitlement_before,
+            "share_vs_entitlement_after": t.share_vs_entitlement_after,
+        })).collect::<Vec<_>>(),
     });
     if json {
         println!("{obj}");

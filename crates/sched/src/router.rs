@@ -15,9 +15,21 @@
 //!    tenants under their guarantee; each step strictly lowers total borrowed capacity, which is
 //!    bounded below by zero, so no cycle A preempts B preempts A exists.
 //!    `tests/router.rs::router_invariants` checks the victim condition over random workloads.
+//!
+//! Sharing borrowed capacity by weighted dominant share (Kueue's fair sharing) is done at
+//! admission only: when free capacity would be borrowed, the candidate whose borrowed GPUs over its
+//! weight are lowest after admission goes. It never preempts, so it adds no edge to a cycle.
+//!
+//! # Layout (why it is fast)
+//!
+//! Requests and jobs live in one slab of two-cache-line items; queues, replicas and the expiry
+//! lists hold slab indexes, so moving work between queue and replica moves no data and re-hashes
+//! nothing. Tenants, models and replicas get dense indexes when added; per tenant and band, the
+//! counter, statistics and the handles of its queues sit together. Band choice is a bitmap;
+//! placement reads the first entries of a per-model ordered index of replicas with room (sublinear
+//! in replicas); expiry is a FIFO per band (every expiry is `now + ttl` of its band).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use hcp_model::TenantId;
@@ -147,11 +159,34 @@ pub enum PreemptReason {
     QuotaReclaim { by: TenantId },
 }
 
+/// The replicas a decision names: one, held inline (an online request), or several (a gang).
+#[derive(Clone, Debug, Eq)]
+pub enum Replicas {
+    One(ReplicaId),
+    Many(Vec<ReplicaId>),
+}
+
+impl std::ops::Deref for Replicas {
+    type Target = [ReplicaId];
+    fn deref(&self) -> &[ReplicaId] {
+        match self {
+            Replicas::One(r) => std::slice::from_ref(r),
+            Replicas::Many(v) => v,
+        }
+    }
+}
+
+impl PartialEq for Replicas {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
     Dispatch {
         id: ReqId,
-        replicas: Vec<ReplicaId>,
+        replicas: Replicas,
     },
     Queue {
         id: ReqId,
@@ -163,20 +198,97 @@ pub enum Decision {
     /// The work stopped and went back to the queue in its original place.
     Preempt {
         id: ReqId,
-        replicas: Vec<ReplicaId>,
+        replicas: Replicas,
         reason: PreemptReason,
     },
 }
 
+/// Where an item is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Free,
+    Queued,
+    Running,
+}
+
+/// One request or job, queued or running, in the router's slab. Queues and replicas refer to items
+/// by slab index, so moving work between queue and replica never moves or re-hashes it. The fields
+/// every decision reads come first and fill the first cache line (`repr(C)` keeps that order).
+#[repr(C, align(64))]
+struct Item {
+    state: State,
+    band: u8,
+    preemptible: bool,
+    /// Dense tenant and model indexes.
+    tix: u32,
+    mix: u32,
+    output_done: u32,
+    id: ReqId,
+    seq: u64,
+    arrived_ms: i64,
+    expires_ms: i64,
+    gpus: f64,
+    /// Running with one slot: its replica index.
+    slot0: u32,
+    // Second line.
+    started_ms: i64,
+    /// KV-cache tokens it holds: prompt plus most output tokens.
+    kv: u64,
+    /// Deadline, `i64::MAX` for none.
+    deadline_ms: i64,
+    restart_cost: f64,
+    /// Running with several slots (a gang): one replica index per slot (a replica's entries are
+    /// adjacent). Kept allocated while the item is queued or free.
+    slots: Vec<u32>,
+    prompt_tokens: u32,
+    gang: u32,
+}
+
+// Two cache lines.
+const _: () = assert!(std::mem::size_of::<Item>() == 128);
+
+impl Item {
+    fn kv(&self) -> u64 {
+        self.kv
+    }
+
+    /// The replica index of every slot it holds while running.
+    fn slot_list(&self) -> &[u32] {
+        if self.gang == 1 { std::slice::from_ref(&self.slot0) } else { &self.slots }
+    }
+
+    fn set_work(&mut self, w: &Work) {
+        self.id = w.id;
+        self.band = w.band;
+        self.preemptible = w.preemptible;
+        self.kv = u64::from(w.prompt_tokens) + u64::from(w.max_output_tokens);
+        self.deadline_ms = w.deadline_ms.unwrap_or(i64::MAX);
+        self.restart_cost = w.restart_cost;
+        self.prompt_tokens = w.prompt_tokens;
+        self.gang = w.gang;
+    }
+}
+
+/// What choosing a victim needs of each item running on a replica, kept beside the replica so that
+/// a shrink reads one array instead of every item.
+#[derive(Clone, Copy)]
+struct RunMeta {
+    tix: u32,
+    band: u8,
+    started_ms: i64,
+}
+
 struct Replica {
     spec: ReplicaSpec,
+    mix: u32,
+    live: bool,
     used_slots: u32,
     kv_used: u64,
-    /// Work running here, with what choosing a victim needs (order does not matter: victims and
-    /// reclaims sort by key and id).
-    running: Vec<RunRef>,
-    /// Key in the model's free index, if it has room.
-    key: Option<(u32, u32)>,
+    /// Items running here (one entry per item, whatever its slots) and, in step, their metadata.
+    run_ix: Vec<u32>,
+    run_meta: Vec<RunMeta>,
+    /// Key in the model's free index, if it has room: (saturation, replica id, index).
+    key: Option<(u32, u32, u32)>,
 }
 
 impl Replica {
@@ -190,80 +302,107 @@ impl Replica {
     }
 }
 
-#[derive(Clone, Copy)]
-struct RunRef {
-    id: ReqId,
-    tenant: TenantId,
-    band: u8,
-    started_ms: i64,
-}
-
-struct Running {
-    work: Work,
-    /// One entry per slot held (a replica's entries are adjacent).
-    slots: Vec<ReplicaId>,
-    started_ms: i64,
-    output_done: u32,
-    gpus: f64,
-    seq: u64,
-    arrived_ms: i64,
-}
-
-struct Queued {
-    work: Work,
-    seq: u64,
-    arrived_ms: i64,
-    expires_ms: i64,
-}
-
-/// One tenant's queued work on a (model, band), sorted by (deadline, arrival sequence).
-type TenantQueue = VecDeque<((i64, u64), ReqId)>;
+/// One tenant's queued work on a (model, band): (deadline, arrival sequence) and item index, sorted.
+type TenantQueue = VecDeque<((i64, u64), u32)>;
 
 /// Backlog of one (model, band): tenants ordered by virtual counter.
 #[derive(Default)]
 struct BandQueue {
-    /// Per tenant: its queued work sorted by (deadline, arrival sequence).
-    by_tenant: FastMap<TenantId, TenantQueue>,
-    order: BTreeSet<(u64, TenantId)>,
+    /// (counter bits, tenant index).
+    order: BTreeSet<(u64, u32)>,
     len: usize,
 }
 
 struct TenantState {
     spec: TenantSpec,
-    /// VTC per band.
-    counter: Vec<f64>,
     usage_gpus: f64,
-    /// Per band: the models where the tenant has queued work, and its figures.
-    waiting_in: Vec<Vec<ModelId>>,
-    stats: Vec<crate::metrics::TenantStats>,
 }
 
+/// A tenant's state in one band (`Router::tband[tenant * bands + band]`, flat so that one access
+/// touches one place).
 #[derive(Default)]
+struct TenantBand {
+    /// Virtual token counter.
+    counter: f64,
+    /// Where the tenant has queued work in this band: (model index, its queue in `Router::queues`).
+    waiting_in: Vec<(u32, u32)>,
+    stats: crate::metrics::TenantStats,
+}
+
 struct ModelState {
-    replicas: BTreeSet<ReplicaId>,
-    free: BTreeSet<(u32, u32)>,
+    id: ModelId,
+    replicas: BTreeSet<u32>,
+    free: BTreeSet<(u32, u32, u32)>,
     bands: Vec<BandQueue>,
+    /// Bit b set when band b has queued work (the band choice is O(1)).
+    nonempty: u32,
     turn: u32,
     max_kv: u64,
     total_slots: u64,
 }
 
+/// One tenant's capacity against what it is owed (`Router::shares`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantShare {
+    pub tenant: TenantId,
+    pub weight: f64,
+    /// GPUs its running work holds.
+    pub usage_gpus: f64,
+    pub guaranteed_gpus: f64,
+    /// Usage above the guarantee.
+    pub borrowed_gpus: f64,
+    /// Its guarantee plus its weighted part of the capacity not guaranteed to active tenants,
+    /// capped by guarantee plus borrowing limit; 0 when it has neither queued nor running work.
+    pub entitled_gpus: f64,
+    /// Borrowed GPUs over the lendable capacity, divided by the weight (Kueue's fair-sharing share;
+    /// with one resource the dominant share is this one).
+    pub weighted_borrowed_share: f64,
+    pub active: bool,
+}
+
+/// Tenants looked at past the first borrowing candidate when choosing whose borrowing request goes
+/// on free capacity (see `dispatch_one`).
+const BORROW_LOOKAHEAD: u32 = 8;
+
 /// The router.
 pub struct Router {
     cfg: RouterConfig,
-    tenants: FastMap<TenantId, TenantState>,
-    models: BTreeMap<ModelId, ModelState>,
-    replicas: FastMap<ReplicaId, Replica>,
-    queued: FastMap<ReqId, Queued>,
-    running: FastMap<ReqId, Running>,
-    /// Whether any tenant has a guarantee (else no reclaim can ever happen).
+    tenants: Vec<TenantState>,
+    tband: Vec<TenantBand>,
+    /// Bands (a copy of `cfg.bands`).
+    nb: usize,
+    tenant_ix: FastMap<TenantId, u32>,
+    models: Vec<ModelState>,
+    model_ix: FastMap<ModelId, u32>,
+    reps: Vec<Replica>,
+    rep_ix: FastMap<ReplicaId, u32>,
+    items: Vec<Item>,
+    free_items: Vec<u32>,
+    ids: FastMap<ReqId, u32>,
+    queued: usize,
+    running: usize,
+    /// Whether any tenant has a guarantee (else no reclaim can ever happen and nobody borrows
+    /// beyond anyone's due: every use is of the shared pool, and VTC orders it).
     any_guarantee: bool,
     /// While fitting a replica, placement-index updates wait here and run once at the end.
-    deferred: Option<Vec<ReplicaId>>,
-    /// Expiry times of queued work; entries of work that has left the queue are skipped lazily.
-    expiry: BinaryHeap<Reverse<(i64, ReqId)>>,
+    deferred: Option<Vec<u32>>,
+    /// Per band, expiry times of queued work in order (every entry is `now + ttl` of its band and
+    /// `now` never goes back); entries of work that has left the queue are skipped when reached.
+    expiry: Vec<VecDeque<(i64, u32, ReqId)>>,
     band_len: Vec<usize>,
+    /// Tenant queues, referred to from `TenantBand::waiting_in`; emptied ones are reused.
+    queues: Vec<TenantQueue>,
+    free_queues: Vec<u32>,
+    /// Scratch for placements, victims and deferred index updates.
+    place_buf: Vec<u32>,
+    victim_buf: Vec<(bool, u8, i64, i64, i64, u32)>,
+    /// While a capacity change runs, its preempted work (tenant, band, item) waits here.
+    requeue: Option<Vec<(u32, u8, u32)>>,
+    requeue_buf: Vec<(u32, u8, u32)>,
+    deferred_buf: Vec<u32>,
     seq: u64,
+    /// Latest time seen; inputs with an earlier time are taken as happening now.
+    now: i64,
     pub metrics: Metrics,
 }
 
@@ -304,22 +443,43 @@ impl Router {
         let reserve = cfg.queue_cap_total.min(1 << 16);
         Ok(Router {
             band_len: vec![0; cfg.bands],
+            nb: cfg.bands,
+            expiry: vec![VecDeque::new(); cfg.bands],
             metrics: Metrics::new(cfg.bands),
             cfg,
-            tenants: FastMap::default(),
-            models: BTreeMap::new(),
-            replicas: FastMap::default(),
-            queued: FastMap::with_capacity_and_hasher(reserve, Default::default()),
-            running: FastMap::default(),
+            tenants: Vec::new(),
+            tband: Vec::new(),
+            tenant_ix: FastMap::default(),
+            models: Vec::new(),
+            model_ix: FastMap::default(),
+            reps: Vec::new(),
+            rep_ix: FastMap::default(),
+            items: Vec::with_capacity(reserve),
+            free_items: Vec::new(),
+            ids: FastMap::with_capacity_and_hasher(reserve, Default::default()),
+            queued: 0,
+            running: 0,
             any_guarantee: false,
             deferred: None,
-            expiry: BinaryHeap::new(),
+            queues: Vec::new(),
+            free_queues: Vec::new(),
+            place_buf: Vec::new(),
+            victim_buf: Vec::new(),
+            requeue: None,
+            requeue_buf: Vec::new(),
+            deferred_buf: Vec::new(),
             seq: 0,
+            now: i64::MIN,
         })
     }
 
     pub fn config(&self) -> &RouterConfig {
         &self.cfg
+    }
+
+    fn advance(&mut self, now_ms: i64) -> i64 {
+        self.now = self.now.max(now_ms);
+        self.now
     }
 
     pub fn add_tenant(&mut self, spec: TenantSpec) -> Result<(), String> {
@@ -329,68 +489,93 @@ impl Router {
         if !(spec.guaranteed_gpus >= 0.0 && spec.borrow_limit_gpus >= 0.0) {
             return Err("guaranteed_gpus, borrow_limit_gpus: must be >= 0".into());
         }
-        if self.tenants.len() >= MAX_TENANTS && !self.tenants.contains_key(&spec.id) {
+        if let Some(&t) = self.tenant_ix.get(&spec.id) {
+            self.any_guarantee |= spec.guaranteed_gpus > 0.0;
+            self.tenants[t as usize].spec = spec;
+            return Ok(());
+        }
+        if self.tenants.len() >= MAX_TENANTS {
             return Err(format!("at most {MAX_TENANTS} tenants"));
         }
         self.any_guarantee |= spec.guaranteed_gpus > 0.0;
         let bands = self.cfg.bands;
-        self.tenants.entry(spec.id).and_modify(|t| t.spec = spec.clone()).or_insert(TenantState {
-            spec,
-            counter: vec![0.0; bands],
-            usage_gpus: 0.0,
-            waiting_in: vec![vec![]; bands],
-            stats: vec![Default::default(); bands],
-        });
+        self.tenant_ix.insert(spec.id, self.tenants.len() as u32);
+        self.tenants.push(TenantState { spec, usage_gpus: 0.0 });
+        // Room for two models per band up front: a tenant waiting on a model allocates nothing.
+        self.tband.extend((0..bands).map(|_| TenantBand { waiting_in: Vec::with_capacity(2), ..Default::default() }));
         Ok(())
     }
 
     pub fn queued_len(&self) -> usize {
-        self.queued.len()
+        self.queued
     }
 
     pub fn running_len(&self) -> usize {
-        self.running.len()
+        self.running
+    }
+
+    fn item_of(&self, id: ReqId) -> Option<&Item> {
+        self.ids.get(&id).map(|&ix| &self.items[ix as usize])
     }
 
     /// Whether a request is queued (Some(false)), running (Some(true)) or unknown (None).
     pub fn is_running(&self, id: ReqId) -> Option<bool> {
-        if self.running.contains_key(&id) {
-            Some(true)
-        } else if self.queued.contains_key(&id) {
-            Some(false)
-        } else {
-            None
-        }
+        self.item_of(id).map(|it| it.state == State::Running)
     }
 
     pub fn tenant_usage_gpus(&self, t: TenantId) -> f64 {
-        self.tenants.get(&t).map_or(0.0, |s| s.usage_gpus)
+        self.tenant_ix.get(&t).map_or(0.0, |&x| self.tenants[x as usize].usage_gpus)
+    }
+
+    fn replica(&self, r: ReplicaId) -> Option<&Replica> {
+        self.rep_ix.get(&r).map(|&x| &self.reps[x as usize]).filter(|x| x.live)
     }
 
     /// Slots in use and slots of a replica.
     pub fn replica_load(&self, r: ReplicaId) -> Option<(u32, u32)> {
-        self.replicas.get(&r).map(|x| (x.used_slots, x.spec.slots))
+        self.replica(r).map(|x| (x.used_slots, x.spec.slots))
     }
 
     /// Running work per replica, for checks.
     pub fn running_on(&self, r: ReplicaId) -> Vec<ReqId> {
-        let mut v: Vec<ReqId> =
-            self.replicas.get(&r).map(|x| x.running.iter().map(|e| e.id).collect()).unwrap_or_default();
+        let mut v: Vec<ReqId> = self
+            .replica(r)
+            .map(|x| x.run_ix.iter().map(|&ix| self.items[ix as usize].id).collect())
+            .unwrap_or_default();
         v.sort_unstable();
         v
     }
 
-    fn reindex(&mut self, r: ReplicaId) {
-        let rep = self.replicas.get_mut(&r).expect("known replica");
-        let m = self.models.get_mut(&rep.spec.model).expect("known model");
+    fn reindex(&mut self, rix: u32) {
+        let rep = &mut self.reps[rix as usize];
+        let m = &mut self.models[rep.mix as usize];
         if let Some(k) = rep.key.take() {
             m.free.remove(&k);
         }
-        if rep.used_slots < rep.spec.slots && rep.kv_used < rep.spec.kv_tokens {
-            let k = (rep.score(), r.0);
+        if rep.live && rep.used_slots < rep.spec.slots && rep.kv_used < rep.spec.kv_tokens {
+            let k = (rep.score(), rep.spec.id.0, rix);
             m.free.insert(k);
             rep.key = Some(k);
         }
+    }
+
+    fn model_index(&mut self, model: ModelId) -> u32 {
+        if let Some(&m) = self.model_ix.get(&model) {
+            return m;
+        }
+        let m = self.models.len() as u32;
+        self.model_ix.insert(model, m);
+        self.models.push(ModelState {
+            id: model,
+            replicas: BTreeSet::new(),
+            free: BTreeSet::new(),
+            bands: (0..self.cfg.bands).map(|_| BandQueue::default()).collect(),
+            nonempty: 0,
+            turn: 0,
+            max_kv: 0,
+            total_slots: 0,
+        });
+        m
     }
 
     /// Adds or resizes a replica. Shrinking below its running work preempts victims.
@@ -398,98 +583,118 @@ impl Router {
         if spec.gpus == 0 || spec.kv_tokens == 0 {
             return Err("gpus, kv_tokens: must be > 0".into());
         }
+        let now = self.advance(now_ms);
         let id = spec.id;
-        if let Some(old) = self.replicas.get(&id)
+        if let Some(old) = self.replica(id)
             && old.spec.model != spec.model
         {
             return Err(format!("replica {}: cannot change model; remove it first", id.0));
         }
-        let bands = self.cfg.bands;
-        let m = self.models.entry(spec.model).or_insert_with(|| ModelState {
-            bands: (0..bands).map(|_| BandQueue::default()).collect(),
-            ..Default::default()
-        });
-        m.replicas.insert(id);
-        let rep = self.replicas.entry(id).or_insert(Replica {
-            spec: spec.clone(),
-            used_slots: 0,
-            kv_used: 0,
-            running: Default::default(),
-            key: None,
-        });
-        rep.spec = spec.clone();
-        self.refresh_max_kv(spec.model);
-        self.fit_replica(id, now_ms, out);
-        self.reindex(id);
-        self.pump(spec.model, now_ms, out);
+        let mix = self.model_index(spec.model);
+        let rix = match self.rep_ix.get(&id) {
+            Some(&rix) => {
+                let rep = &mut self.reps[rix as usize];
+                rep.spec = spec;
+                rep.mix = mix;
+                rep.live = true;
+                rix
+            }
+            None => {
+                let rix = self.reps.len() as u32;
+                self.rep_ix.insert(id, rix);
+                self.reps.push(Replica {
+                    spec,
+                    mix,
+                    live: true,
+                    used_slots: 0,
+                    kv_used: 0,
+                    run_ix: Vec::new(),
+                    run_meta: Vec::new(),
+                    key: None,
+                });
+                rix
+            }
+        };
+        self.models[mix as usize].replicas.insert(rix);
+        self.refresh_capacity(mix);
+        self.begin_requeue();
+        self.fit_replica(rix, now, out);
+        self.end_requeue(now);
+        self.reindex(rix);
+        self.pump(mix, now, out);
         Ok(())
     }
 
     /// Resizes many replicas at once (a curtailment across a site): every replica is fitted first,
     /// then each affected model's queue is served once.
     pub fn resize_many(&mut self, sizes: &[(ReplicaId, u32)], now_ms: i64, out: &mut Vec<Decision>) {
+        let now = self.advance(now_ms);
         let mut models = BTreeSet::new();
+        self.begin_requeue();
         for &(id, slots) in sizes {
-            let Some(rep) = self.replicas.get_mut(&id) else { continue };
+            let Some(&rix) = self.rep_ix.get(&id) else { continue };
+            let rep = &mut self.reps[rix as usize];
+            if !rep.live {
+                continue;
+            }
             rep.spec.slots = slots;
-            models.insert(rep.spec.model);
-            self.fit_replica(id, now_ms, out);
-            self.reindex(id);
+            models.insert(rep.mix);
+            self.fit_replica(rix, now, out);
+            self.reindex(rix);
         }
+        self.end_requeue(now);
         for m in models {
-            self.refresh_max_kv(m);
-            self.pump(m, now_ms, out);
+            self.refresh_capacity(m);
+            self.pump(m, now, out);
         }
     }
 
     /// Removes a replica (node loss, curtailment): its work is preempted back to the queue.
     pub fn remove_replica(&mut self, id: ReplicaId, now_ms: i64, out: &mut Vec<Decision>) {
-        let Some(rep) = self.replicas.get_mut(&id) else { return };
-        rep.spec.slots = 0;
-        let model = rep.spec.model;
-        self.fit_replica(id, now_ms, out);
-        let rep = self.replicas.remove(&id).expect("present");
-        let m = self.models.get_mut(&model).expect("model");
-        if let Some(k) = rep.key {
-            m.free.remove(&k);
+        let now = self.advance(now_ms);
+        let Some(&rix) = self.rep_ix.get(&id) else { return };
+        if !self.reps[rix as usize].live {
+            return;
         }
-        m.replicas.remove(&id);
-        self.refresh_max_kv(model);
-        self.pump(model, now_ms, out);
+        self.reps[rix as usize].spec.slots = 0;
+        self.begin_requeue();
+        self.fit_replica(rix, now, out);
+        self.end_requeue(now);
+        self.reps[rix as usize].live = false;
+        self.reindex(rix);
+        let mix = self.reps[rix as usize].mix;
+        self.models[mix as usize].replicas.remove(&rix);
+        self.refresh_capacity(mix);
+        self.pump(mix, now, out);
     }
 
-    fn refresh_max_kv(&mut self, model: ModelId) {
-        let m = self.models.get_mut(&model).expect("model");
-        let reps = m.replicas.iter().filter_map(|r| self.replicas.get(r));
+    fn refresh_capacity(&mut self, mix: u32) {
+        let m = &mut self.models[mix as usize];
+        let reps = m.replicas.iter().map(|&r| &self.reps[r as usize]);
         m.max_kv = reps.clone().map(|r| r.spec.kv_tokens).max().unwrap_or(0);
         m.total_slots = reps.map(|r| u64::from(r.spec.slots)).sum();
     }
 
     /// Preempts work on a replica until its running work fits its slots: lowest band first, then the
-    /// tenant most over its fair share, then the cheapest to restart, then the newest; work younger
-    /// than the minimum runtime only when nothing else can go. Gangs go whole.
-    fn fit_replica(&mut self, id: ReplicaId, now_ms: i64, out: &mut Vec<Decision>) {
-        let rep = &self.replicas[&id];
+    /// tenant most over its weighted guarantee, then the cheapest to restart, then the newest; work
+    /// younger than the minimum runtime only when nothing else can go. Gangs go whole.
+    fn fit_replica(&mut self, rix: u32, now_ms: i64, out: &mut Vec<Decision>) {
+        let rep = &self.reps[rix as usize];
         if rep.used_slots <= rep.spec.slots {
             return;
         }
-        // Order: not young first, lowest band, most over its weighted share, cheapest restart,
-        // newest, id. The restart cost needs the running record, so it is looked up only where
-        // the cheaper keys tie (items of one tenant and band).
-        let mut over_of: FastMap<TenantId, i64> =
-            FastMap::with_capacity_and_hasher(rep.running.len(), Default::default());
-        let mut victims: Vec<(bool, u8, i64, i64, i64, ReqId)> = rep
-            .running
-            .iter()
-            .map(|e| {
-                let over = *over_of.entry(e.tenant).or_insert_with(|| {
-                    let t = &self.tenants[&e.tenant];
-                    -((t.usage_gpus - t.spec.guaranteed_gpus) / t.spec.weight * 1e6) as i64
-                });
-                let young = now_ms - e.started_ms < self.cfg.min_runtime_ms;
-                (young, u8::MAX - e.band, over, 0, -e.started_ms, e.id)
-            })
-            .collect();
+        // Order: not young first, lowest band, most over its weighted guarantee, cheapest restart,
+        // newest, id. The restart cost needs the item, so it is looked up only where the cheaper
+        // keys tie (items of one tenant and band).
+        out.reserve((rep.used_slots - rep.spec.slots) as usize);
+        let mut victims = std::mem::take(&mut self.victim_buf);
+        victims.clear();
+        victims.extend(rep.run_ix.iter().zip(&rep.run_meta).map(|(&ix, e)| {
+            let t = &self.tenants[e.tix as usize];
+            let over = -((t.usage_gpus - t.spec.guaranteed_gpus) / t.spec.weight * 1e6) as i64;
+            let young = now_ms - e.started_ms < self.cfg.min_runtime_ms;
+            (young, u8::MAX - e.band, over, 0, -e.started_ms, ix)
+        }));
         victims.sort_unstable();
         let mut i = 0;
         while i < victims.len() {
@@ -500,184 +705,322 @@ impl Router {
             }
             if j - i > 1 {
                 for v in &mut victims[i..j] {
-                    let r = &self.running[&v.5];
-                    v.3 = ((r.work.restart_cost + f64::from(r.output_done)) * 1e3) as i64;
+                    let it = &self.items[v.5 as usize];
+                    v.3 = ((it.restart_cost + f64::from(it.output_done)) * 1e3) as i64;
                 }
-                victims[i..j].sort_unstable();
+                // Ties beyond the restart cost break by id, as everywhere.
+                victims[i..j].sort_unstable_by_key(|v| (v.3, v.4, self.items[v.5 as usize].id));
             }
             i = j;
         }
-        self.deferred = Some(Vec::new());
-        for v in victims {
-            let rep = &self.replicas[&id];
+        self.deferred = Some(std::mem::take(&mut self.deferred_buf));
+        for &v in &victims {
+            let rep = &self.reps[rix as usize];
             if rep.used_slots <= rep.spec.slots {
                 break;
             }
-            if self.running.contains_key(&v.5) {
+            if self.items[v.5 as usize].state == State::Running {
+                let id = rep.spec.id;
                 self.preempt(v.5, PreemptReason::CapacityShrink { replica: id }, now_ms, out);
             }
         }
+        self.victim_buf = victims;
         let mut touched = self.deferred.take().unwrap_or_default();
         touched.sort_unstable();
         touched.dedup();
-        for r in touched {
-            if self.replicas.contains_key(&r) {
+        for &r in &touched {
+            self.reindex(r);
+        }
+        touched.clear();
+        self.deferred_buf = touched;
+    }
+
+    /// The distinct replica ids of a slot list (a replica's entries are adjacent).
+    fn replica_ids(&self, slots: &[u32]) -> Replicas {
+        if slots.iter().all(|&r| r == slots[0]) {
+            return Replicas::One(self.reps[slots[0] as usize].spec.id);
+        }
+        let mut v = Vec::with_capacity(slots.len());
+        for (k, &r) in slots.iter().enumerate() {
+            if k == 0 || slots[k - 1] != r {
+                v.push(self.reps[r as usize].spec.id);
+            }
+        }
+        Replicas::Many(v)
+    }
+
+    fn preempt(&mut self, ix: u32, reason: PreemptReason, now_ms: i64, out: &mut Vec<Decision>) {
+        let replicas = self.replica_ids(self.items[ix as usize].slot_list());
+        self.release(ix);
+        let it = &self.items[ix as usize];
+        let (band, tix, id) = (it.band, it.tix, it.id);
+        self.metrics.preempted(band, &reason);
+        out.push(Decision::Preempt { id, replicas, reason });
+        match self.requeue.as_mut() {
+            Some(batch) => batch.push((tix, band, ix)),
+            None => self.requeue_one(tix, band, ix, now_ms),
+        }
+    }
+
+    /// Puts preempted work back in line at its original place (same sequence), with its service
+    /// kept (the VTC is not refunded).
+    fn requeue_one(&mut self, tix: u32, band: u8, ix: u32, now_ms: i64) {
+        self.tband[tix as usize * self.nb + usize::from(band)].stats.preempted += 1;
+        self.enqueue(ix, now_ms + self.cfg.ttl_ms[usize::from(band)]);
+    }
+
+    /// During a capacity change, preempted work is re-queued once every replica is fitted, in
+    /// tenant order (neighbouring memory), before any queue is served.
+    fn begin_requeue(&mut self) {
+        self.requeue = Some(std::mem::take(&mut self.requeue_buf));
+    }
+
+    fn end_requeue(&mut self, now_ms: i64) {
+        let Some(mut batch) = self.requeue.take() else { return };
+        batch.sort_unstable();
+        for &(tix, band, ix) in &batch {
+            self.requeue_one(tix, band, ix, now_ms);
+        }
+        batch.clear();
+        self.requeue_buf = batch;
+    }
+
+    /// Frees the capacity a running item holds.
+    fn release(&mut self, ix: u32) {
+        let it = &mut self.items[ix as usize];
+        let (kv, tix, gpus) = (it.kv(), it.tix, it.gpus);
+        let many = std::mem::take(&mut it.slots);
+        let one = [it.slot0];
+        let slots: &[u32] = if it.gang == 1 { &one } else { &many };
+        for (k, &r) in slots.iter().enumerate() {
+            let rep = &mut self.reps[r as usize];
+            rep.used_slots -= 1;
+            rep.kv_used -= kv;
+            if k > 0 && slots[k - 1] == r {
+                continue;
+            }
+            if let Some(p) = rep.run_ix.iter().position(|&x| x == ix) {
+                rep.run_ix.swap_remove(p);
+                rep.run_meta.swap_remove(p);
+            }
+            if let Some(d) = self.deferred.as_mut() {
+                d.push(r);
+            } else {
                 self.reindex(r);
             }
         }
+        let t = &mut self.tenants[tix as usize];
+        t.usage_gpus = (t.usage_gpus - gpus).max(0.0);
+        let it = &mut self.items[ix as usize];
+        it.slots = many;
+        it.slots.clear();
+        it.state = State::Free;
+        self.running -= 1;
     }
 
-    fn preempt(&mut self, rid: ReqId, reason: PreemptReason, now_ms: i64, out: &mut Vec<Decision>) {
-        let mut r = self.running.remove(&rid).expect("running");
-        self.release(&r);
-        self.metrics.preempted(r.work.band, &reason);
-        if let Some(t) = self.tenants.get_mut(&r.work.tenant) {
-            t.stats[usize::from(r.work.band)].preempted += 1;
-        }
-        let mut replicas = std::mem::take(&mut r.slots);
-        replicas.dedup();
-        out.push(Decision::Preempt { id: rid, replicas, reason });
-        // Back in line at its original place, with its service kept (the VTC is not refunded).
-        let expires = now_ms + self.cfg.ttl_ms[usize::from(r.work.band)];
-        self.enqueue(Queued { work: r.work, seq: r.seq, arrived_ms: r.arrived_ms, expires_ms: expires });
-    }
-
-    fn release(&mut self, r: &Running) {
-        let kv = u64::from(r.work.prompt_tokens + r.work.max_output_tokens);
-        for id in &r.slots {
-            if let Some(rep) = self.replicas.get_mut(id) {
-                rep.used_slots -= 1;
-                rep.kv_used -= kv;
-                if let Some(p) = rep.running.iter().position(|e| e.id == r.work.id) {
-                    rep.running.swap_remove(p);
-                }
-            }
-        }
-        for (k, id) in r.slots.iter().enumerate() {
-            if k > 0 && r.slots[k - 1] == *id {
-                continue;
-            }
-            if let Some(d) = self.deferred.as_mut() {
-                d.push(*id);
-            } else if self.replicas.contains_key(id) {
-                self.reindex(*id);
-            }
-        }
-        if let Some(t) = self.tenants.get_mut(&r.work.tenant) {
-            t.usage_gpus = (t.usage_gpus - r.gpus).max(0.0);
-        }
-    }
-
-    fn enqueue(&mut self, q: Queued) {
-        let (model, band, tenant) = (q.work.model, usize::from(q.work.band), q.work.tenant);
-        let order_key = (q.work.deadline_ms.unwrap_or(i64::MAX), q.seq);
+    /// Puts an item (new, or preempted) in its tenant's queue on its model and band.
+    fn enqueue(&mut self, ix: u32, expires_ms: i64) {
+        let it = &mut self.items[ix as usize];
+        it.state = State::Queued;
+        it.expires_ms = expires_ms;
+        let (tix, mix, band, id) = (it.tix, it.mix, usize::from(it.band), it.id);
+        let order_key = (it.deadline_ms, it.seq);
         // A tenant becoming backlogged again is lifted to the least counter among the backlogged,
         // so that idleness banks no credit.
-        let bq = &self.models[&model].bands[band];
-        if !bq.by_tenant.contains_key(&tenant)
-            && let Some(m) = bq.order.iter().next().map(|(k, _)| f64::from_bits(*k))
-        {
-            let c = self.tenants[&tenant].counter[band];
-            if m > c {
-                self.set_counter(tenant, band, m);
+        let tb = tix as usize * self.nb + band;
+        let q = match self.tband[tb].waiting_in.iter().find(|w| w.0 == mix) {
+            Some(&(_, q)) => q,
+            None => {
+                if let Some(&(k, _)) = self.models[mix as usize].bands[band].order.first()
+                    && f64::from_bits(k) > self.tband[tb].counter
+                {
+                    self.set_counter(tix, band, f64::from_bits(k));
+                }
+                let q = match self.free_queues.pop() {
+                    Some(q) => q,
+                    None => {
+                        self.queues.push(TenantQueue::new());
+                        (self.queues.len() - 1) as u32
+                    }
+                };
+                self.tband[tb].waiting_in.push((mix, q));
+                let counter = self.tband[tb].counter;
+                self.models[mix as usize].bands[band].order.insert((key(counter), tix));
+                q
             }
-        }
-        let counter = self.tenants[&tenant].counter[band];
-        let bq = &mut self.models.get_mut(&model).expect("model").bands[band];
-        let tq = bq.by_tenant.entry(tenant).or_default();
-        if tq.is_empty() {
-            bq.order.insert((key(counter), tenant));
-            self.tenants.get_mut(&tenant).expect("tenant").waiting_in[band].push(model);
-        }
+        };
+        let m = &mut self.models[mix as usize];
+        let bq = &mut m.bands[band];
+        let tq = &mut self.queues[q as usize];
         // New work usually goes last; preempted work returns near the front (its old place).
-        let at = tq.partition_point(|e| e.0 < order_key);
-        tq.insert(at, (order_key, q.work.id));
+        if tq.back().is_none_or(|e| e.0 < order_key) {
+            tq.push_back((order_key, ix));
+        } else {
+            let at = tq.partition_point(|e| e.0 < order_key);
+            tq.insert(at, (order_key, ix));
+        }
         bq.len += 1;
+        m.nonempty |= 1 << band;
         self.band_len[band] += 1;
-        self.expiry.push(Reverse((q.expires_ms, q.work.id)));
-        self.queued.insert(q.work.id, q);
+        self.queued += 1;
+        let ex = &mut self.expiry[band];
+        ex.push_back((expires_ms, ix, id));
+        // Entries of work that left the queue wait for their time; compact when they dominate.
+        if ex.len() > 2 * self.band_len[band] + 4_096 {
+            let items = &self.items;
+            ex.retain(|&(t, ix, id)| {
+                let it = &items[ix as usize];
+                it.state == State::Queued && it.id == id && it.expires_ms == t
+            });
+        }
     }
 
-    fn dequeue(&mut self, id: ReqId) -> Option<Queued> {
-        let q = self.queued.remove(&id)?;
-        let (model, band, tenant) = (q.work.model, usize::from(q.work.band), q.work.tenant);
-        let counter = self.tenants[&tenant].counter[band];
-        let bq = &mut self.models.get_mut(&model).expect("model").bands[band];
-        let tq = bq.by_tenant.get_mut(&tenant).expect("tenant queue");
-        let k = (q.work.deadline_ms.unwrap_or(i64::MAX), q.seq);
-        let at = tq.partition_point(|e| e.0 < k);
-        debug_assert_eq!(tq.get(at).map(|e| e.1), Some(id));
-        tq.remove(at);
+    /// Takes a queued item out of its queue (the caller gives it its next state).
+    fn unqueue(&mut self, ix: u32) {
+        let it = &self.items[ix as usize];
+        debug_assert_eq!(it.state, State::Queued);
+        let (tix, mix, band) = (it.tix, it.mix, usize::from(it.band));
+        let k = (it.deadline_ms, it.seq);
+        let tb = &mut self.tband[tix as usize * self.nb + band];
+        let w = tb.waiting_in.iter().position(|w| w.0 == mix).expect("tenant queue");
+        let q = tb.waiting_in[w].1;
+        let m = &mut self.models[mix as usize];
+        let bq = &mut m.bands[band];
+        let tq = &mut self.queues[q as usize];
+        if tq.front().is_some_and(|e| e.1 == ix) {
+            tq.pop_front();
+        } else {
+            let at = tq.partition_point(|e| e.0 < k);
+            debug_assert_eq!(tq.get(at).map(|e| e.1), Some(ix));
+            tq.remove(at);
+        }
         if tq.is_empty() {
-            bq.by_tenant.remove(&tenant);
-            bq.order.remove(&(key(counter), tenant));
-            self.tenants.get_mut(&tenant).expect("tenant").waiting_in[band].retain(|m| *m != model);
+            if tq.capacity() > 64 {
+                *tq = TenantQueue::new();
+            }
+            self.free_queues.push(q);
+            bq.order.remove(&(key(tb.counter), tix));
+            tb.waiting_in.swap_remove(w);
         }
         bq.len -= 1;
+        if bq.len == 0 {
+            m.nonempty &= !(1 << band);
+        }
         self.band_len[band] -= 1;
-        Some(q)
+        self.queued -= 1;
+        self.items[ix as usize].state = State::Free;
+    }
+
+    fn alloc(&mut self, work: &Work, tix: u32, mix: u32, arrived_ms: i64) -> u32 {
+        self.seq += 1;
+        let ix = match self.free_items.pop() {
+            Some(ix) => ix,
+            None => {
+                self.items.push(Item {
+                    state: State::Free,
+                    band: 0,
+                    preemptible: false,
+                    tix: 0,
+                    mix: 0,
+                    output_done: 0,
+                    id: 0,
+                    seq: 0,
+                    arrived_ms: 0,
+                    expires_ms: 0,
+                    gpus: 0.0,
+                    slot0: 0,
+                    started_ms: 0,
+                    kv: 0,
+                    deadline_ms: 0,
+                    restart_cost: 0.0,
+                    slots: Vec::new(),
+                    prompt_tokens: 0,
+                    gang: 0,
+                });
+                (self.items.len() - 1) as u32
+            }
+        };
+        let it = &mut self.items[ix as usize];
+        it.set_work(work);
+        it.tix = tix;
+        it.mix = mix;
+        it.seq = self.seq;
+        it.arrived_ms = arrived_ms;
+        it.output_done = 0;
+        it.gpus = 0.0;
+        self.ids.insert(work.id, ix);
+        ix
+    }
+
+    /// Forgets an item that has left the router (completed or rejected).
+    fn dealloc(&mut self, ix: u32) {
+        let it = &mut self.items[ix as usize];
+        it.state = State::Free;
+        self.ids.remove(&it.id);
+        self.free_items.push(ix);
     }
 
     /// A new request or job.
     pub fn arrive(&mut self, w: Work, now_ms: i64, out: &mut Vec<Decision>) {
+        let now = self.advance(now_ms);
         let id = w.id;
-        if !self.tenants.contains_key(&w.tenant) {
+        let Some(&tix) = self.tenant_ix.get(&w.tenant) else {
             out.push(Decision::Reject { id, reason: RejectReason::UnknownTenant });
             return;
-        }
-        if usize::from(w.band) >= self.cfg.bands
-            || w.gang == 0
-            || self.queued.contains_key(&id)
-            || self.running.contains_key(&id)
-        {
-            let why = if usize::from(w.band) >= self.cfg.bands {
-                "band: beyond the configured bands"
-            } else if w.gang == 0 {
-                "gang: must be >= 1"
-            } else {
-                "id: already admitted"
-            };
+        };
+        let why = if usize::from(w.band) >= self.cfg.bands {
+            Some("band: beyond the configured bands")
+        } else if w.gang == 0 {
+            Some("gang: must be >= 1")
+        } else if self.ids.contains_key(&id) {
+            Some("id: already admitted")
+        } else {
+            None
+        };
+        if let Some(why) = why {
             out.push(Decision::Reject { id, reason: RejectReason::Invalid(why.into()) });
             return;
         }
         let kv = u64::from(w.prompt_tokens + w.max_output_tokens);
-        let fits_ever = self.models.get(&w.model).is_some_and(|m| m.max_kv >= kv && m.total_slots >= u64::from(w.gang));
-        if !fits_ever {
+        let mix = self.model_ix.get(&w.model).copied();
+        let Some(mix) = mix.filter(|&m| {
+            let m = &self.models[m as usize];
+            m.max_kv >= kv && m.total_slots >= u64::from(w.gang)
+        }) else {
             out.push(Decision::Reject { id, reason: RejectReason::NeverFits });
             return;
-        }
+        };
         let band = usize::from(w.band);
-        let total_full = self.queued.len() >= self.cfg.queue_cap_total;
+        let total_full = self.queued >= self.cfg.queue_cap_total;
         if self.band_len[band] >= self.cfg.queue_cap[band] || (total_full && !self.displace(band, out)) {
             out.push(Decision::Reject { id, reason: RejectReason::QueueFull { band: w.band } });
             return;
         }
-        self.seq += 1;
         self.metrics.arrived(w.band);
-        let model = w.model;
-        let expires = now_ms + self.cfg.ttl_ms[band];
-        self.enqueue(Queued { work: w, seq: self.seq, arrived_ms: now_ms, expires_ms: expires });
-        let before = out.len();
-        self.pump(model, now_ms, out);
-        if !out[before..].iter().any(|d| matches!(d, Decision::Dispatch { id: x, .. } if *x == id)) {
+        let ix = self.alloc(&w, tix, mix, now);
+        self.enqueue(ix, now + self.cfg.ttl_ms[band]);
+        self.pump(mix, now, out);
+        if self.items[ix as usize].state == State::Queued {
             out.push(Decision::Queue { id });
         }
     }
 
-    /// Makes room in a full band by displacing the newest work of a lower band (lowest first).
+    /// Makes room in a full queue by displacing the newest work of a lower band (lowest first).
     fn displace(&mut self, band: usize, out: &mut Vec<Decision>) -> bool {
         for lower in (band + 1..self.cfg.bands).rev() {
             if self.band_len[lower] == 0 {
                 continue;
             }
-            let newest = self
-                .queued
-                .values()
-                .filter(|q| usize::from(q.work.band) == lower)
-                .max_by_key(|q| (q.seq, q.work.id))
-                .map(|q| q.work.id);
-            if let Some(id) = newest {
-                self.dequeue(id);
+            let newest = (0..self.items.len() as u32)
+                .filter(|&ix| {
+                    let it = &self.items[ix as usize];
+                    it.state == State::Queued && usize::from(it.band) == lower
+                })
+                .max_by_key(|&ix| (self.items[ix as usize].seq, self.items[ix as usize].id));
+            if let Some(ix) = newest {
+                let id = self.items[ix as usize].id;
+                self.unqueue(ix);
+                self.dealloc(ix);
                 self.metrics.rejected(lower as u8);
                 out.push(Decision::Reject { id, reason: RejectReason::Displaced });
                 return true;
@@ -688,35 +1031,45 @@ impl Router {
 
     /// Token progress of running work: charges its tenant's counter for output tokens.
     pub fn progress(&mut self, id: ReqId, output_tokens: u32, now_ms: i64) {
-        let Some(r) = self.running.get_mut(&id) else { return };
-        let add = output_tokens.saturating_sub(r.output_done);
-        if r.output_done == 0 && add > 0 {
-            self.metrics.first_token(r.work.band, now_ms - r.arrived_ms);
-            let st = &mut self.tenants.get_mut(&r.work.tenant).expect("tenant").stats[usize::from(r.work.band)];
-            st.first_tokens += 1;
-            st.ttft_ms_sum += (now_ms - r.arrived_ms) as f64;
+        let now = self.advance(now_ms);
+        let Some(&ix) = self.ids.get(&id) else { return };
+        let it = &mut self.items[ix as usize];
+        if it.state != State::Running {
+            return;
         }
-        r.output_done = r.output_done.max(output_tokens);
-        let (tenant, band) = (r.work.tenant, r.work.band);
-        self.charge(tenant, usize::from(band), f64::from(add) * self.cfg.output_weight);
-        self.tenants.get_mut(&tenant).expect("tenant").stats[usize::from(band)].output_tokens += u64::from(add);
+        let add = output_tokens.saturating_sub(it.output_done);
+        let (tix, band) = (it.tix, usize::from(it.band));
+        let first = it.output_done == 0 && add > 0;
+        it.output_done = it.output_done.max(output_tokens);
+        let waited = now - it.arrived_ms;
+        if first {
+            self.metrics.first_token(band as u8, waited);
+        }
+        let st = &mut self.tband[tix as usize * self.nb + band].stats;
+        if first {
+            st.first_tokens += 1;
+            st.ttft_ms_sum += waited as f64;
+        }
+        st.output_tokens += u64::from(add);
+        if add > 0 {
+            self.charge(tix, band, f64::from(add) * self.cfg.output_weight);
+        }
     }
 
-    fn charge(&mut self, tenant: TenantId, band: usize, cost: f64) {
-        let t = &self.tenants[&tenant];
-        let new = t.counter[band] + cost / t.spec.weight;
-        self.set_counter(tenant, band, new);
+    fn charge(&mut self, tix: u32, band: usize, cost: f64) {
+        let new = self.tband[tix as usize * self.nb + band].counter + cost / self.tenants[tix as usize].spec.weight;
+        self.set_counter(tix, band, new);
     }
 
     /// Sets a tenant's virtual counter in a band, keeping the backlog order keys in step for
     /// every model the tenant waits on in that band.
-    fn set_counter(&mut self, tenant: TenantId, band: usize, new: f64) {
-        let t = self.tenants.get_mut(&tenant).expect("tenant");
-        let old = std::mem::replace(&mut t.counter[band], new);
-        for model in &t.waiting_in[band] {
-            let bq = &mut self.models.get_mut(model).expect("model").bands[band];
-            if bq.order.remove(&(key(old), tenant)) {
-                bq.order.insert((key(new), tenant));
+    fn set_counter(&mut self, tix: u32, band: usize, new: f64) {
+        let t = &mut self.tband[tix as usize * self.nb + band];
+        let old = std::mem::replace(&mut t.counter, new);
+        for &(mix, _) in &t.waiting_in {
+            let bq = &mut self.models[mix as usize].bands[band];
+            if bq.order.remove(&(key(old), tix)) {
+                bq.order.insert((key(new), tix));
             }
         }
     }
@@ -724,245 +1077,335 @@ impl Router {
     /// Work finished (or failed at the backend): its capacity frees.
     pub fn complete(&mut self, id: ReqId, output_tokens: u32, now_ms: i64, out: &mut Vec<Decision>) {
         self.progress(id, output_tokens, now_ms);
-        let Some(r) = self.running.remove(&id) else { return };
-        self.release(&r);
-        if let Some(t) = self.tenants.get_mut(&r.work.tenant) {
-            t.stats[usize::from(r.work.band)].completed += 1;
+        let now = self.now;
+        let Some(&ix) = self.ids.get(&id) else { return };
+        if self.items[ix as usize].state != State::Running {
+            return;
         }
-        let model = r.work.model;
-        self.pump(model, now_ms, out);
+        self.release(ix);
+        let it = &self.items[ix as usize];
+        let (tix, band, mix) = (it.tix, usize::from(it.band), it.mix);
+        self.tband[tix as usize * self.nb + band].stats.completed += 1;
+        self.dealloc(ix);
+        self.pump(mix, now, out);
     }
 
     /// Time passes: queued work past its time-to-live is rejected.
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Decision>) {
-        while let Some(&Reverse((t, id))) = self.expiry.peek() {
-            if t > now_ms {
-                break;
-            }
-            self.expiry.pop();
-            // Only work still queued with this expiry (not dispatched, or re-queued since).
-            if self.queued.get(&id).is_some_and(|q| q.expires_ms == t)
-                && let Some(q) = self.dequeue(id)
-            {
-                self.metrics.rejected(q.work.band);
-                out.push(Decision::Reject { id, reason: RejectReason::Expired });
+        let now = self.advance(now_ms);
+        for band in 0..self.cfg.bands {
+            while let Some(&(t, ix, id)) = self.expiry[band].front() {
+                if t > now {
+                    break;
+                }
+                self.expiry[band].pop_front();
+                // Only work still queued with this expiry (not dispatched, or re-queued since).
+                let it = &self.items[ix as usize];
+                if it.state == State::Queued && it.id == id && it.expires_ms == t {
+                    self.unqueue(ix);
+                    self.dealloc(ix);
+                    self.metrics.rejected(band as u8);
+                    out.push(Decision::Reject { id, reason: RejectReason::Expired });
+                }
             }
         }
     }
 
     /// Which band gets the next decision on a model: the highest backlogged, except one decision in
     /// `floor_every`, which goes to the lower backlogged bands in turn.
-    fn pick_band(&self, model: ModelId) -> Option<usize> {
-        let floor = self.cfg.floor_every;
-        let m = self.models.get(&model)?;
-        let top = m.bands.iter().position(|b| b.len > 0)?;
+    fn pick_band(&self, mix: u32) -> Option<usize> {
+        let m = &self.models[mix as usize];
+        if m.nonempty == 0 {
+            return None;
+        }
+        let top = m.nonempty.trailing_zeros() as usize;
         let turn = m.turn.wrapping_add(1);
-        if turn.is_multiple_of(floor) {
-            let lower = m.bands.iter().enumerate().skip(top + 1).filter(|(_, b)| b.len > 0).count();
-            if lower > 0 {
-                let k = (turn / floor) as usize % lower;
-                return m.bands.iter().enumerate().skip(top + 1).filter(|(_, b)| b.len > 0).nth(k).map(|(i, _)| i);
+        if turn.is_multiple_of(self.cfg.floor_every) {
+            let mut lower = m.nonempty & !((2u32 << top) - 1);
+            let n = lower.count_ones();
+            if n > 0 {
+                for _ in 0..(turn / self.cfg.floor_every) % n {
+                    lower &= lower - 1;
+                }
+                return Some(lower.trailing_zeros() as usize);
             }
         }
         Some(top)
     }
 
     /// Dispatches queued work on a model while capacity and quota allow.
-    fn pump(&mut self, model: ModelId, now_ms: i64, out: &mut Vec<Decision>) {
+    fn pump(&mut self, mix: u32, now_ms: i64, out: &mut Vec<Decision>) {
+        if self.models[mix as usize].free.is_empty() && !self.any_guarantee {
+            return;
+        }
         // Every round dispatches one queued item; a reclaim re-queues less than it frees. More
         // rounds than items known to the router would be a bug (a livelock): stop and say so.
-        let limit = 2 * (self.queued.len() + self.running.len()) + 16;
+        let limit = 2 * (self.queued + self.running) + 16;
         for round in 0.. {
-            assert!(round <= limit, "router livelock on model {}", model.0);
-            let Some(band) = self.pick_band(model) else { return };
-            if !self.dispatch_one(model, band, now_ms, out) {
+            assert!(round <= limit, "router livelock on model {}", self.models[mix as usize].id.0);
+            let Some(band) = self.pick_band(mix) else { return };
+            if !self.dispatch_one(mix, band, now_ms, out) {
                 // Nothing in this band could go; try the others once before giving up.
-                let others: Vec<usize> =
-                    (0..self.cfg.bands).filter(|&b| b != band && self.models[&model].bands[b].len > 0).collect();
-                if !others.into_iter().any(|b| self.dispatch_one(model, b, now_ms, out)) {
+                let others = self.models[mix as usize].nonempty & !(1 << band);
+                if !(0..self.cfg.bands).any(|b| others & (1 << b) != 0 && self.dispatch_one(mix, b, now_ms, out)) {
                     return;
                 }
             }
             // The floor counts decisions, not attempts.
-            let m = self.models.get_mut(&model).expect("model");
+            let m = &mut self.models[mix as usize];
             m.turn = m.turn.wrapping_add(1);
         }
     }
 
-    /// Tries the tenants of a band in VTC order; the first whose head fits (capacity, quota, or a
-    /// reclaim) goes. Returns whether something was dispatched.
-    fn dispatch_one(&mut self, model: ModelId, band: usize, now_ms: i64, out: &mut Vec<Decision>) -> bool {
-        if self.models[&model].free.is_empty() && !self.any_guarantee {
+    /// Tries the tenants of a band in VTC order and dispatches one head item; returns whether it
+    /// did. A head that fits within its tenant's guarantee (or when no tenant has one) goes at
+    /// once. A head that would borrow competes with the next `BORROW_LOOKAHEAD` tenants: the one
+    /// whose weighted borrowed share after admission is lowest goes (Kueue's "admit the lowest
+    /// share"), so borrowed capacity is shared by weighted dominant share while VTC orders service.
+    /// A head that finds no room may reclaim borrowed capacity if its tenant is within its
+    /// guarantee.
+    fn dispatch_one(&mut self, mix: u32, band: usize, now_ms: i64, out: &mut Vec<Decision>) -> bool {
+        if self.models[mix as usize].free.is_empty() && !self.any_guarantee {
             return false;
         }
-        // Tenants in VTC order, looked at lazily (the first usually goes).
-        let mut cursor: Option<(u64, TenantId)> = None;
-        let mut tried = 0;
-        while tried < 64 {
-            tried += 1;
+        let mut cursor: Option<(u64, u32)> = None;
+        let mut best: Option<(f64, u32)> = None;
+        let mut after_best = 0;
+        for _ in 0..64 {
             let next = {
-                let bq = &self.models[&model].bands[band];
+                let bq = &self.models[mix as usize].bands[band];
                 let mut it = match cursor {
                     None => bq.order.range(..),
                     Some(c) => bq.order.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
                 };
-                it.next().copied().map(|k| (k, bq.by_tenant.get(&k.1).and_then(|q| q.front()).map(|e| e.1)))
+                it.next().copied().map(|k| {
+                    let tb = &self.tband[k.1 as usize * self.nb + band];
+                    let q = tb.waiting_in.iter().find(|w| w.0 == mix).map(|w| w.1);
+                    (k, q.and_then(|q| self.queues[q as usize].front()).map(|e| e.1))
+                })
             };
-            let Some((k, Some(id))) = next else { return false };
+            let Some((k, Some(ix))) = next else { break };
             cursor = Some(k);
-            let tenant = k.1;
-            let w = &self.queued[&id].work;
-            let (gang, kv) = (w.gang, u64::from(w.prompt_tokens + w.max_output_tokens));
-            let Some(placement) = self.place(model, gang, kv) else {
+            if best.is_some() {
+                after_best += 1;
+                if after_best > BORROW_LOOKAHEAD {
+                    break;
+                }
+            }
+            let tix = k.1;
+            let it = &self.items[ix as usize];
+            let (gang, kv) = (it.gang, it.kv());
+            if !self.place(mix, gang, kv) {
                 // No room: a tenant within its guarantee may reclaim borrowed capacity.
-                if self.reclaim(model, tenant, gang, kv, now_ms, out) {
-                    let p = self.place(model, gang, kv).expect("a reclaim makes room");
-                    self.start(id, p, now_ms, out);
+                if best.is_none() && self.reclaim(mix, tix, gang, kv, now_ms, out) {
+                    assert!(self.place(mix, gang, kv), "a reclaim makes room");
+                    self.start(ix, now_ms, out);
                     return true;
                 }
                 continue;
-            };
-            let t = &self.tenants[&tenant];
-            let need: f64 = placement.iter().map(|r| self.replicas[r].gpu_per_slot()).sum();
-            if t.usage_gpus + need > t.spec.guaranteed_gpus + t.spec.borrow_limit_gpus + 1e-9 {
+            }
+            let t = &self.tenants[tix as usize];
+            let need: f64 = self.place_buf.iter().map(|&r| self.reps[r as usize].gpu_per_slot()).sum();
+            let after = t.usage_gpus + need;
+            if after > t.spec.guaranteed_gpus + t.spec.borrow_limit_gpus + 1e-9 {
                 continue;
             }
-            self.start(id, placement, now_ms, out);
-            return true;
+            if !self.any_guarantee || after <= t.spec.guaranteed_gpus + 1e-9 {
+                self.start(ix, now_ms, out);
+                return true;
+            }
+            let share = (after - t.spec.guaranteed_gpus) / t.spec.weight;
+            if best.is_none_or(|(s, _)| share < s) {
+                best = Some((share, ix));
+            }
+        }
+        let Some((_, ix)) = best else { return false };
+        let it = &self.items[ix as usize];
+        assert!(self.place(mix, it.gang, it.kv()), "placement unchanged since it was found");
+        self.start(ix, now_ms, out);
+        true
+    }
+
+    /// The least saturated replicas with room (one slot each for a gang), into `place_buf`; false
+    /// if there are not enough.
+    fn place(&mut self, mix: u32, gang: u32, kv: u64) -> bool {
+        let m = &self.models[mix as usize];
+        self.place_buf.clear();
+        for &(_, _, r) in &m.free {
+            let rep = &self.reps[r as usize];
+            let room_slots = rep.spec.slots - rep.used_slots;
+            let room_kv = ((rep.spec.kv_tokens - rep.kv_used) / kv.max(1)).min(u64::from(u32::MAX)) as u32;
+            for _ in 0..room_slots.min(room_kv).min(gang - self.place_buf.len() as u32) {
+                self.place_buf.push(r);
+            }
+            if self.place_buf.len() as u32 == gang {
+                return true;
+            }
         }
         false
     }
 
-    /// The least saturated replicas with room (one slot each for a gang), or none.
-    fn place(&self, model: ModelId, gang: u32, kv: u64) -> Option<Vec<ReplicaId>> {
-        let m = self.models.get(&model)?;
-        let mut chosen = Vec::with_capacity(gang as usize);
-        for &(_, r) in &m.free {
-            let rep = &self.replicas[&ReplicaId(r)];
-            let room_slots = rep.spec.slots - rep.used_slots;
-            let room_kv = ((rep.spec.kv_tokens - rep.kv_used) / kv.max(1)) as u32;
-            for _ in 0..room_slots.min(room_kv).min(gang - chosen.len() as u32) {
-                chosen.push(ReplicaId(r));
-            }
-            if chosen.len() as u32 == gang {
-                return Some(chosen);
-            }
+    /// Starts a queued item on the placement in `place_buf`.
+    fn start(&mut self, ix: u32, now_ms: i64, out: &mut Vec<Decision>) {
+        self.unqueue(ix);
+        let it = &mut self.items[ix as usize];
+        let (kv, tix, band, id) = (it.kv(), it.tix, it.band, it.id);
+        if it.gang == 1 {
+            it.slot0 = self.place_buf[0];
+        } else {
+            it.slots.clear();
+            it.slots.extend_from_slice(&self.place_buf);
         }
-        None
-    }
-
-    fn start(&mut self, id: ReqId, placement: Vec<ReplicaId>, now_ms: i64, out: &mut Vec<Decision>) {
-        let q = self.dequeue(id).expect("queued");
-        let kv = u64::from(q.work.prompt_tokens + q.work.max_output_tokens);
+        let meta = RunMeta { tix, band, started_ms: now_ms };
         let mut gpus = 0.0;
-        for r in &placement {
-            let rep = self.replicas.get_mut(r).expect("replica");
+        let replicas = self.replica_ids(&self.place_buf);
+        for (k, &r) in self.place_buf.iter().enumerate() {
+            let rep = &mut self.reps[r as usize];
             rep.used_slots += 1;
             rep.kv_used += kv;
-            if rep.running.last().is_none_or(|e| e.id != id) {
-                rep.running.push(RunRef { id, tenant: q.work.tenant, band: q.work.band, started_ms: now_ms });
-            }
             gpus += rep.gpu_per_slot();
-        }
-        for (k, r) in placement.iter().enumerate() {
-            if k == 0 || placement[k - 1] != *r {
-                self.reindex(*r);
+            if k == 0 || self.place_buf[k - 1] != r {
+                rep.run_ix.push(ix);
+                rep.run_meta.push(meta);
             }
         }
-        let (tenant, band) = (q.work.tenant, usize::from(q.work.band));
-        self.tenants.get_mut(&tenant).expect("tenant").usage_gpus += gpus;
-        // VTC charges input tokens when the prompt is admitted.
-        self.charge(tenant, band, f64::from(q.work.prompt_tokens) * self.cfg.input_weight);
-        self.metrics.dispatched(q.work.band, now_ms - q.arrived_ms);
-        let st = &mut self.tenants.get_mut(&tenant).expect("tenant").stats[band];
+        for k in 0..self.place_buf.len() {
+            if k == 0 || self.place_buf[k - 1] != self.place_buf[k] {
+                self.reindex(self.place_buf[k]);
+            }
+        }
+        let it = &mut self.items[ix as usize];
+        it.state = State::Running;
+        it.started_ms = now_ms;
+        it.output_done = 0;
+        it.gpus = gpus;
+        let (waited, prompt) = (now_ms - it.arrived_ms, it.prompt_tokens);
+        self.running += 1;
+        let b = usize::from(band);
+        let t = &mut self.tenants[tix as usize];
+        t.usage_gpus += gpus;
+        let st = &mut self.tband[tix as usize * self.nb + b].stats;
         st.dispatched += 1;
-        st.queue_ms_sum += (now_ms - q.arrived_ms) as f64;
-        st.input_tokens += u64::from(q.work.prompt_tokens);
-        let mut replicas = placement.clone();
-        replicas.dedup();
+        st.queue_ms_sum += waited as f64;
+        st.input_tokens += u64::from(prompt);
+        // VTC charges input tokens when the prompt is admitted.
+        self.charge(tix, b, f64::from(prompt) * self.cfg.input_weight);
+        self.metrics.dispatched(band, waited);
         out.push(Decision::Dispatch { id, replicas });
-        self.running.insert(
-            id,
-            Running {
-                slots: placement,
-                started_ms: now_ms,
-                output_done: 0,
-                gpus,
-                seq: q.seq,
-                arrived_ms: q.arrived_ms,
-                work: q.work,
-            },
-        );
     }
 
-    /// Quota reclaim (see the module docs for why it cannot loop): `tenant`, within its guarantee
-    /// after admitting one slot, preempts the one running item of the most over-quota borrower on
-    /// this model whose removal makes room for the request and leaves that borrower at or above
-    /// its own guarantee. Nothing is preempted unless the request then fits, so a reclaim always
-    /// ends in a dispatch. Gangs (batch jobs) do not reclaim: they wait for capacity.
-    fn reclaim(
-        &mut self,
-        model: ModelId,
-        tenant: TenantId,
-        gang: u32,
-        kv: u64,
-        now_ms: i64,
-        out: &mut Vec<Decision>,
-    ) -> bool {
-        let t = &self.tenants[&tenant];
+    /// Quota reclaim (see the module docs for why it cannot loop): tenant `tix`, within its
+    /// guarantee after admitting one slot, preempts the one running item of the borrower with the
+    /// highest weighted borrowed share on this model whose removal makes room for the request and
+    /// leaves that borrower at or above its own guarantee. Nothing is preempted unless the request
+    /// then fits, so a reclaim always ends in a dispatch. Gangs (batch jobs) do not reclaim: they
+    /// wait for capacity.
+    fn reclaim(&mut self, mix: u32, tix: u32, gang: u32, kv: u64, now_ms: i64, out: &mut Vec<Decision>) -> bool {
+        let t = &self.tenants[tix as usize];
         if gang != 1 || t.usage_gpus >= t.spec.guaranteed_gpus {
             return false;
         }
-        let mut best: Option<((bool, i64, ReqId), ReqId)> = None;
-        for r in &self.models[&model].replicas {
-            let rep = &self.replicas[r];
+        let mut best: Option<((bool, i64, ReqId), u32)> = None;
+        for &r in &self.models[mix as usize].replicas {
+            let rep = &self.reps[r as usize];
             if rep.spec.slots == 0 || t.usage_gpus + rep.gpu_per_slot() > t.spec.guaranteed_gpus + 1e-9 {
                 continue;
             }
-            for e in &rep.running {
-                let rid = &e.id;
-                let run = &self.running[rid];
-                let v = &self.tenants[&run.work.tenant];
-                if run.work.tenant == tenant || !run.work.preemptible || run.work.gang != 1 {
+            for (&ix, meta) in rep.run_ix.iter().zip(&rep.run_meta) {
+                if meta.tix == tix {
+                    continue;
+                }
+                let run = &self.items[ix as usize];
+                let v = &self.tenants[meta.tix as usize];
+                if !run.preemptible || run.gang != 1 {
                     continue;
                 }
                 if v.usage_gpus - run.gpus + 1e-9 < v.spec.guaranteed_gpus {
                     continue;
                 }
-                let run_kv = u64::from(run.work.prompt_tokens + run.work.max_output_tokens);
-                if rep.used_slots > rep.spec.slots || rep.kv_used - run_kv + kv > rep.spec.kv_tokens {
+                if rep.used_slots > rep.spec.slots || rep.kv_used - run.kv() + kv > rep.spec.kv_tokens {
                     continue;
                 }
                 let over = (v.usage_gpus - v.spec.guaranteed_gpus) / v.spec.weight;
-                let young = now_ms - run.started_ms < self.cfg.min_runtime_ms;
-                let k = (young, -(over * 1e6) as i64, *rid);
+                let young = now_ms - meta.started_ms < self.cfg.min_runtime_ms;
+                let k = (young, -(over * 1e6) as i64, run.id);
                 if best.as_ref().is_none_or(|(b, _)| k < *b) {
-                    best = Some((k, *rid));
+                    best = Some((k, ix));
                 }
             }
         }
         match best {
-            Some((_, rid)) => {
-                self.preempt(rid, PreemptReason::QuotaReclaim { by: tenant }, now_ms, out);
+            Some((_, ix)) => {
+                let by = self.tenants[tix as usize].spec.id;
+                self.preempt(ix, PreemptReason::QuotaReclaim { by }, now_ms, out);
                 true
             }
             None => false,
         }
     }
 
+    /// Tenants backlogged in a band (any model), by index.
+    fn backlogged(&self, band: usize) -> BTreeSet<u32> {
+        self.models.iter().flat_map(|m| m.bands[band].order.iter().map(|k| k.1)).collect()
+    }
+
     /// Jain's fairness index of weighted service among tenants now backlogged in `band`.
     pub fn fairness_index(&self, band: usize) -> Option<f64> {
-        let mut xs = vec![];
-        let mut seen = BTreeSet::new();
-        for m in self.models.values() {
-            for t in m.bands[band].by_tenant.keys() {
-                if seen.insert(*t) {
-                    let s = &self.tenants[t];
-                    xs.push(s.stats[band].service() / s.spec.weight);
-                }
-            }
-        }
+        let xs: Vec<f64> = self
+            .backlogged(band)
+            .into_iter()
+            .map(|t| {
+                let s = &self.tenants[t as usize];
+                self.tband[t as usize * self.nb + band].stats.service() / s.spec.weight
+            })
+            .collect();
         crate::metrics::jain(&xs)
+    }
+
+    /// Every tenant's capacity against its entitlement. The capacity is the GPUs of live replicas
+    /// with slots; active tenants (queued or running work) are each entitled to their guarantee
+    /// plus a weighted part of what active tenants are not guaranteed, capped by guarantee plus
+    /// borrowing limit.
+    pub fn shares(&self) -> Vec<TenantShare> {
+        let capacity: f64 =
+            self.reps.iter().filter(|r| r.live && r.spec.slots > 0).map(|r| f64::from(r.spec.gpus)).sum();
+        let active: Vec<bool> = self
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(x, t)| {
+                t.usage_gpus > 1e-9 || (0..self.nb).any(|b| !self.tband[x * self.nb + b].waiting_in.is_empty())
+            })
+            .collect();
+        let act = || self.tenants.iter().zip(&active).filter(|(_, a)| **a).map(|(t, _)| t);
+        let guaranteed: f64 = act().map(|t| t.spec.guaranteed_gpus).sum();
+        let weights: f64 = act().map(|t| t.spec.weight).sum();
+        let lendable = (capacity - guaranteed).max(0.0);
+        let all_guarantees: f64 = self.tenants.iter().map(|t| t.spec.guaranteed_gpus).sum();
+        let pool = (capacity - all_guarantees).max(0.0).max(1e-9);
+        self.tenants
+            .iter()
+            .zip(&active)
+            .map(|(t, &a)| {
+                let borrowed = (t.usage_gpus - t.spec.guaranteed_gpus).max(0.0);
+                let entitled = if a {
+                    (t.spec.guaranteed_gpus + lendable * t.spec.weight / weights)
+                        .min(t.spec.guaranteed_gpus + t.spec.borrow_limit_gpus)
+                } else {
+                    0.0
+                };
+                TenantShare {
+                    tenant: t.spec.id,
+                    weight: t.spec.weight,
+                    usage_gpus: t.usage_gpus,
+                    guaranteed_gpus: t.spec.guaranteed_gpus,
+                    borrowed_gpus: borrowed,
+                    entitled_gpus: entitled,
+                    weighted_borrowed_share: borrowed / pool / t.spec.weight,
+                    active: a,
+                }
+            })
+            .collect()
     }
 
     /// Queued requests per band (all models).
@@ -972,50 +1415,84 @@ impl Router {
 
     /// Whether a tenant has queued work in a band (any model).
     pub fn band_backlog(&self, t: TenantId, band: usize) -> bool {
-        self.tenants.get(&t).is_some_and(|s| !s.waiting_in[band].is_empty())
+        band < self.nb
+            && self.tenant_ix.get(&t).is_some_and(|&x| !self.tband[x as usize * self.nb + band].waiting_in.is_empty())
     }
 
     /// A tenant's figures in a band.
     pub fn tenant_stats(&self, t: TenantId, band: usize) -> Option<&crate::metrics::TenantStats> {
-        self.tenants.get(&t).and_then(|s| s.stats.get(band))
+        self.tenant_ix.get(&t).filter(|_| band < self.nb).map(|&x| &self.tband[x as usize * self.nb + band].stats)
     }
 
     /// Virtual counter of a tenant in a band.
     pub fn counter(&self, t: TenantId, band: usize) -> f64 {
-        self.tenants.get(&t).map_or(0.0, |s| s.counter[band])
+        self.tenant_ix
+            .get(&t)
+            .filter(|_| band < self.nb)
+            .map_or(0.0, |&x| self.tband[x as usize * self.nb + band].counter)
     }
 
-    /// Check used by tests and the harness: no replica runs beyond its slots or KV capacity, and
-    /// usage adds up.
+    /// Check used by tests and the harness: no replica runs beyond its slots or KV capacity, usage
+    /// adds up, and every index agrees with the items.
     pub fn check(&self) -> Result<(), String> {
-        for (id, r) in &self.replicas {
+        let mut slots = vec![0u32; self.reps.len()];
+        let mut usage = vec![0.0f64; self.tenants.len()];
+        let (mut queued, mut running) = (0, 0);
+        for (ix, it) in self.items.iter().enumerate() {
+            match it.state {
+                State::Free => continue,
+                State::Queued => queued += 1,
+                State::Running => {
+                    running += 1;
+                    usage[it.tix as usize] += it.gpus;
+                    for &r in it.slot_list() {
+                        slots[r as usize] += 1;
+                        if !self.reps[r as usize].run_ix.contains(&(ix as u32)) {
+                            return Err(format!("request {} runs on a replica that does not list it", it.id));
+                        }
+                    }
+                }
+            }
+            if self.ids.get(&it.id) != Some(&(ix as u32)) {
+                return Err(format!("request {}: id index out of step", it.id));
+            }
+        }
+        if queued != self.queued || running != self.running || self.ids.len() != queued + running {
+            return Err("queued/running counts out of step".into());
+        }
+        for (rix, r) in self.reps.iter().enumerate() {
             if r.used_slots > r.spec.slots || r.kv_used > r.spec.kv_tokens {
                 return Err(format!(
                     "replica {} over capacity: {}/{} slots, {}/{} kv",
-                    id.0, r.used_slots, r.spec.slots, r.kv_used, r.spec.kv_tokens
+                    r.spec.id.0, r.used_slots, r.spec.slots, r.kv_used, r.spec.kv_tokens
                 ));
             }
-        }
-        let mut usage: FastMap<TenantId, f64> = FastMap::default();
-        for r in self.running.values() {
-            *usage.entry(r.work.tenant).or_default() += r.gpus;
-        }
-        for (id, t) in &self.tenants {
-            let u = usage.get(id).copied().unwrap_or(0.0);
-            if (u - t.usage_gpus).abs() > 1e-6 {
-                return Err(format!("tenant {} usage {} != {}", id.0, t.usage_gpus, u));
+            if slots[rix] != r.used_slots || r.run_ix.len() != r.run_meta.len() {
+                return Err(format!("replica {}: slots in use out of step", r.spec.id.0));
             }
         }
-        let queued: usize = self.band_len.iter().sum();
-        if queued != self.queued.len() {
+        for (t, u) in self.tenants.iter().zip(&usage) {
+            if (u - t.usage_gpus).abs() > 1e-6 {
+                return Err(format!("tenant {} usage {} != {}", t.spec.id.0, t.usage_gpus, u));
+            }
+        }
+        if self.band_len.iter().sum::<usize>() != self.queued {
             return Err("band lengths do not add up".into());
         }
-        for (mid, m) in &self.models {
+        for m in &self.models {
             for (b, bq) in m.bands.iter().enumerate() {
-                let expect: BTreeSet<(u64, TenantId)> =
-                    bq.by_tenant.keys().map(|t| (key(self.tenants[t].counter[b]), *t)).collect();
-                if expect != bq.order || bq.len != bq.by_tenant.values().map(|q| q.len()).sum::<usize>() {
-                    return Err(format!("model {} band {b}: backlog order out of step", mid.0));
+                let mut expect = BTreeSet::new();
+                let mut len = 0;
+                for (t, tb) in self.tband.iter().enumerate().skip(b).step_by(self.nb) {
+                    for &(mix, q) in &tb.waiting_in {
+                        if self.models[mix as usize].id == m.id {
+                            expect.insert((key(tb.counter), (t / self.nb) as u32));
+                            len += self.queues[q as usize].len();
+                        }
+                    }
+                }
+                if expect != bq.order || bq.len != len || (bq.len > 0) != (m.nonempty & (1 << b) != 0) {
+                    return Err(format!("model {} band {b}: backlog order out of step", m.id.0));
                 }
             }
         }

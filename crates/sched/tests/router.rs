@@ -51,7 +51,7 @@ fn places_on_the_least_saturated_replica_and_queues_when_full() {
     }
     let placed: Vec<Vec<ReplicaId>> = out
         .iter()
-        .filter_map(|d| if let Decision::Dispatch { replicas, .. } = d { Some(replicas.clone()) } else { None })
+        .filter_map(|d| if let Decision::Dispatch { replicas, .. } = d { Some(replicas.to_vec()) } else { None })
         .collect();
     assert_eq!(placed, vec![vec![ReplicaId(1)], vec![ReplicaId(2)], vec![ReplicaId(1)], vec![ReplicaId(2)]]);
     out.clear();
@@ -164,6 +164,46 @@ fn guaranteed_quota_is_reclaimed_from_a_borrower() {
 }
 
 #[test]
+fn borrowed_capacity_goes_to_the_lowest_weighted_dominant_share() {
+    // A and B are each guaranteed 1 GPU; A borrows 4 more, B borrows nothing. When a slot frees,
+    // VTC alone would pick A (its counter is far lower: tiny prompts), but both would borrow, and
+    // B's weighted borrowed share after admission (1) is lower than A's (4): B goes.
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 1.0, 10.0);
+    tenant(&mut r, 2, 1.0, 1.0, 10.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 6, &mut out);
+    for i in 0..5 {
+        r.arrive(Work { prompt_tokens: 1, ..work(100 + i, 1, 1) }, 0, &mut out);
+    }
+    r.arrive(Work { prompt_tokens: 1_000, ..work(200, 2, 1) }, 0, &mut out);
+    assert_eq!(r.replica_load(ReplicaId(1)), Some((6, 6)));
+    r.arrive(Work { prompt_tokens: 1, ..work(101_000, 1, 1) }, 1, &mut out);
+    r.arrive(Work { prompt_tokens: 1_000, ..work(201_000, 2, 1) }, 1, &mut out);
+    assert!(r.counter(TenantId(1), 1) < r.counter(TenantId(2), 1));
+    out.clear();
+    r.complete(100, 0, 2, &mut out);
+    assert_eq!(dispatched(&out), vec![201_000]);
+    let shares = r.shares();
+    let (a, b) = (&shares[0], &shares[1]);
+    assert_eq!((a.usage_gpus, a.borrowed_gpus), (4.0, 3.0));
+    assert_eq!((b.usage_gpus, b.borrowed_gpus), (2.0, 1.0));
+    // Both active, equal weights: 1 guaranteed + half of the 4 not guaranteed each.
+    assert_eq!((a.entitled_gpus, b.entitled_gpus), (3.0, 3.0));
+    assert!(a.weighted_borrowed_share > b.weighted_borrowed_share);
+    // A tenant within its guarantee reclaims from the borrower with the highest weighted share (A).
+    tenant(&mut r, 3, 1.0, 1.0, 0.0);
+    out.clear();
+    r.arrive(Work { prompt_tokens: 10_000, ..work(300, 3, 1) }, 3, &mut out);
+    let victims: Vec<u64> =
+        out.iter().filter_map(|d| if let Decision::Preempt { id, .. } = d { Some(*id) } else { None }).collect();
+    assert_eq!(victims.len(), 1);
+    assert!((101..105).contains(&victims[0]), "a borrowed item of A: {out:?}");
+    assert_eq!(dispatched(&out), vec![300]);
+    r.check().unwrap();
+}
+
+#[test]
 fn capacity_shrink_picks_victims_minimally_and_keeps_their_place() {
     let mut r = router();
     tenant(&mut r, 1, 1.0, 0.0, 100.0);
@@ -251,8 +291,9 @@ proptest! {
     /// Random arrivals, completions, shrinks and regrowth across tenants with quotas: capacity is
     /// never exceeded, every admitted request is queued, running, completed or rejected with a
     /// reason (nothing vanishes), every quota reclaim leaves the victim's tenant at or above its
-    /// guarantee (the condition under which reclaims cannot loop), and no tenant exceeds its
-    /// guarantee plus borrowing limit.
+    /// guarantee (the condition under which reclaims cannot loop), no tenant exceeds its
+    /// guarantee plus borrowing limit, and the guarantee is honoured: a tenant below its guarantee
+    /// with online work waiting never sees another tenant borrow a slot it could reclaim.
     #[test]
     fn router_invariants(ops in proptest::collection::vec((0u8..5, 0u32..6, 0u8..3, 1u32..2_000, 1u32..4), 1..300)) {
         let mut r = router();
@@ -266,6 +307,7 @@ proptest! {
         }
         let mut next = 0u64;
         let mut live: std::collections::BTreeMap<u64, u32> = Default::default();
+        let mut gangs: std::collections::BTreeMap<u64, u32> = Default::default();
         for (i, (op, t, band, size, gang)) in ops.into_iter().enumerate() {
             let now = i as i64 * 1_000;
             out.clear();
@@ -274,6 +316,7 @@ proptest! {
                     next += 1;
                     let w = Work { prompt_tokens: size, max_output_tokens: size.min(1_000), gang: if band == 2 { gang } else { 1 }, ..work(next, t, band) };
                     live.insert(next, t);
+                    gangs.insert(next, w.gang);
                     r.arrive(w, now, &mut out);
                 }
                 2 => {
@@ -309,6 +352,25 @@ proptest! {
                 prop_assert!(r.tenant_usage_gpus(TenantId(t)) <= guarantee(t) + 6.0 + 1e-9);
             }
             prop_assert!(live.keys().all(|id| r.is_running(*id).is_some()));
+            for t in 0..6u32 {
+                let waiting = r.band_backlog(TenantId(t), 0) || r.band_backlog(TenantId(t), 1);
+                if !waiting || r.tenant_usage_gpus(TenantId(t)) + 1.0 > guarantee(t) + 1e-9 {
+                    continue;
+                }
+                for k in 0..3 {
+                    let (used, slots) = r.replica_load(ReplicaId(k)).unwrap();
+                    if slots == 0 || used > slots {
+                        continue;
+                    }
+                    for id in r.running_on(ReplicaId(k)) {
+                        let v = live[&id];
+                        prop_assert!(
+                            v == t || gangs[&id] != 1 || r.tenant_usage_gpus(TenantId(v)) - 1.0 < guarantee(v) - 1e-9,
+                            "tenant {} below its guarantee waits while tenant {} borrows request {}", t, v, id
+                        );
+                    }
+                }
+            }
         }
     }
 
