@@ -1,0 +1,592 @@
+//! The resource manager, sans-IO: every device's intended state (from the power plan) and observed
+//! state (from telemetry), and a reconciler that computes the commands between them.
+//!
+//! Inputs: `set_intent` (the plan), `telemetry` (a device's report), `command_result` (an agent's
+//! answer), `set_maintenance`, `release_quarantine`, and `tick(now)`. Outputs: batched, staggered,
+//! idempotent [`Command`]s and [`Event`]s (device unknown, back, quarantined, returned, command given
+//! up). [`Manager::availability`] says which devices may carry load, for the dispatcher and router.
+//!
+//! Rules:
+//! - Liveness: a device not heard from for `heartbeat_timeout_ms` is unknown: it is excluded from
+//!   capacity (the engine re-plans) and gets no commands until it reports again.
+//! - Commands: one in flight per device. A command has an id that stays the same across its retries,
+//!   so an agent applying it twice does nothing twice; it times out after `command_timeout_ms` and is
+//!   retried with doubling back-off up to `max_attempts`, then given up (an event; the device turns
+//!   suspect and is retried after `give_up_backoff_ms`). A newer intent replaces a pending command.
+//! - Batching and staggering: at most `batch_max` commands per tick in all, and per feeder at most
+//!   `per_feeder_per_tick` wake-ups (commands that raise power), so that a feeder is not hit by the
+//!   inrush of every device waking at once; power reductions are not staggered (they are what a grid
+//!   event needs fast).
+//! - Health: temperature above `temp_max_c`, error counters rising by more than `errors_max_per_report`
+//!   in one report, or hashrate below `hashrate_ratio_min` of the expected hashrate for
+//!   `bad_reports_to_quarantine` reports in a row put the device in quarantine: it is slept and
+//!   excluded from capacity. After `quarantine_ms` it returns on probation; a relapse doubles the
+//!   period. An operator may release it earlier.
+//! - Maintenance: per device, rack or site; a device in maintenance gets no commands and carries no
+//!   load, and keeps its intent for when it comes back.
+//!
+//! Architecture invariant: pure and deterministic: no IO, clock, threads or randomness; `now_ms`
+//! comes in with every input; iteration is in device order.
+
+use std::collections::BTreeMap;
+
+use hcp_model::device::ModelRef;
+use hcp_model::fleet::Fleet;
+use hcp_model::ids::{DeviceIdx, FeederIdx, RackIdx, SiteIdx};
+
+/// What a device should do.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Target {
+    /// Run at this power (ASIC: hashing at the clock that draws it; GPU: power cap).
+    Run { power_w: f64 },
+    /// Low-power sleep (ASIC) or idle without work (GPU).
+    Sleep,
+}
+
+impl Target {
+    fn power_w(self) -> f64 {
+        match self {
+            Target::Run { power_w } => power_w,
+            Target::Sleep => 0.0,
+        }
+    }
+}
+
+/// A device's report.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Report {
+    /// What it is doing now.
+    pub state: Target,
+    pub power_w: f64,
+    /// Hashrate (ASICs) or throughput-equivalent; None where it does not apply.
+    pub hashrate_ths: Option<f64>,
+    pub temp_c: f64,
+    /// Cumulative error counter (hardware errors, GPU Xid events).
+    pub errors: u64,
+}
+
+pub type CommandId = u64;
+
+/// A command to a device. Applying it twice is the same as once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Command {
+    pub id: CommandId,
+    pub device: DeviceIdx,
+    pub target: Target,
+    /// 1 for the first send, then 2, 3, ... for retries (same id).
+    pub attempt: u32,
+    pub deadline_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Applied,
+    Failed(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Not heard from within the heartbeat timeout: out of capacity until it reports.
+    Unknown {
+        device: DeviceIdx,
+    },
+    /// Reporting again after being unknown.
+    Back {
+        device: DeviceIdx,
+    },
+    Quarantined {
+        device: DeviceIdx,
+        reason: String,
+        until_ms: i64,
+    },
+    Returned {
+        device: DeviceIdx,
+    },
+    /// A command failed or timed out `max_attempts` times.
+    GaveUp {
+        device: DeviceIdx,
+        command: CommandId,
+        reason: String,
+    },
+    /// A command was applied.
+    Applied {
+        device: DeviceIdx,
+        command: CommandId,
+    },
+}
+
+/// Maintenance scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Device(DeviceIdx),
+    Rack(RackIdx),
+    Site(SiteIdx),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagerConfig {
+    pub heartbeat_timeout_ms: i64,
+    pub command_timeout_ms: i64,
+    pub max_attempts: u32,
+    pub retry_backoff_ms: i64,
+    pub give_up_backoff_ms: i64,
+    pub batch_max: usize,
+    pub per_feeder_per_tick: usize,
+    pub temp_max_c: f64,
+    pub errors_max_per_report: u64,
+    pub hashrate_ratio_min: f64,
+    pub bad_reports_to_quarantine: u32,
+    pub quarantine_ms: i64,
+    /// A running report within this share of the target power counts as the target reached.
+    pub power_tolerance: f64,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            heartbeat_timeout_ms: 30_000,
+            command_timeout_ms: 10_000,
+            max_attempts: 3,
+            retry_backoff_ms: 2_000,
+            give_up_backoff_ms: 300_000,
+            batch_max: 10_000,
+            per_feeder_per_tick: 50,
+            temp_max_c: 90.0,
+            errors_max_per_report: 100,
+            hashrate_ratio_min: 0.8,
+            bad_reports_to_quarantine: 3,
+            quarantine_ms: 1_800_000,
+            power_tolerance: 0.1,
+        }
+    }
+}
+
+impl ManagerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("heartbeat_timeout_ms", self.heartbeat_timeout_ms),
+            ("command_timeout_ms", self.command_timeout_ms),
+            ("retry_backoff_ms", self.retry_backoff_ms),
+            ("give_up_backoff_ms", self.give_up_backoff_ms),
+            ("quarantine_ms", self.quarantine_ms),
+        ];
+        for (name, v) in positive {
+            if v <= 0 {
+                return Err(format!("{name}: must be > 0"));
+            }
+        }
+        if self.max_attempts == 0 || self.batch_max == 0 || self.per_feeder_per_tick == 0 {
+            return Err("max_attempts, batch_max, per_feeder_per_tick: must be >= 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.hashrate_ratio_min) || !(0.0..1.0).contains(&self.power_tolerance) {
+            return Err("hashrate_ratio_min: must be in [0, 1]; power_tolerance: in [0, 1)".into());
+        }
+        if self.bad_reports_to_quarantine == 0 {
+            return Err("bad_reports_to_quarantine: must be >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Health of a device.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Health {
+    Healthy,
+    Quarantined { reason: String, until_ms: i64 },
+}
+
+/// What the API shows of one device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceView {
+    pub device: DeviceIdx,
+    pub intent: Option<Target>,
+    pub last_report: Option<Report>,
+    pub last_seen_ms: Option<i64>,
+    pub alive: bool,
+    pub health: Health,
+    pub maintenance: bool,
+    pub pending: Option<Command>,
+    /// Whether it may carry load now.
+    pub available: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    cmd: Command,
+    /// Not sent before this time (retry back-off); sent when `sent` is true.
+    not_before_ms: i64,
+    sent: bool,
+}
+
+#[derive(Clone, Debug)]
+struct DeviceState {
+    site: SiteIdx,
+    feeder: FeederIdx,
+    rack: RackIdx,
+    model: ModelRef,
+    intent: Option<Target>,
+    report: Option<Report>,
+    last_seen_ms: Option<i64>,
+    alive: bool,
+    health: Health,
+    /// Consecutive reports with hashrate below the expected.
+    bad_reports: u32,
+    /// Quarantine length next time (doubles on relapse).
+    next_quarantine_ms: i64,
+    maintenance: bool,
+    pending: Option<Pending>,
+    /// After giving up on a command, no new one before this time.
+    hold_until_ms: i64,
+}
+
+/// The resource manager of one fleet.
+pub struct Manager {
+    cfg: ManagerConfig,
+    devices: Vec<DeviceState>,
+    /// Expected hashrate per watt at nameplate, per ASIC model index (0 for GPUs).
+    ths_per_w: Vec<f64>,
+    /// Pending commands that were sent, by deadline.
+    inflight: BTreeMap<(i64, CommandId), DeviceIdx>,
+    next_id: CommandId,
+}
+
+impl Manager {
+    pub fn new(fleet: &Fleet, cfg: ManagerConfig) -> Result<Self, String> {
+        cfg.validate()?;
+        let devices = fleet
+            .devices
+            .iter()
+            .map(|d| DeviceState {
+                site: d.site,
+                feeder: d.feeder,
+                rack: d.rack,
+                model: d.model,
+                intent: None,
+                report: None,
+                last_seen_ms: None,
+                alive: false,
+                health: Health::Healthy,
+                bad_reports: 0,
+                next_quarantine_ms: cfg.quarantine_ms,
+                maintenance: false,
+                pending: None,
+                hold_until_ms: i64::MIN,
+            })
+            .collect();
+        let ths_per_w = fleet.catalogue.asics.iter().map(|m| m.hashrate_ths / m.power_w).collect();
+        Ok(Manager { cfg, devices, ths_per_w, inflight: BTreeMap::new(), next_id: 1 })
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    fn device(&self, d: DeviceIdx) -> Result<&DeviceState, String> {
+        self.devices.get(d.index()).ok_or_else(|| format!("device: index {} is not in the fleet", d.0))
+    }
+
+    /// The plan's target for a device. A pending command for an older target is replaced.
+    pub fn set_intent(&mut self, d: DeviceIdx, target: Target) -> Result<(), String> {
+        if let Target::Run { power_w } = target
+            && !(power_w.is_finite() && power_w > 0.0)
+        {
+            return Err("target.power_w: must be a finite number > 0".into());
+        }
+        self.device(d)?;
+        let st = &mut self.devices[d.index()];
+        if st.intent == Some(target) {
+            return Ok(());
+        }
+        st.intent = Some(target);
+        if let Some(p) = st.pending.take()
+            && p.sent
+        {
+            self.inflight.remove(&(p.cmd.deadline_ms, p.cmd.id));
+        }
+        Ok(())
+    }
+
+    /// A device's report. Returns events (back, quarantined, applied).
+    pub fn telemetry(&mut self, d: DeviceIdx, r: Report, now_ms: i64) -> Result<Vec<Event>, String> {
+        if !(r.power_w.is_finite() && r.power_w >= 0.0) {
+            return Err("power_w: must be a finite number >= 0".into());
+        }
+        if !r.temp_c.is_finite() {
+            return Err("temp_c: must be a finite number".into());
+        }
+        if r.hashrate_ths.is_some_and(|h| !(h.is_finite() && h >= 0.0)) {
+            return Err("hashrate_ths: must be a finite number >= 0".into());
+        }
+        self.device(d)?;
+        let mut events = vec![];
+        let tol = self.cfg.power_tolerance;
+        let st = &mut self.devices[d.index()];
+        if !st.alive && st.last_seen_ms.is_some() {
+            events.push(Event::Back { device: d });
+        }
+        st.alive = true;
+        st.last_seen_ms = Some(now_ms);
+        // Health.
+        let errors_jump = st.report.map_or(0, |p| r.errors.saturating_sub(p.errors));
+        let expected = match (st.model, r.state) {
+            (ModelRef::Asic(m), Target::Run { .. }) => Some(self.ths_per_w[m.index()] * r.power_w),
+            _ => None,
+        };
+        let low_hash = match (expected, r.hashrate_ths) {
+            (Some(e), Some(h)) if e > 0.0 => h < self.cfg.hashrate_ratio_min * e,
+            _ => false,
+        };
+        st.bad_reports = if low_hash { st.bad_reports + 1 } else { 0 };
+        st.report = Some(r);
+        let reason = if r.temp_c > self.cfg.temp_max_c {
+            Some(format!("temperature {:.1} C above {:.1} C", r.temp_c, self.cfg.temp_max_c))
+        } else if errors_jump > self.cfg.errors_max_per_report {
+            Some(format!("{errors_jump} errors in one report (limit {})", self.cfg.errors_max_per_report))
+        } else if st.bad_reports >= self.cfg.bad_reports_to_quarantine {
+            Some(format!(
+                "hashrate below {:.0} % of expected in {} reports in a row",
+                self.cfg.hashrate_ratio_min * 100.0,
+                st.bad_reports
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason
+            && st.health == Health::Healthy
+        {
+            let until_ms = now_ms + st.next_quarantine_ms;
+            st.next_quarantine_ms = st.next_quarantine_ms.saturating_mul(2);
+            st.health = Health::Quarantined { reason: reason.clone(), until_ms };
+            st.bad_reports = 0;
+            events.push(Event::Quarantined { device: d, reason, until_ms });
+        }
+        // A report showing the pending target reached settles the command (an agent's answer may
+        // be lost; the device's own state is the truth).
+        if let Some(p) = &st.pending
+            && p.sent
+            && reached(r, p.cmd.target, tol)
+        {
+            let cmd = p.cmd;
+            st.pending = None;
+            self.inflight.remove(&(cmd.deadline_ms, cmd.id));
+            events.push(Event::Applied { device: d, command: cmd.id });
+        }
+        Ok(events)
+    }
+
+    /// An agent's answer to a command. Answers to unknown or replaced commands are ignored.
+    pub fn command_result(&mut self, id: CommandId, device: DeviceIdx, outcome: Outcome, now_ms: i64) -> Vec<Event> {
+        let Some(st) = self.devices.get_mut(device.index()) else { return vec![] };
+        let Some(p) = st.pending.as_mut().filter(|p| p.sent && p.cmd.id == id) else { return vec![] };
+        let cmd = p.cmd;
+        self.inflight.remove(&(cmd.deadline_ms, cmd.id));
+        match outcome {
+            Outcome::Applied => {
+                st.pending = None;
+                vec![Event::Applied { device, command: id }]
+            }
+            Outcome::Failed(reason) => self.retry_or_give_up(device, reason, now_ms),
+        }
+    }
+
+    fn retry_or_give_up(&mut self, device: DeviceIdx, reason: String, now_ms: i64) -> Vec<Event> {
+        let cfg = &self.cfg;
+        let st = &mut self.devices[device.index()];
+        let Some(p) = st.pending.as_mut() else { return vec![] };
+        if p.cmd.attempt >= cfg.max_attempts {
+            let id = p.cmd.id;
+            st.pending = None;
+            st.hold_until_ms = now_ms + cfg.give_up_backoff_ms;
+            return vec![Event::GaveUp { device, command: id, reason }];
+        }
+        p.not_before_ms = now_ms + cfg.retry_backoff_ms * (1 << (p.cmd.attempt - 1).min(16));
+        p.cmd.attempt += 1;
+        p.sent = false;
+        vec![]
+    }
+
+    /// Maintenance on or off for a device, rack or site. Returns how many devices changed.
+    pub fn set_maintenance(&mut self, scope: Scope, on: bool) -> Result<usize, String> {
+        let mut n = 0;
+        let mut any = false;
+        for st in &mut self.devices {
+            let hit = match scope {
+                Scope::Device(_) => false,
+                Scope::Rack(r) => st.rack == r,
+                Scope::Site(s) => st.site == s,
+            };
+            if hit {
+                any = true;
+                n += usize::from(st.maintenance != on);
+                st.maintenance = on;
+            }
+        }
+        if let Scope::Device(d) = scope {
+            self.device(d)?;
+            let st = &mut self.devices[d.index()];
+            any = true;
+            n += usize::from(st.maintenance != on);
+            st.maintenance = on;
+        }
+        if !any {
+            return Err("scope: no device in it".into());
+        }
+        Ok(n)
+    }
+
+    /// Ends a quarantine now (an operator's decision).
+    pub fn release_quarantine(&mut self, d: DeviceIdx) -> Result<bool, String> {
+        self.device(d)?;
+        let st = &mut self.devices[d.index()];
+        let was = matches!(st.health, Health::Quarantined { .. });
+        st.health = Health::Healthy;
+        Ok(was)
+    }
+
+    fn available(&self, st: &DeviceState) -> bool {
+        st.alive && st.health == Health::Healthy && !st.maintenance
+    }
+
+    /// What each device should do now, after health and maintenance: quarantined devices sleep,
+    /// devices in maintenance and unknown ones are left alone.
+    fn effective_target(&self, st: &DeviceState) -> Option<Target> {
+        if !st.alive || st.maintenance {
+            return None;
+        }
+        match st.health {
+            Health::Quarantined { .. } => Some(Target::Sleep),
+            Health::Healthy => st.intent,
+        }
+    }
+
+    /// Time passes: heartbeats expire, commands time out, quarantines end, and the reconciler emits
+    /// the commands that bring devices to their targets.
+    pub fn tick(&mut self, now_ms: i64, commands: &mut Vec<Command>, events: &mut Vec<Event>) {
+        // Timeouts of commands sent.
+        while let Some((&(deadline, id), &d)) = self.inflight.iter().next() {
+            if deadline > now_ms {
+                break;
+            }
+            self.inflight.remove(&(deadline, id));
+            events.extend(self.retry_or_give_up(d, format!("command {id} timed out"), now_ms));
+        }
+        let timeout = self.cfg.heartbeat_timeout_ms;
+        let mut wakes_per_feeder: BTreeMap<FeederIdx, usize> = BTreeMap::new();
+        let mut sent = 0;
+        for i in 0..self.devices.len() {
+            let d = DeviceIdx(i as u32);
+            let st = &mut self.devices[i];
+            if st.alive && st.last_seen_ms.is_some_and(|t| now_ms - t > timeout) {
+                st.alive = false;
+                if let Some(p) = st.pending.take()
+                    && p.sent
+                {
+                    self.inflight.remove(&(p.cmd.deadline_ms, p.cmd.id));
+                }
+                events.push(Event::Unknown { device: d });
+            }
+            if let Health::Quarantined { until_ms, .. } = st.health
+                && now_ms >= until_ms
+            {
+                st.health = Health::Healthy;
+                events.push(Event::Returned { device: d });
+            }
+            if sent >= self.cfg.batch_max {
+                continue;
+            }
+            let st = &self.devices[i];
+            let Some(target) = self.effective_target(st) else { continue };
+            if now_ms < st.hold_until_ms || st.report.is_some_and(|r| reached(r, target, self.cfg.power_tolerance)) {
+                continue;
+            }
+            match &st.pending {
+                Some(p) if p.cmd.target == target && (p.sent || now_ms < p.not_before_ms) => continue,
+                _ => {}
+            }
+            let raises = st.report.is_none_or(|r| target.power_w() > r.power_w);
+            if raises {
+                let n = wakes_per_feeder.entry(st.feeder).or_default();
+                if *n >= self.cfg.per_feeder_per_tick {
+                    continue;
+                }
+                *n += 1;
+            }
+            let deadline_ms = now_ms + self.cfg.command_timeout_ms;
+            let (id, attempt) = match &st.pending {
+                Some(p) if p.cmd.target == target => (p.cmd.id, p.cmd.attempt),
+                _ => {
+                    self.next_id += 1;
+                    (self.next_id, 1)
+                }
+            };
+            let cmd = Command { id, device: d, target, attempt, deadline_ms };
+            self.devices[i].pending = Some(Pending { cmd, not_before_ms: now_ms, sent: true });
+            self.inflight.insert((deadline_ms, id), d);
+            commands.push(cmd);
+            sent += 1;
+        }
+    }
+
+    /// Whether each device may carry load now (alive, healthy, not in maintenance).
+    pub fn availability(&self) -> Vec<bool> {
+        self.devices.iter().map(|st| self.available(st)).collect()
+    }
+
+    pub fn view(&self, d: DeviceIdx) -> Option<DeviceView> {
+        let st = self.devices.get(d.index())?;
+        Some(DeviceView {
+            device: d,
+            intent: st.intent,
+            last_report: st.report,
+            last_seen_ms: st.last_seen_ms,
+            alive: st.alive,
+            health: st.health.clone(),
+            maintenance: st.maintenance,
+            pending: st.pending.as_ref().map(|p| p.cmd),
+            available: self.available(st),
+        })
+    }
+
+    /// Counts for metrics: (available, unknown, quarantined, maintenance).
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let mut c = (0, 0, 0, 0);
+        for st in &self.devices {
+            if self.available(st) {
+                c.0 += 1;
+            }
+            if !st.alive {
+                c.1 += 1;
+            }
+            if matches!(st.health, Health::Quarantined { .. }) {
+                c.2 += 1;
+            }
+            if st.maintenance {
+                c.3 += 1;
+            }
+        }
+        c
+    }
+
+    /// Commands sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+}
+
+/// Whether a report shows a target reached.
+fn reached(r: Report, t: Target, tol: f64) -> bool {
+    match (r.state, t) {
+        (Target::Sleep, Target::Sleep) => true,
+        // The device's setpoint, not its measured power (which moves with load and temperature).
+        (Target::Run { power_w: set }, Target::Run { power_w }) => (set - power_w).abs() <= tol * power_w,
+        _ => false,
+    }
+}

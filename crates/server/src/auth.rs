@@ -1,0 +1,225 @@
+//! Authentication and authorisation.
+//!
+//! Two kinds of bearer token:
+//! - operator accounts, `hcpa_<account>_<secret>`, with a role: admin > operator > viewer;
+//! - tenant API keys, `hcpk_<key id>_<secret>`, that act for one tenant.
+//!
+//! Secrets are stored only as Argon2id hashes. Verifying one costs tens of milliseconds by design,
+//! so a verified token is remembered in memory for [`CACHE_TTL`] (bounded to [`CACHE_MAX`] tokens);
+//! revoking a key drops it from the cache at once. Tokens are never logged. Each principal has a
+//! token bucket (tenant keys: the key's rate; accounts: [`ACCOUNT_RATE_PER_S`]); an empty bucket
+//! answers 429 with Retry-After.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier};
+use axum::http::StatusCode;
+
+use crate::error::ApiError;
+
+pub const CACHE_TTL: Duration = Duration::from_secs(60);
+pub const CACHE_MAX: usize = 10_000;
+pub const ACCOUNT_RATE_PER_S: f64 = 1_000.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Principal {
+    Account { name: String, role: Role },
+    Tenant { tenant: String, key: String, band: i64, rate_per_s: f64 },
+}
+
+impl Principal {
+    /// Who, for the audit log.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Account { name, .. } => format!("account:{name}"),
+            Principal::Tenant { tenant, key, .. } => format!("tenant:{tenant}/key:{key}"),
+        }
+    }
+
+    /// An operator account with at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        match self {
+            Principal::Account { role: r, .. } if *r >= role => Ok(()),
+            Principal::Account { role: r, .. } => {
+                Err(ApiError::forbidden(format!("needs the {} role; this account is {}", role.as_str(), r.as_str())))
+            }
+            Principal::Tenant { .. } => Err(ApiError::forbidden("needs an operator account, not a tenant key")),
+        }
+    }
+
+    /// An admin, or the tenant itself.
+    pub fn require_tenant(&self, tenant: &str) -> Result<(), ApiError> {
+        match self {
+            Principal::Tenant { tenant: t, .. } if t == tenant => Ok(()),
+            Principal::Tenant { .. } => Err(ApiError::not_found(format!("tenant {tenant} not found"))),
+            p => p.require(Role::Admin),
+        }
+    }
+}
+
+/// A new random secret: 32 bytes as hex.
+pub fn secret() -> String {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("the operating system's random source");
+    hex(&b)
+}
+
+/// A new random id: 8 bytes as hex.
+pub fn short_id() -> String {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the operating system's random source");
+    hex(&b)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    argon2::Argon2::default().hash_password(secret.as_bytes()).expect("argon2 hashes any input").to_string()
+}
+
+pub fn verify_secret(secret: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| argon2::Argon2::default().verify_password(secret.as_bytes(), &h).is_ok())
+}
+
+/// What a token says it is, before verification.
+#[derive(Debug, PartialEq)]
+pub enum TokenKind<'a> {
+    Account { name: &'a str, secret: &'a str },
+    Key { id: &'a str, secret: &'a str },
+}
+
+pub fn parse_token(t: &str) -> Option<TokenKind<'_>> {
+    let (kind, rest) = t.split_once('_')?;
+    let (name, secret) = rest.rsplit_once('_')?;
+    if name.is_empty() || secret.len() < 16 || !secret.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    match kind {
+        "hcpa" => Some(TokenKind::Account { name, secret }),
+        "hcpk" => Some(TokenKind::Key { id: name, secret }),
+        _ => None,
+    }
+}
+
+/// The format every account name and key id follows.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The verified-token cache and the rate limiters.
+#[derive(Default)]
+pub struct Gate {
+    cache: Mutex<HashMap<String, (Principal, Instant)>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl Gate {
+    pub fn cached(&self, token: &str) -> Option<Principal> {
+        let c = self.cache.lock().expect("cache lock");
+        c.get(token).filter(|(_, at)| at.elapsed() < CACHE_TTL).map(|(p, _)| p.clone())
+    }
+
+    pub fn remember(&self, token: &str, p: &Principal) {
+        let mut c = self.cache.lock().expect("cache lock");
+        if c.len() >= CACHE_MAX {
+            c.clear();
+        }
+        c.insert(token.to_string(), (p.clone(), Instant::now()));
+    }
+
+    /// Forgets every cached token of a key (revocation).
+    pub fn forget_key(&self, key_id: &str) {
+        let mut c = self.cache.lock().expect("cache lock");
+        c.retain(|_, (p, _)| !matches!(p, Principal::Tenant { key, .. } if key == key_id));
+    }
+
+    /// Takes one request from the principal's bucket, or says how long to wait.
+    pub fn admit(&self, p: &Principal) -> Result<(), ApiError> {
+        let (id, rate) = match p {
+            Principal::Account { name, .. } => (format!("a:{name}"), ACCOUNT_RATE_PER_S),
+            Principal::Tenant { key, rate_per_s, .. } => (format!("k:{key}"), *rate_per_s),
+        };
+        let burst = (rate * 2.0).max(1.0);
+        let now = Instant::now();
+        let mut b = self.buckets.lock().expect("bucket lock");
+        let e = b.entry(id).or_insert(Bucket { tokens: burst, at: now });
+        e.tokens = (e.tokens + now.duration_since(e.at).as_secs_f64() * rate).min(burst);
+        e.at = now;
+        if e.tokens >= 1.0 {
+            e.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = ((1.0 - e.tokens) / rate).ceil().max(1.0) as u64;
+        let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("over {rate} requests/s"));
+        err.retry_after_s = Some(wait);
+        Err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_and_secrets_verify() {
+        let s = secret();
+        assert_eq!(s.len(), 64);
+        let t = format!("hcpa_admin_{s}");
+        assert_eq!(parse_token(&t), Some(TokenKind::Account { name: "admin", secret: &s }));
+        assert_eq!(parse_token(&format!("hcpk_ab12_{s}")), Some(TokenKind::Key { id: "ab12", secret: &s }));
+        assert_eq!(parse_token("hcpa_admin_short"), None);
+        assert_eq!(parse_token("bearer"), None);
+        let h = hash_secret(&s);
+        assert!(verify_secret(&s, &h));
+        assert!(!verify_secret("x", &h));
+        assert!(!verify_secret(&s, "not a hash"));
+    }
+
+    #[test]
+    fn roles_order_and_buckets_refill() {
+        let viewer = Principal::Account { name: "v".into(), role: Role::Viewer };
+        assert!(viewer.require(Role::Viewer).is_ok());
+        assert!(viewer.require(Role::Operator).is_err());
+        let t = Principal::Tenant { tenant: "t".into(), key: "k".into(), band: 1, rate_per_s: 1.0 };
+        assert!(t.require(Role::Viewer).is_err());
+        assert!(t.require_tenant("t").is_ok() && t.require_tenant("u").is_err());
+        let g = Gate::default();
+        assert!(g.admit(&t).is_ok() && g.admit(&t).is_ok());
+        let e = g.admit(&t).unwrap_err();
+        assert_eq!((e.status, e.retry_after_s), (StatusCode::TOO_MANY_REQUESTS, Some(1)));
+    }
+}

@@ -1,0 +1,265 @@
+//! The platform process: REST under `/api/v1`, health, Prometheus metrics and live events over
+//! Server-Sent Events on one port, with auth; and the engine that runs the simulated sites and the
+//! dispatcher, recording what happens in storage and announcing it on the event bus.
+//!
+//! Architecture invariant: an adapter. Decisions are made by the pure crates (`hcp-econ`,
+//! `hcp-fleet`, `hcp-sched`); this crate feeds them inputs, stores and serves what they output.
+
+pub mod auth;
+pub mod engine;
+pub mod error;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use anyhow::{Context, bail};
+use hcp_bus::{Bus, Limits};
+use hcp_model::fleet::Fleet;
+use hcp_store::{AccountRow, ApiKeyRow, DeviceRow, SiteRow, Store, TenantRow};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth::{Gate, hash_secret, parse_token, secret, short_id, valid_name};
+
+/// Resolved settings of one process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `sqlite:PATH` or `postgres://...`.
+    pub store_url: String,
+    /// None: in-process; `nats://...`: NATS JetStream.
+    pub bus_url: Option<String>,
+    pub fleet: Fleet,
+    /// Run the engine (simulated sites and the dispatcher) in this process.
+    pub engine: bool,
+    /// Serve the API in this process.
+    pub api: bool,
+    pub seed: u64,
+    /// Simulated seconds per wall-clock second.
+    pub speed: f64,
+    /// Bootstrap credentials from the environment (HCP_ADMIN_TOKEN, HCP_DEMO_TENANT_KEY).
+    pub admin_token: Option<String>,
+    pub demo_tenant_key: Option<String>,
+}
+
+impl Config {
+    pub fn data_dir_store(dir: &std::path::Path) -> String {
+        let p: PathBuf = dir.join("hcp.db");
+        format!("sqlite:{}", p.display())
+    }
+}
+
+/// Shared state of the API handlers.
+pub struct App {
+    pub store: Store,
+    pub bus: Bus,
+    pub gate: Gate,
+    pub fleet: Fleet,
+    pub metrics: PrometheusHandle,
+    /// Simulated time of the engine's latest interval (ms since the epoch), 0 before the first.
+    pub engine_at_ms: AtomicI64,
+    /// Wall time (ms) when the engine last produced an interval; 0 when no engine runs here.
+    pub engine_wall_ms: AtomicI64,
+    pub engine_expected: bool,
+    pub started_wall_ms: i64,
+}
+
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The credentials a first start created (printed once by `hcp up`).
+#[derive(Debug, Default)]
+pub struct Bootstrap {
+    pub admin_token: Option<String>,
+    pub demo_tenant_key: Option<String>,
+}
+
+/// Opens storage and migrates it, writes the fleet's topology, and on the first start creates the
+/// admin account and the demo tenant with a key.
+pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Bootstrap)> {
+    let store = Store::open(&cfg.store_url).await.with_context(|| "open the store")?;
+    store.migrate().await.context("migrate the store")?;
+    let (sites, devices) = topology(&cfg.fleet);
+    store.sync_topology(&sites, &devices).await.context("write the fleet topology")?;
+    let mut boot = Bootstrap::default();
+    let now = wall_ms();
+    if store.accounts().await?.is_empty() {
+        let token = match &cfg.admin_token {
+            Some(t) => t.clone(),
+            None => format!("hcpa_admin_{}", secret()),
+        };
+        let Some(auth::TokenKind::Account { name: "admin", secret }) = parse_token(&token) else {
+            bail!("HCP_ADMIN_TOKEN: must look like hcpa_admin_<secret of 16 or more letters and digits>");
+        };
+        store
+            .put_account(&AccountRow {
+                name: "admin".into(),
+                role: "admin".into(),
+                secret_hash: hash_secret(secret),
+                created_ms: now,
+            })
+            .await?;
+        store.audit(now, "system", "account.create", "admin", None, Some("{\"role\":\"admin\"}")).await?;
+        if cfg.admin_token.is_none() {
+            boot.admin_token = Some(token);
+        }
+    }
+    if matches!(store.tenant("demo").await, Err(hcp_store::StoreError::NotFound(_))) {
+        store
+            .create_tenant(&TenantRow {
+                id: "demo".into(),
+                name: "Demo tenant".into(),
+                weight: 1.0,
+                guaranteed_gpus: 0.0,
+                borrow_limit_gpus: 1e6,
+                created_ms: now,
+            })
+            .await?;
+        let key = match &cfg.demo_tenant_key {
+            Some(k) => k.clone(),
+            None => format!("hcpk_{}_{}", short_id(), secret()),
+        };
+        let Some(auth::TokenKind::Key { id, secret }) = parse_token(&key) else {
+            bail!("HCP_DEMO_TENANT_KEY: must look like hcpk_<id>_<secret of 16 or more letters and digits>");
+        };
+        if !valid_name(id) {
+            bail!("HCP_DEMO_TENANT_KEY: the id part must be lowercase letters, digits or -");
+        }
+        store
+            .create_key(&ApiKeyRow {
+                id: id.into(),
+                tenant_id: "demo".into(),
+                secret_hash: hash_secret(secret),
+                default_band: 1,
+                rate_per_s: 100.0,
+                created_ms: now,
+                revoked_ms: None,
+            })
+            .await?;
+        store.audit(now, "system", "tenant.create", "demo", None, None).await?;
+        if cfg.demo_tenant_key.is_none() {
+            boot.demo_tenant_key = Some(key);
+        }
+    }
+    Ok((store, boot))
+}
+
+/// The fleet as storage rows.
+pub fn topology(f: &Fleet) -> (Vec<SiteRow>, Vec<DeviceRow>) {
+    let sites = f
+        .sites
+        .iter()
+        .map(|s| SiteRow {
+            id: s.id.clone(),
+            idx: i64::from(s.idx.0),
+            power_cap_w: s.power_cap_w,
+            settlement_point: s.settlement_point.clone(),
+        })
+        .collect();
+    let devices = f
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DeviceRow {
+            idx: i as i64,
+            site_id: f.sites[d.site.index()].id.clone(),
+            feeder_id: f.feeders[d.feeder.index()].id.clone(),
+            rack_idx: i64::from(d.rack.0),
+            model: f.model_id(d.model).to_string(),
+            kind: match d.model {
+                hcp_model::ModelRef::Asic(_) => "asic",
+                hcp_model::ModelRef::Gpu(_) => "gpu",
+            }
+            .into(),
+            maintenance: false,
+        })
+        .collect();
+    (sites, devices)
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
+                .expect("static buckets")
+                .install_recorder()
+                .expect("one recorder per process")
+        })
+        .clone()
+}
+
+/// A running platform: its address and a handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Stops accepting, finishes in-flight requests and the engine's current write, and returns.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            t.await??;
+        }
+        self.app.store.close().await;
+        Ok(())
+    }
+}
+
+/// Starts the roles the config names; returns once listening.
+pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
+    let bus = Bus::connect(cfg.bus_url.as_deref(), Limits::default()).await.context("connect the event bus")?;
+    let app = Arc::new(App {
+        store,
+        bus,
+        gate: Gate::default(),
+        fleet: cfg.fleet.clone(),
+        metrics: metrics_handle(),
+        engine_at_ms: AtomicI64::new(0),
+        engine_wall_ms: AtomicI64::new(0),
+        engine_expected: cfg.engine,
+        started_wall_ms: wall_ms(),
+    });
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut tasks = vec![];
+    let listener =
+        tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    if cfg.api {
+        let router = routes::router(app.clone());
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .context("serve HTTP")
+        }));
+    } else {
+        // A dispatcher-only process still answers health and metrics.
+        let router = routes::ops_router().with_state(app.clone());
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .context("serve HTTP")
+        }));
+    }
+    if cfg.engine {
+        tasks.push(tokio::spawn(engine::run(app.clone(), cfg.seed, cfg.speed, rx.clone())));
+    }
+    app.engine_wall_ms.store(0, Ordering::Relaxed);
+    Ok(Running { addr, app, shutdown: tx, tasks })
+}

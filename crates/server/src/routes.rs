@@ -1,0 +1,735 @@
+//! HTTP routes. Every `/api/v1` route needs a bearer token; reads need the viewer role, changes to
+//! the fleet need operator, tenants and keys need admin (or the tenant itself for its own keys).
+//! Every change writes an audit record (who, what, when, before and after). Lists are paged
+//! (`after`, `limit` up to the store's maximum page).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use hcp_store::{ApiKeyRow, Page, TenantRow};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::App;
+use crate::auth::{Principal, Role, TokenKind, hash_secret, parse_token, secret, short_id, valid_name, verify_secret};
+use crate::error::{ApiError, ApiResult};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 256 * 1024;
+
+type AppState = State<Arc<App>>;
+
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/me", get(me))
+        .route("/sites", get(sites))
+        .route("/devices", get(devices))
+        .route("/devices/{idx}", get(device))
+        .route("/maintenance", post(maintenance))
+        .route("/plans", get(plans))
+        .route("/decisions", get(decisions))
+        .route("/signals", get(signals))
+        .route("/sites/{id}/power", get(site_power))
+        .route("/policies", get(policies))
+        .route("/policies/{name}", get(policy).put(put_policy))
+        .route("/tenants", get(tenants).post(create_tenant))
+        .route("/tenants/{id}", get(tenant))
+        .route("/tenants/{id}/keys", get(keys).post(create_key))
+        .route("/keys/{id}", delete(revoke_key))
+        .route("/audit", get(audit))
+        .route("/events", get(events));
+    ops_router()
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(observe))
+        .with_state(app)
+}
+
+/// Health, readiness and metrics only (every role serves these).
+pub fn ops_router() -> Router<Arc<App>> {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics_text))
+}
+
+/// Request count and latency by route and status.
+async fn observe(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::histogram!("hcp_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone(), "status" => status.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("hcp_http_requests_total", "route" => route, "method" => method, "status" => status).increment(1);
+    res
+}
+
+/// The caller, authenticated and admitted by its rate limit.
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<Arc<App>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?
+            .trim();
+        let p = match app.gate.cached(token) {
+            Some(p) => p,
+            None => {
+                let p = verify(app, token).await?;
+                app.gate.remember(token, &p);
+                p
+            }
+        };
+        app.gate.admit(&p)?;
+        Ok(Auth(p))
+    }
+}
+
+async fn verify(app: &App, token: &str) -> ApiResult<Principal> {
+    let bad = || ApiError::unauthorized("invalid token");
+    match parse_token(token).ok_or_else(bad)? {
+        TokenKind::Account { name, secret } => {
+            let accounts = app.store.accounts().await?;
+            let a = accounts.into_iter().find(|a| a.name == name).ok_or_else(bad)?;
+            let hash = a.secret_hash.clone();
+            let s = secret.to_string();
+            let ok = tokio::task::spawn_blocking(move || verify_secret(&s, &hash)).await.map_err(ApiError::internal)?;
+            if !ok {
+                return Err(bad());
+            }
+            let role = Role::parse(&a.role).ok_or_else(|| ApiError::internal("stored role"))?;
+            Ok(Principal::Account { name: a.name, role })
+        }
+        TokenKind::Key { id, secret } => {
+            let k = match app.store.key(id).await {
+                Ok(k) => k,
+                Err(hcp_store::StoreError::NotFound(_)) => return Err(bad()),
+                Err(e) => return Err(e.into()),
+            };
+            if k.revoked_ms.is_some() {
+                return Err(ApiError::unauthorized("key revoked"));
+            }
+            let hash = k.secret_hash.clone();
+            let s = secret.to_string();
+            let ok = tokio::task::spawn_blocking(move || verify_secret(&s, &hash)).await.map_err(ApiError::internal)?;
+            if !ok {
+                return Err(bad());
+            }
+            Ok(Principal::Tenant { tenant: k.tenant_id, key: k.id, band: k.default_band, rate_per_s: k.rate_per_s })
+        }
+    }
+}
+
+/// A JSON body parsed strictly: unknown fields, wrong types and missing fields are 422 naming the
+/// field.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Content-Type: must be application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("body: {e} (limit {MAX_BODY} bytes)"))
+        })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(de).map(Body).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "body".to_string() } else { path };
+            ApiError::invalid(field, e.inner().to_string())
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub after: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+impl PageQuery {
+    fn page(&self) -> Page {
+        Page { after: self.after, limit: self.limit }
+    }
+}
+
+fn query<T: DeserializeOwned>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(x)| x).map_err(|e| {
+        let text = e.body_text();
+        let field = text.split('`').nth(1).unwrap_or("query").to_string();
+        ApiError::invalid(field, text)
+    })
+}
+
+// ---- health, readiness, metrics ----------------------------------------------------------------
+
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when storage and the bus answer and, where this process runs the engine, it produced an
+/// interval within the last 60 s (after a 60-s grace period from start).
+async fn readyz(State(app): AppState) -> Response {
+    let mut problems = vec![];
+    if let Err(e) = app.store.ping().await {
+        problems.push(format!("store: {e}"));
+    }
+    if let Err(e) = app.bus.ping().await {
+        problems.push(format!("bus: {e}"));
+    }
+    let now = crate::wall_ms();
+    if app.engine_expected {
+        let last = app.engine_wall_ms.load(Ordering::Relaxed);
+        let since = if last == 0 { now - app.started_wall_ms } else { now - last };
+        if since > 60_000 {
+            problems.push(format!("signals: no interval for {} s", since / 1_000));
+        }
+    }
+    let body = serde_json::json!({
+        "ready": problems.is_empty(),
+        "problems": problems,
+        "store": format!("{:?}", app.store.backend()).to_lowercase(),
+        "bus": app.bus.kind(),
+        "engine_at_ms": app.engine_at_ms.load(Ordering::Relaxed),
+    });
+    let status = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text(State(app): AppState) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
+}
+
+// ---- reads ------------------------------------------------------------------------------------
+
+async fn me(Auth(p): Auth) -> impl IntoResponse {
+    match p {
+        Principal::Account { name, role } => Json(serde_json::json!({ "account": name, "role": role.as_str() })),
+        Principal::Tenant { tenant, key, band, rate_per_s } => {
+            Json(serde_json::json!({ "tenant": tenant, "key": key, "default_band": band, "rate_per_s": rate_per_s }))
+        }
+    }
+}
+
+async fn sites(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    Ok(Json(serde_json::json!({ "items": app.store.sites().await? })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceQuery {
+    site: Option<String>,
+    model: Option<String>,
+    maintenance: Option<bool>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn devices(
+    State(app): AppState,
+    Auth(p): Auth,
+    q: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let q = query(q)?;
+    let page = Page { after: q.after, limit: q.limit };
+    let items = app.store.devices(q.site.as_deref(), q.model.as_deref(), q.maintenance, &page).await?;
+    let next = (items.len() as u32 == page.limit.unwrap_or(100)).then(|| items.last().map(|d| d.idx)).flatten();
+    Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
+}
+
+async fn device(State(app): AppState, Auth(p): Auth, Path(idx): Path<String>) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let idx: i64 = idx.parse().map_err(|_| ApiError::invalid("idx", "must be an integer"))?;
+    Ok(Json(app.store.device(idx).await?))
+}
+
+async fn plans(
+    State(app): AppState,
+    Auth(p): Auth,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let page = query(q)?.page();
+    let items: Vec<serde_json::Value> = app
+        .store
+        .plans(&page)
+        .await?
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({ "id": r.id, "at_ms": r.at_ms, "plan": serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default() })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionQuery {
+    site: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn decisions(
+    State(app): AppState,
+    Auth(p): Auth,
+    q: Result<Query<DecisionQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let q = query(q)?;
+    let page = Page { after: q.after, limit: q.limit };
+    let items = app.store.decisions(q.site.as_deref(), &page).await?;
+    let next = items.last().map(|d| d.id);
+    Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalQuery {
+    kind: String,
+    key: String,
+    from_ms: Option<i64>,
+    to_ms: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn signals(
+    State(app): AppState,
+    Auth(p): Auth,
+    q: Result<Query<SignalQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let q = query(q)?;
+    let items = app
+        .store
+        .signals(&q.kind, &q.key, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX), q.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RangeQuery {
+    from_ms: Option<i64>,
+    to_ms: Option<i64>,
+}
+
+async fn site_power(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let q = query(q)?;
+    if !app.fleet.sites.iter().any(|s| s.id == id) {
+        return Err(ApiError::not_found(format!("site {id} not found")));
+    }
+    let items = app.store.site_seconds(&id, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX)).await?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+async fn policies(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let items: Vec<serde_json::Value> = app.store.policies().await?.into_iter().map(policy_json).collect();
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+fn policy_json(r: hcp_store::PolicyRow) -> serde_json::Value {
+    serde_json::json!({
+        "name": r.name,
+        "version": r.version,
+        "updated_ms": r.updated_ms,
+        "body": serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default(),
+    })
+}
+
+async fn policy(State(app): AppState, Auth(p): Auth, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    Ok(Json(policy_json(app.store.policy(&name).await?)))
+}
+
+async fn tenants(
+    State(app): AppState,
+    Auth(p): Auth,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let page = query(q)?.page();
+    let items = app.store.tenants(&page).await?;
+    let next = items.last().map(|t| t.created_ms);
+    Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
+}
+
+async fn tenant(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    p.require_tenant(&id).or_else(|_| p.require(Role::Viewer))?;
+    Ok(Json(app.store.tenant(&id).await?))
+}
+
+fn key_json(k: &ApiKeyRow) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id,
+        "tenant": k.tenant_id,
+        "default_band": k.default_band,
+        "rate_per_s": k.rate_per_s,
+        "created_ms": k.created_ms,
+        "revoked_ms": k.revoked_ms,
+    })
+}
+
+async fn keys(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    p.require_tenant(&id)?;
+    let items: Vec<serde_json::Value> = app.store.keys_of(&id).await?.iter().map(key_json).collect();
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+async fn audit(
+    State(app): AppState,
+    Auth(p): Auth,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Admin)?;
+    let page = query(q)?.page();
+    let items = app.store.audits(&page).await?;
+    let next = items.last().map(|a| a.id);
+    Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
+}
+
+// ---- changes ----------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaintenanceBody {
+    /// device, rack or site.
+    scope: String,
+    /// Device index, rack index or site id.
+    id: String,
+    on: bool,
+}
+
+async fn maintenance(
+    State(app): AppState,
+    Auth(p): Auth,
+    Body(b): Body<MaintenanceBody>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Operator)?;
+    let f = &app.fleet;
+    let idxs: Vec<i64> = match b.scope.as_str() {
+        "device" => {
+            let i: usize = b.id.parse().map_err(|_| ApiError::invalid("id", "a device index"))?;
+            if i >= f.devices.len() {
+                return Err(ApiError::invalid("id", format!("no device {i}; the fleet has {}", f.devices.len())));
+            }
+            vec![i as i64]
+        }
+        "rack" => {
+            let r: u32 = b.id.parse().map_err(|_| ApiError::invalid("id", "a rack index"))?;
+            let v: Vec<i64> =
+                f.devices.iter().enumerate().filter(|(_, d)| d.rack.0 == r).map(|(i, _)| i as i64).collect();
+            if v.is_empty() {
+                return Err(ApiError::invalid("id", format!("no rack {r}")));
+            }
+            v
+        }
+        "site" => {
+            let s = f.sites.iter().find(|s| s.id == b.id).ok_or_else(|| ApiError::invalid("id", "no such site"))?;
+            f.devices.iter().enumerate().filter(|(_, d)| d.site == s.idx).map(|(i, _)| i as i64).collect()
+        }
+        _ => return Err(ApiError::invalid("scope", "must be device, rack or site")),
+    };
+    let changed = app.store.set_maintenance(&idxs, b.on).await?;
+    let after = serde_json::json!({ "scope": b.scope, "id": b.id, "on": b.on, "devices": idxs.len() });
+    app.store
+        .audit(
+            crate::wall_ms(),
+            &p.actor(),
+            "maintenance.set",
+            &format!("{}:{}", b.scope, b.id),
+            Some(&serde_json::json!({ "on": !b.on }).to_string()),
+            Some(&after.to_string()),
+        )
+        .await?;
+    let _ = app.bus.publish("hcp.maintenance", after.to_string().as_bytes()).await;
+    Ok(Json(serde_json::json!({ "devices": idxs.len(), "changed": changed })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    /// The version this change replaces (0 for a new policy).
+    expected_version: i64,
+    body: serde_json::Value,
+}
+
+/// Policies the platform knows, and their rules.
+fn validate_policy(name: &str, body: &serde_json::Value) -> ApiResult<()> {
+    let num = |field: &str, lo: f64, hi: f64| -> ApiResult<()> {
+        let v = body
+            .get(field)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| ApiError::invalid(format!("body.{field}"), "a number is required"))?;
+        if !(lo..=hi).contains(&v) {
+            return Err(ApiError::invalid(format!("body.{field}"), format!("must be between {lo} and {hi}")));
+        }
+        Ok(())
+    };
+    let only = |allowed: &[&str]| -> ApiResult<()> {
+        let obj = body.as_object().ok_or_else(|| ApiError::invalid("body", "must be an object"))?;
+        if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(ApiError::invalid(format!("body.{k}"), format!("unknown field; expected one of {allowed:?}")));
+        }
+        Ok(())
+    };
+    match name {
+        "strike" => {
+            only(&["strike_usd_per_mwh", "curtail_after", "resume_after"])?;
+            num("strike_usd_per_mwh", -1_000.0, 10_000.0)?;
+            num("curtail_after", 1.0, 96.0)?;
+            num("resume_after", 1.0, 96.0)
+        }
+        "grid-commitment" => {
+            only(&["site", "program", "mw"])?;
+            let site = body
+                .get("site")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| ApiError::invalid("body.site", "a site id is required"))?;
+            let _ = site;
+            let program = body.get("program").and_then(|v| v.as_str()).unwrap_or("");
+            if !["ERS-10", "ERS-30", "RRS", "CLR", "ECRS", "Non-Spin"].contains(&program) {
+                return Err(ApiError::invalid("body.program", "must be ERS-10, ERS-30, RRS, CLR, ECRS or Non-Spin"));
+            }
+            num("mw", 0.0, 10_000.0)
+        }
+        "reserved-capacity" => {
+            only(&["tenant", "gpus"])?;
+            body.get("tenant")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| ApiError::invalid("body.tenant", "a tenant id is required"))?;
+            num("gpus", 0.0, 1e6)
+        }
+        _ => Err(ApiError::invalid("name", "must be strike, grid-commitment or reserved-capacity")),
+    }
+}
+
+async fn put_policy(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+    Body(b): Body<PolicyBody>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Operator)?;
+    validate_policy(&name, &b.body)?;
+    if name == "grid-commitment" {
+        let site = b.body["site"].as_str().unwrap_or_default();
+        if !app.fleet.sites.iter().any(|s| s.id == site) {
+            return Err(ApiError::invalid("body.site", format!("no site {site}")));
+        }
+    }
+    if name == "reserved-capacity" {
+        let t = b.body["tenant"].as_str().unwrap_or_default();
+        if app.store.tenant(t).await.is_err() {
+            return Err(ApiError::invalid("body.tenant", format!("no tenant {t}")));
+        }
+    }
+    let before = app.store.policy(&name).await.ok();
+    let version = app.store.put_policy(&name, &b.body.to_string(), b.expected_version, crate::wall_ms()).await?;
+    app.store
+        .audit(
+            crate::wall_ms(),
+            &p.actor(),
+            "policy.put",
+            &name,
+            before.as_ref().map(|r| r.body.as_str()),
+            Some(&b.body.to_string()),
+        )
+        .await?;
+    Ok(Json(serde_json::json!({ "name": name, "version": version })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantBody {
+    id: String,
+    name: String,
+    weight: f64,
+    #[serde(default)]
+    guaranteed_gpus: f64,
+    #[serde(default)]
+    borrow_limit_gpus: f64,
+}
+
+async fn create_tenant(State(app): AppState, Auth(p): Auth, Body(b): Body<TenantBody>) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Admin)?;
+    if !valid_name(&b.id) {
+        return Err(ApiError::invalid("id", "1 to 64 lowercase letters, digits or -"));
+    }
+    let t = TenantRow {
+        id: b.id,
+        name: b.name,
+        weight: b.weight,
+        guaranteed_gpus: b.guaranteed_gpus,
+        borrow_limit_gpus: b.borrow_limit_gpus,
+        created_ms: crate::wall_ms(),
+    };
+    app.store.create_tenant(&t).await?;
+    let after = serde_json::to_string(&t).map_err(ApiError::internal)?;
+    app.store.audit(crate::wall_ms(), &p.actor(), "tenant.create", &t.id, None, Some(&after)).await?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    #[serde(default = "default_band")]
+    default_band: i64,
+    #[serde(default = "default_rate")]
+    rate_per_s: f64,
+}
+
+fn default_band() -> i64 {
+    1
+}
+
+fn default_rate() -> f64 {
+    100.0
+}
+
+async fn create_key(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(tenant): Path<String>,
+    Body(b): Body<KeyBody>,
+) -> ApiResult<impl IntoResponse> {
+    p.require_tenant(&tenant)?;
+    if !(0..=2).contains(&b.default_band) {
+        return Err(ApiError::invalid("default_band", "must be 0 (critical), 1 (standard) or 2 (batch)"));
+    }
+    if !(b.rate_per_s.is_finite() && b.rate_per_s > 0.0 && b.rate_per_s <= 100_000.0) {
+        return Err(ApiError::invalid("rate_per_s", "must be > 0 and <= 100000"));
+    }
+    let (id, sec) = (short_id(), secret());
+    let hash = tokio::task::spawn_blocking({
+        let s = sec.clone();
+        move || hash_secret(&s)
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    let k = ApiKeyRow {
+        id: id.clone(),
+        tenant_id: tenant.clone(),
+        secret_hash: hash,
+        default_band: b.default_band,
+        rate_per_s: b.rate_per_s,
+        created_ms: crate::wall_ms(),
+        revoked_ms: None,
+    };
+    app.store.create_key(&k).await?;
+    app.store.audit(crate::wall_ms(), &p.actor(), "key.create", &id, None, Some(&key_json(&k).to_string())).await?;
+    let mut body = key_json(&k);
+    body["key"] = serde_json::Value::String(format!("hcpk_{id}_{sec}"));
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+async fn revoke_key(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    let k = app.store.key(&id).await?;
+    p.require_tenant(&k.tenant_id)?;
+    let was_active = app.store.revoke_key(&id, crate::wall_ms()).await?;
+    app.gate.forget_key(&id);
+    if was_active {
+        app.store
+            .audit(
+                crate::wall_ms(),
+                &p.actor(),
+                "key.revoke",
+                &id,
+                Some(&key_json(&k).to_string()),
+                Some(&key_json(&app.store.key(&id).await?).to_string()),
+            )
+            .await?;
+    }
+    Ok(Json(serde_json::json!({ "id": id, "revoked": true, "was_active": was_active })))
+}
+
+// ---- live events -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    /// Subjects under hcp. (default: everything).
+    topic: Option<String>,
+}
+
+/// Server-Sent Events from the bus; `Last-Event-ID` resumes after that sequence.
+async fn events(
+    State(app): AppState,
+    Auth(p): Auth,
+    headers: HeaderMap,
+    q: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    p.require(Role::Viewer)?;
+    let q = query(q)?;
+    let filter = match &q.topic {
+        Some(t) => format!("hcp.{t}"),
+        None => "hcp.>".into(),
+    };
+    let from = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        Some(v) => {
+            let n: u64 = v.parse().map_err(|_| ApiError::invalid("Last-Event-ID", "must be a sequence number"))?;
+            hcp_bus::From::Seq(n + 1)
+        }
+        None => hcp_bus::From::New,
+    };
+    let sub = app.bus.subscribe(&filter, from).await.map_err(|e| match e {
+        hcp_bus::BusError::Subject(_) => ApiError::invalid("topic", "dot-separated tokens, * and a final >"),
+        hcp_bus::BusError::Gap { .. } => ApiError::new(StatusCode::GONE, "gone", e.to_string()),
+        e => ApiError::internal(e),
+    })?;
+    let stream = futures::stream::unfold(sub, |mut sub| async move {
+        match sub.next().await {
+            Ok(m) => {
+                let ev = Event::default()
+                    .id(m.seq.to_string())
+                    .event(m.subject.trim_start_matches("hcp.").to_string())
+                    .data(String::from_utf8_lossy(&m.payload).into_owned());
+                Some((Ok(ev), sub))
+            }
+            Err(_) => None,
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,1033 @@
+//! Storage: one interface ([`Store`]) over SQLite (a file in WAL mode, the default) and PostgreSQL
+//! (by URL), with versioned migrations (`migrations/sqlite`, `migrations/postgres`: the same
+//! schema, differing only in auto-numbered keys).
+//!
+//! Both backends go through sqlx's `Any` driver with the same SQL text (`$1` placeholders work on
+//! both), so one contract test-suite (`tests/contract.rs`) checks both. Times are milliseconds since
+//! the Unix epoch; money is integer micro-USD; JSON bodies are text.
+//!
+//! Architecture invariant: an adapter. It stores and reads; it makes no decisions. Every list is
+//! paged with a hard maximum page size ([`MAX_PAGE`]). Writes that the platform acknowledges are
+//! committed before the call returns (SQLite: WAL with `synchronous=FULL`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+/// The largest page any list returns.
+pub const MAX_PAGE: u32 = 1_000;
+/// Most rows one batch insert takes.
+pub const MAX_BATCH: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store URL {0:?}: must start with sqlite: or postgres:")]
+    Url(String),
+    #[error("{field}: {rule}")]
+    Invalid { field: &'static str, rule: String },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A page request: rows after `after` (an id or key from the previous page), at most `limit`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+pub struct Page {
+    pub after: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+impl Page {
+    fn limit(&self) -> Result<i64> {
+        match self.limit {
+            Some(0) => Err(StoreError::Invalid { field: "limit", rule: "must be >= 1".into() }),
+            Some(l) if l > MAX_PAGE => {
+                Err(StoreError::Invalid { field: "limit", rule: format!("must be <= {MAX_PAGE}") })
+            }
+            Some(l) => Ok(i64::from(l)),
+            None => Ok(100),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteRow {
+    pub id: String,
+    pub idx: i64,
+    pub power_cap_w: f64,
+    pub settlement_point: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRow {
+    pub idx: i64,
+    pub site_id: String,
+    pub feeder_id: String,
+    pub rack_idx: i64,
+    pub model: String,
+    /// "asic" or "gpu".
+    pub kind: String,
+    pub maintenance: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TenantRow {
+    pub id: String,
+    pub name: String,
+    pub weight: f64,
+    pub guaranteed_gpus: f64,
+    pub borrow_limit_gpus: f64,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AccountRow {
+    pub name: String,
+    /// admin, operator or viewer.
+    pub role: String,
+    pub secret_hash: String,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyRow {
+    /// The key's public id (its prefix); the secret is stored only as a hash.
+    pub id: String,
+    pub tenant_id: String,
+    pub secret_hash: String,
+    pub default_band: i64,
+    pub rate_per_s: f64,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRow {
+    pub name: String,
+    pub version: i64,
+    pub body: String,
+    pub updated_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub site_id: String,
+    pub kind: String,
+    pub reason: String,
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandRow {
+    pub id: i64,
+    pub device_idx: i64,
+    pub target: String,
+    pub attempt: i64,
+    pub issued_ms: i64,
+    pub outcome: Option<String>,
+    pub outcome_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignalRow {
+    pub kind: String,
+    pub key: String,
+    pub at_ms: i64,
+    pub value: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceMinuteRow {
+    pub device_idx: i64,
+    pub minute_ms: i64,
+    pub samples: i64,
+    pub power_w_avg: f64,
+    pub hashrate_ths_avg: Option<f64>,
+    pub temp_c_max: f64,
+    pub errors: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteSecondRow {
+    pub site_id: String,
+    pub at_ms: i64,
+    pub power_w: f64,
+    pub mining_w: f64,
+    pub inference_w: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub kind: String,
+    pub state: String,
+    pub body: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub before_json: Option<String>,
+    pub after_json: Option<String>,
+}
+
+/// The store: a connection pool and its backend.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+fn check_text(field: &'static str, v: &str, max: usize) -> Result<()> {
+    if v.is_empty() || v.len() > max || v.chars().any(char::is_control) {
+        return Err(StoreError::Invalid {
+            field,
+            rule: format!("must be 1 to {max} characters, no control characters"),
+        });
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database at `url`: `sqlite:PATH` or `sqlite::memory:`, or
+    /// `postgres://...`. Does not migrate.
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Url(url.into()));
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains('?') && !url.contains(":memory:") => format!("{url}?mode=rwc"),
+            _ => url.to_string(),
+        };
+        let mut opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        opts = match backend {
+            // One writer at a time in SQLite; several readers in WAL mode.
+            Backend::Sqlite => {
+                opts.max_connections(if url.contains(":memory:") { 1 } else { 4 }).after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::raw_sql(
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; \
+                             PRAGMA foreign_keys=ON;",
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                        Ok(())
+                    })
+                })
+            }
+            Backend::Postgres => opts.max_connections(16),
+        };
+        let pool = opts.connect(&url).await?;
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies the migrations not yet applied; returns the schema version.
+    pub async fn migrate(&self) -> Result<i64> {
+        let m = match self.backend {
+            Backend::Sqlite => &SQLITE,
+            Backend::Postgres => &POSTGRES,
+        };
+        m.run(&self.pool).await?;
+        Ok(m.iter().map(|x| x.version).max().unwrap_or(0))
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Runs one administrative statement (tests create and drop databases with it).
+    pub async fn exec_admin(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- sites and devices -------------------------------------------------------------------
+
+    /// Writes the fleet's topology (sites and devices), replacing rows with the same keys and
+    /// keeping each device's maintenance flag. One transaction.
+    pub async fn sync_topology(&self, sites: &[SiteRow], devices: &[DeviceRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for s in sites {
+            check_text("site.id", &s.id, 64)?;
+            sqlx::query(
+                "INSERT INTO sites (id, idx, power_cap_w, settlement_point) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO UPDATE SET idx = excluded.idx, power_cap_w = excluded.power_cap_w, \
+                 settlement_point = excluded.settlement_point",
+            )
+            .bind(&s.id)
+            .bind(s.idx)
+            .bind(s.power_cap_w)
+            .bind(&s.settlement_point)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for chunk in devices.chunks(500) {
+            let mut sql = String::from(
+                "INSERT INTO devices (idx, site_id, feeder_id, rack_idx, model, kind, maintenance) VALUES ",
+            );
+            for (k, _) in chunk.iter().enumerate() {
+                let b = k * 6;
+                if k > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, 0)", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
+            }
+            sql.push_str(
+                " ON CONFLICT (idx) DO UPDATE SET site_id = excluded.site_id, feeder_id = excluded.feeder_id, \
+                 rack_idx = excluded.rack_idx, model = excluded.model, kind = excluded.kind",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for d in chunk {
+                q = q.bind(d.idx).bind(&d.site_id).bind(&d.feeder_id).bind(d.rack_idx).bind(&d.model).bind(&d.kind);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn sites(&self) -> Result<Vec<SiteRow>> {
+        let rows = sqlx::query("SELECT id, idx, power_cap_w, settlement_point FROM sites ORDER BY idx")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SiteRow { id: r.get(0), idx: r.get(1), power_cap_w: r.get(2), settlement_point: r.get(3) })
+            .collect())
+    }
+
+    /// Devices in index order, optionally of one site, model or in maintenance; paged by index.
+    pub async fn devices(
+        &self,
+        site: Option<&str>,
+        model: Option<&str>,
+        maintenance: Option<bool>,
+        page: &Page,
+    ) -> Result<Vec<DeviceRow>> {
+        let rows = sqlx::query(
+            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance FROM devices \
+             WHERE idx > $1 AND ($2 = '' OR site_id = $2) AND ($3 = '' OR model = $3) \
+             AND ($4 < 0 OR maintenance = $4) ORDER BY idx LIMIT $5",
+        )
+        .bind(page.after.unwrap_or(-1))
+        .bind(site.unwrap_or(""))
+        .bind(model.unwrap_or(""))
+        .bind(maintenance.map_or(-1i64, i64::from))
+        .bind(page.limit()?)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(device_row).collect())
+    }
+
+    pub async fn device(&self, idx: i64) -> Result<DeviceRow> {
+        let r = sqlx::query(
+            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance FROM devices WHERE idx = $1",
+        )
+        .bind(idx)
+        .fetch_optional(&self.pool)
+        .await?;
+        r.as_ref().map(device_row).ok_or_else(|| StoreError::NotFound(format!("device {idx}")))
+    }
+
+    /// Sets the maintenance flag of devices by index; returns how many rows changed.
+    pub async fn set_maintenance(&self, idxs: &[i64], on: bool) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        for chunk in idxs.chunks(500) {
+            let list: Vec<String> = (0..chunk.len()).map(|k| format!("${}", k + 2)).collect();
+            let sql =
+                format!("UPDATE devices SET maintenance = $1 WHERE maintenance <> $1 AND idx IN ({})", list.join(","));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::from(on));
+            for i in chunk {
+                q = q.bind(*i);
+            }
+            n += q.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    // ---- tenants, accounts, keys ---------------------------------------------------------------
+
+    pub async fn create_tenant(&self, t: &TenantRow) -> Result<()> {
+        check_text("id", &t.id, 64)?;
+        check_text("name", &t.name, 200)?;
+        if !(t.weight.is_finite() && t.weight > 0.0) {
+            return Err(StoreError::Invalid { field: "weight", rule: "must be a finite number > 0".into() });
+        }
+        if !(t.guaranteed_gpus >= 0.0 && t.borrow_limit_gpus >= 0.0) {
+            return Err(StoreError::Invalid {
+                field: "guaranteed_gpus",
+                rule: "guaranteed_gpus and borrow_limit_gpus must be >= 0".into(),
+            });
+        }
+        let r = sqlx::query(
+            "INSERT INTO tenants (id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(t.weight)
+        .bind(t.guaranteed_gpus)
+        .bind(t.borrow_limit_gpus)
+        .bind(t.created_ms)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!("tenant {}", t.id)));
+        }
+        Ok(())
+    }
+
+    pub async fn tenants(&self, page: &Page) -> Result<Vec<TenantRow>> {
+        // Tenants page by creation order; `after` is a creation time.
+        let rows = sqlx::query(
+            "SELECT id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms FROM tenants \
+             WHERE created_ms > $1 ORDER BY created_ms, id LIMIT $2",
+        )
+        .bind(page.after.unwrap_or(i64::MIN))
+        .bind(page.limit()?)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(tenant_row).collect())
+    }
+
+    pub async fn tenant(&self, id: &str) -> Result<TenantRow> {
+        let r = sqlx::query(
+            "SELECT id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms FROM tenants WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        r.as_ref().map(tenant_row).ok_or_else(|| StoreError::NotFound(format!("tenant {id}")))
+    }
+
+    /// Creates or replaces an operator account.
+    pub async fn put_account(&self, a: &AccountRow) -> Result<()> {
+        check_text("name", &a.name, 64)?;
+        if !["admin", "operator", "viewer"].contains(&a.role.as_str()) {
+            return Err(StoreError::Invalid { field: "role", rule: "must be admin, operator or viewer".into() });
+        }
+        sqlx::query(
+            "INSERT INTO accounts (name, role, secret_hash, created_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET role = excluded.role, secret_hash = excluded.secret_hash",
+        )
+        .bind(&a.name)
+        .bind(&a.role)
+        .bind(&a.secret_hash)
+        .bind(a.created_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn accounts(&self) -> Result<Vec<AccountRow>> {
+        let rows = sqlx::query("SELECT name, role, secret_hash, created_ms FROM accounts ORDER BY name LIMIT 1000")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AccountRow { name: r.get(0), role: r.get(1), secret_hash: r.get(2), created_ms: r.get(3) })
+            .collect())
+    }
+
+    pub async fn create_key(&self, k: &ApiKeyRow) -> Result<()> {
+        check_text("id", &k.id, 64)?;
+        if !(k.rate_per_s.is_finite() && k.rate_per_s > 0.0) {
+            return Err(StoreError::Invalid { field: "rate_per_s", rule: "must be a finite number > 0".into() });
+        }
+        self.tenant(&k.tenant_id).await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, secret_hash, default_band, rate_per_s, created_ms, revoked_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+        )
+        .bind(&k.id)
+        .bind(&k.tenant_id)
+        .bind(&k.secret_hash)
+        .bind(k.default_band)
+        .bind(k.rate_per_s)
+        .bind(k.created_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(format!("key {}", k.id)),
+            e => e.into(),
+        })?;
+        Ok(())
+    }
+
+    pub async fn key(&self, id: &str) -> Result<ApiKeyRow> {
+        let r = sqlx::query(
+            "SELECT id, tenant_id, secret_hash, default_band, rate_per_s, created_ms, revoked_ms FROM api_keys \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        r.as_ref().map(key_row).ok_or_else(|| StoreError::NotFound(format!("key {id}")))
+    }
+
+    pub async fn keys_of(&self, tenant: &str) -> Result<Vec<ApiKeyRow>> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, secret_hash, default_band, rate_per_s, created_ms, revoked_ms FROM api_keys \
+             WHERE tenant_id = $1 ORDER BY created_ms, id LIMIT 1000",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(key_row).collect())
+    }
+
+    /// Revokes a key; revoking twice keeps the first time. Returns whether it was active.
+    pub async fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool> {
+        self.key(id).await?;
+        let r = sqlx::query("UPDATE api_keys SET revoked_ms = $2 WHERE id = $1 AND revoked_ms IS NULL")
+            .bind(id)
+            .bind(at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    // ---- policies -------------------------------------------------------------------------------
+
+    /// Writes a policy if `expected_version` is its current version (0 for a new one): optimistic
+    /// concurrency. Returns the new version.
+    pub async fn put_policy(&self, name: &str, body: &str, expected_version: i64, at_ms: i64) -> Result<i64> {
+        check_text("name", name, 64)?;
+        let new = expected_version + 1;
+        let r = if expected_version == 0 {
+            sqlx::query(
+                "INSERT INTO policies (name, version, body, updated_ms) VALUES ($1, 1, $2, $3) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(body)
+            .bind(at_ms)
+            .execute(&self.pool)
+            .await?
+        } else {
+            sqlx::query("UPDATE policies SET version = $2, body = $3, updated_ms = $4 WHERE name = $1 AND version = $5")
+                .bind(name)
+                .bind(new)
+                .bind(body)
+                .bind(at_ms)
+                .bind(expected_version)
+                .execute(&self.pool)
+                .await?
+        };
+        if r.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!("policy {name} at another version than {expected_version}")));
+        }
+        Ok(new)
+    }
+
+    pub async fn policy(&self, name: &str) -> Result<PolicyRow> {
+        let r = sqlx::query("SELECT name, version, body, updated_ms FROM policies WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        r.map(|r| PolicyRow { name: r.get(0), version: r.get(1), body: r.get(2), updated_ms: r.get(3) })
+            .ok_or_else(|| StoreError::NotFound(format!("policy {name}")))
+    }
+
+    pub async fn policies(&self) -> Result<Vec<PolicyRow>> {
+        let rows = sqlx::query("SELECT name, version, body, updated_ms FROM policies ORDER BY name LIMIT 1000")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PolicyRow { name: r.get(0), version: r.get(1), body: r.get(2), updated_ms: r.get(3) })
+            .collect())
+    }
+
+    // ---- plans, decisions, commands ------------------------------------------------------------
+
+    pub async fn add_plan(&self, at_ms: i64, body: &str) -> Result<i64> {
+        let r = sqlx::query("INSERT INTO plans (at_ms, body) VALUES ($1, $2) RETURNING id")
+            .bind(at_ms)
+            .bind(body)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.get(0))
+    }
+
+    /// Plans, newest first.
+    pub async fn plans(&self, page: &Page) -> Result<Vec<PlanRow>> {
+        let rows = sqlx::query("SELECT id, at_ms, body FROM plans WHERE id < $1 ORDER BY id DESC LIMIT $2")
+            .bind(page.after.unwrap_or(i64::MAX))
+            .bind(page.limit()?)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| PlanRow { id: r.get(0), at_ms: r.get(1), body: r.get(2) }).collect())
+    }
+
+    /// Appends decisions (the audit trail of the dispatcher) in one transaction; returns their ids.
+    pub async fn add_decisions(&self, rows: &[DecisionRow]) -> Result<Vec<i64>> {
+        if rows.len() > MAX_BATCH {
+            return Err(StoreError::Invalid { field: "decisions", rule: format!("at most {MAX_BATCH} per batch") });
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for d in rows {
+            let r = sqlx::query(
+                "INSERT INTO decisions (at_ms, site_id, kind, reason, body) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            )
+            .bind(d.at_ms)
+            .bind(&d.site_id)
+            .bind(&d.kind)
+            .bind(&d.reason)
+            .bind(&d.body)
+            .fetch_one(&mut *tx)
+            .await?;
+            ids.push(r.get(0));
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Decisions, newest first, optionally of one site.
+    pub async fn decisions(&self, site: Option<&str>, page: &Page) -> Result<Vec<DecisionRow>> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, site_id, kind, reason, body FROM decisions WHERE id < $1 AND ($2 = '' OR site_id = $2) \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(page.after.unwrap_or(i64::MAX))
+        .bind(site.unwrap_or(""))
+        .bind(page.limit()?)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DecisionRow {
+                id: r.get(0),
+                at_ms: r.get(1),
+                site_id: r.get(2),
+                kind: r.get(3),
+                reason: r.get(4),
+                body: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Records commands sent (idempotent by id: a retry updates the attempt).
+    pub async fn add_commands(&self, rows: &[CommandRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for c in rows {
+            sqlx::query(
+                "INSERT INTO commands (id, device_idx, target, attempt, issued_ms, outcome, outcome_ms) \
+                 VALUES ($1, $2, $3, $4, $5, NULL, NULL) \
+                 ON CONFLICT (id) DO UPDATE SET attempt = excluded.attempt, issued_ms = excluded.issued_ms",
+            )
+            .bind(c.id)
+            .bind(c.device_idx)
+            .bind(&c.target)
+            .bind(c.attempt)
+            .bind(c.issued_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_command_outcome(&self, id: i64, outcome: &str, at_ms: i64) -> Result<()> {
+        let r = sqlx::query("UPDATE commands SET outcome = $2, outcome_ms = $3 WHERE id = $1")
+            .bind(id)
+            .bind(outcome)
+            .bind(at_ms)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("command {id}")));
+        }
+        Ok(())
+    }
+
+    /// Commands, newest first, optionally to one device.
+    pub async fn commands(&self, device: Option<i64>, page: &Page) -> Result<Vec<CommandRow>> {
+        let rows = sqlx::query(
+            "SELECT id, device_idx, target, attempt, issued_ms, outcome, outcome_ms FROM commands \
+             WHERE id < $1 AND ($2 < 0 OR device_idx = $2) ORDER BY id DESC LIMIT $3",
+        )
+        .bind(page.after.unwrap_or(i64::MAX))
+        .bind(device.unwrap_or(-1))
+        .bind(page.limit()?)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| CommandRow {
+                id: r.get(0),
+                device_idx: r.get(1),
+                target: r.get(2),
+                attempt: r.get(3),
+                issued_ms: r.get(4),
+                outcome: r.get(5),
+                outcome_ms: r.get(6),
+            })
+            .collect())
+    }
+
+    // ---- signals and telemetry -----------------------------------------------------------------
+
+    /// Appends signal values (a repeated (kind, key, time) keeps the first value).
+    pub async fn add_signals(&self, rows: &[SignalRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(500) {
+            let mut sql = String::from("INSERT INTO signals (kind, key, at_ms, value) VALUES ");
+            for k in 0..chunk.len() {
+                let b = k * 4;
+                if k > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+            }
+            sql.push_str(" ON CONFLICT (kind, key, at_ms) DO NOTHING");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for s in chunk {
+                if !s.value.is_finite() {
+                    return Err(StoreError::Invalid { field: "value", rule: "must be a finite number".into() });
+                }
+                q = q.bind(&s.kind).bind(&s.key).bind(s.at_ms).bind(s.value);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A signal's values in [from, to), oldest first.
+    pub async fn signals(&self, kind: &str, key: &str, from_ms: i64, to_ms: i64, limit: u32) -> Result<Vec<SignalRow>> {
+        let limit = Page { after: None, limit: Some(limit) }.limit()?;
+        let rows = sqlx::query(
+            "SELECT kind, key, at_ms, value FROM signals WHERE kind = $1 AND key = $2 AND at_ms >= $3 AND at_ms < $4 \
+             ORDER BY at_ms LIMIT $5",
+        )
+        .bind(kind)
+        .bind(key)
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| SignalRow { kind: r.get(0), key: r.get(1), at_ms: r.get(2), value: r.get(3) }).collect())
+    }
+
+    /// Writes per-device minute rollups (a repeated minute replaces the row: rollups are recomputed
+    /// whole).
+    pub async fn put_device_minutes(&self, rows: &[DeviceMinuteRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(400) {
+            let mut sql = String::from(
+                "INSERT INTO telemetry_device_minute (device_idx, minute_ms, samples, power_w_avg, hashrate_ths_avg, \
+                 temp_c_max, errors) VALUES ",
+            );
+            for k in 0..chunk.len() {
+                let b = k * 7;
+                if k > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                ));
+            }
+            sql.push_str(
+                " ON CONFLICT (device_idx, minute_ms) DO UPDATE SET samples = excluded.samples, \
+                 power_w_avg = excluded.power_w_avg, hashrate_ths_avg = excluded.hashrate_ths_avg, \
+                 temp_c_max = excluded.temp_c_max, errors = excluded.errors",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.device_idx)
+                    .bind(r.minute_ms)
+                    .bind(r.samples)
+                    .bind(r.power_w_avg)
+                    .bind(r.hashrate_ths_avg)
+                    .bind(r.temp_c_max)
+                    .bind(r.errors);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn device_minutes(&self, device: i64, from_ms: i64, to_ms: i64) -> Result<Vec<DeviceMinuteRow>> {
+        let rows = sqlx::query(
+            "SELECT device_idx, minute_ms, samples, power_w_avg, hashrate_ths_avg, temp_c_max, errors \
+             FROM telemetry_device_minute WHERE device_idx = $1 AND minute_ms >= $2 AND minute_ms < $3 \
+             ORDER BY minute_ms LIMIT 1000",
+        )
+        .bind(device)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeviceMinuteRow {
+                device_idx: r.get(0),
+                minute_ms: r.get(1),
+                samples: r.get(2),
+                power_w_avg: r.get(3),
+                hashrate_ths_avg: r.get(4),
+                temp_c_max: r.get(5),
+                errors: r.get(6),
+            })
+            .collect())
+    }
+
+    pub async fn put_site_seconds(&self, rows: &[SiteSecondRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO telemetry_site_second (site_id, at_ms, power_w, mining_w, inference_w) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (site_id, at_ms) DO UPDATE SET power_w = excluded.power_w, \
+                 mining_w = excluded.mining_w, inference_w = excluded.inference_w",
+            )
+            .bind(&r.site_id)
+            .bind(r.at_ms)
+            .bind(r.power_w)
+            .bind(r.mining_w)
+            .bind(r.inference_w)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn site_seconds(&self, site: &str, from_ms: i64, to_ms: i64) -> Result<Vec<SiteSecondRow>> {
+        let rows = sqlx::query(
+            "SELECT site_id, at_ms, power_w, mining_w, inference_w FROM telemetry_site_second \
+             WHERE site_id = $1 AND at_ms >= $2 AND at_ms < $3 ORDER BY at_ms LIMIT 1000",
+        )
+        .bind(site)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SiteSecondRow {
+                site_id: r.get(0),
+                at_ms: r.get(1),
+                power_w: r.get(2),
+                mining_w: r.get(3),
+                inference_w: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Retention: deletes device minutes older than `device_before_ms` and site seconds older than
+    /// `site_before_ms`. Returns rows deleted.
+    pub async fn prune_telemetry(&self, device_before_ms: i64, site_before_ms: i64) -> Result<u64> {
+        let a = sqlx::query("DELETE FROM telemetry_device_minute WHERE minute_ms < $1")
+            .bind(device_before_ms)
+            .execute(&self.pool)
+            .await?;
+        let b = sqlx::query("DELETE FROM telemetry_site_second WHERE at_ms < $1")
+            .bind(site_before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(a.rows_affected() + b.rows_affected())
+    }
+
+    // ---- workloads and audit ------------------------------------------------------------------
+
+    pub async fn put_workload(&self, w: &WorkloadRow) -> Result<()> {
+        check_text("id", &w.id, 64)?;
+        self.tenant(&w.tenant_id).await?;
+        sqlx::query(
+            "INSERT INTO workloads (id, tenant_id, kind, state, body, created_ms, updated_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
+             body = excluded.body, updated_ms = excluded.updated_ms",
+        )
+        .bind(&w.id)
+        .bind(&w.tenant_id)
+        .bind(&w.kind)
+        .bind(&w.state)
+        .bind(&w.body)
+        .bind(w.created_ms)
+        .bind(w.updated_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn workload(&self, id: &str) -> Result<WorkloadRow> {
+        let r =
+            sqlx::query("SELECT id, tenant_id, kind, state, body, created_ms, updated_ms FROM workloads WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        r.as_ref().map(workload_row).ok_or_else(|| StoreError::NotFound(format!("workload {id}")))
+    }
+
+    pub async fn workloads_of(&self, tenant: &str, page: &Page) -> Result<Vec<WorkloadRow>> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, kind, state, body, created_ms, updated_ms FROM workloads \
+             WHERE tenant_id = $1 AND created_ms > $2 ORDER BY created_ms, id LIMIT $3",
+        )
+        .bind(tenant)
+        .bind(page.after.unwrap_or(i64::MIN))
+        .bind(page.limit()?)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(workload_row).collect())
+    }
+
+    /// Appends an audit record; returns its id.
+    pub async fn audit(
+        &self,
+        at_ms: i64,
+        actor: &str,
+        action: &str,
+        target: &str,
+        before: Option<&str>,
+        after: Option<&str>,
+    ) -> Result<i64> {
+        let r = sqlx::query(
+            "INSERT INTO audit (at_ms, actor, action, target, before_json, after_json) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(at_ms)
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(before)
+        .bind(after)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(r.get(0))
+    }
+
+    /// Audit records, newest first.
+    pub async fn audits(&self, page: &Page) -> Result<Vec<AuditRow>> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, actor, action, target, before_json, after_json FROM audit WHERE id < $1 \
+             ORDER BY id DESC LIMIT $2",
+        )
+        .bind(page.after.unwrap_or(i64::MAX))
+        .bind(page.limit()?)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditRow {
+                id: r.get(0),
+                at_ms: r.get(1),
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                before_json: r.get(5),
+                after_json: r.get(6),
+            })
+            .collect())
+    }
+}
+
+fn device_row(r: &AnyRow) -> DeviceRow {
+    DeviceRow {
+        idx: r.get(0),
+        site_id: r.get(1),
+        feeder_id: r.get(2),
+        rack_idx: r.get(3),
+        model: r.get(4),
+        kind: r.get(5),
+        maintenance: r.get::<i64, _>(6) != 0,
+    }
+}
+
+fn tenant_row(r: &AnyRow) -> TenantRow {
+    TenantRow {
+        id: r.get(0),
+        name: r.get(1),
+        weight: r.get(2),
+        guaranteed_gpus: r.get(3),
+        borrow_limit_gpus: r.get(4),
+        created_ms: r.get(5),
+    }
+}
+
+fn key_row(r: &AnyRow) -> ApiKeyRow {
+    ApiKeyRow {
+        id: r.get(0),
+        tenant_id: r.get(1),
+        secret_hash: r.get(2),
+        default_band: r.get(3),
+        rate_per_s: r.get(4),
+        created_ms: r.get(5),
+        revoked_ms: r.get(6),
+    }
+}
+
+fn workload_row(r: &AnyRow) -> WorkloadRow {
+    WorkloadRow {
+        id: r.get(0),
+        tenant_id: r.get(1),
+        kind: r.get(2),
+        state: r.get(3),
+        body: r.get(4),
+        created_ms: r.get(5),
+        updated_ms: r.get(6),
+    }
+}

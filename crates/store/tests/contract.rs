@@ -1,0 +1,257 @@
+//! One contract, two backends: the same checks against SQLite (a temporary file) and PostgreSQL
+//! (a fresh database on the machine's server, `HCP_TEST_PG` or postgres://postgres@127.0.0.1/test).
+
+use hcp_store::*;
+
+fn pg_admin_url() -> String {
+    std::env::var("HCP_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh PostgreSQL database for one test; dropped by the next run's cleanup if left behind.
+async fn fresh_pg(name: &str) -> Store {
+    let admin = Store::open(&pg_admin_url()).await.expect("PostgreSQL at 127.0.0.1:5432 (see .ci/run)");
+    let db = format!("hcp_contract_{name}_{}", std::process::id());
+    admin.exec_admin(&format!("DROP DATABASE IF EXISTS {db}")).await.unwrap();
+    admin.exec_admin(&format!("CREATE DATABASE {db}")).await.unwrap();
+    admin.close().await;
+    let base = pg_admin_url();
+    let url = format!("{}/{db}", &base[..base.rfind('/').unwrap()]);
+    Store::open(&url).await.unwrap()
+}
+
+async fn fresh_sqlite(name: &str) -> (Store, tempdir::Dir) {
+    let dir = tempdir::Dir::new(name);
+    let s = Store::open(&format!("sqlite:{}", dir.path.join("hcp.db").display())).await.unwrap();
+    (s, dir)
+}
+
+mod tempdir {
+    pub struct Dir {
+        pub path: std::path::PathBuf,
+    }
+    impl Dir {
+        pub fn new(name: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!("hcp-store-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Dir { path }
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn page(limit: u32) -> Page {
+    Page { after: None, limit: Some(limit) }
+}
+
+async fn contract(s: &Store) {
+    assert_eq!(s.migrate().await.unwrap(), 1);
+    assert_eq!(s.migrate().await.unwrap(), 1, "migrating twice is a no-op");
+    s.ping().await.unwrap();
+
+    // Topology.
+    let sites = vec![
+        SiteRow { id: "a".into(), idx: 0, power_cap_w: 1e6, settlement_point: "HB_WEST".into() },
+        SiteRow { id: "b".into(), idx: 1, power_cap_w: 2e6, settlement_point: "HB_SOUTH".into() },
+    ];
+    let devices: Vec<DeviceRow> = (0..1_200)
+        .map(|i| DeviceRow {
+            idx: i,
+            site_id: if i < 700 { "a" } else { "b" }.into(),
+            feeder_id: "f".into(),
+            rack_idx: i / 100,
+            model: if i % 10 == 0 { "h100-sxm" } else { "antminer-s21" }.into(),
+            kind: if i % 10 == 0 { "gpu" } else { "asic" }.into(),
+            maintenance: false,
+        })
+        .collect();
+    s.sync_topology(&sites, &devices).await.unwrap();
+    assert_eq!(s.sites().await.unwrap(), sites);
+    let p1 = s.devices(Some("b"), None, None, &page(300)).await.unwrap();
+    assert_eq!((p1.len(), p1[0].idx, p1[299].idx), (300, 700, 999));
+    let p2 = s.devices(Some("b"), None, None, &Page { after: Some(999), limit: Some(1_000) }).await.unwrap();
+    assert_eq!(p2.len(), 200);
+    assert!(s.devices(None, None, None, &page(MAX_PAGE + 1)).await.is_err(), "page size is capped");
+    assert_eq!(s.devices(None, Some("h100-sxm"), None, &page(1_000)).await.unwrap().len(), 120);
+    assert_eq!(s.set_maintenance(&[1, 2, 3], true).await.unwrap(), 3);
+    assert_eq!(s.set_maintenance(&[1, 2, 3], true).await.unwrap(), 0, "idempotent");
+    assert_eq!(s.devices(None, None, Some(true), &page(10)).await.unwrap().len(), 3);
+    // Re-syncing keeps maintenance flags.
+    s.sync_topology(&sites, &devices).await.unwrap();
+    assert!(s.device(2).await.unwrap().maintenance);
+    assert!(matches!(s.device(99_999).await, Err(StoreError::NotFound(_))));
+
+    // Tenants, accounts, keys.
+    let t = TenantRow {
+        id: "acme".into(),
+        name: "Acme".into(),
+        weight: 2.0,
+        guaranteed_gpus: 4.0,
+        borrow_limit_gpus: 8.0,
+        created_ms: 1_000,
+    };
+    s.create_tenant(&t).await.unwrap();
+    assert!(matches!(s.create_tenant(&t).await, Err(StoreError::Conflict(_))));
+    let bad = TenantRow { id: "x".into(), weight: -1.0, ..t.clone() };
+    assert!(matches!(s.create_tenant(&bad).await, Err(StoreError::Invalid { field: "weight", .. })));
+    assert!(matches!(s.tenant("x").await, Err(StoreError::NotFound(_))), "a refused write changes nothing");
+    assert_eq!(s.tenants(&page(10)).await.unwrap(), vec![t.clone()]);
+    let a = AccountRow { name: "root".into(), role: "admin".into(), secret_hash: "h".into(), created_ms: 1 };
+    s.put_account(&a).await.unwrap();
+    assert!(s.put_account(&AccountRow { role: "king".into(), ..a.clone() }).await.is_err());
+    assert_eq!(s.accounts().await.unwrap(), vec![a]);
+    let k = ApiKeyRow {
+        id: "k1".into(),
+        tenant_id: "acme".into(),
+        secret_hash: "hash".into(),
+        default_band: 1,
+        rate_per_s: 50.0,
+        created_ms: 2_000,
+        revoked_ms: None,
+    };
+    s.create_key(&k).await.unwrap();
+    assert!(matches!(s.create_key(&k).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        s.create_key(&ApiKeyRow { id: "k2".into(), tenant_id: "nobody".into(), ..k.clone() }).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(s.revoke_key("k1", 3_000).await.unwrap());
+    assert!(!s.revoke_key("k1", 4_000).await.unwrap());
+    assert_eq!(s.key("k1").await.unwrap().revoked_ms, Some(3_000));
+    assert_eq!(s.keys_of("acme").await.unwrap().len(), 1);
+
+    // Policies with optimistic concurrency.
+    assert_eq!(s.put_policy("strike", "{\"a\":1}", 0, 10).await.unwrap(), 1);
+    assert!(matches!(s.put_policy("strike", "{}", 0, 11).await, Err(StoreError::Conflict(_))));
+    assert_eq!(s.put_policy("strike", "{\"a\":2}", 1, 12).await.unwrap(), 2);
+    assert!(matches!(s.put_policy("strike", "{}", 1, 13).await, Err(StoreError::Conflict(_))));
+    assert_eq!(s.policy("strike").await.unwrap().body, "{\"a\":2}");
+    assert_eq!(s.policies().await.unwrap().len(), 1);
+
+    // Plans, decisions, commands.
+    let p = s.add_plan(5, "{}").await.unwrap();
+    assert_eq!(s.plans(&page(5)).await.unwrap()[0].id, p);
+    let rows: Vec<DecisionRow> = (0..30)
+        .map(|i| DecisionRow {
+            id: 0,
+            at_ms: i,
+            site_id: if i % 3 == 0 { "a" } else { "b" }.into(),
+            kind: "reduce".into(),
+            reason: format!("price {i}"),
+            body: "{}".into(),
+        })
+        .collect();
+    let ids = s.add_decisions(&rows).await.unwrap();
+    assert_eq!(ids.len(), 30);
+    assert!(ids.windows(2).all(|w| w[1] > w[0]));
+    let newest = s.decisions(Some("a"), &page(4)).await.unwrap();
+    assert_eq!(newest.len(), 4);
+    assert!(newest.iter().all(|d| d.site_id == "a") && newest[0].at_ms == 27);
+    let older = s.decisions(Some("a"), &Page { after: Some(newest[3].id), limit: Some(100) }).await.unwrap();
+    assert_eq!(older.len(), 6);
+    let c = CommandRow {
+        id: 77,
+        device_idx: 5,
+        target: "sleep".into(),
+        attempt: 1,
+        issued_ms: 1,
+        outcome: None,
+        outcome_ms: None,
+    };
+    s.add_commands(std::slice::from_ref(&c)).await.unwrap();
+    s.add_commands(&[CommandRow { attempt: 2, issued_ms: 2, ..c.clone() }]).await.unwrap();
+    s.set_command_outcome(77, "applied", 3).await.unwrap();
+    let got = s.commands(Some(5), &page(10)).await.unwrap();
+    assert_eq!((got.len(), got[0].attempt, got[0].outcome.as_deref()), (1, 2, Some("applied")));
+    assert!(s.set_command_outcome(78, "applied", 3).await.is_err());
+
+    // Signals and telemetry with retention.
+    let sig: Vec<SignalRow> = (0..10)
+        .map(|i| SignalRow { kind: "rt_price".into(), key: "HB_WEST".into(), at_ms: i * 1_000, value: i as f64 })
+        .collect();
+    s.add_signals(&sig).await.unwrap();
+    s.add_signals(&sig[..2]).await.unwrap();
+    assert_eq!(s.signals("rt_price", "HB_WEST", 2_000, 5_000, 100).await.unwrap().len(), 3);
+    assert!(s.add_signals(&[SignalRow { value: f64::NAN, ..sig[0].clone() }]).await.is_err());
+    let mins: Vec<DeviceMinuteRow> = (0..5)
+        .map(|m| DeviceMinuteRow {
+            device_idx: 3,
+            minute_ms: m * 60_000,
+            samples: 6,
+            power_w_avg: 3_400.0,
+            hashrate_ths_avg: if m == 0 { None } else { Some(195.0) },
+            temp_c_max: 70.0,
+            errors: 0,
+        })
+        .collect();
+    s.put_device_minutes(&mins).await.unwrap();
+    s.put_device_minutes(&mins[..1]).await.unwrap();
+    assert_eq!(s.device_minutes(3, 0, 1 << 40).await.unwrap(), mins);
+    let secs: Vec<SiteSecondRow> = (0..5)
+        .map(|i| SiteSecondRow { site_id: "a".into(), at_ms: i * 1_000, power_w: 9e5, mining_w: 7e5, inference_w: 2e5 })
+        .collect();
+    s.put_site_seconds(&secs).await.unwrap();
+    assert_eq!(s.site_seconds("a", 0, 10_000).await.unwrap().len(), 5);
+    assert_eq!(s.prune_telemetry(120_000, 2_000).await.unwrap(), 2 + 2);
+    assert_eq!(s.device_minutes(3, 0, 1 << 40).await.unwrap().len(), 3);
+
+    // Workloads and audit.
+    let w = WorkloadRow {
+        id: "job-1".into(),
+        tenant_id: "acme".into(),
+        kind: "batch".into(),
+        state: "queued".into(),
+        body: "{}".into(),
+        created_ms: 10,
+        updated_ms: 10,
+    };
+    s.put_workload(&w).await.unwrap();
+    s.put_workload(&WorkloadRow { state: "running".into(), updated_ms: 11, ..w.clone() }).await.unwrap();
+    assert_eq!(s.workload("job-1").await.unwrap().state, "running");
+    assert_eq!(s.workloads_of("acme", &page(10)).await.unwrap().len(), 1);
+    assert!(s.put_workload(&WorkloadRow { tenant_id: "nobody".into(), ..w }).await.is_err());
+    let id1 = s.audit(1, "root", "tenant.create", "acme", None, Some("{}")).await.unwrap();
+    let id2 = s.audit(2, "root", "key.revoke", "k1", Some("{}"), Some("{}")).await.unwrap();
+    assert!(id2 > id1);
+    let au = s.audits(&page(10)).await.unwrap();
+    assert_eq!(au.iter().map(|a| a.id).collect::<Vec<_>>(), vec![id2, id1]);
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_contract() {
+    let (s, _dir) = fresh_sqlite("contract").await;
+    assert_eq!(s.backend(), Backend::Sqlite);
+    contract(&s).await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_the_contract() {
+    let s = fresh_pg("contract").await;
+    assert_eq!(s.backend(), Backend::Postgres);
+    contract(&s).await;
+    s.close().await;
+    let admin = Store::open(&pg_admin_url()).await.unwrap();
+    admin.exec_admin(&format!("DROP DATABASE IF EXISTS hcp_contract_contract_{}", std::process::id())).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_url_is_refused() {
+    assert!(matches!(Store::open("mysql://x").await, Err(StoreError::Url(_))));
+}
+
+#[tokio::test]
+async fn sqlite_writes_survive_reopening() {
+    let dir = tempdir::Dir::new("reopen");
+    let url = format!("sqlite:{}", dir.path.join("hcp.db").display());
+    let s = Store::open(&url).await.unwrap();
+    s.migrate().await.unwrap();
+    let id = s.audit(1, "root", "x", "y", None, None).await.unwrap();
+    drop(s);
+    let s = Store::open(&url).await.unwrap();
+    assert_eq!(s.migrate().await.unwrap(), 1);
+    assert_eq!(s.audits(&page(1)).await.unwrap()[0].id, id);
+}
