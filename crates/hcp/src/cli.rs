@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use hcp_harness::{Baseline, BaselineMode, DemandSource, GridSource, Harness, MarketSource, Scenario};
 use hcp_model::fleet::Fleet;
@@ -35,17 +35,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the platform. Until the server lands, this simulates the default fleet for a week and
-    /// prints its summary.
+    /// Run the platform, all in one process: embedded storage (SQLite in --data-dir), in-process
+    /// event bus, simulated sites driven by the dispatcher, REST API, health and metrics on one port.
+    /// On first start it creates an admin account and a demo tenant and prints their credentials
+    /// (HCP_ADMIN_TOKEN and HCP_DEMO_TENANT_KEY, when set, are used instead). Stops on SIGINT/SIGTERM.
     Up {
         /// Fleet file (default: the built-in examples/fleets/small.toml).
         #[arg(long)]
         fleet: Option<PathBuf>,
+        /// Where the SQLite database lives.
+        #[arg(long, default_value = "hcp-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Days to simulate.
-        #[arg(long, default_value_t = 7)]
-        days: u32,
+        /// Simulated seconds per wall-clock second (900: one 15-minute interval per second).
+        #[arg(long, default_value_t = 900.0)]
+        speed: f64,
+    },
+    /// Run one role of the scaled-out platform against shared storage and bus.
+    Serve {
+        #[arg(long, value_enum, default_value = "all")]
+        role: crate::serve::Role,
+        /// sqlite:PATH or postgres://USER@HOST/DB.
+        #[arg(long)]
+        store: String,
+        /// nats://HOST:PORT (default: in-process, only for a single process).
+        #[arg(long)]
+        bus: Option<String>,
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 900.0)]
+        speed: f64,
+    },
+    /// Apply storage migrations (the store of --data-dir, or --store URL) and exit.
+    Migrate {
+        #[arg(long)]
+        store: Option<String>,
+        #[arg(long, default_value = "hcp-data")]
+        data_dir: PathBuf,
+    },
+    /// Ask a running platform whether it is up and ready (exit 0 when ready).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
     },
     /// Simulate a fleet over a period and write one CSV row per site and interval.
     Sim(SimArgs),
@@ -170,7 +208,14 @@ struct SimArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up { fleet, seed, days } => up(fleet.as_deref(), seed, days),
+        Command::Up { fleet, data_dir, listen, seed, speed } => {
+            crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed)
+        }
+        Command::Serve { role, store, bus, fleet, listen, seed, speed } => {
+            crate::serve::serve(fleet.as_deref(), role, &store, bus.as_deref(), listen, seed, speed)
+        }
+        Command::Migrate { store, data_dir } => crate::serve::migrate(store.as_deref(), &data_dir),
+        Command::Health { url } => crate::serve::health(&url),
         Command::Sim(a) => sim(&a),
         Command::Backtest(a) => crate::backtest_cmd::run(&a),
         Command::Replay { trace, tenants, shrink, json } => replay(&trace, tenants, &shrink, json),
@@ -277,34 +322,6 @@ fn replay(trace: &Path, tenants: u32, shrink: &str, json: bool) -> Result<ExitCo
         println!("{}", serde_json::to_string_pretty(&obj)?);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn up(fleet: Option<&Path>, seed: u64, days: u32) -> Result<ExitCode> {
-    let fleet = load_fleet(fleet, SMALL_FLEET)?;
-    if days == 0 || days > 3_660 {
-        bail!("--days: must be between 1 and 3660");
-    }
-    let from = SimTime::parse("2025-06-01").expect("valid date");
-    let scenario = Scenario {
-        from,
-        to: from.plus_ms(i64::from(days) * MS_PER_DAY),
-        interval_ms: 15 * 60_000,
-        fidelity: Fidelity::Device,
-        seed,
-        energy_adder_usd_per_mwh: 0.0,
-    };
-    eprintln!(
-        "hcp up: the platform server is not built yet; simulating fleet {:?} per device for {days} days (seed {seed})",
-        fleet.name
-    );
-    let mut h = Harness::new(
-        &fleet,
-        scenario,
-        GridSource::Simulated(Box::default()),
-        MarketSource::Simulated(MarketParams::default()),
-        DemandSource::Simulated(DemandParams::default()),
-    )?;
-    run_and_report(&mut h, &fleet, BaselineMode::Breakeven, None)
 }
 
 fn run_and_report(h: &mut Harness, fleet: &Fleet, mode: BaselineMode, out: Option<&Path>) -> Result<ExitCode> {

@@ -6,6 +6,7 @@ mod bench;
 mod chart;
 mod cli;
 mod report;
+mod serve;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -152,8 +152,11 @@ pub async fn run(
         result.map(|_| ()).map_err(|v| anyhow::anyhow!("invariant broken: {} at {} (seed={})", v.what, v.at, v.seed))
     })?;
     loop {
+        if *stop.borrow() {
+            break;
+        }
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            r = stop.changed() => if r.is_err() { break },
             msg = rx.recv() => {
                 let Some(iv) = msg else { break };
                 record(&app, iv).await?;

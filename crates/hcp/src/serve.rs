@@ -1,0 +1,173 @@
+//! `hcp up`, `hcp serve`, `hcp migrate`, `hcp health`: the platform process and its helpers.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use hcp_server::Config;
+
+use crate::cli::{SMALL_FLEET, load_fleet};
+
+/// Which parts of the platform a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// REST API (and, later, the gateway and dashboard).
+    Api,
+    /// The engine: signals, dispatcher, simulated sites.
+    Dispatcher,
+    /// Both (what `hcp up` runs).
+    All,
+}
+
+fn logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HCP_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn secret_env(name: &str) -> Option<String> {
+    // From the variable, or from the file `NAME_FILE` points at (container secrets).
+    std::env::var(name).ok().filter(|v| !v.is_empty()).or_else(|| {
+        let f = std::env::var(format!("{name}_FILE")).ok()?;
+        std::fs::read_to_string(f).ok().map(|s| s.trim().to_string())
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")
+}
+
+async fn until_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_with(
+    fleet: Option<&Path>,
+    store_url: String,
+    bus_url: Option<String>,
+    listen: SocketAddr,
+    role: Role,
+    seed: u64,
+    speed: f64,
+    print_credentials: bool,
+) -> Result<ExitCode> {
+    logging();
+    if !(speed.is_finite() && speed > 0.0 && speed <= 1e6) {
+        bail!("--speed: must be > 0 and <= 1000000 simulated seconds per second");
+    }
+    let fleet = load_fleet(fleet, SMALL_FLEET)?;
+    let cfg = Config {
+        listen,
+        store_url,
+        bus_url,
+        fleet,
+        engine: role != Role::Api,
+        api: role != Role::Dispatcher,
+        seed,
+        speed,
+        admin_token: secret_env("HCP_ADMIN_TOKEN"),
+        demo_tenant_key: secret_env("HCP_DEMO_TENANT_KEY"),
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let (store, boot) = hcp_server::prepare(&cfg).await?;
+        let running = hcp_server::start(cfg.clone(), store).await?;
+        println!("hcp: listening on http://{}", running.addr);
+        println!(
+            "hcp: fleet {} ({} sites, {} devices); store {}; bus {}",
+            cfg.fleet.name,
+            cfg.fleet.sites.len(),
+            cfg.fleet.devices.len(),
+            redact(&cfg.store_url),
+            cfg.bus_url.as_deref().unwrap_or("inproc")
+        );
+        if print_credentials {
+            if let Some(t) = &boot.admin_token {
+                println!("hcp: first start: admin token (shown once): {t}");
+            }
+            if let Some(k) = &boot.demo_tenant_key {
+                println!("hcp: first start: demo tenant key (shown once): {k}");
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        until_signal().await;
+        println!("hcp: stopping");
+        running.stop().await?;
+        println!("hcp: stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A URL with its password, if any, hidden.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(a)) if a > s => {
+            let creds = &url[s + 3..a];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[a..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub fn up(fleet: Option<&Path>, data_dir: &Path, listen: SocketAddr, seed: u64, speed: f64) -> Result<ExitCode> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create data directory {}", data_dir.display()))?;
+    serve_with(fleet, Config::data_dir_store(data_dir), None, listen, Role::All, seed, speed, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn serve(
+    fleet: Option<&Path>,
+    role: Role,
+    store: &str,
+    bus: Option<&str>,
+    listen: SocketAddr,
+    seed: u64,
+    speed: f64,
+) -> Result<ExitCode> {
+    serve_with(fleet, store.to_string(), bus.map(str::to_string), listen, role, seed, speed, true)
+}
+
+pub fn migrate(store: Option<&str>, data_dir: &Path) -> Result<ExitCode> {
+    let url = match store {
+        Some(s) => s.to_string(),
+        None => {
+            std::fs::create_dir_all(data_dir)?;
+            Config::data_dir_store(data_dir)
+        }
+    };
+    runtime()?.block_on(async {
+        let s = hcp_store::Store::open(&url).await?;
+        let v = s.migrate().await?;
+        println!("hcp: {} migrated to schema version {v}", redact(&url));
+        s.close().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks a running platform whether it is up and ready; exit 0 when ready, 1 otherwise.
+pub fn health(url: &str) -> Result<ExitCode> {
+    let base = url.trim_end_matches('/').to_string();
+    runtime()?.block_on(async move {
+        let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build()?;
+        let up = client.get(format!("{base}/healthz")).send().await.with_context(|| format!("reach {base}"))?;
+        if !up.status().is_success() {
+            println!("{base}/healthz: {}", up.status());
+            return Ok(ExitCode::from(1));
+        }
+        let r = client.get(format!("{base}/readyz")).send().await?;
+        let ok = r.status().is_success();
+        println!("{}", r.text().await?);
+        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    })
+}
