@@ -168,6 +168,12 @@ impl Gate {
         c.retain(|_, (p, _)| !matches!(p, Principal::Tenant { key, .. } if key == key_id));
     }
 
+    /// Forgets every cached token of an account (its secret or role changed).
+    pub fn forget_account(&self, account: &str) {
+        let mut c = self.cache.lock().expect("cache lock");
+        c.retain(|_, (p, _)| !matches!(p, Principal::Account { name, .. } if name == account));
+    }
+
     /// Takes one request from the principal's bucket, or says how long to wait.
     pub fn admit(&self, p: &Principal) -> Result<(), ApiError> {
         let (id, rate) = match p {

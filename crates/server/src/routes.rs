@@ -49,6 +49,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tenants/{id}/keys", get(keys).post(create_key))
         .route("/keys/{id}", delete(revoke_key))
         .route("/audit", get(audit))
+        .route("/accounts", get(accounts).post(create_account))
         .route("/events", get(events));
     ops_router()
         .nest("/api/v1", api)
@@ -683,6 +684,62 @@ async fn revoke_key(State(app): AppState, Auth(p): Auth, Path(id): Path<String>)
             .await?;
     }
     Ok(Json(serde_json::json!({ "id": id, "revoked": true, "was_active": was_active })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountBody {
+    name: String,
+    role: String,
+}
+
+async fn accounts(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Admin)?;
+    let items: Vec<serde_json::Value> = app
+        .store
+        .accounts()
+        .await?
+        .into_iter()
+        .map(|a| serde_json::json!({ "name": a.name, "role": a.role, "created_ms": a.created_ms }))
+        .collect();
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+/// Creates an operator account (or replaces its secret and role); the token is shown once.
+async fn create_account(
+    State(app): AppState,
+    Auth(p): Auth,
+    Body(b): Body<AccountBody>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Admin)?;
+    if !valid_name(&b.name) {
+        return Err(ApiError::invalid("name", "1 to 64 lowercase letters, digits or -"));
+    }
+    let role = Role::parse(&b.role).ok_or_else(|| ApiError::invalid("role", "must be admin, operator or viewer"))?;
+    let sec = secret();
+    let hash = tokio::task::spawn_blocking({
+        let s = sec.clone();
+        move || hash_secret(&s)
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    let before = app.store.accounts().await?.into_iter().find(|a| a.name == b.name);
+    app.store
+        .put_account(&hcp_store::AccountRow {
+            name: b.name.clone(),
+            role: role.as_str().into(),
+            secret_hash: hash,
+            created_ms: crate::wall_ms(),
+        })
+        .await?;
+    let after = serde_json::json!({ "name": b.name, "role": role.as_str() }).to_string();
+    let before = before.map(|a| serde_json::json!({ "name": a.name, "role": a.role }).to_string());
+    app.store.audit(crate::wall_ms(), &p.actor(), "account.put", &b.name, before.as_deref(), Some(&after)).await?;
+    app.gate.forget_account(&b.name);
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "name": b.name, "role": role.as_str(), "token": format!("hcpa_{}_{sec}", b.name) })),
+    ))
 }
 
 // ---- live events -------------------------------------------------------------------------------

@@ -1,0 +1,318 @@
+//! The API over real HTTP on loopback: a platform on a temporary SQLite file with the in-process
+//! bus and the engine running fast.
+
+use std::time::Duration;
+
+use hcp_model::fleet::Fleet;
+use hcp_server::{Config, Running};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "hcpa_admin_0123456789abcdef0123456789abcdef";
+const DEMO: &str = "hcpk_demo1_0123456789abcdef0123456789abcdef";
+
+struct Platform {
+    running: Option<Running>,
+    base: String,
+    http: Client,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Platform {
+    async fn start(name: &str) -> Platform {
+        let dir = std::env::temp_dir().join(format!("hcp-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fleet = Fleet::from_toml(
+            "small.toml",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
+        )
+        .unwrap();
+        let cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store_url: Config::data_dir_store(&dir),
+            bus_url: None,
+            fleet,
+            engine: true,
+            api: true,
+            seed: 3,
+            speed: 900.0 * 50.0,
+            admin_token: Some(ADMIN.into()),
+            demo_tenant_key: Some(DEMO.into()),
+        };
+        let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
+        assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");
+        let running = hcp_server::start(cfg, store).await.unwrap();
+        let base = format!("http://{}", running.addr);
+        Platform { running: Some(running), base, http: Client::new(), dir }
+    }
+
+    async fn stop(mut self) {
+        self.running.take().unwrap().stop().await.unwrap();
+    }
+
+    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut r = match method {
+            "GET" => self.http.get(url),
+            "POST" => self.http.post(url),
+            "PUT" => self.http.put(url),
+            "DELETE" => self.http.delete(url),
+            _ => unreachable!(),
+        };
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let res = r.send().await.unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn account(&self, name: &str, role: &str) -> String {
+        let (s, b) =
+            self.call("POST", "/api/v1/accounts", Some(ADMIN), Some(json!({"name": name, "role": role}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// Every route of the API, with a body where it takes one.
+fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
+    vec![
+        ("GET", "/api/v1/me", None),
+        ("GET", "/api/v1/sites", None),
+        ("GET", "/api/v1/devices", None),
+        ("GET", "/api/v1/devices/1", None),
+        ("POST", "/api/v1/maintenance", Some(json!({"scope": "device", "id": "1", "on": true}))),
+        ("GET", "/api/v1/plans", None),
+        ("GET", "/api/v1/decisions", None),
+        ("GET", "/api/v1/signals?kind=rt_price&key=HB_WEST", None),
+        ("GET", "/api/v1/sites/tx-west/power", None),
+        ("GET", "/api/v1/policies", None),
+        ("GET", "/api/v1/policies/strike", None),
+        ("PUT", "/api/v1/policies/strike", Some(json!({"expected_version": 0, "body": {}}))),
+        ("GET", "/api/v1/tenants", None),
+        ("POST", "/api/v1/tenants", Some(json!({"id": "t", "name": "T", "weight": 1.0}))),
+        ("GET", "/api/v1/tenants/demo", None),
+        ("GET", "/api/v1/tenants/demo/keys", None),
+        ("POST", "/api/v1/tenants/demo/keys", Some(json!({}))),
+        ("DELETE", "/api/v1/keys/demo1", None),
+        ("GET", "/api/v1/audit", None),
+        ("GET", "/api/v1/accounts", None),
+        ("POST", "/api/v1/accounts", Some(json!({"name": "x", "role": "viewer"}))),
+        ("GET", "/api/v1/events", None),
+    ]
+}
+
+#[tokio::test]
+async fn every_endpoint_refuses_missing_or_wrong_credentials() {
+    let p = Platform::start("auth").await;
+    for (m, path, body) in routes() {
+        let (s, b) = p.call(m, path, None, body.clone()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {path} without a token: {b}");
+        assert_eq!(b["error"]["code"], "unauthorized");
+        for bad in ["hcpa_admin_ffffffffffffffffffffffffffff", "hcpk_nokey_0123456789abcdef0123456789abcdef", "junk"] {
+            let (s, _) = p.call(m, path, Some(bad), body.clone()).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {path} with a wrong token");
+        }
+    }
+    // Nothing changed: no tenant "t", device 1 not in maintenance, one key.
+    let (s, _) = p.call("GET", "/api/v1/tenants/t", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, d) = p.call("GET", "/api/v1/devices/1", Some(ADMIN), None).await;
+    assert_eq!(d["maintenance"], false);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn roles_and_tenants_see_only_what_they_may() {
+    let p = Platform::start("roles").await;
+    let viewer = p.account("watcher", "viewer").await;
+    let operator = p.account("ops", "operator").await;
+    let admin_only = ["/api/v1/audit", "/api/v1/accounts"];
+    for (m, path, body) in routes() {
+        if path == "/api/v1/events" {
+            continue;
+        }
+        // Allowed means past auth: success, or an answer about the resource itself (404).
+        let allowed = |s: StatusCode| s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN;
+        let (s, b) = p.call(m, path, Some(&viewer), body.clone()).await;
+        let tenant_scoped = path.contains("/keys");
+        let ok = m == "GET" && !admin_only.contains(&path) && !tenant_scoped;
+        assert_eq!(allowed(s), ok, "viewer {m} {path}: {s} {b}");
+        // A tenant key reaches only its own tenant; operator routes are forbidden to it.
+        let (s, b) = p.call(m, path, Some(DEMO), body.clone()).await;
+        let mine = path.starts_with("/api/v1/tenants/demo") || path == "/api/v1/me" || path == "/api/v1/keys/demo1";
+        assert_eq!(allowed(s), mine, "tenant {m} {path}: {s} {b}");
+        if path == "/api/v1/keys/demo1" {
+            break; // the demo key revoked itself
+        }
+    }
+    let (s, b) = p.call("GET", "/api/v1/me", Some(DEMO), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a revoked key is refused at once: {b}");
+    let (s, _) = p
+        .call("POST", "/api/v1/maintenance", Some(&operator), Some(json!({"scope": "rack", "id": "0", "on": true})))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) =
+        p.call("POST", "/api/v1/tenants", Some(&operator), Some(json!({"id": "z", "name": "Z", "weight": 1}))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "tenants need admin");
+    let (_, other) =
+        p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "other", "name": "O", "weight": 2}))).await;
+    assert_eq!(other["id"], "other");
+    let (_, k) = p.call("POST", "/api/v1/tenants/other/keys", Some(ADMIN), Some(json!({"rate_per_s": 5}))).await;
+    let key = k["key"].as_str().unwrap();
+    let (s, _) = p.call("GET", "/api/v1/tenants/demo/keys", Some(key), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another tenant's keys do not exist for it");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_name_the_field_and_change_nothing() {
+    let p = Platform::start("bodies").await;
+    let cases = [
+        (json!({"id": "a", "name": "A", "weight": "heavy"}), "weight"),
+        (json!({"id": "a", "name": "A"}), "body"),
+        (json!({"id": "a", "name": "A", "weight": 1, "colour": "red"}), "colour"),
+        (json!({"id": "a", "name": "A", "weight": -1}), "weight"),
+        (json!({"id": "A B", "name": "A", "weight": 1}), "id"),
+        (json!({"id": "a", "name": "A", "weight": 1, "guaranteed_gpus": -2}), "guaranteed_gpus"),
+    ];
+    for (body, field) in cases {
+        let (s, b) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(body.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {b}");
+        assert_eq!(b["error"]["code"], "invalid");
+        let named = b["error"]["field"].as_str().unwrap_or("");
+        assert!(named == field || b["error"]["message"].as_str().unwrap().contains(field), "{body}: {b}");
+    }
+    let r = p
+        .http
+        .post(format!("{}/api/v1/tenants", p.base))
+        .bearer_auth(ADMIN)
+        .header("content-type", "text/plain")
+        .body("id=a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = "x".repeat(300 * 1024);
+    let (s, _) =
+        p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "a", "name": big, "weight": 1}))).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let (_, list) = p.call("GET", "/api/v1/tenants", Some(ADMIN), None).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "only the demo tenant: {list}");
+    // Policies: rules name the field; versions guard against lost updates.
+    let (s, b) = p
+        .call("PUT", "/api/v1/policies/strike", Some(ADMIN), Some(json!({"expected_version": 0, "body": {"strike_usd_per_mwh": 99999, "curtail_after": 2, "resume_after": 4}})))
+        .await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("body.strike_usd_per_mwh")));
+    let good = json!({"strike_usd_per_mwh": 80, "curtail_after": 2, "resume_after": 4});
+    let (s, b) =
+        p.call("PUT", "/api/v1/policies/strike", Some(ADMIN), Some(json!({"expected_version": 0, "body": good}))).await;
+    assert_eq!((s, b["version"].as_i64()), (StatusCode::OK, Some(1)));
+    let (s, _) =
+        p.call("PUT", "/api/v1/policies/strike", Some(ADMIN), Some(json!({"expected_version": 0, "body": good}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, b) = p
+        .call(
+            "PUT",
+            "/api/v1/policies/grid-commitment",
+            Some(ADMIN),
+            Some(json!({"expected_version": 0, "body": {"site": "nowhere", "program": "ERS-10", "mw": 1}})),
+        )
+        .await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("body.site")));
+    // Query strings too.
+    let (s, b) = p.call("GET", "/api/v1/devices?limit=5000", Some(ADMIN), None).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("limit")));
+    let (s, _) = p.call("GET", "/api/v1/devices?colour=red", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn lists_page_audit_records_every_change_and_keys_are_rate_limited() {
+    let p = Platform::start("pages").await;
+    let (_, first) = p.call("GET", "/api/v1/devices?site=tx-west&limit=50", Some(ADMIN), None).await;
+    let items = first["items"].as_array().unwrap();
+    assert_eq!(items.len(), 50);
+    assert!(items.iter().all(|d| d["site_id"] == "tx-west"));
+    let after = first["next_after"].as_i64().unwrap();
+    let (_, second) =
+        p.call("GET", &format!("/api/v1/devices?site=tx-west&limit=50&after={after}"), Some(ADMIN), None).await;
+    assert!(second["items"][0]["idx"].as_i64().unwrap() > after);
+    let (s, _) = p
+        .call("POST", "/api/v1/maintenance", Some(ADMIN), Some(json!({"scope": "site", "id": "tx-west", "on": true})))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, all) = p.call("GET", "/api/v1/devices?site=tx-west&limit=1000", Some(ADMIN), None).await;
+    let (_, m) = p.call("GET", "/api/v1/devices?maintenance=true&limit=1000", Some(ADMIN), None).await;
+    let west: Vec<Value> = all["items"].as_array().unwrap().clone();
+    assert!(!west.is_empty() && west.iter().all(|d| d["maintenance"] == true));
+    assert_eq!(m["items"].as_array().unwrap().len(), west.len(), "exactly the site's devices");
+    let (_, audit) = p.call("GET", "/api/v1/audit?limit=5", Some(ADMIN), None).await;
+    let last = &audit["items"][0];
+    assert_eq!((last["actor"].as_str(), last["action"].as_str()), (Some("account:admin"), Some("maintenance.set")));
+    assert!(last["after_json"].as_str().unwrap().contains("\"on\":true") && last["before_json"].is_string());
+    // A key with 1 request/s (burst 2) gets 429 with Retry-After.
+    let (_, k) = p.call("POST", "/api/v1/tenants/demo/keys", Some(ADMIN), Some(json!({"rate_per_s": 1}))).await;
+    let key = k["key"].as_str().unwrap().to_string();
+    let mut statuses = vec![];
+    for _ in 0..4 {
+        let r = p.http.get(format!("{}/api/v1/me", p.base)).bearer_auth(&key).send().await.unwrap();
+        statuses.push((r.status(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string())));
+    }
+    assert_eq!(statuses[0].0, StatusCode::OK);
+    assert_eq!(statuses[3], (StatusCode::TOO_MANY_REQUESTS, Some("1".to_string())), "{statuses:?}");
+    // Metrics.
+    let text = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("hcp_http_requests_total") && text.contains("hcp_http_request_duration_seconds"), "{text}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn the_engine_records_decisions_and_streams_live_events() {
+    let p = Platform::start("engine").await;
+    // Live events over SSE: interval updates arrive with sequence ids.
+    let mut res =
+        p.http.get(format!("{}/api/v1/events?topic=interval.*", p.base)).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut buf = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while buf.matches("event: interval.").count() < 4 {
+        let chunk = tokio::time::timeout_at(deadline, res.chunk()).await.expect("events within 30 s").unwrap().unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(buf.contains("id: ") && buf.contains("\"mining_mw\""), "{buf}");
+    drop(res);
+    // Plans, decisions with reasons, signals and site power are in storage.
+    let mut decided = false;
+    for _ in 0..60 {
+        let (_, d) = p.call("GET", "/api/v1/decisions?limit=5", Some(ADMIN), None).await;
+        if let Some(first) = d["items"].as_array().and_then(|a| a.first()) {
+            assert!(first["reason"].as_str().is_some_and(|r| !r.is_empty()));
+            decided = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(decided, "the dispatcher made and recorded decisions");
+    let (_, sig) = p.call("GET", "/api/v1/signals?kind=rt_price&key=HB_WEST&limit=10", Some(ADMIN), None).await;
+    assert!(!sig["items"].as_array().unwrap().is_empty());
+    let (_, pw) = p.call("GET", "/api/v1/sites/tx-west/power", Some(ADMIN), None).await;
+    let row = &pw["items"][0];
+    assert!(row["power_w"].as_f64().unwrap() <= 750_000.0 * 1.0001, "under the site cap: {row}");
+    let (s, ready) = p.call("GET", "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{ready}");
+    p.stop().await;
+}
