@@ -32,12 +32,129 @@ fn every_command_has_help() {
     }
 }
 
+/// A running `hcp up` (or `hcp serve`) child and the address it listens on.
+struct Up {
+    child: std::process::Child,
+    base: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Up {
+    fn start(args: &[&str], envs: &[(&str, &str)]) -> Up {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hcp"))
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run hcp");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let first = lines.recv_timeout(std::time::Duration::from_secs(60)).expect("hcp printed its address");
+        let base = first.strip_prefix("hcp: listening on ").expect("first line names the address").to_string();
+        Up { child, base, lines }
+    }
+
+    fn line_with(&self, needle: &str) -> String {
+        loop {
+            let l = self.lines.recv_timeout(std::time::Duration::from_secs(30)).expect("hcp printed it");
+            if l.contains(needle) {
+                return l;
+            }
+        }
+    }
+
+    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+fn http(method: &str, url: &str, token: &str, body: Option<&str>) -> (u16, String) {
+    // A minimal HTTP/1.1 client, so that the test depends on nothing but the standard library.
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, resp.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default())
+}
+
 #[test]
-fn up_simulates_the_default_fleet_and_prints_a_summary() {
-    let o = hcp(&["up", "--days", "1"]);
-    let t = text(&o);
-    assert!(o.status.success(), "{t}");
-    assert!(t.contains("fleet small (2 sites, 320 ASICs, 64 GPUs)") && t.contains("invariants held"), "{t}");
+fn up_serves_prints_credentials_once_and_stops_on_sigterm() {
+    let dir = tmp("up-data");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut up = Up::start(&["up", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"], &[]);
+    let admin = up.line_with("admin token").rsplit(' ').next().unwrap().to_string();
+    assert!(admin.starts_with("hcpa_admin_"));
+    let health = hcp(&["health", "--url", &up.base]);
+    assert!(health.status.success(), "{}", text(&health));
+    let (s, body) = http("GET", &format!("{}/api/v1/sites", up.base), &admin, None);
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("tx-south"));
+    let status = up.signal("-TERM");
+    assert!(status.success(), "graceful stop: {status:?}");
+    // Second start: the same data, no new credentials printed, the old token still works.
+    let mut up = Up::start(&["up", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(http("GET", &format!("{}/api/v1/me", up.base), &admin, None).0, 200);
+    assert!(up.signal("-INT").success());
+    let rest: Vec<String> = up.lines.try_iter().collect();
+    assert!(!rest.iter().any(|l| l.contains("token")), "{rest:?}");
+    let m = hcp(&["migrate", "--data-dir", dir.to_str().unwrap()]);
+    assert!(m.status.success() && text(&m).contains("schema version 1"), "{}", text(&m));
+}
+
+#[test]
+fn a_killed_platform_keeps_every_acknowledged_write() {
+    let dir = tmp("crash-data");
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = "hcpa_admin_0123456789abcdef0123456789abcdef";
+    let args = ["up", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--speed", "90000"];
+    let mut up = Up::start(&args, &[("HCP_ADMIN_TOKEN", admin)]);
+    let base = up.base.clone();
+    // Writers create tenants until the process dies under them; each 201 is an acknowledged write.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            for i in 0.. {
+                let body = format!(r#"{{"id":"crash-{i}","name":"T{i}","weight":1}}"#);
+                let r =
+                    std::panic::catch_unwind(|| http("POST", &format!("{base}/api/v1/tenants"), admin, Some(&body)));
+                match r {
+                    Ok((201, _)) => acked.lock().unwrap().push(i),
+                    _ => break,
+                }
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    let status = up.signal("-KILL");
+    assert!(!status.success());
+    let _ = writer.join();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 5, "the writer got going: {}", acked.len());
+    let mut up = Up::start(&args, &[("HCP_ADMIN_TOKEN", admin)]);
+    for i in &acked {
+        let (s, body) = http("GET", &format!("{}/api/v1/tenants/crash-{i}", up.base), admin, None);
+        assert_eq!(s, 200, "acknowledged tenant crash-{i} lost: {body}");
+    }
+    assert!(up.signal("-TERM").success());
 }
 
 #[test]
