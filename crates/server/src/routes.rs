@@ -781,8 +781,8 @@ async fn events(
             Ok(m) => {
                 let ev = Event::default()
                     .id(m.seq.to_string())
-                    .event(m.subject.trim_start_matches("hcp.").to_string())
-                    .data(String::from_utf8_lossy(&m.payload).into_owned());
+                    .event(m.subject.trim_start_matches("hcp."))
+                    .data(String::from_utf8_lossy(&m.payload));
                 Some((Ok(ev), sub))
             }
             Err(_) => None,
