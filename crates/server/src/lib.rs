@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod engine;
 pub mod error;
+pub mod openapi;
 pub mod routes;
 
 use std::net::SocketAddr;

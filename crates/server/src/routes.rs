@@ -61,7 +61,11 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Health, readiness and metrics only (every role serves these).
 pub fn ops_router() -> Router<Arc<App>> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics_text))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .merge(crate::openapi::docs())
 }
 
 /// Request count and latency by route and status.
@@ -174,9 +178,10 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-pub struct PageQuery {
+pub(crate) struct PageQuery {
     pub after: Option<i64>,
     pub limit: Option<u32>,
 }
@@ -197,13 +202,15 @@ fn query<T: DeserializeOwned>(q: Result<Query<T>, axum::extract::rejection::Quer
 
 // ---- health, readiness, metrics ----------------------------------------------------------------
 
-async fn healthz() -> impl IntoResponse {
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "The process is up")))]
+pub(crate) async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
 /// Ready when storage and the bus answer and, where this process runs the engine, it produced an
 /// interval within the last 60 s (after a 60-s grace period from start).
-async fn readyz(State(app): AppState) -> Response {
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Storage and bus answer; signals are fresh"), (status = 503, description = "Not ready, with the problems")))]
+pub(crate) async fn readyz(State(app): AppState) -> Response {
     let mut problems = vec![];
     if let Err(e) = app.store.ping().await {
         problems.push(format!("store: {e}"));
@@ -230,13 +237,15 @@ async fn readyz(State(app): AppState) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics_text(State(app): AppState) -> impl IntoResponse {
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub(crate) async fn metrics_text(State(app): AppState) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
 }
 
 // ---- reads ------------------------------------------------------------------------------------
 
-async fn me(Auth(p): Auth) -> impl IntoResponse {
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth", security(("bearer" = [])), responses((status = 200, description = "The caller"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn me(Auth(p): Auth) -> impl IntoResponse {
     match p {
         Principal::Account { name, role } => Json(serde_json::json!({ "account": name, "role": role.as_str() })),
         Principal::Tenant { tenant, key, band, rate_per_s } => {
@@ -245,14 +254,16 @@ async fn me(Auth(p): Auth) -> impl IntoResponse {
     }
 }
 
-async fn sites(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(get, path = "/api/v1/sites", tag = "fleet", security(("bearer" = [])), responses((status = 200, body = crate::openapi::SitesPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn sites(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
     Ok(Json(serde_json::json!({ "items": app.store.sites().await? })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct DeviceQuery {
+pub(crate) struct DeviceQuery {
     site: Option<String>,
     model: Option<String>,
     maintenance: Option<bool>,
@@ -260,7 +271,8 @@ struct DeviceQuery {
     limit: Option<u32>,
 }
 
-async fn devices(
+#[utoipa::path(get, path = "/api/v1/devices", tag = "fleet", security(("bearer" = [])), params(DeviceQuery), responses((status = 200, body = crate::openapi::DevicesPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn devices(
     State(app): AppState,
     Auth(p): Auth,
     q: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
@@ -273,13 +285,19 @@ async fn devices(
     Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
 }
 
-async fn device(State(app): AppState, Auth(p): Auth, Path(idx): Path<String>) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(get, path = "/api/v1/devices/{idx}", tag = "fleet", security(("bearer" = [])), params(("idx" = i64, Path, description = "Device index")), responses((status = 200, body = hcp_store::DeviceRow), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn device(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(idx): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
     let idx: i64 = idx.parse().map_err(|_| ApiError::invalid("idx", "must be an integer"))?;
     Ok(Json(app.store.device(idx).await?))
 }
 
-async fn plans(
+#[utoipa::path(get, path = "/api/v1/plans", tag = "plans", security(("bearer" = [])), params(PageQuery), responses((status = 200, description = "Plans, newest first"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn plans(
     State(app): AppState,
     Auth(p): Auth,
     q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
@@ -298,15 +316,17 @@ async fn plans(
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct DecisionQuery {
+pub(crate) struct DecisionQuery {
     site: Option<String>,
     after: Option<i64>,
     limit: Option<u32>,
 }
 
-async fn decisions(
+#[utoipa::path(get, path = "/api/v1/decisions", tag = "plans", security(("bearer" = [])), params(DecisionQuery), responses((status = 200, body = crate::openapi::DecisionsPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn decisions(
     State(app): AppState,
     Auth(p): Auth,
     q: Result<Query<DecisionQuery>, axum::extract::rejection::QueryRejection>,
@@ -319,9 +339,10 @@ async fn decisions(
     Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct SignalQuery {
+pub(crate) struct SignalQuery {
     kind: String,
     key: String,
     from_ms: Option<i64>,
@@ -329,7 +350,8 @@ struct SignalQuery {
     limit: Option<u32>,
 }
 
-async fn signals(
+#[utoipa::path(get, path = "/api/v1/signals", tag = "signals", security(("bearer" = [])), params(SignalQuery), responses((status = 200, body = crate::openapi::SignalsPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn signals(
     State(app): AppState,
     Auth(p): Auth,
     q: Result<Query<SignalQuery>, axum::extract::rejection::QueryRejection>,
@@ -343,14 +365,16 @@ async fn signals(
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct RangeQuery {
+pub(crate) struct RangeQuery {
     from_ms: Option<i64>,
     to_ms: Option<i64>,
 }
 
-async fn site_power(
+#[utoipa::path(get, path = "/api/v1/sites/{id}/power", tag = "signals", security(("bearer" = [])), params(("id" = String, Path, description = "Site id"), RangeQuery), responses((status = 200, body = crate::openapi::SitePowerPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn site_power(
     State(app): AppState,
     Auth(p): Auth,
     Path(id): Path<String>,
@@ -365,7 +389,8 @@ async fn site_power(
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
-async fn policies(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(get, path = "/api/v1/policies", tag = "policies", security(("bearer" = [])), responses((status = 200, description = "Every policy with its version"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn policies(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
     let items: Vec<serde_json::Value> = app.store.policies().await?.into_iter().map(policy_json).collect();
     Ok(Json(serde_json::json!({ "items": items })))
@@ -380,12 +405,18 @@ fn policy_json(r: hcp_store::PolicyRow) -> serde_json::Value {
     })
 }
 
-async fn policy(State(app): AppState, Auth(p): Auth, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(get, path = "/api/v1/policies/{name}", tag = "policies", security(("bearer" = [])), params(("name" = String, Path)), responses((status = 200, description = "The policy"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn policy(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
     Ok(Json(policy_json(app.store.policy(&name).await?)))
 }
 
-async fn tenants(
+#[utoipa::path(get, path = "/api/v1/tenants", tag = "tenants", security(("bearer" = [])), params(PageQuery), responses((status = 200, body = crate::openapi::TenantsPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn tenants(
     State(app): AppState,
     Auth(p): Auth,
     q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
@@ -397,7 +428,12 @@ async fn tenants(
     Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
 }
 
-async fn tenant(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(get, path = "/api/v1/tenants/{id}", tag = "tenants", security(("bearer" = [])), params(("id" = String, Path)), responses((status = 200, body = hcp_store::TenantRow), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn tenant(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     p.require_tenant(&id).or_else(|_| p.require(Role::Viewer))?;
     Ok(Json(app.store.tenant(&id).await?))
 }
@@ -413,13 +449,15 @@ fn key_json(k: &ApiKeyRow) -> serde_json::Value {
     })
 }
 
-async fn keys(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(get, path = "/api/v1/tenants/{id}/keys", tag = "tenants", security(("bearer" = [])), params(("id" = String, Path)), responses((status = 200, description = "The tenant's keys (no secrets)"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn keys(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     p.require_tenant(&id)?;
     let items: Vec<serde_json::Value> = app.store.keys_of(&id).await?.iter().map(key_json).collect();
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
-async fn audit(
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", security(("bearer" = [])), params(PageQuery), responses((status = 200, body = crate::openapi::AuditPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn audit(
     State(app): AppState,
     Auth(p): Auth,
     q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
@@ -433,9 +471,9 @@ async fn audit(
 
 // ---- changes ----------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MaintenanceBody {
+pub(crate) struct MaintenanceBody {
     /// device, rack or site.
     scope: String,
     /// Device index, rack index or site id.
@@ -443,7 +481,8 @@ struct MaintenanceBody {
     on: bool,
 }
 
-async fn maintenance(
+#[utoipa::path(post, path = "/api/v1/maintenance", tag = "fleet", security(("bearer" = [])), request_body = MaintenanceBody, responses((status = 200, description = "Devices in scope and how many changed"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn maintenance(
     State(app): AppState,
     Auth(p): Auth,
     Body(b): Body<MaintenanceBody>,
@@ -489,9 +528,9 @@ async fn maintenance(
     Ok(Json(serde_json::json!({ "devices": idxs.len(), "changed": changed })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PolicyBody {
+pub(crate) struct PolicyBody {
     /// The version this change replaces (0 for a new policy).
     expected_version: i64,
     body: serde_json::Value,
@@ -547,7 +586,8 @@ fn validate_policy(name: &str, body: &serde_json::Value) -> ApiResult<()> {
     }
 }
 
-async fn put_policy(
+#[utoipa::path(put, path = "/api/v1/policies/{name}", tag = "policies", security(("bearer" = [])), params(("name" = String, Path, description = "strike, grid-commitment or reserved-capacity")), request_body = PolicyBody, responses((status = 200, description = "The new version"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 409, description = "Another version is current", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn put_policy(
     State(app): AppState,
     Auth(p): Auth,
     Path(name): Path<String>,
@@ -582,9 +622,9 @@ async fn put_policy(
     Ok(Json(serde_json::json!({ "name": name, "version": version })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TenantBody {
+pub(crate) struct TenantBody {
     id: String,
     name: String,
     weight: f64,
@@ -594,7 +634,12 @@ struct TenantBody {
     borrow_limit_gpus: f64,
 }
 
-async fn create_tenant(State(app): AppState, Auth(p): Auth, Body(b): Body<TenantBody>) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(post, path = "/api/v1/tenants", tag = "tenants", security(("bearer" = [])), request_body = TenantBody, responses((status = 201, body = hcp_store::TenantRow), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 409, description = "The id exists", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn create_tenant(
+    State(app): AppState,
+    Auth(p): Auth,
+    Body(b): Body<TenantBody>,
+) -> ApiResult<impl IntoResponse> {
     p.require(Role::Admin)?;
     if !valid_name(&b.id) {
         return Err(ApiError::invalid("id", "1 to 64 lowercase letters, digits or -"));
@@ -613,9 +658,9 @@ async fn create_tenant(State(app): AppState, Auth(p): Auth, Body(b): Body<Tenant
     Ok((StatusCode::CREATED, Json(t)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct KeyBody {
+pub(crate) struct KeyBody {
     #[serde(default = "default_band")]
     default_band: i64,
     #[serde(default = "default_rate")]
@@ -630,7 +675,8 @@ fn default_rate() -> f64 {
     100.0
 }
 
-async fn create_key(
+#[utoipa::path(post, path = "/api/v1/tenants/{id}/keys", tag = "tenants", security(("bearer" = [])), params(("id" = String, Path)), request_body = KeyBody, responses((status = 201, description = "The key; its secret is shown once"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn create_key(
     State(app): AppState,
     Auth(p): Auth,
     Path(tenant): Path<String>,
@@ -666,7 +712,12 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-async fn revoke_key(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(delete, path = "/api/v1/keys/{id}", tag = "tenants", security(("bearer" = [])), params(("id" = String, Path)), responses((status = 200, description = "Revoked (idempotent)"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn revoke_key(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let k = app.store.key(&id).await?;
     p.require_tenant(&k.tenant_id)?;
     let was_active = app.store.revoke_key(&id, crate::wall_ms()).await?;
@@ -686,14 +737,15 @@ async fn revoke_key(State(app): AppState, Auth(p): Auth, Path(id): Path<String>)
     Ok(Json(serde_json::json!({ "id": id, "revoked": true, "was_active": was_active })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AccountBody {
+pub(crate) struct AccountBody {
     name: String,
     role: String,
 }
 
-async fn accounts(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
+#[utoipa::path(get, path = "/api/v1/accounts", tag = "auth", security(("bearer" = [])), responses((status = 200, description = "Operator accounts (no secrets)"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn accounts(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
     p.require(Role::Admin)?;
     let items: Vec<serde_json::Value> = app
         .store
@@ -706,7 +758,8 @@ async fn accounts(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoRes
 }
 
 /// Creates an operator account (or replaces its secret and role); the token is shown once.
-async fn create_account(
+#[utoipa::path(post, path = "/api/v1/accounts", tag = "auth", security(("bearer" = [])), request_body = AccountBody, responses((status = 201, description = "The account; its token is shown once"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn create_account(
     State(app): AppState,
     Auth(p): Auth,
     Body(b): Body<AccountBody>,
@@ -744,15 +797,17 @@ async fn create_account(
 
 // ---- live events -------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct EventQuery {
+pub(crate) struct EventQuery {
     /// Subjects under hcp. (default: everything).
     topic: Option<String>,
 }
 
 /// Server-Sent Events from the bus; `Last-Event-ID` resumes after that sequence.
-async fn events(
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", security(("bearer" = [])), params(EventQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence")), responses((status = 200, description = "Server-Sent Events: id = bus sequence, event = subject", content_type = "text/event-stream"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 410, description = "History asked for is gone", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn events(
     State(app): AppState,
     Auth(p): Auth,
     headers: HeaderMap,

@@ -65,7 +65,7 @@ impl Page {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SiteRow {
     pub id: String,
     pub idx: i64,
@@ -73,7 +73,7 @@ pub struct SiteRow {
     pub settlement_point: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceRow {
     pub idx: i64,
     pub site_id: String,
@@ -85,7 +85,7 @@ pub struct DeviceRow {
     pub maintenance: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantRow {
     pub id: String,
     pub name: String,
@@ -95,7 +95,7 @@ pub struct TenantRow {
     pub created_ms: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AccountRow {
     pub name: String,
     /// admin, operator or viewer.
@@ -104,7 +104,7 @@ pub struct AccountRow {
     pub created_ms: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiKeyRow {
     /// The key's public id (its prefix); the secret is stored only as a hash.
     pub id: String,
@@ -116,7 +116,7 @@ pub struct ApiKeyRow {
     pub revoked_ms: Option<i64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyRow {
     pub name: String,
     pub version: i64,
@@ -124,7 +124,7 @@ pub struct PolicyRow {
     pub updated_ms: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DecisionRow {
     pub id: i64,
     pub at_ms: i64,
@@ -134,14 +134,14 @@ pub struct DecisionRow {
     pub body: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanRow {
     pub id: i64,
     pub at_ms: i64,
     pub body: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CommandRow {
     pub id: i64,
     pub device_idx: i64,
@@ -152,7 +152,7 @@ pub struct CommandRow {
     pub outcome_ms: Option<i64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SignalRow {
     pub kind: String,
     pub key: String,
@@ -160,7 +160,7 @@ pub struct SignalRow {
     pub value: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceMinuteRow {
     pub device_idx: i64,
     pub minute_ms: i64,
@@ -171,7 +171,7 @@ pub struct DeviceMinuteRow {
     pub errors: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SiteSecondRow {
     pub site_id: String,
     pub at_ms: i64,
@@ -180,7 +180,7 @@ pub struct SiteSecondRow {
     pub inference_w: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkloadRow {
     pub id: String,
     pub tenant_id: String,
@@ -191,7 +191,7 @@ pub struct WorkloadRow {
     pub updated_ms: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRow {
     pub id: i64,
     pub at_ms: i64,
