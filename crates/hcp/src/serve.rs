@@ -33,6 +33,17 @@ fn secret_env(name: &str) -> Option<String> {
     })
 }
 
+/// HCP_ACCOUNT_RATE_PER_S: requests per second per operator account (default 1000).
+fn account_rate() -> Result<f64> {
+    match std::env::var("HCP_ACCOUNT_RATE_PER_S") {
+        Err(_) => Ok(hcp_server::auth::ACCOUNT_RATE_PER_S),
+        Ok(v) => match v.parse::<f64>() {
+            Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+            _ => bail!("HCP_ACCOUNT_RATE_PER_S: must be a number > 0, got {v:?}"),
+        },
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")
 }
@@ -72,6 +83,7 @@ fn serve_with(
         speed,
         admin_token: secret_env("HCP_ADMIN_TOKEN"),
         demo_tenant_key: secret_env("HCP_DEMO_TENANT_KEY"),
+        account_rate_per_s: account_rate()?,
     };
     let rt = runtime()?;
     rt.block_on(async move {

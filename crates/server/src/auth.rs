@@ -22,6 +22,7 @@ use crate::error::ApiError;
 
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
 pub const CACHE_MAX: usize = 10_000;
+/// Default requests per second of an operator account (`Config::account_rate_per_s`).
 pub const ACCOUNT_RATE_PER_S: f64 = 1_000.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -142,13 +143,23 @@ struct Bucket {
 }
 
 /// The verified-token cache and the rate limiters.
-#[derive(Default)]
 pub struct Gate {
     cache: Mutex<HashMap<String, (Principal, Instant)>>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    account_rate_per_s: f64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new(ACCOUNT_RATE_PER_S)
+    }
 }
 
 impl Gate {
+    pub fn new(account_rate_per_s: f64) -> Self {
+        Gate { cache: Mutex::default(), buckets: Mutex::default(), account_rate_per_s }
+    }
+
     pub fn cached(&self, token: &str) -> Option<Principal> {
         let c = self.cache.lock().expect("cache lock");
         c.get(token).filter(|(_, at)| at.elapsed() < CACHE_TTL).map(|(p, _)| p.clone())
@@ -177,7 +188,7 @@ impl Gate {
     /// Takes one request from the principal's bucket, or says how long to wait.
     pub fn admit(&self, p: &Principal) -> Result<(), ApiError> {
         let (id, rate) = match p {
-            Principal::Account { name, .. } => (format!("a:{name}"), ACCOUNT_RATE_PER_S),
+            Principal::Account { name, .. } => (format!("a:{name}"), self.account_rate_per_s),
             Principal::Tenant { key, rate_per_s, .. } => (format!("k:{key}"), *rate_per_s),
         };
         let burst = (rate * 2.0).max(1.0);

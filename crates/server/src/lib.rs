@@ -43,6 +43,8 @@ pub struct Config {
     /// Bootstrap credentials from the environment (HCP_ADMIN_TOKEN, HCP_DEMO_TENANT_KEY).
     pub admin_token: Option<String>,
     pub demo_tenant_key: Option<String>,
+    /// Requests per second an operator account may make (tenant keys carry their own rate).
+    pub account_rate_per_s: f64,
 }
 
 impl Config {
@@ -81,10 +83,17 @@ pub struct Bootstrap {
 /// Opens storage and migrates it, writes the fleet's topology, and on the first start creates the
 /// admin account and the demo tenant with a key.
 pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Bootstrap)> {
+    let t = std::time::Instant::now();
     let store = Store::open(&cfg.store_url).await.with_context(|| "open the store")?;
-    store.migrate().await.context("migrate the store")?;
+    let version = store.migrate().await.context("migrate the store")?;
+    tracing::info!(version, ms = t.elapsed().as_millis() as u64, "store open and migrated");
+    let t = std::time::Instant::now();
     let (sites, devices) = topology(&cfg.fleet);
-    store.sync_topology(&sites, &devices).await.context("write the fleet topology")?;
+    let wrote = store
+        .sync_topology(&fingerprint(&sites, &devices), &sites, &devices)
+        .await
+        .context("write the fleet topology")?;
+    tracing::info!(devices = devices.len(), wrote, ms = t.elapsed().as_millis() as u64, "fleet topology");
     let mut boot = Bootstrap::default();
     let now = wall_ms();
     if store.accounts().await?.is_empty() {
@@ -181,6 +190,21 @@ pub fn topology(f: &Fleet) -> (Vec<SiteRow>, Vec<DeviceRow>) {
     (sites, devices)
 }
 
+/// A stable fingerprint of the topology rows (FNV-1a, 64 bits, over their JSON).
+pub fn fingerprint(sites: &[SiteRow], devices: &[DeviceRow]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |b: &[u8]| {
+        for x in b {
+            h = (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    feed(serde_json::to_string(sites).unwrap_or_default().as_bytes());
+    for d in devices {
+        feed(serde_json::to_string(d).unwrap_or_default().as_bytes());
+    }
+    format!("{h:016x}-{}-{}", sites.len(), devices.len())
+}
+
 /// Installs the Prometheus recorder once per process and returns its handle.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -221,7 +245,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
     let app = Arc::new(App {
         store,
         bus,
-        gate: Gate::default(),
+        gate: Gate::new(cfg.account_rate_per_s),
         fleet: cfg.fleet.clone(),
         metrics: metrics_handle(),
         engine_at_ms: AtomicI64::new(0),

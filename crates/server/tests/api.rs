@@ -45,6 +45,7 @@ impl Platform {
             speed: 900.0 * 50.0,
             admin_token: Some(ADMIN.into()),
             demo_tenant_key: Some(DEMO.into()),
+            account_rate_per_s: 1_000.0,
         };
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
         assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");

@@ -20,6 +20,10 @@ use sqlx::{AnyPool, Row};
 pub const MAX_PAGE: u32 = 1_000;
 /// Most rows one batch insert takes.
 pub const MAX_BATCH: usize = 10_000;
+/// Rows per multi-row INSERT statement. sqlx's SQLite driver binds `$n` parameters by name, at a
+/// cost that grows with the square of the parameters in one statement: 300,000 device rows took
+/// 32 s in statements of 2,000 rows, 3.5 s in statements of 100 and 2.9 s in statements of 40.
+const ROWS_PER_INSERT: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -293,8 +297,13 @@ impl Store {
     // ---- sites and devices -------------------------------------------------------------------
 
     /// Writes the fleet's topology (sites and devices), replacing rows with the same keys and
-    /// keeping each device's maintenance flag. One transaction.
-    pub async fn sync_topology(&self, sites: &[SiteRow], devices: &[DeviceRow]) -> Result<()> {
+    /// keeping each device's maintenance flag, unless the topology with this `fingerprint` is
+    /// what was last written. One transaction. Returns whether it wrote.
+    pub async fn sync_topology(&self, fingerprint: &str, sites: &[SiteRow], devices: &[DeviceRow]) -> Result<bool> {
+        let last = sqlx::query("SELECT value FROM meta WHERE key = 'topology'").fetch_optional(&self.pool).await?;
+        if last.is_some_and(|r| r.get::<String, _>(0) == fingerprint) {
+            return Ok(false);
+        }
         let mut tx = self.pool.begin().await?;
         for s in sites {
             check_text("site.id", &s.id, 64)?;
@@ -310,7 +319,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        for chunk in devices.chunks(500) {
+        for chunk in devices.chunks(ROWS_PER_INSERT) {
             let mut sql = String::from(
                 "INSERT INTO devices (idx, site_id, feeder_id, rack_idx, model, kind, maintenance) VALUES ",
             );
@@ -331,8 +340,14 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('topology', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(fingerprint)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     pub async fn sites(&self) -> Result<Vec<SiteRow>> {
@@ -382,7 +397,7 @@ impl Store {
     pub async fn set_maintenance(&self, idxs: &[i64], on: bool) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         let mut n = 0;
-        for chunk in idxs.chunks(500) {
+        for chunk in idxs.chunks(4 * ROWS_PER_INSERT) {
             let list: Vec<String> = (0..chunk.len()).map(|k| format!("${}", k + 2)).collect();
             let sql =
                 format!("UPDATE devices SET maintenance = $1 WHERE maintenance <> $1 AND idx IN ({})", list.join(","));
@@ -723,7 +738,7 @@ impl Store {
     /// Appends signal values (a repeated (kind, key, time) keeps the first value).
     pub async fn add_signals(&self, rows: &[SignalRow]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(500) {
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
             let mut sql = String::from("INSERT INTO signals (kind, key, at_ms, value) VALUES ");
             for k in 0..chunk.len() {
                 let b = k * 4;
@@ -767,7 +782,7 @@ impl Store {
     /// whole).
     pub async fn put_device_minutes(&self, rows: &[DeviceMinuteRow]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(400) {
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
             let mut sql = String::from(
                 "INSERT INTO telemetry_device_minute (device_idx, minute_ms, samples, power_w_avg, hashrate_ths_avg, \
                  temp_c_max, errors) VALUES ",

@@ -49,8 +49,8 @@ fn page(limit: u32) -> Page {
 }
 
 async fn contract(s: &Store) {
-    assert_eq!(s.migrate().await.unwrap(), 1);
-    assert_eq!(s.migrate().await.unwrap(), 1, "migrating twice is a no-op");
+    assert_eq!(s.migrate().await.unwrap(), 2);
+    assert_eq!(s.migrate().await.unwrap(), 2, "migrating twice is a no-op");
     s.ping().await.unwrap();
 
     // Topology.
@@ -69,7 +69,7 @@ async fn contract(s: &Store) {
             maintenance: false,
         })
         .collect();
-    s.sync_topology(&sites, &devices).await.unwrap();
+    assert!(s.sync_topology("f1", &sites, &devices).await.unwrap());
     assert_eq!(s.sites().await.unwrap(), sites);
     let p1 = s.devices(Some("b"), None, None, &page(300)).await.unwrap();
     assert_eq!((p1.len(), p1[0].idx, p1[299].idx), (300, 700, 999));
@@ -80,8 +80,9 @@ async fn contract(s: &Store) {
     assert_eq!(s.set_maintenance(&[1, 2, 3], true).await.unwrap(), 3);
     assert_eq!(s.set_maintenance(&[1, 2, 3], true).await.unwrap(), 0, "idempotent");
     assert_eq!(s.devices(None, None, Some(true), &page(10)).await.unwrap().len(), 3);
-    // Re-syncing keeps maintenance flags.
-    s.sync_topology(&sites, &devices).await.unwrap();
+    // The same fingerprint skips the write; a new one re-syncs and keeps maintenance flags.
+    assert!(!s.sync_topology("f1", &sites, &devices).await.unwrap());
+    assert!(s.sync_topology("f2", &sites, &devices).await.unwrap());
     assert!(s.device(2).await.unwrap().maintenance);
     assert!(matches!(s.device(99_999).await, Err(StoreError::NotFound(_))));
 
@@ -252,6 +253,6 @@ async fn sqlite_writes_survive_reopening() {
     let id = s.audit(1, "root", "x", "y", None, None).await.unwrap();
     drop(s);
     let s = Store::open(&url).await.unwrap();
-    assert_eq!(s.migrate().await.unwrap(), 1);
+    assert_eq!(s.migrate().await.unwrap(), 2);
     assert_eq!(s.audits(&page(1)).await.unwrap()[0].id, id);
 }

@@ -1,0 +1,90 @@
+//! The scaled-out shape: a dispatcher process and an API process sharing PostgreSQL and NATS
+//! JetStream (the machine's servers). What the dispatcher records, the API serves; what it
+//! publishes, the API streams.
+
+use std::time::Duration;
+
+use hcp_model::fleet::Fleet;
+use hcp_server::Config;
+use hcp_store::Store;
+
+const ADMIN: &str = "hcpa_admin_0123456789abcdef0123456789abcdef";
+
+fn pg_admin_url() -> String {
+    std::env::var("HCP_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn nats_url() -> String {
+    std::env::var("HCP_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+#[tokio::test]
+async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
+    let db = format!("hcp_scaled_{}", std::process::id());
+    let admin = Store::open(&pg_admin_url()).await.expect("PostgreSQL at 127.0.0.1:5432 (see .ci/run)");
+    admin.exec_admin(&format!("DROP DATABASE IF EXISTS {db}")).await.unwrap();
+    admin.exec_admin(&format!("CREATE DATABASE {db}")).await.unwrap();
+    let base = pg_admin_url();
+    let store_url = format!("{}/{db}", &base[..base.rfind('/').unwrap()]);
+    let fleet = Fleet::from_toml(
+        "small.toml",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
+    )
+    .unwrap();
+    let cfg = |engine: bool| Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        store_url: store_url.clone(),
+        bus_url: Some(nats_url()),
+        fleet: fleet.clone(),
+        engine,
+        api: !engine,
+        seed: 11,
+        speed: 900.0 * 20.0,
+        admin_token: Some(ADMIN.into()),
+        demo_tenant_key: None,
+        account_rate_per_s: 1_000.0,
+    };
+    // The API first, subscribed, then the dispatcher: its first intervals reach the stream.
+    let (store, _) = hcp_server::prepare(&cfg(false)).await.unwrap();
+    let api = hcp_server::start(cfg(false), store).await.unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://{}", api.addr);
+    let mut events =
+        http.get(format!("{url}/api/v1/events?topic=interval.tx-south")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(events.status(), 200);
+    let (store, _) = hcp_server::prepare(&cfg(true)).await.unwrap();
+    let dispatcher = hcp_server::start(cfg(true), store).await.unwrap();
+    let mut buf = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while buf.matches("event: interval.tx-south").count() < 3 {
+        let chunk = tokio::time::timeout_at(deadline, events.chunk()).await.expect("events via NATS").unwrap().unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(events);
+    // What the dispatcher stored, the API serves.
+    let mut signals = 0;
+    for _ in 0..40 {
+        let r: serde_json::Value = http
+            .get(format!("{url}/api/v1/signals?kind=rt_price&key=HB_SOUTH&limit=100"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        signals = r["items"].as_array().unwrap().len();
+        if signals >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(signals >= 3, "the API reads what the dispatcher wrote: {signals}");
+    // The dispatcher process answers health and metrics only.
+    let d = format!("http://{}", dispatcher.addr);
+    assert_eq!(http.get(format!("{d}/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(format!("{d}/api/v1/sites")).bearer_auth(ADMIN).send().await.unwrap().status(), 404);
+    dispatcher.stop().await.unwrap();
+    api.stop().await.unwrap();
+    admin.exec_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
+}
