@@ -44,7 +44,9 @@ impl Controller for Recording {
         false
     }
     fn decide(&mut self, ctx: &DecisionContext) -> Vec<GroupTarget> {
+        let started = Instant::now();
         let t = self.inner.decide(ctx);
+        metrics::histogram!("hcp_plan_seconds").record(started.elapsed().as_secs_f64());
         let _ = self.plans.send(self.inner.last_plan.clone());
         t
     }
@@ -257,10 +259,28 @@ async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
             "margin_usd": r.margin().0 as f64 / 1e6,
         });
         app.bus.publish(&format!("hcp.interval.{}", r.site), ev.to_string().as_bytes()).await?;
-        metrics::gauge!("hcp_site_power_watts", "site" => r.site.clone(), "state" => "mining")
-            .set((r.asic_hashing_mw + r.asic_transition_mw + r.asic_idle_mw) * 1e6);
-        metrics::gauge!("hcp_site_power_watts", "site" => r.site.clone(), "state" => "inference")
-            .set((r.gpu_serving_mw + r.gpu_idle_mw) * 1e6);
+        let power = [
+            ("hashing", r.asic_hashing_mw),
+            ("asic_transition", r.asic_transition_mw),
+            ("asic_idle", r.asic_idle_mw),
+            ("gpu_serving", r.gpu_serving_mw),
+            ("gpu_idle", r.gpu_idle_mw),
+            ("curtailed", (r.cap_mw - r.total_mw()).max(0.0)),
+        ];
+        for (state, mw) in power {
+            metrics::gauge!("hcp_site_power_watts", "site" => r.site.clone(), "state" => state).set(mw * 1e6);
+        }
+        let devices = [
+            ("asic_hashing", r.asics_hashing),
+            ("asic_sleeping", r.asics_sleeping),
+            ("asic_off", r.asics_off),
+            ("asic_faulted", r.asics_faulted),
+            ("gpu_serving", r.gpus_serving),
+        ];
+        for (state, n) in devices {
+            metrics::gauge!("hcp_devices", "site" => r.site.clone(), "state" => state).set(n);
+        }
+        metrics::gauge!("hcp_site_price_usd_per_mwh", "site" => r.site.clone()).set(r.rt_price_usd_per_mwh);
     }
     app.engine_at_ms.store(at_ms, Ordering::Relaxed);
     app.engine_wall_ms.store(wall_ms(), Ordering::Relaxed);

@@ -278,6 +278,9 @@ async fn lists_page_audit_records_every_change_and_keys_are_rate_limited() {
     // Metrics.
     let text = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("hcp_http_requests_total") && text.contains("hcp_http_request_duration_seconds"), "{text}");
+    for name in ["hcp_plan_seconds", "hcp_site_power_watts", "hcp_devices{", "hcp_engine_record_seconds"] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
     p.stop().await;
 }
 
