@@ -323,20 +323,21 @@ impl Store {
             let mut sql = String::from(
                 "INSERT INTO devices (idx, site_id, feeder_id, rack_idx, model, kind, maintenance) VALUES ",
             );
-            for (k, _) in chunk.iter().enumerate() {
-                let b = k * 6;
-                if k > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, 0)", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
-            }
+            sql.push_str(&values(chunk.len(), 7));
             sql.push_str(
                 " ON CONFLICT (idx) DO UPDATE SET site_id = excluded.site_id, feeder_id = excluded.feeder_id, \
                  rack_idx = excluded.rack_idx, model = excluded.model, kind = excluded.kind",
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for d in chunk {
-                q = q.bind(d.idx).bind(&d.site_id).bind(&d.feeder_id).bind(d.rack_idx).bind(&d.model).bind(&d.kind);
+                q = q
+                    .bind(d.idx)
+                    .bind(&d.site_id)
+                    .bind(&d.feeder_id)
+                    .bind(d.rack_idx)
+                    .bind(&d.model)
+                    .bind(&d.kind)
+                    .bind(i64::from(d.maintenance));
             }
             q.execute(&mut *tx).await?;
         }
@@ -740,13 +741,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             let mut sql = String::from("INSERT INTO signals (kind, key, at_ms, value) VALUES ");
-            for k in 0..chunk.len() {
-                let b = k * 4;
-                if k > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
-            }
+            sql.push_str(&values(chunk.len(), 4));
             sql.push_str(" ON CONFLICT (kind, key, at_ms) DO NOTHING");
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for s in chunk {
@@ -787,22 +782,7 @@ impl Store {
                 "INSERT INTO telemetry_device_minute (device_idx, minute_ms, samples, power_w_avg, hashrate_ths_avg, \
                  temp_c_max, errors) VALUES ",
             );
-            for k in 0..chunk.len() {
-                let b = k * 7;
-                if k > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7
-                ));
-            }
+            sql.push_str(&values(chunk.len(), 7));
             sql.push_str(
                 " ON CONFLICT (device_idx, minute_ms) DO UPDATE SET samples = excluded.samples, \
                  power_w_avg = excluded.power_w_avg, hashrate_ths_avg = excluded.hashrate_ths_avg, \
@@ -998,6 +978,22 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// `($1, ..., $cols), ($cols+1, ...), ...` for `rows` rows.
+fn values(rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        out.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("${}", r * cols + c + 1));
+        }
+        out.push(')');
+    }
+    out
 }
 
 fn device_row(r: &AnyRow) -> DeviceRow {
