@@ -20,6 +20,11 @@ use hcp_store::{DecisionRow, SignalRow, SiteSecondRow};
 
 use crate::{App, wall_ms};
 
+/// Telemetry kept (in simulated time): per-site interval rows 7 days, per-device minutes 30 days;
+/// older rows are deleted once a simulated day.
+pub const SITE_RETENTION_MS: i64 = 7 * 86_400_000;
+pub const DEVICE_RETENTION_MS: i64 = 30 * 86_400_000;
+
 /// One interval's output, handed from the simulation thread to the writer.
 pub struct Interval {
     pub at: SimTime,
@@ -281,6 +286,10 @@ async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
             metrics::gauge!("hcp_devices", "site" => r.site.clone(), "state" => state).set(n);
         }
         metrics::gauge!("hcp_site_price_usd_per_mwh", "site" => r.site.clone()).set(r.rt_price_usd_per_mwh);
+    }
+    if at_ms.rem_euclid(86_400_000) == 0 {
+        let n = app.store.prune_telemetry(at_ms - DEVICE_RETENTION_MS, at_ms - SITE_RETENTION_MS).await?;
+        tracing::info!(rows = n, "telemetry retention");
     }
     app.engine_at_ms.store(at_ms, Ordering::Relaxed);
     app.engine_wall_ms.store(wall_ms(), Ordering::Relaxed);
