@@ -20,9 +20,36 @@ pub enum Role {
     All,
 }
 
-fn logging() {
+/// JSON logs to stderr (filter: `HCP_LOG`, default info) and, when `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// is set, traces over OTLP/HTTP (protobuf) to `<endpoint>/v1/traces`. Returns the tracer provider
+/// to flush at shutdown.
+fn logging() -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("HCP_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let json = tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr);
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+    let Some(endpoint) = endpoint else {
+        let _ = tracing_subscriber::registry().with(filter).with(json).try_init();
+        return Ok(None);
+    };
+    if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+        bail!("OTEL_EXPORTER_OTLP_ENDPOINT: must start with http:// or https://, got {endpoint:?}");
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .build()
+        .context("OTLP exporter")?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name("hcp").build())
+        .build();
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("hcp"));
+    let _ = tracing_subscriber::registry().with(filter).with(json).with(otel).try_init();
+    Ok(Some(provider))
 }
 
 fn secret_env(name: &str) -> Option<String> {
@@ -67,7 +94,7 @@ fn serve_with(
     speed: f64,
     print_credentials: bool,
 ) -> Result<ExitCode> {
-    logging();
+    let traces = logging()?;
     if !(speed.is_finite() && speed > 0.0 && speed <= 1e6) {
         bail!("--speed: must be > 0 and <= 1000000 simulated seconds per second");
     }
@@ -114,6 +141,10 @@ fn serve_with(
         println!("hcp: stopped");
         Ok::<_, anyhow::Error>(())
     })?;
+    if let Some(p) = traces {
+        // Sends what the batch holds; an unreachable collector costs at most its timeout.
+        let _ = p.shutdown();
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -396,3 +396,34 @@ fn replay_and_bench_router_print_json() {
     assert!(v["decisions_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["shrink"]["running_before"].as_u64(), Some(50_000));
 }
+
+#[test]
+fn traces_reach_an_otlp_collector_when_one_is_configured() {
+    use std::io::{Read, Write};
+    // A stand-in collector: accepts OTLP/HTTP posts and answers 200.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { break };
+            let mut buf = vec![0u8; 1 << 16];
+            let n = c.read(&mut buf).unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = tx.send(head);
+        }
+    });
+    let dir = tmp("otel-data");
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = "hcpa_admin_0123456789abcdef0123456789abcdef";
+    let mut up = Up::start(
+        &["up", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &[("HCP_ADMIN_TOKEN", admin), ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), ("OTEL_BSP_SCHEDULE_DELAY", "200")],
+    );
+    assert_eq!(http("GET", &format!("{}/api/v1/sites", up.base), admin, None).0, 200);
+    let head = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("an OTLP export within 30 s");
+    assert!(head.starts_with("POST /v1/traces"), "{head}");
+    assert!(head.to_lowercase().contains("content-type: application/x-protobuf"), "{head}");
+    assert!(up.signal("-TERM").success());
+}

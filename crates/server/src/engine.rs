@@ -178,6 +178,7 @@ pub async fn run(
 }
 
 /// Writes one interval, then announces it.
+#[tracing::instrument(name = "engine.interval", skip_all, fields(at_ms = iv.at.0, sites = iv.rows.len()))]
 async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
     let at_ms = iv.at.0;
     let fleet = &app.fleet;

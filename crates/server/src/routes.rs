@@ -76,7 +76,9 @@ async fn observe(req: Request, next: Next) -> Response {
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = req.method().to_string();
-    let res = next.run(req).await;
+    let span = tracing::info_span!("http", method = %method, route = %route, status = tracing::field::Empty);
+    let res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("status", res.status().as_u16());
     let status = res.status().as_u16().to_string();
     metrics::histogram!("hcp_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone(), "status" => status.clone())
         .record(started.elapsed().as_secs_f64());
