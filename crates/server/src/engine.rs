@@ -165,7 +165,14 @@ pub async fn run(
         tokio::select! {
             r = stop.changed() => if r.is_err() { break },
             msg = rx.recv() => {
-                let Some(iv) = msg else { break };
+                let Some(iv) = msg else {
+                    // The simulation thread ended: its period is over, or an invariant broke.
+                    let r = sim.join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "engine stopped");
+                    }
+                    return r;
+                };
                 record(&app, iv).await?;
             }
         }

@@ -14,7 +14,7 @@ pub mod routes;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 
 use anyhow::{Context, bail};
 use hcp_bus::{Bus, Limits};
@@ -285,6 +285,5 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
     if cfg.engine {
         tasks.push(tokio::spawn(engine::run(app.clone(), cfg.seed, cfg.speed, rx.clone())));
     }
-    app.engine_wall_ms.store(0, Ordering::Relaxed);
     Ok(Running { addr, app, shutdown: tx, tasks })
 }
