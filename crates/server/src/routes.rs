@@ -691,6 +691,15 @@ pub(crate) async fn create_key(
     if !(b.rate_per_s.is_finite() && b.rate_per_s > 0.0 && b.rate_per_s <= 100_000.0) {
         return Err(ApiError::invalid("rate_per_s", "must be > 0 and <= 100000"));
     }
+    // A tenant minting its own keys cannot raise its rate or its priority.
+    if let Principal::Tenant { band, rate_per_s, .. } = &p {
+        if b.rate_per_s > *rate_per_s {
+            return Err(ApiError::invalid("rate_per_s", format!("at most this key's own rate, {rate_per_s}")));
+        }
+        if b.default_band < *band {
+            return Err(ApiError::invalid("default_band", format!("at least this key's own band, {band}")));
+        }
+    }
     let (id, sec) = (short_id(), secret());
     let hash = tokio::task::spawn_blocking({
         let s = sec.clone();

@@ -175,6 +175,15 @@ async fn roles_and_tenants_see_only_what_they_may() {
     let key = k["key"].as_str().unwrap();
     let (s, _) = p.call("GET", "/api/v1/tenants/demo/keys", Some(key), None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "another tenant's keys do not exist for it");
+    // A tenant's own new keys cannot outrun or outrank the key that made them.
+    let (s, b) = p.call("POST", "/api/v1/tenants/other/keys", Some(key), Some(json!({"rate_per_s": 50}))).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("rate_per_s")));
+    let (s, b) = p
+        .call("POST", "/api/v1/tenants/other/keys", Some(key), Some(json!({"rate_per_s": 5, "default_band": 0})))
+        .await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("default_band")));
+    let (s, _) = p.call("POST", "/api/v1/tenants/other/keys", Some(key), Some(json!({"rate_per_s": 5}))).await;
+    assert_eq!(s, StatusCode::CREATED);
     p.stop().await;
 }
 
