@@ -566,11 +566,9 @@ fn validate_policy(name: &str, body: &serde_json::Value) -> ApiResult<()> {
         }
         "grid-commitment" => {
             only(&["site", "program", "mw"])?;
-            let site = body
-                .get("site")
+            body.get("site")
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| ApiError::invalid("body.site", "a site id is required"))?;
-            let _ = site;
             let program = body.get("program").and_then(|v| v.as_str()).unwrap_or("");
             if !["ERS-10", "ERS-30", "RRS", "CLR", "ECRS", "Non-Spin"].contains(&program) {
                 return Err(ApiError::invalid("body.program", "must be ERS-10, ERS-30, RRS, CLR, ECRS or Non-Spin"));
