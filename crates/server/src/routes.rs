@@ -194,12 +194,19 @@ impl PageQuery {
     }
 }
 
-fn query<T: DeserializeOwned>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(x)| x).map_err(|e| {
-        let text = e.body_text();
-        let field = text.split('`').nth(1).unwrap_or("query").to_string();
-        ApiError::invalid(field, text)
-    })
+/// A query string parsed strictly: unknown parameters and bad values are 422 naming the parameter.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state).await.map(|Query(x)| Params(x)).map_err(|e| {
+            let text = e.body_text();
+            let field = text.split('`').nth(1).unwrap_or("query").to_string();
+            ApiError::invalid(field, text)
+        })
+    }
 }
 
 // ---- health, readiness, metrics ----------------------------------------------------------------
@@ -277,10 +284,9 @@ pub(crate) struct DeviceQuery {
 pub(crate) async fn devices(
     State(app): AppState,
     Auth(p): Auth,
-    q: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<DeviceQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let q = query(q)?;
     let page = Page { after: q.after, limit: q.limit };
     let items = app.store.devices(q.site.as_deref(), q.model.as_deref(), q.maintenance, &page).await?;
     let next = (items.len() as u32 == page.limit.unwrap_or(100)).then(|| items.last().map(|d| d.idx)).flatten();
@@ -302,10 +308,10 @@ pub(crate) async fn device(
 pub(crate) async fn plans(
     State(app): AppState,
     Auth(p): Auth,
-    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<PageQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let page = query(q)?.page();
+    let page = q.page();
     let items: Vec<serde_json::Value> = app
         .store
         .plans(&page)
@@ -331,10 +337,9 @@ pub(crate) struct DecisionQuery {
 pub(crate) async fn decisions(
     State(app): AppState,
     Auth(p): Auth,
-    q: Result<Query<DecisionQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<DecisionQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let q = query(q)?;
     let page = Page { after: q.after, limit: q.limit };
     let items = app.store.decisions(q.site.as_deref(), &page).await?;
     let next = items.last().map(|d| d.id);
@@ -356,10 +361,9 @@ pub(crate) struct SignalQuery {
 pub(crate) async fn signals(
     State(app): AppState,
     Auth(p): Auth,
-    q: Result<Query<SignalQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<SignalQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let q = query(q)?;
     let items = app
         .store
         .signals(&q.kind, &q.key, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX), q.limit.unwrap_or(100))
@@ -380,10 +384,9 @@ pub(crate) async fn site_power(
     State(app): AppState,
     Auth(p): Auth,
     Path(id): Path<String>,
-    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<RangeQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let q = query(q)?;
     if !app.fleet.sites.iter().any(|s| s.id == id) {
         return Err(ApiError::not_found(format!("site {id} not found")));
     }
@@ -421,10 +424,10 @@ pub(crate) async fn policy(
 pub(crate) async fn tenants(
     State(app): AppState,
     Auth(p): Auth,
-    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<PageQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let page = query(q)?.page();
+    let page = q.page();
     let items = app.store.tenants(&page).await?;
     let next = items.last().map(|t| t.created_ms);
     Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
@@ -462,10 +465,10 @@ pub(crate) async fn keys(State(app): AppState, Auth(p): Auth, Path(id): Path<Str
 pub(crate) async fn audit(
     State(app): AppState,
     Auth(p): Auth,
-    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<PageQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Admin)?;
-    let page = query(q)?.page();
+    let page = q.page();
     let items = app.store.audits(&page).await?;
     let next = items.last().map(|a| a.id);
     Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
@@ -820,10 +823,9 @@ pub(crate) async fn events(
     State(app): AppState,
     Auth(p): Auth,
     headers: HeaderMap,
-    q: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<EventQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     p.require(Role::Viewer)?;
-    let q = query(q)?;
     let filter = match &q.topic {
         Some(t) => format!("hcp.{t}"),
         None => "hcp.>".into(),

@@ -592,18 +592,14 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        r.map(|r| PolicyRow { name: r.get(0), version: r.get(1), body: r.get(2), updated_ms: r.get(3) })
-            .ok_or_else(|| StoreError::NotFound(format!("policy {name}")))
+        r.as_ref().map(policy_row).ok_or_else(|| StoreError::NotFound(format!("policy {name}")))
     }
 
     pub async fn policies(&self) -> Result<Vec<PolicyRow>> {
         let rows = sqlx::query("SELECT name, version, body, updated_ms FROM policies ORDER BY name LIMIT 1000")
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| PolicyRow { name: r.get(0), version: r.get(1), body: r.get(2), updated_ms: r.get(3) })
-            .collect())
+        Ok(rows.iter().map(policy_row).collect())
     }
 
     // ---- plans, decisions, commands ------------------------------------------------------------
@@ -994,6 +990,10 @@ fn values(rows: usize, cols: usize) -> String {
         out.push(')');
     }
     out
+}
+
+fn policy_row(r: &AnyRow) -> PolicyRow {
+    PolicyRow { name: r.get(0), version: r.get(1), body: r.get(2), updated_ms: r.get(3) }
 }
 
 fn device_row(r: &AnyRow) -> DeviceRow {
