@@ -330,11 +330,11 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
     }
     let wall = t.elapsed().as_secs_f64();
     r.check().map_err(anyhow::Error::msg)?;
-    // Shrink: 50,000 running items (1,000 replicas x 50 slots), every replica cut by 30 %. Five
+    // Shrink: 50,000 running items (1,000 replicas x 50 slots), every replica cut by 30 %. Fifteen
     // fresh routers, each cut once; the median and the fastest are reported.
     let mut walls = vec![];
     let (mut before, mut preempted) = (0, 0);
-    for _ in 0..5 {
+    for _ in 0..15 {
         let mut s = build(50)?;
         let mut out = vec![];
         for _ in 0..60_000 {
