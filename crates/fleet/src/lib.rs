@@ -237,6 +237,9 @@ struct DeviceState {
     pending: Option<Pending>,
     /// After giving up on a command, no new one before this time.
     hold_until_ms: i64,
+    /// A target the agent said it applied after the last report (the report is older than the
+    /// answer, so it does not show it yet). Cleared by the next report.
+    confirmed: Option<Target>,
 }
 
 /// The resource manager of one fleet.
@@ -271,10 +274,17 @@ impl Manager {
                 maintenance: false,
                 pending: None,
                 hold_until_ms: i64::MIN,
+                confirmed: None,
             })
             .collect();
         let ths_per_w = fleet.catalogue.asics.iter().map(|m| m.hashrate_ths / m.power_w).collect();
         Ok(Manager { cfg, devices, ths_per_w, inflight: BTreeMap::new(), next_id: 1 })
+    }
+
+    /// Command ids continue from `first` (ids an earlier run already used must not come back: an
+    /// agent would take a new command for an old one it applied).
+    pub fn start_ids_at(&mut self, first: CommandId) {
+        self.next_id = self.next_id.max(first.saturating_sub(1));
     }
 
     pub fn config(&self) -> &ManagerConfig {
@@ -334,6 +344,7 @@ impl Manager {
         }
         st.alive = true;
         st.last_seen_ms = Some(now_ms);
+        st.confirmed = None;
         // Health.
         let errors_jump = st.report.map_or(0, |p| r.errors.saturating_sub(p.errors));
         let expected = match (st.model, r.state) {
@@ -391,6 +402,7 @@ impl Manager {
         match outcome {
             Outcome::Applied => {
                 st.pending = None;
+                st.confirmed = Some(cmd.target);
                 vec![Event::Applied { device, command: id }]
             }
             Outcome::Failed(reason) => self.retry_or_give_up(device, reason, now_ms),
@@ -504,7 +516,10 @@ impl Manager {
             }
             let st = &self.devices[i];
             let Some(target) = self.effective_target(st) else { continue };
-            if now_ms < st.hold_until_ms || st.report.is_some_and(|r| reached(r, target, self.cfg.power_tolerance)) {
+            if now_ms < st.hold_until_ms
+                || st.confirmed == Some(target)
+                || st.report.is_some_and(|r| reached(r, target, self.cfg.power_tolerance))
+            {
                 continue;
             }
             match &st.pending {

@@ -9,6 +9,7 @@
 
 pub mod backtest;
 pub mod controller;
+pub mod plane;
 pub mod policies;
 pub mod replay;
 pub mod run;

@@ -6,6 +6,7 @@
 //! threads, no file or network IO (replay parses text or readers that callers open). Depends only on
 //! the model and econ crates.
 
+pub mod agents;
 pub mod asic;
 mod cohort;
 pub mod demand;
