@@ -210,7 +210,9 @@ impl DevicePlane {
         }
         match self.manager.telemetry(d, r, t) {
             Ok(ev) => self.note_events(ev, t, dispatcher),
-            Err(e) => self.out.events.push((t, Event::GaveUp { device: d, command: 0, reason: format!("report: {e}") })),
+            Err(e) => {
+                self.out.events.push((t, Event::GaveUp { device: d, command: 0, reason: format!("report: {e}") }))
+            }
         }
         dispatcher.observe(d, t, self.efficiency[d.index()], self.faulted[d.index()]);
     }
@@ -341,8 +343,7 @@ mod tests {
             board_failure_per_hour: 0.0,
             ..Default::default()
         };
-        let mut p =
-            DevicePlane::new(&f, PlaneConfig { agents: quiet, ..Default::default() }, 1, 0, &d, 1).unwrap();
+        let mut p = DevicePlane::new(&f, PlaneConfig { agents: quiet, ..Default::default() }, 1, 0, &d, 1).unwrap();
         p.advance_to(60_000, &mut d);
         let out = p.take_output();
         assert!(out.reports >= f.devices.len() as u64 * 5);

@@ -185,6 +185,9 @@ pub fn topology(f: &Fleet) -> (Vec<SiteRow>, Vec<DeviceRow>) {
             }
             .into(),
             maintenance: false,
+            status: "unknown".into(),
+            status_reason: None,
+            status_ms: None,
         })
         .collect();
     (sites, devices)

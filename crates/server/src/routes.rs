@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::Stream;
-use hcp_store::{ApiKeyRow, Page, TenantRow};
+use hcp_store::{ApiKeyRow, DeviceFilter, Page, TenantRow};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -276,6 +276,8 @@ pub(crate) struct DeviceQuery {
     site: Option<String>,
     model: Option<String>,
     maintenance: Option<bool>,
+    /// available, unknown or quarantined
+    status: Option<String>,
     after: Option<i64>,
     limit: Option<u32>,
 }
@@ -288,7 +290,13 @@ pub(crate) async fn devices(
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
     let page = Page { after: q.after, limit: q.limit };
-    let items = app.store.devices(q.site.as_deref(), q.model.as_deref(), q.maintenance, &page).await?;
+    let filter = DeviceFilter {
+        site: q.site.as_deref(),
+        model: q.model.as_deref(),
+        maintenance: q.maintenance,
+        status: q.status.as_deref(),
+    };
+    let items = app.store.devices(&filter, &page).await?;
     let next = (items.len() as u32 == page.limit.unwrap_or(100)).then(|| items.last().map(|d| d.idx)).flatten();
     Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
 }

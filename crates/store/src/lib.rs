@@ -77,6 +77,15 @@ pub struct SiteRow {
     pub settlement_point: String,
 }
 
+/// Which devices a listing returns (None: any).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DeviceFilter<'a> {
+    pub site: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub maintenance: Option<bool>,
+    pub status: Option<&'a str>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceRow {
     pub idx: i64,
@@ -87,6 +96,23 @@ pub struct DeviceRow {
     /// "asic" or "gpu".
     pub kind: String,
     pub maintenance: bool,
+    /// Live status from the resource manager: "available", "unknown" (not heard from) or
+    /// "quarantined"; not written by `sync_topology`.
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub status_reason: Option<String>,
+    #[serde(default)]
+    pub status_ms: Option<i64>,
+}
+
+/// A device's status change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatusRow {
+    pub idx: i64,
+    pub status: String,
+    pub reason: Option<String>,
+    pub at_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -361,23 +387,40 @@ impl Store {
             .collect())
     }
 
-    /// Devices in index order, optionally of one site, model or in maintenance; paged by index.
-    pub async fn devices(
-        &self,
-        site: Option<&str>,
-        model: Option<&str>,
-        maintenance: Option<bool>,
-        page: &Page,
-    ) -> Result<Vec<DeviceRow>> {
+    /// Records status changes (in order: the last for a device wins).
+    pub async fn set_device_status(&self, rows: &[DeviceStatusRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for r in rows {
+            if !matches!(r.status.as_str(), "available" | "unknown" | "quarantined") {
+                return Err(StoreError::Invalid {
+                    field: "status",
+                    rule: "must be available, unknown or quarantined".into(),
+                });
+            }
+            sqlx::query("UPDATE devices SET status = $2, status_reason = $3, status_ms = $4 WHERE idx = $1")
+                .bind(r.idx)
+                .bind(&r.status)
+                .bind(&r.reason)
+                .bind(r.at_ms)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Devices in index order, filtered; paged by index.
+    pub async fn devices(&self, filter: &DeviceFilter<'_>, page: &Page) -> Result<Vec<DeviceRow>> {
         let rows = sqlx::query(
-            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance FROM devices \
-             WHERE idx > $1 AND ($2 = '' OR site_id = $2) AND ($3 = '' OR model = $3) \
-             AND ($4 < 0 OR maintenance = $4) ORDER BY idx LIMIT $5",
+            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance, status, status_reason, status_ms \
+             FROM devices WHERE idx > $1 AND ($2 = '' OR site_id = $2) AND ($3 = '' OR model = $3) \
+             AND ($4 < 0 OR maintenance = $4) AND ($5 = '' OR status = $5) ORDER BY idx LIMIT $6",
         )
         .bind(page.after.unwrap_or(-1))
-        .bind(site.unwrap_or(""))
-        .bind(model.unwrap_or(""))
-        .bind(maintenance.map_or(-1i64, i64::from))
+        .bind(filter.site.unwrap_or(""))
+        .bind(filter.model.unwrap_or(""))
+        .bind(filter.maintenance.map_or(-1i64, i64::from))
+        .bind(filter.status.unwrap_or(""))
         .bind(page.limit()?)
         .fetch_all(&self.pool)
         .await?;
@@ -386,7 +429,8 @@ impl Store {
 
     pub async fn device(&self, idx: i64) -> Result<DeviceRow> {
         let r = sqlx::query(
-            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance FROM devices WHERE idx = $1",
+            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance, status, status_reason, status_ms \
+             FROM devices WHERE idx = $1",
         )
         .bind(idx)
         .fetch_optional(&self.pool)
@@ -674,19 +718,24 @@ impl Store {
     /// Records commands sent (idempotent by id: a retry updates the attempt).
     pub async fn add_commands(&self, rows: &[CommandRow]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for c in rows {
-            sqlx::query(
-                "INSERT INTO commands (id, device_idx, target, attempt, issued_ms, outcome, outcome_ms) \
-                 VALUES ($1, $2, $3, $4, $5, NULL, NULL) \
-                 ON CONFLICT (id) DO UPDATE SET attempt = excluded.attempt, issued_ms = excluded.issued_ms",
-            )
-            .bind(c.id)
-            .bind(c.device_idx)
-            .bind(&c.target)
-            .bind(c.attempt)
-            .bind(c.issued_ms)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO commands (id, device_idx, target, attempt, issued_ms, outcome, outcome_ms) VALUES ",
+            );
+            sql.push_str(&values(chunk.len(), 7));
+            sql.push_str(" ON CONFLICT (id) DO UPDATE SET attempt = excluded.attempt, issued_ms = excluded.issued_ms");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for c in chunk {
+                q = q
+                    .bind(c.id)
+                    .bind(c.device_idx)
+                    .bind(&c.target)
+                    .bind(c.attempt)
+                    .bind(c.issued_ms)
+                    .bind(None::<String>)
+                    .bind(None::<i64>);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -703,6 +752,30 @@ impl Store {
             return Err(StoreError::NotFound(format!("command {id}")));
         }
         Ok(())
+    }
+
+    /// Records answers: (command id, outcome, time). Answers to commands not recorded are skipped
+    /// and counted in the result (an agent may answer a command twice; the first answer stays).
+    pub async fn set_command_outcomes(&self, rows: &[(i64, String, i64)]) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut skipped = 0;
+        for (id, outcome, at_ms) in rows {
+            let r = sqlx::query("UPDATE commands SET outcome = $2, outcome_ms = $3 WHERE id = $1 AND outcome IS NULL")
+                .bind(id)
+                .bind(outcome)
+                .bind(at_ms)
+                .execute(&mut *tx)
+                .await?;
+            skipped += u64::from(r.rows_affected() == 0);
+        }
+        tx.commit().await?;
+        Ok(skipped)
+    }
+
+    /// The highest command id recorded (0 when none): a restarted engine continues after it.
+    pub async fn max_command_id(&self) -> Result<i64> {
+        let r = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM commands").fetch_one(&self.pool).await?;
+        Ok(r.get(0))
     }
 
     /// Commands, newest first, optionally to one device.
@@ -1005,6 +1078,9 @@ fn device_row(r: &AnyRow) -> DeviceRow {
         model: r.get(4),
         kind: r.get(5),
         maintenance: r.get::<i64, _>(6) != 0,
+        status: r.get(7),
+        status_reason: r.get(8),
+        status_ms: r.get(9),
     }
 }
 

@@ -49,8 +49,8 @@ fn page(limit: u32) -> Page {
 }
 
 async fn contract(s: &Store) {
-    assert_eq!(s.migrate().await.unwrap(), 2);
-    assert_eq!(s.migrate().await.unwrap(), 2, "migrating twice is a no-op");
+    assert_eq!(s.migrate().await.unwrap(), 3);
+    assert_eq!(s.migrate().await.unwrap(), 3, "migrating twice is a no-op");
     s.ping().await.unwrap();
 
     // Topology.
@@ -67,24 +67,54 @@ async fn contract(s: &Store) {
             model: if i % 10 == 0 { "h100-sxm" } else { "antminer-s21" }.into(),
             kind: if i % 10 == 0 { "gpu" } else { "asic" }.into(),
             maintenance: false,
+            status: "unknown".into(),
+            status_reason: None,
+            status_ms: None,
         })
         .collect();
     assert!(s.sync_topology("f1", &sites, &devices).await.unwrap());
     assert_eq!(s.sites().await.unwrap(), sites);
-    let p1 = s.devices(Some("b"), None, None, &page(300)).await.unwrap();
+    let p1 = s.devices(&DeviceFilter { site: Some("b"), ..Default::default() }, &page(300)).await.unwrap();
     assert_eq!((p1.len(), p1[0].idx, p1[299].idx), (300, 700, 999));
-    let p2 = s.devices(Some("b"), None, None, &Page { after: Some(999), limit: Some(1_000) }).await.unwrap();
+    let p2 = s
+        .devices(
+            &DeviceFilter { site: Some("b"), ..Default::default() },
+            &Page { after: Some(999), limit: Some(1_000) },
+        )
+        .await
+        .unwrap();
     assert_eq!(p2.len(), 200);
-    assert!(s.devices(None, None, None, &page(MAX_PAGE + 1)).await.is_err(), "page size is capped");
-    assert_eq!(s.devices(None, Some("h100-sxm"), None, &page(1_000)).await.unwrap().len(), 120);
+    assert!(s.devices(&DeviceFilter::default(), &page(MAX_PAGE + 1)).await.is_err(), "page size is capped");
+    assert_eq!(
+        s.devices(&DeviceFilter { model: Some("h100-sxm"), ..Default::default() }, &page(1_000)).await.unwrap().len(),
+        120
+    );
     assert_eq!(s.set_maintenance(&[1, 2, 3], true).await.unwrap(), 3);
     assert_eq!(s.set_maintenance(&[1, 2, 3], true).await.unwrap(), 0, "idempotent");
-    assert_eq!(s.devices(None, None, Some(true), &page(10)).await.unwrap().len(), 3);
+    assert_eq!(
+        s.devices(&DeviceFilter { maintenance: Some(true), ..Default::default() }, &page(10)).await.unwrap().len(),
+        3
+    );
     // The same fingerprint skips the write; a new one re-syncs and keeps maintenance flags.
     assert!(!s.sync_topology("f1", &sites, &devices).await.unwrap());
     assert!(s.sync_topology("f2", &sites, &devices).await.unwrap());
     assert!(s.device(2).await.unwrap().maintenance);
     assert!(matches!(s.device(99_999).await, Err(StoreError::NotFound(_))));
+    // Live status, written on changes; the last change for a device wins; the topology sync
+    // leaves it alone.
+    let st = |idx, status: &str, at_ms| DeviceStatusRow { idx, status: status.into(), reason: None, at_ms };
+    s.set_device_status(&[st(5, "available", 10), st(6, "quarantined", 11), st(5, "unknown", 12)]).await.unwrap();
+    let d5 = s.device(5).await.unwrap();
+    assert_eq!((d5.status.as_str(), d5.status_ms), ("unknown", Some(12)));
+    let q = s.devices(&DeviceFilter { status: Some("quarantined"), ..Default::default() }, &page(10)).await.unwrap();
+    assert_eq!(q.iter().map(|d| d.idx).collect::<Vec<_>>(), vec![6]);
+    assert!(matches!(
+        s.set_device_status(&[st(7, "sleepy", 1)]).await,
+        Err(StoreError::Invalid { field: "status", .. })
+    ));
+    assert_eq!(s.device(7).await.unwrap().status, "unknown", "a bad batch changes nothing");
+    assert!(s.sync_topology("f3", &sites, &devices).await.unwrap());
+    assert_eq!(s.device(6).await.unwrap().status, "quarantined");
 
     // Tenants, accounts, keys.
     let t = TenantRow {
@@ -169,6 +199,19 @@ async fn contract(s: &Store) {
     let got = s.commands(Some(5), &page(10)).await.unwrap();
     assert_eq!((got.len(), got[0].attempt, got[0].outcome.as_deref()), (1, 2, Some("applied")));
     assert!(s.set_command_outcome(78, "applied", 3).await.is_err());
+    // Many at once (more than one VALUES chunk), answers in a batch; the first answer stays.
+    let many: Vec<CommandRow> = (100..250).map(|id| CommandRow { id, device_idx: id % 7, ..c.clone() }).collect();
+    s.add_commands(&many).await.unwrap();
+    assert_eq!(s.max_command_id().await.unwrap(), 249);
+    let answers: Vec<(i64, String, i64)> = vec![
+        (100, "applied".into(), 9),
+        (101, "failed: x".into(), 9),
+        (100, "failed: late".into(), 10),
+        (999, "applied".into(), 9),
+    ];
+    assert_eq!(s.set_command_outcomes(&answers).await.unwrap(), 2, "a repeated and an unknown answer are skipped");
+    let got = s.commands(Some(100 % 7), &Page { after: Some(101), limit: Some(1) }).await.unwrap();
+    assert_eq!((got[0].id, got[0].outcome.as_deref()), (100, Some("applied")));
 
     // Signals and telemetry with retention.
     let sig: Vec<SignalRow> = (0..10)
@@ -253,6 +296,6 @@ async fn sqlite_writes_survive_reopening() {
     let id = s.audit(1, "root", "x", "y", None, None).await.unwrap();
     drop(s);
     let s = Store::open(&url).await.unwrap();
-    assert_eq!(s.migrate().await.unwrap(), 2);
+    assert_eq!(s.migrate().await.unwrap(), 3);
     assert_eq!(s.audits(&page(1)).await.unwrap()[0].id, id);
 }
