@@ -63,6 +63,8 @@ pub struct PlaneOutput {
     pub minutes: Vec<DeviceMinute>,
     /// Reports taken in.
     pub reports: u64,
+    /// Status changes: (time, device, "available" | "unknown" | "quarantined", why).
+    pub status: Vec<(i64, DeviceIdx, &'static str, Option<String>)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -85,6 +87,8 @@ pub struct DevicePlane {
     models: Vec<ModelRef>,
     efficiency: Vec<f64>,
     faulted: Vec<bool>,
+    /// Last status reported out (see `PlaneOutput::status`).
+    status: Vec<&'static str>,
     acc: Vec<Acc>,
     minute_ms: i64,
     reports: Vec<(DeviceIdx, Report)>,
@@ -136,6 +140,7 @@ impl DevicePlane {
             models,
             efficiency: vec![1.0; n],
             faulted: vec![false; n],
+            status: vec!["unknown"; n],
             acc: vec![Acc::default(); n],
             minute_ms: now_ms.div_euclid(60_000) * 60_000,
             reports: vec![],
@@ -209,7 +214,12 @@ impl DevicePlane {
             self.efficiency[d.index()] = ((expected / h) * 20.0).round() / 20.0;
         }
         match self.manager.telemetry(d, r, t) {
-            Ok(ev) => self.note_events(ev, t, dispatcher),
+            Ok(ev) => {
+                if self.status[d.index()] == "unknown" && !self.faulted[d.index()] {
+                    self.set_status(d, "available", None, t);
+                }
+                self.note_events(ev, t, dispatcher)
+            }
             Err(e) => {
                 self.out.events.push((t, Event::GaveUp { device: d, command: 0, reason: format!("report: {e}") }))
             }
@@ -217,15 +227,31 @@ impl DevicePlane {
         dispatcher.observe(d, t, self.efficiency[d.index()], self.faulted[d.index()]);
     }
 
+    fn set_status(&mut self, d: DeviceIdx, status: &'static str, why: Option<String>, t: i64) {
+        if self.status[d.index()] != status {
+            self.status[d.index()] = status;
+            self.out.status.push((t, d, status, why));
+        }
+    }
+
     fn note_events(&mut self, ev: Vec<Event>, t: i64, dispatcher: &mut Dispatcher) {
         for e in ev {
             match &e {
-                Event::Quarantined { device, .. } => {
+                Event::Quarantined { device, reason, .. } => {
                     self.faulted[device.index()] = true;
                     dispatcher.observe(*device, t, self.efficiency[device.index()], true);
+                    self.set_status(*device, "quarantined", Some(reason.clone()), t);
                 }
                 Event::Returned { device } => {
                     self.faulted[device.index()] = false;
+                    let alive = self.manager.view(*device).is_some_and(|v| v.alive);
+                    self.set_status(*device, if alive { "available" } else { "unknown" }, None, t);
+                }
+                Event::Unknown { device } => {
+                    self.set_status(*device, "unknown", Some("no report within the heartbeat timeout".into()), t);
+                }
+                Event::Back { device } if !self.faulted[device.index()] => {
+                    self.set_status(*device, "available", None, t);
                 }
                 _ => {}
             }
@@ -278,13 +304,12 @@ impl DevicePlane {
         dispatcher: &mut Dispatcher,
     ) -> Result<usize, String> {
         let n = self.manager.set_maintenance(scope, on)?;
+        if let Scope::Device(x) = scope {
+            dispatcher.set_maintenance(x, on);
+            return Ok(n);
+        }
         for (i, d) in fleet.devices.iter().enumerate() {
-            let hit = match scope {
-                Scope::Device(x) => x.index() == i,
-                Scope::Rack(r) => d.rack == r,
-                Scope::Site(s) => d.site == s,
-            };
-            if hit {
+            if matches!(scope, Scope::Rack(r) if d.rack == r) || matches!(scope, Scope::Site(s) if d.site == s) {
                 dispatcher.set_maintenance(DeviceIdx(i as u32), on);
             }
         }

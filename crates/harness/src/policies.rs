@@ -101,6 +101,15 @@ pub struct DispatchPolicy {
 }
 
 impl DispatchPolicy {
+    /// The dispatcher, for the device plane's telemetry, faults and maintenance.
+    pub fn dispatcher_mut(&mut self) -> &mut Dispatcher {
+        &mut self.dispatcher
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
     /// `cfg.stale_telemetry_ms` is ignored: a backtest feeds no per-device telemetry back, so
     /// every device is fresh; faults stay inside the simulator.
     pub fn new(fleet: &Fleet, mut cfg: DispatchConfig, foresight: bool, commit_mw: f64, start: SimTime) -> Self {

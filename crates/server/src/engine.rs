@@ -9,14 +9,18 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hcp_econ::dispatch::{DispatchConfig, Plan, Reason};
+use hcp_fleet::{Event, Outcome, Scope, Target};
 use hcp_harness::controller::{Controller, DecisionContext};
+use hcp_harness::plane::{DevicePlane, PlaneConfig, PlaneOutput};
 use hcp_harness::policies::DispatchPolicy;
 use hcp_harness::run::{DemandSource, GridSource, Harness, MarketSource, Scenario, SiteRow};
 use hcp_model::SimTime;
 use hcp_sim::demand::DemandParams;
 use hcp_sim::fleet::{Fidelity, GroupTarget};
 use hcp_sim::market::MarketParams;
-use hcp_store::{DecisionRow, SignalRow, SiteSecondRow};
+use hcp_store::{
+    CommandRow, DecisionRow, DeviceFilter, DeviceMinuteRow, DeviceStatusRow, Page, SignalRow, SiteSecondRow,
+};
 
 use crate::{App, wall_ms};
 
@@ -29,13 +33,33 @@ pub const DEVICE_RETENTION_MS: i64 = 30 * 86_400_000;
 pub struct Interval {
     pub at: SimTime,
     pub rows: Vec<SiteRow>,
-    pub plan: Option<Plan>,
+    pub decided: Vec<Decided>,
 }
 
-/// Passes decisions through and hands each interval's plan to the writer.
+/// What the engine decided at an interval's start and what the devices did before it.
+pub struct Decided {
+    pub plan: Option<Plan>,
+    pub plane: PlaneOutput,
+    /// (available, unknown, quarantined, in maintenance).
+    pub counts: (usize, usize, usize, usize),
+    /// Size of the first command batch after the plan, and the wall time from the signals
+    /// arriving (the decision starting) to that batch leaving.
+    pub first_batch: usize,
+    pub switch_s: f64,
+}
+
+/// Operator actions that reach the engine thread.
+pub enum Control {
+    Maintenance { scope: Scope, on: bool },
+}
+
+/// The dispatcher deciding, and the device plane between its plans and the simulated agents.
 struct Recording {
     inner: DispatchPolicy,
-    plans: std::sync::mpsc::Sender<Option<Plan>>,
+    plane: DevicePlane,
+    fleet: hcp_model::fleet::Fleet,
+    control: std::sync::mpsc::Receiver<Control>,
+    decided: std::sync::mpsc::Sender<Decided>,
 }
 
 impl Controller for Recording {
@@ -49,10 +73,40 @@ impl Controller for Recording {
         false
     }
     fn decide(&mut self, ctx: &DecisionContext) -> Vec<GroupTarget> {
+        // The devices live up to now: telemetry, answers, retries, quarantines.
+        for c in self.control.try_iter() {
+            let Control::Maintenance { scope, on } = c;
+            if let Err(e) = self.plane.set_maintenance(scope, on, &self.fleet, self.inner.dispatcher_mut()) {
+                tracing::warn!(error = %e, "maintenance not applied");
+            }
+        }
+        self.plane.advance_to(ctx.now.0, self.inner.dispatcher_mut());
+        // Signals in: plan, intents, first batch out.
         let started = Instant::now();
         let t = self.inner.decide(ctx);
         metrics::histogram!("hcp_plan_seconds").record(started.elapsed().as_secs_f64());
-        let _ = self.plans.send(self.inner.last_plan.clone());
+        if let Some(plan) = &self.inner.last_plan {
+            self.plane.apply_plan(plan);
+        }
+        for (g, target) in ctx.groups.iter().zip(&t) {
+            if let GroupTarget::Gpu(gt) = target {
+                for &d in &g.devices {
+                    if let Err(e) = self.plane.set_gpu_cap(d, gt.cap_w) {
+                        tracing::warn!(device = d.0, error = %e, "GPU cap not applied");
+                    }
+                }
+            }
+        }
+        let first_batch = self.plane.reconcile_now(self.inner.dispatcher_mut());
+        let switch_s = started.elapsed().as_secs_f64();
+        metrics::histogram!("hcp_switch_seconds").record(switch_s);
+        let _ = self.decided.send(Decided {
+            plan: self.inner.last_plan.clone(),
+            plane: self.plane.take_output(),
+            counts: self.plane.manager().counts(),
+            first_batch,
+            switch_s,
+        });
         t
     }
 }
@@ -106,8 +160,24 @@ pub async fn run(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Interval>(16);
     let halt = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let halt_sim = halt.clone();
+    // What storage already holds: devices in maintenance, command ids used.
+    let mut in_maintenance = vec![];
+    let mut page = Page { after: None, limit: Some(hcp_store::MAX_PAGE) };
+    loop {
+        let rows = app.store.devices(&DeviceFilter { maintenance: Some(true), ..Default::default() }, &page).await?;
+        in_maintenance.extend(rows.iter().map(|d| hcp_model::ids::DeviceIdx(d.idx as u32)));
+        match rows.last() {
+            Some(last) if rows.len() == hcp_store::MAX_PAGE as usize => page.after = Some(last.idx),
+            _ => break,
+        }
+    }
+    let first_command_id = app.store.max_command_id().await? as u64 + 1;
+    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    let mut maintenance_sub = app.bus.subscribe("hcp.maintenance", hcp_bus::From::New).await?;
     // The simulation: a year from 2025-06-01 (restarted with the next seed when it ends).
+    let sim_fleet = fleet.clone();
     let sim = std::thread::Builder::new().name("hcp-engine".into()).spawn(move || -> anyhow::Result<()> {
+        let fleet = sim_fleet;
         let from = SimTime::parse("2025-06-01").expect("valid date");
         let interval_ms = 15 * 60_000;
         let scenario = Scenario {
@@ -126,9 +196,19 @@ pub async fn run(
             DemandSource::Simulated(DemandParams::default()),
         )
         .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
-        let (ptx, prx) = std::sync::mpsc::channel();
-        let mut ctl =
-            Recording { inner: DispatchPolicy::new(&fleet, DispatchConfig::default(), false, 0.0, from), plans: ptx };
+        let (dtx, drx) = std::sync::mpsc::channel();
+        let mut inner = DispatchPolicy::new(&fleet, DispatchConfig::default(), false, 0.0, from);
+        // Live telemetry comes from the device plane: a device that stops reporting turns stale.
+        inner.dispatcher_mut().cfg.stale_telemetry_ms = DispatchConfig::default().stale_telemetry_ms;
+        let mut plane =
+            DevicePlane::new(&fleet, PlaneConfig::default(), seed, from.0, inner.dispatcher(), first_command_id)
+                .map_err(|e| anyhow::anyhow!("device plane: {e}"))?;
+        for &d in &in_maintenance {
+            plane
+                .set_maintenance(Scope::Device(d), true, &fleet, inner.dispatcher_mut())
+                .map_err(|e| anyhow::anyhow!("maintenance of device {}: {e}", d.0))?;
+        }
+        let mut ctl = Recording { inner, plane, fleet: fleet.clone(), control: control_rx, decided: dtx };
         let n_sites = fleet.sites.len();
         let mut rows = Vec::with_capacity(n_sites);
         let started = Instant::now();
@@ -144,9 +224,9 @@ pub async fn run(
                         rows.clear();
                         return;
                     }
-                    let plan = prx.try_iter().last().flatten();
+                    let decided = drx.try_iter().collect();
                     let at = rows[0].at;
-                    let _ = tx.blocking_send(Interval { at, rows: std::mem::take(&mut rows), plan });
+                    let _ = tx.blocking_send(Interval { at, rows: std::mem::take(&mut rows), decided });
                     done += 1;
                     let due = pace * done as u32;
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -164,6 +244,16 @@ pub async fn run(
         }
         tokio::select! {
             r = stop.changed() => if r.is_err() { break },
+            m = maintenance_sub.next() => match m {
+                Ok(m) => match maintenance_scope(&fleet, &m.payload) {
+                    Ok((scope, on)) => { let _ = control_tx.send(Control::Maintenance { scope, on }); }
+                    Err(e) => tracing::warn!(error = %e, "maintenance message ignored"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "maintenance subscription lost; resubscribing");
+                    maintenance_sub = app.bus.subscribe("hcp.maintenance", hcp_bus::From::New).await?;
+                }
+            },
             msg = rx.recv() => {
                 let Some(iv) = msg else {
                     // The simulation thread ended: its period is over, or an invariant broke.
@@ -181,6 +271,118 @@ pub async fn run(
     rx.close();
     // The simulation thread is left to run out; the process is stopping.
     drop(sim);
+    Ok(())
+}
+
+/// The scope of a `hcp.maintenance` message (as the API publishes it).
+fn maintenance_scope(fleet: &hcp_model::fleet::Fleet, payload: &[u8]) -> anyhow::Result<(Scope, bool)> {
+    #[derive(serde::Deserialize)]
+    struct M {
+        scope: String,
+        id: String,
+        on: bool,
+    }
+    let m: M = serde_json::from_slice(payload)?;
+    let scope = match m.scope.as_str() {
+        "device" => Scope::Device(hcp_model::ids::DeviceIdx(m.id.parse()?)),
+        "rack" => Scope::Rack(hcp_model::ids::RackIdx(m.id.parse()?)),
+        "site" => Scope::Site(
+            fleet.sites.iter().find(|s| s.id == m.id).map(|s| s.idx).ok_or_else(|| anyhow::anyhow!("id: no site"))?,
+        ),
+        other => anyhow::bail!("scope: {other:?} is not device, rack or site"),
+    };
+    Ok((scope, m.on))
+}
+
+fn target_text(t: Target) -> String {
+    match t {
+        Target::Sleep => "sleep".into(),
+        Target::Run { power_w } => format!("run {power_w:.0} W"),
+    }
+}
+
+/// Writes what the device plane did: commands, answers, status changes, minute rollups.
+async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
+    let out = &d.plane;
+    let cmds: Vec<CommandRow> = out
+        .commands
+        .iter()
+        .map(|(t, c)| CommandRow {
+            id: c.id as i64,
+            device_idx: i64::from(c.device.0),
+            target: target_text(c.target),
+            attempt: i64::from(c.attempt),
+            issued_ms: *t,
+            outcome: None,
+            outcome_ms: None,
+        })
+        .collect();
+    app.store.add_commands(&cmds).await?;
+    let mut answers: Vec<(i64, String, i64)> = out
+        .outcomes
+        .iter()
+        .map(|(t, id, _, o)| {
+            let text = match o {
+                Outcome::Applied => "applied".to_string(),
+                Outcome::Failed(why) => format!("failed: {why}"),
+            };
+            (*id as i64, text, *t)
+        })
+        .collect();
+    for (t, e) in &out.events {
+        match e {
+            Event::GaveUp { command, reason, .. } if *command > 0 => {
+                answers.push((*command as i64, format!("gave up: {reason}"), *t));
+            }
+            Event::Applied { command, .. } => answers.push((*command as i64, "applied".into(), *t)),
+            _ => {}
+        }
+    }
+    app.store.set_command_outcomes(&answers).await?;
+    let status: Vec<DeviceStatusRow> = out
+        .status
+        .iter()
+        .map(|(t, dev, s, why)| DeviceStatusRow {
+            idx: i64::from(dev.0),
+            status: (*s).into(),
+            reason: why.clone(),
+            at_ms: *t,
+        })
+        .collect();
+    app.store.set_device_status(&status).await?;
+    let minutes: Vec<DeviceMinuteRow> = out
+        .minutes
+        .iter()
+        .map(|m| DeviceMinuteRow {
+            device_idx: i64::from(m.device.0),
+            minute_ms: m.minute_ms,
+            samples: i64::from(m.samples),
+            power_w_avg: m.power_w_avg,
+            hashrate_ths_avg: m.hashrate_ths_avg,
+            temp_c_max: m.temp_c_max,
+            errors: m.errors as i64,
+        })
+        .collect();
+    app.store.put_device_minutes(&minutes).await?;
+    metrics::counter!("hcp_commands_total", "event" => "sent").increment(out.commands.len() as u64);
+    let failed = out.outcomes.iter().filter(|o| matches!(o.3, Outcome::Failed(_))).count() as u64;
+    metrics::counter!("hcp_commands_total", "event" => "failed").increment(failed);
+    metrics::counter!("hcp_commands_total", "event" => "applied")
+        .increment(out.events.iter().filter(|(_, e)| matches!(e, Event::Applied { .. })).count() as u64);
+    metrics::counter!("hcp_commands_total", "event" => "gave_up")
+        .increment(out.events.iter().filter(|(_, e)| matches!(e, Event::GaveUp { .. })).count() as u64);
+    metrics::counter!("hcp_telemetry_reports_total").increment(out.reports);
+    let (available, unknown, quarantined, maintenance) = d.counts;
+    for (state, n) in
+        [("available", available), ("unknown", unknown), ("quarantined", quarantined), ("maintenance", maintenance)]
+    {
+        metrics::gauge!("hcp_managed_devices", "state" => state).set(n as f64);
+    }
+    metrics::gauge!("hcp_first_batch_commands").set(d.first_batch as f64);
+    if !out.status.is_empty() {
+        let ev = serde_json::json!({ "changes": out.status.len(), "available": available, "unknown": unknown, "quarantined": quarantined });
+        app.bus.publish("hcp.devices", ev.to_string().as_bytes()).await?;
+    }
     Ok(())
 }
 
@@ -213,8 +415,11 @@ async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
     }
     app.store.add_signals(&signals).await?;
     app.store.put_site_seconds(&seconds).await?;
+    for d in &iv.decided {
+        record_plane(app, d).await?;
+    }
     let mut decisions = vec![];
-    if let Some(plan) = &iv.plan
+    if let Some(plan) = iv.decided.iter().rev().find_map(|d| d.plan.as_ref())
         && !plan.changes.is_empty()
     {
         let mut per_reason = vec![0u32; plan.reasons.len()];

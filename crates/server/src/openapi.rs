@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use axum::Router;
-use hcp_store::{AuditRow, DecisionRow, DeviceRow, SignalRow, SiteRow, SiteSecondRow, TenantRow};
+use hcp_store::{
+    AuditRow, CommandRow, DecisionRow, DeviceMinuteRow, DeviceRow, SignalRow, SiteRow, SiteSecondRow, TenantRow,
+};
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -55,6 +57,17 @@ pub struct SitePowerPage {
 }
 
 #[derive(Serialize, ToSchema)]
+pub struct DeviceMinutesPage {
+    pub items: Vec<DeviceMinuteRow>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CommandsPage {
+    pub items: Vec<CommandRow>,
+    pub next_after: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct TenantsPage {
     pub items: Vec<TenantRow>,
     pub next_after: Option<i64>,
@@ -88,12 +101,12 @@ impl Modify for Bearer {
     info(title = "HCP, the Hybrid Compute Platform", description = "Fleet, plans, decisions, signals, policies, tenants and keys. Every list is paged; every change is audited."),
     paths(
         routes::healthz, routes::readyz, routes::metrics_text, routes::me, routes::sites, routes::devices,
-        routes::device, routes::maintenance, routes::plans, routes::decisions, routes::signals,
+        routes::device, routes::device_telemetry, routes::commands, routes::maintenance, routes::plans, routes::decisions, routes::signals,
         routes::site_power, routes::policies, routes::policy, routes::put_policy, routes::tenants,
         routes::create_tenant, routes::tenant, routes::keys, routes::create_key, routes::revoke_key,
         routes::audit, routes::accounts, routes::create_account, routes::events,
     ),
-    components(schemas(ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, TenantsPage, AuditPage)),
+    components(schemas(ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
     modifiers(&Bearer),
 )]
 pub struct ApiDoc;

@@ -37,6 +37,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sites", get(sites))
         .route("/devices", get(devices))
         .route("/devices/{idx}", get(device))
+        .route("/devices/{idx}/telemetry", get(device_telemetry))
+        .route("/commands", get(commands))
         .route("/maintenance", post(maintenance))
         .route("/plans", get(plans))
         .route("/decisions", get(decisions))
@@ -400,6 +402,45 @@ pub(crate) async fn site_power(
     }
     let items = app.store.site_seconds(&id, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX)).await?;
     Ok(Json(serde_json::json!({ "items": items })))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{idx}/telemetry", tag = "fleet", security(("bearer" = [])), params(("idx" = i64, Path, description = "Device index"), RangeQuery), responses((status = 200, description = "Per-minute rollups, oldest first (at most 1,000)", body = crate::openapi::DeviceMinutesPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn device_telemetry(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(idx): Path<String>,
+    Params(q): Params<RangeQuery>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let i: i64 = idx.parse().map_err(|_| ApiError::invalid("idx", "a device index"))?;
+    if i < 0 || i as usize >= app.fleet.devices.len() {
+        return Err(ApiError::not_found(format!("device {i} not found")));
+    }
+    let items = app.store.device_minutes(i, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX)).await?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CommandQuery {
+    /// Only commands to this device.
+    device: Option<i64>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/v1/commands", tag = "fleet", security(("bearer" = [])), params(CommandQuery), responses((status = 200, description = "Commands sent to devices and their outcomes, newest first", body = crate::openapi::CommandsPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn commands(
+    State(app): AppState,
+    Auth(p): Auth,
+    Params(q): Params<CommandQuery>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let page = Page { after: q.after, limit: q.limit };
+    let items = app.store.commands(q.device, &page).await?;
+    let next = (items.len() as u32 == page.limit.unwrap_or(100)).then(|| items.last().map(|c| c.id)).flatten();
+    Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
 }
 
 #[utoipa::path(get, path = "/api/v1/policies", tag = "policies", security(("bearer" = [])), responses((status = 200, description = "Every policy with its version"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]

@@ -275,7 +275,7 @@ impl Store {
                 opts.max_connections(if url.contains(":memory:") { 1 } else { 4 }).after_connect(|conn, _| {
                     Box::pin(async move {
                         sqlx::raw_sql(
-                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; \
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=30000; \
                              PRAGMA foreign_keys=ON;",
                         )
                         .execute(&mut *conn)
