@@ -28,7 +28,8 @@
 //! Architecture invariant: pure and deterministic: no IO, clock, threads or randomness; `now_ms`
 //! comes in with every input; iteration is in device order.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::Fleet;
@@ -248,15 +249,27 @@ pub struct Manager {
     devices: Vec<DeviceState>,
     /// Expected hashrate per watt at nameplate, per ASIC model index (0 for GPUs).
     ths_per_w: Vec<f64>,
-    /// Pending commands that were sent, by deadline.
+    /// Deadlines of commands sent, in order. An entry whose command was answered, settled or
+    /// replaced stays until its deadline and is skipped then (no search on the hot path).
     inflight: BTreeMap<(i64, CommandId), DeviceIdx>,
+    /// Commands sent and not yet answered, settled or replaced.
+    inflight_n: usize,
     next_id: CommandId,
+    /// Devices the next tick must look at (a bit per device): an intent, report, answer,
+    /// maintenance or health change, or a timer came due. A tick costs what changed, not the fleet.
+    dirty: Vec<u64>,
+    /// Heartbeat deadlines in report order (deadlines only grow): (last report + timeout, device).
+    heartbeats: VecDeque<(i64, u32)>,
+    /// Times when a device needs looking at again: retry back-off, give-up hold, quarantine end.
+    timers: BinaryHeap<Reverse<(i64, u32)>>,
+    /// Wake-ups per feeder in the current tick.
+    wakes: Vec<u32>,
 }
 
 impl Manager {
     pub fn new(fleet: &Fleet, cfg: ManagerConfig) -> Result<Self, String> {
         cfg.validate()?;
-        let devices = fleet
+        let devices: Vec<DeviceState> = fleet
             .devices
             .iter()
             .map(|d| DeviceState {
@@ -278,7 +291,19 @@ impl Manager {
             })
             .collect();
         let ths_per_w = fleet.catalogue.asics.iter().map(|m| m.hashrate_ths / m.power_w).collect();
-        Ok(Manager { cfg, devices, ths_per_w, inflight: BTreeMap::new(), next_id: 1 })
+        let n = devices.len();
+        Ok(Manager {
+            cfg,
+            devices,
+            ths_per_w,
+            inflight: BTreeMap::new(),
+            inflight_n: 0,
+            next_id: 1,
+            dirty: vec![0; n.div_ceil(64)],
+            heartbeats: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            wakes: vec![0; fleet.feeders.len()],
+        })
     }
 
     /// Command ids continue from `first` (ids an earlier run already used must not come back: an
@@ -297,6 +322,10 @@ impl Manager {
 
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
+    }
+
+    fn mark(&mut self, i: usize) {
+        self.dirty[i / 64] |= 1 << (i % 64);
     }
 
     fn device(&self, d: DeviceIdx) -> Result<&DeviceState, String> {
@@ -319,8 +348,9 @@ impl Manager {
         if let Some(p) = st.pending.take()
             && p.sent
         {
-            self.inflight.remove(&(p.cmd.deadline_ms, p.cmd.id));
+            self.inflight_n -= 1;
         }
+        self.mark(d.index());
         Ok(())
     }
 
@@ -378,6 +408,7 @@ impl Manager {
             st.health = Health::Quarantined { reason: reason.clone(), until_ms };
             st.bad_reports = 0;
             events.push(Event::Quarantined { device: d, reason, until_ms });
+            self.timers.push(Reverse((until_ms, d.0)));
         }
         // A report showing the pending target reached settles the command (an agent's answer may
         // be lost; the device's own state is the truth).
@@ -387,9 +418,11 @@ impl Manager {
         {
             let cmd = p.cmd;
             st.pending = None;
-            self.inflight.remove(&(cmd.deadline_ms, cmd.id));
+            self.inflight_n -= 1;
             events.push(Event::Applied { device: d, command: cmd.id });
         }
+        self.heartbeats.push_back((now_ms + self.cfg.heartbeat_timeout_ms, d.0));
+        self.mark(d.index());
         Ok(events)
     }
 
@@ -398,7 +431,8 @@ impl Manager {
         let Some(st) = self.devices.get_mut(device.index()) else { return vec![] };
         let Some(p) = st.pending.as_mut().filter(|p| p.sent && p.cmd.id == id) else { return vec![] };
         let cmd = p.cmd;
-        self.inflight.remove(&(cmd.deadline_ms, cmd.id));
+        self.inflight_n -= 1;
+        self.dirty[device.index() / 64] |= 1 << (device.index() % 64);
         match outcome {
             Outcome::Applied => {
                 st.pending = None;
@@ -417,11 +451,13 @@ impl Manager {
             let id = p.cmd.id;
             st.pending = None;
             st.hold_until_ms = now_ms + cfg.give_up_backoff_ms;
+            self.timers.push(Reverse((st.hold_until_ms, device.0)));
             return vec![Event::GaveUp { device, command: id, reason }];
         }
         p.not_before_ms = now_ms + cfg.retry_backoff_ms * (1 << (p.cmd.attempt - 1).min(16));
         p.cmd.attempt += 1;
         p.sent = false;
+        self.timers.push(Reverse((p.not_before_ms, device.0)));
         vec![]
     }
 
@@ -441,12 +477,20 @@ impl Manager {
                 st.maintenance = on;
             }
         }
+        if any {
+            for (i, st) in self.devices.iter().enumerate() {
+                if matches!(scope, Scope::Rack(r) if st.rack == r) || matches!(scope, Scope::Site(x) if st.site == x) {
+                    self.dirty[i / 64] |= 1 << (i % 64);
+                }
+            }
+        }
         if let Scope::Device(d) = scope {
             self.device(d)?;
             let st = &mut self.devices[d.index()];
             any = true;
             n += usize::from(st.maintenance != on);
             st.maintenance = on;
+            self.mark(d.index());
         }
         if !any {
             return Err("scope: no device in it".into());
@@ -460,6 +504,7 @@ impl Manager {
         let st = &mut self.devices[d.index()];
         let was = matches!(st.health, Health::Quarantined { .. });
         st.health = Health::Healthy;
+        self.mark(d.index());
         Ok(was)
     }
 
@@ -480,7 +525,8 @@ impl Manager {
     }
 
     /// Time passes: heartbeats expire, commands time out, quarantines end, and the reconciler emits
-    /// the commands that bring devices to their targets.
+    /// the commands that bring devices to their targets. Only devices marked since the last tick
+    /// (or whose timer came due) are looked at, in device order.
     pub fn tick(&mut self, now_ms: i64, commands: &mut Vec<Command>, events: &mut Vec<Event>) {
         // Timeouts of commands sent.
         while let Some((&(deadline, id), &d)) = self.inflight.iter().next() {
@@ -488,66 +534,105 @@ impl Manager {
                 break;
             }
             self.inflight.remove(&(deadline, id));
-            events.extend(self.retry_or_give_up(d, format!("command {id} timed out"), now_ms));
+            // Entries of commands answered, settled or replaced since are left to expire here.
+            let st = &self.devices[d.index()];
+            if st.pending.as_ref().is_some_and(|p| p.sent && p.cmd.id == id && p.cmd.deadline_ms == deadline) {
+                self.inflight_n -= 1;
+                events.extend(self.retry_or_give_up(d, format!("command {id} timed out"), now_ms));
+            }
         }
+        // Heartbeats: a device whose last report is older than the timeout turns unknown.
         let timeout = self.cfg.heartbeat_timeout_ms;
-        let mut wakes_per_feeder: BTreeMap<FeederIdx, usize> = BTreeMap::new();
-        let mut sent = 0;
-        for i in 0..self.devices.len() {
-            let d = DeviceIdx(i as u32);
-            let st = &mut self.devices[i];
+        while let Some(&(deadline, i)) = self.heartbeats.front() {
+            if deadline >= now_ms {
+                break;
+            }
+            self.heartbeats.pop_front();
+            let st = &mut self.devices[i as usize];
             if st.alive && st.last_seen_ms.is_some_and(|t| now_ms - t > timeout) {
                 st.alive = false;
                 if let Some(p) = st.pending.take()
                     && p.sent
                 {
-                    self.inflight.remove(&(p.cmd.deadline_ms, p.cmd.id));
+                    self.inflight_n -= 1;
                 }
-                events.push(Event::Unknown { device: d });
+                events.push(Event::Unknown { device: DeviceIdx(i) });
             }
+        }
+        // Timers: quarantines end, back-offs and holds expire.
+        while let Some(&Reverse((at, i))) = self.timers.peek() {
+            if at > now_ms {
+                break;
+            }
+            self.timers.pop();
+            let st = &mut self.devices[i as usize];
             if let Health::Quarantined { until_ms, .. } = st.health
                 && now_ms >= until_ms
             {
                 st.health = Health::Healthy;
-                events.push(Event::Returned { device: d });
+                events.push(Event::Returned { device: DeviceIdx(i) });
             }
-            if sent >= self.cfg.batch_max {
-                continue;
-            }
-            let st = &self.devices[i];
-            let Some(target) = self.effective_target(st) else { continue };
-            if now_ms < st.hold_until_ms
-                || st.confirmed == Some(target)
-                || st.report.is_some_and(|r| reached(r, target, self.cfg.power_tolerance))
-            {
-                continue;
-            }
-            match &st.pending {
-                Some(p) if p.cmd.target == target && (p.sent || now_ms < p.not_before_ms) => continue,
-                _ => {}
-            }
-            let raises = st.report.is_none_or(|r| target.power_w() > r.power_w);
-            if raises {
-                let n = wakes_per_feeder.entry(st.feeder).or_default();
-                if *n >= self.cfg.per_feeder_per_tick {
-                    continue;
-                }
-                *n += 1;
-            }
-            let deadline_ms = now_ms + self.cfg.command_timeout_ms;
-            let (id, attempt) = match &st.pending {
-                Some(p) if p.cmd.target == target => (p.cmd.id, p.cmd.attempt),
-                _ => {
-                    self.next_id += 1;
-                    (self.next_id, 1)
-                }
-            };
-            let cmd = Command { id, device: d, target, attempt, deadline_ms };
-            self.devices[i].pending = Some(Pending { cmd, not_before_ms: now_ms, sent: true });
-            self.inflight.insert((deadline_ms, id), d);
-            commands.push(cmd);
-            sent += 1;
+            self.mark(i as usize);
         }
+        self.wakes.iter_mut().for_each(|w| *w = 0);
+        let mut sent = 0;
+        for w in 0..self.dirty.len() {
+            let mut bits = self.dirty[w];
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if sent >= self.cfg.batch_max {
+                    return;
+                }
+                let i = w * 64 + b;
+                let keep = self.reconcile_one(i, now_ms, commands, &mut sent);
+                if !keep {
+                    self.dirty[w] &= !(1 << b);
+                }
+            }
+        }
+    }
+
+    /// Sends the command device `i` needs now, if any. Returns whether it must be looked at again
+    /// (held back by the per-feeder limit).
+    fn reconcile_one(&mut self, i: usize, now_ms: i64, commands: &mut Vec<Command>, sent: &mut usize) -> bool {
+        let d = DeviceIdx(i as u32);
+        let st = &self.devices[i];
+        let Some(target) = self.effective_target(st) else { return false };
+        if now_ms < st.hold_until_ms
+            || st.confirmed == Some(target)
+            || st.report.is_some_and(|r| reached(r, target, self.cfg.power_tolerance))
+        {
+            return false;
+        }
+        match &st.pending {
+            // Waiting for its answer (or its timeout), or for its back-off timer.
+            Some(p) if p.cmd.target == target && (p.sent || now_ms < p.not_before_ms) => return false,
+            _ => {}
+        }
+        let raises = st.report.is_none_or(|r| target.power_w() > r.power_w);
+        if raises {
+            let n = &mut self.wakes[st.feeder.index()];
+            if *n as usize >= self.cfg.per_feeder_per_tick {
+                return true;
+            }
+            *n += 1;
+        }
+        let deadline_ms = now_ms + self.cfg.command_timeout_ms;
+        let (id, attempt) = match &st.pending {
+            Some(p) if p.cmd.target == target => (p.cmd.id, p.cmd.attempt),
+            _ => {
+                self.next_id += 1;
+                (self.next_id, 1)
+            }
+        };
+        let cmd = Command { id, device: d, target, attempt, deadline_ms };
+        self.devices[i].pending = Some(Pending { cmd, not_before_ms: now_ms, sent: true });
+        self.inflight.insert((deadline_ms, id), d);
+        self.inflight_n += 1;
+        commands.push(cmd);
+        *sent += 1;
+        false
     }
 
     /// Whether each device may carry load now (alive, healthy, not in maintenance).
@@ -592,7 +677,7 @@ impl Manager {
 
     /// Commands sent and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len()
+        self.inflight_n
     }
 }
 

@@ -86,6 +86,8 @@ pub struct DevicePlane {
     curve: Vec<(f64, f64, f64)>,
     models: Vec<ModelRef>,
     efficiency: Vec<f64>,
+    /// Moving average of expected over measured hashrate.
+    ratio_avg: Vec<f64>,
     faulted: Vec<bool>,
     /// Last status reported out (see `PlaneOutput::status`).
     status: Vec<&'static str>,
@@ -139,6 +141,7 @@ impl DevicePlane {
             curve,
             models,
             efficiency: vec![1.0; n],
+            ratio_avg: vec![1.0; n],
             faulted: vec![false; n],
             status: vec!["unknown"; n],
             acc: vec![Acc::default(); n],
@@ -205,13 +208,17 @@ impl DevicePlane {
         }
         a.temp_max = if a.samples == 1 { r.temp_c } else { a.temp_max.max(r.temp_c) };
         a.errors = r.errors;
-        // Measured efficiency against the model's curve, in 5 % steps (noise does not re-sort).
+        // Measured efficiency against the model's curve: smoothed over reports (a 1 % noise moves
+        // the average by a third of that) and passed on in 5 % steps, so that noise never re-sorts
+        // the dispatcher's merit order and a failed hash board does within a few reports.
         if let (ModelRef::Asic(m), Target::Run { power_w }, Some(h)) = (self.models[d.index()], r.state, r.hashrate_ths)
             && h > 0.0
         {
             let (nh, nw, e) = self.curve[m.index()];
-            let expected = nh * (power_w / nw).powf(e);
-            self.efficiency[d.index()] = ((expected / h) * 20.0).round() / 20.0;
+            let ratio = nh * (power_w / nw).powf(e) / h;
+            let avg = &mut self.ratio_avg[d.index()];
+            *avg += 0.2 * (ratio - *avg);
+            self.efficiency[d.index()] = (*avg * 20.0).round() / 20.0;
         }
         match self.manager.telemetry(d, r, t) {
             Ok(ev) => {

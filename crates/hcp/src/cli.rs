@@ -139,6 +139,35 @@ enum BenchWhat {
         #[arg(long, default_value_t = 2_000_000)]
         decisions: u64,
     },
+    /// Switching: from a price signal to the first command batch leaving for the devices (plan,
+    /// intents, reconcile), reference fleet, every other event flipping the whole fleet.
+    Switching {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fleet file (default: the built-in reference fleet).
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        /// Price events to time.
+        #[arg(long, default_value_t = 200)]
+        events: usize,
+    },
+    /// Telemetry ingestion: every device of the reference fleet reporting every 10 s, through the
+    /// resource manager and dispatcher, rolled up per device-minute and stored.
+    Telemetry {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fleet file (default: the built-in reference fleet).
+        #[arg(long)]
+        fleet: Option<PathBuf>,
+        /// Simulated minutes of reports.
+        #[arg(long, default_value_t = 3)]
+        minutes: u32,
+        /// Store URL for the rollups (default: a fresh SQLite file).
+        #[arg(long)]
+        store: Option<String>,
+    },
     /// Fast-path dispatcher latency: whole reference fleet and one site, per price event.
     Dispatch {
         /// Print one JSON object instead of text.
@@ -223,6 +252,12 @@ pub fn main() -> ExitCode {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }
         Command::Bench { what: BenchWhat::Router { json, decisions } } => crate::bench::router(json, decisions),
+        Command::Bench { what: BenchWhat::Switching { json, fleet, events } } => {
+            crate::bench_plane::switching(json, fleet.as_deref(), events)
+        }
+        Command::Bench { what: BenchWhat::Telemetry { json, fleet, minutes, store } } => {
+            crate::bench_plane::telemetry(json, fleet.as_deref(), minutes, store.as_deref())
+        }
         Command::Bench { what: BenchWhat::Dispatch { json, fleet, events } } => {
             crate::bench::dispatch(json, fleet.as_deref(), events)
         }
