@@ -116,7 +116,7 @@ fn up_serves_prints_credentials_once_and_stops_on_sigterm() {
     let rest: Vec<String> = up.lines.try_iter().collect();
     assert!(!rest.iter().any(|l| l.contains("token")), "{rest:?}");
     let m = hcp(&["migrate", "--data-dir", dir.to_str().unwrap()]);
-    assert!(m.status.success() && text(&m).contains("schema version 2"), "{}", text(&m));
+    assert!(m.status.success() && text(&m).contains("schema version 3"), "{}", text(&m));
 }
 
 #[test]
@@ -376,6 +376,25 @@ fn bench_dispatch_prints_json() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["full_fleet_plan_ms"]["p99"].as_f64().unwrap() > 0.0);
     assert!(v["planner"]["variables"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bench_switching_and_telemetry_print_json() {
+    let small = root().join("examples/fleets/small.toml");
+    let o = hcp(&["bench", "switching", "--json", "--fleet", small.to_str().unwrap(), "--events", "10"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["signal_to_first_batch_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(v["changes_per_event"]["max"].as_f64().unwrap() > 0.0, "a spike changes targets: {v}");
+    let o = hcp(&["bench", "telemetry", "--json", "--fleet", small.to_str().unwrap(), "--minutes", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // 384 devices every 10 s over two minutes, and one rollup row per device and minute.
+    let reports = v["reports"].as_u64().unwrap();
+    assert!((384 * 11..=384 * 13).contains(&reports), "{v}");
+    assert_eq!(v["minute_rows"].as_u64().unwrap(), 384 * 2, "{v}");
+    let o = hcp(&["bench", "telemetry", "--minutes", "0"]);
+    assert!(!o.status.success() && text(&o).contains("--minutes"), "{}", text(&o));
 }
 
 #[test]
