@@ -465,7 +465,7 @@ impl Manager {
     pub fn set_maintenance(&mut self, scope: Scope, on: bool) -> Result<usize, String> {
         let mut n = 0;
         let mut any = false;
-        for st in &mut self.devices {
+        for (i, st) in self.devices.iter_mut().enumerate() {
             let hit = match scope {
                 Scope::Device(_) => false,
                 Scope::Rack(r) => st.rack == r,
@@ -475,13 +475,7 @@ impl Manager {
                 any = true;
                 n += usize::from(st.maintenance != on);
                 st.maintenance = on;
-            }
-        }
-        if any {
-            for (i, st) in self.devices.iter().enumerate() {
-                if matches!(scope, Scope::Rack(r) if st.rack == r) || matches!(scope, Scope::Site(x) if st.site == x) {
-                    self.dirty[i / 64] |= 1 << (i % 64);
-                }
+                self.dirty[i / 64] |= 1 << (i % 64);
             }
         }
         if let Scope::Device(d) = scope {

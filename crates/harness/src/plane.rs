@@ -367,15 +367,9 @@ mod tests {
         let f = fleet();
         let cfg = DispatchConfig { min_on_ms: 0, min_off_ms: 0, ..Default::default() };
         let mut d = Dispatcher::new(&f, cfg, 0);
-        let quiet = AgentParams {
-            fail_prob: 0.0,
-            lost_answer_prob: 0.0,
-            silence_per_hour: 0.0,
-            overheat_per_hour: 0.0,
-            board_failure_per_hour: 0.0,
-            ..Default::default()
-        };
-        let mut p = DevicePlane::new(&f, PlaneConfig { agents: quiet, ..Default::default() }, 1, 0, &d, 1).unwrap();
+        let mut p =
+            DevicePlane::new(&f, PlaneConfig { agents: AgentParams::quiet(), ..Default::default() }, 1, 0, &d, 1)
+                .unwrap();
         p.advance_to(60_000, &mut d);
         let out = p.take_output();
         assert!(out.reports >= f.devices.len() as u64 * 5);

@@ -11,7 +11,7 @@
 
 use hcp_econ::dispatch::{Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal};
 use hcp_econ::plan::{PlanInput, PlannerConfig, Schedule};
-use hcp_model::fleet::Fleet;
+use hcp_model::fleet::{Fleet, Group};
 use hcp_model::{ModelRef, SimTime};
 use hcp_sim::asic::{AsicTarget, IdleMode};
 use hcp_sim::fleet::GroupTarget;
@@ -98,6 +98,21 @@ pub struct DispatchPolicy {
     idle_w: Vec<f64>,
     /// The last plan (changes and reasons), for inspection.
     pub last_plan: Option<Plan>,
+}
+
+/// Per site, the power its GPUs draw serving at their highest cap, and the least they draw serving
+/// at their lowest (host draw included).
+pub fn gpu_budgets(fleet: &Fleet, groups: &[Group]) -> Vec<GpuBudget> {
+    let mut gpus = vec![GpuBudget::default(); fleet.sites.len()];
+    for g in groups {
+        if let ModelRef::Gpu(m) = g.model {
+            let m = fleet.catalogue.gpu(m);
+            let n = f64::from(g.count());
+            gpus[g.site.index()].planned_w += n * (m.max_power_w + m.host_idle_w + m.host_load_w);
+            gpus[g.site.index()].min_w += n * (m.min_cap_w + m.host_idle_w + m.host_load_w);
+        }
+    }
+    gpus
 }
 
 impl DispatchPolicy {
@@ -264,15 +279,7 @@ impl Controller for DispatchPolicy {
         }
         // GPUs serve at their highest cap (their paying demand is worth far more than power) unless
         // an obligation needs more than the ASICs can give.
-        let mut gpus = vec![GpuBudget::default(); n_sites];
-        for g in ctx.groups {
-            if let ModelRef::Gpu(m) = g.model {
-                let m = ctx.fleet.catalogue.gpu(m);
-                let n = f64::from(g.count());
-                gpus[g.site.index()].planned_w += n * (m.max_power_w + m.host_idle_w + m.host_load_w);
-                gpus[g.site.index()].min_w += n * (m.min_cap_w + m.host_idle_w + m.host_load_w);
-            }
-        }
+        let gpus = gpu_budgets(ctx.fleet, ctx.groups);
         if !self.foresight {
             self.replan(ctx, &gpus, &ambients);
         }

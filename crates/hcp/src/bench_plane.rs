@@ -5,26 +5,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use hcp_econ::dispatch::{DispatchConfig, Dispatcher, GpuBudget, SiteSignal};
+use hcp_econ::dispatch::{DispatchConfig, Dispatcher, SiteSignal};
 use hcp_harness::plane::{DevicePlane, PlaneConfig};
-use hcp_model::fleet::Fleet;
-use hcp_sim::agents::{AgentParams, Agents};
+use hcp_sim::agents::Agents;
 
 use crate::cli::{REFERENCE_FLEET, load_fleet};
-
-/// GPUs at their highest cap, able to go down to their lowest (as the engine plans them).
-fn gpu_budgets(fleet: &Fleet) -> Vec<GpuBudget> {
-    let mut b = vec![GpuBudget::default(); fleet.sites.len()];
-    for d in &fleet.devices {
-        if let hcp_model::ModelRef::Gpu(m) = d.model {
-            let m = fleet.catalogue.gpu(m);
-            let extra = m.host_idle_w + m.host_load_w;
-            b[d.site.index()].planned_w += m.max_power_w + extra;
-            b[d.site.index()].min_w += m.min_cap_w + extra;
-        }
-    }
-    b
-}
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
@@ -50,7 +35,7 @@ pub fn switching(json: bool, fleet: Option<&Path>, events: usize) -> Result<Exit
     let fleet = load_fleet(fleet, REFERENCE_FLEET)?;
     let cfg = DispatchConfig { min_on_ms: 0, min_off_ms: 0, ..DispatchConfig::default() };
     let mut d = Dispatcher::new(&fleet, cfg, 0);
-    let gpus = gpu_budgets(&fleet);
+    let gpus = hcp_harness::policies::gpu_budgets(&fleet, &fleet.groups());
     let t_build = Instant::now();
     let mut plane =
         DevicePlane::new(&fleet, PlaneConfig::default(), 7, 0, &d, 1).map_err(|e| anyhow::anyhow!("plane: {e}"))?;
@@ -86,13 +71,10 @@ pub fn switching(json: bool, fleet: Option<&Path>, events: usize) -> Result<Exit
         plane.advance_to(now + 20_000, &mut d);
         plane.take_output();
     }
-    let mut l = lat.clone();
-    l.sort_by(f64::total_cmp);
-    let mut b = batch.clone();
-    b.sort_by(f64::total_cmp);
-    let mut c = changes.clone();
-    c.sort_by(f64::total_cmp);
-    single.sort_by(f64::total_cmp);
+    for v in [&mut lat, &mut batch, &mut changes, &mut single] {
+        v.sort_by(f64::total_cmp);
+    }
+    let (l, b, c) = (&lat[..], &batch[..], &changes[..]);
     let median = |f: fn(&(f64, f64, f64)) -> f64| {
         let mut v: Vec<f64> = parts.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
@@ -105,8 +87,8 @@ pub fn switching(json: bool, fleet: Option<&Path>, events: usize) -> Result<Exit
         "median_parts_ms": { "plan": median(|p| p.0), "intents": median(|p| p.1), "reconcile": median(|p| p.2) },
         "plane_build_s": build_s,
         "signal_to_first_batch_ms": {
-            "p50": quantile(&l, 0.5),
-            "p99": quantile(&l, 0.99),
+            "p50": quantile(l, 0.5),
+            "p99": quantile(l, 0.99),
             "max": l[l.len() - 1],
             "target_p99": 10.0,
         },
@@ -115,8 +97,8 @@ pub fn switching(json: bool, fleet: Option<&Path>, events: usize) -> Result<Exit
             "p99": quantile(&single, 0.99),
             "target_p99": 10.0,
         },
-        "changes_per_event": { "p50": quantile(&c, 0.5), "max": c[c.len() - 1] },
-        "first_batch_commands": { "p50": quantile(&b, 0.5), "max": b[b.len() - 1] },
+        "changes_per_event": { "p50": quantile(c, 0.5), "max": c[c.len() - 1] },
+        "first_batch_commands": { "p50": quantile(b, 0.5), "max": b[b.len() - 1] },
     });
     print(&obj, json)
 }
@@ -150,8 +132,7 @@ pub fn telemetry(json: bool, fleet: Option<&Path>, minutes: u32, store_url: Opti
     let agents_s = t.elapsed().as_secs_f64();
     // The same agents through the plane.
     let mut d = Dispatcher::new(&fleet, DispatchConfig::default(), 0);
-    let mut plane = DevicePlane::new(&fleet, PlaneConfig { agents: AgentParams { ..cfg.agents }, ..cfg }, 7, 0, &d, 1)
-        .map_err(|e| anyhow::anyhow!("plane: {e}"))?;
+    let mut plane = DevicePlane::new(&fleet, cfg, 7, 0, &d, 1).map_err(|e| anyhow::anyhow!("plane: {e}"))?;
     let t = Instant::now();
     plane.advance_to(span_ms + 60_000, &mut d);
     let plane_s = t.elapsed().as_secs_f64();
@@ -159,19 +140,7 @@ pub fn telemetry(json: bool, fleet: Option<&Path>, minutes: u32, store_url: Opti
     // The agents alone ran one minute less; scale their time to the plane's span.
     let agents_scaled_s = agents_s * (span_ms + 60_000) as f64 / span_ms as f64;
     let ingest_s = (plane_s - agents_scaled_s).max(1e-9);
-    let rows: Vec<hcp_store::DeviceMinuteRow> = out
-        .minutes
-        .iter()
-        .map(|m| hcp_store::DeviceMinuteRow {
-            device_idx: i64::from(m.device.0),
-            minute_ms: m.minute_ms,
-            samples: i64::from(m.samples),
-            power_w_avg: m.power_w_avg,
-            hashrate_ths_avg: m.hashrate_ths_avg,
-            temp_c_max: m.temp_c_max,
-            errors: m.errors as i64,
-        })
-        .collect();
+    let rows: Vec<hcp_store::DeviceMinuteRow> = out.minutes.iter().map(hcp_server::engine::minute_row).collect();
     let dir = std::env::temp_dir().join(format!("hcp-bench-telemetry-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let url = match store_url {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hcp_econ::dispatch::{DispatchConfig, Plan, Reason};
 use hcp_fleet::{Event, Outcome, Scope, Target};
 use hcp_harness::controller::{Controller, DecisionContext};
-use hcp_harness::plane::{DevicePlane, PlaneConfig, PlaneOutput};
+use hcp_harness::plane::{DeviceMinute, DevicePlane, PlaneConfig, PlaneOutput};
 use hcp_harness::policies::DispatchPolicy;
 use hcp_harness::run::{DemandSource, GridSource, Harness, MarketSource, Scenario, SiteRow};
 use hcp_model::SimTime;
@@ -301,6 +301,19 @@ fn target_text(t: Target) -> String {
     }
 }
 
+/// A device-minute rollup as stored.
+pub fn minute_row(m: &DeviceMinute) -> DeviceMinuteRow {
+    DeviceMinuteRow {
+        device_idx: i64::from(m.device.0),
+        minute_ms: m.minute_ms,
+        samples: i64::from(m.samples),
+        power_w_avg: m.power_w_avg,
+        hashrate_ths_avg: m.hashrate_ths_avg,
+        temp_c_max: m.temp_c_max,
+        errors: m.errors as i64,
+    }
+}
+
 /// Writes what the device plane did: commands, answers, status changes, minute rollups.
 async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
     let out = &d.plane;
@@ -350,19 +363,7 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
         })
         .collect();
     app.store.set_device_status(&status).await?;
-    let minutes: Vec<DeviceMinuteRow> = out
-        .minutes
-        .iter()
-        .map(|m| DeviceMinuteRow {
-            device_idx: i64::from(m.device.0),
-            minute_ms: m.minute_ms,
-            samples: i64::from(m.samples),
-            power_w_avg: m.power_w_avg,
-            hashrate_ths_avg: m.hashrate_ths_avg,
-            temp_c_max: m.temp_c_max,
-            errors: m.errors as i64,
-        })
-        .collect();
+    let minutes: Vec<DeviceMinuteRow> = out.minutes.iter().map(minute_row).collect();
     app.store.put_device_minutes(&minutes).await?;
     metrics::counter!("hcp_commands_total", "event" => "sent").increment(out.commands.len() as u64);
     let failed = out.outcomes.iter().filter(|o| matches!(o.3, Outcome::Failed(_))).count() as u64;

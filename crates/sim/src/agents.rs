@@ -67,6 +67,18 @@ impl Default for AgentParams {
 }
 
 impl AgentParams {
+    /// Agents that never misbehave: no failures, lost answers, silences, heat or board failures.
+    pub fn quiet() -> Self {
+        AgentParams {
+            fail_prob: 0.0,
+            lost_answer_prob: 0.0,
+            silence_per_hour: 0.0,
+            overheat_per_hour: 0.0,
+            board_failure_per_hour: 0.0,
+            ..Default::default()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.telemetry_every_ms <= 0 {
             return Err("telemetry_every_ms: must be > 0".into());
@@ -301,21 +313,10 @@ mod tests {
         Fleet::from_toml("small.toml", include_str!("../../../examples/fleets/small.toml")).unwrap()
     }
 
-    fn quiet() -> AgentParams {
-        AgentParams {
-            fail_prob: 0.0,
-            lost_answer_prob: 0.0,
-            silence_per_hour: 0.0,
-            overheat_per_hour: 0.0,
-            board_failure_per_hour: 0.0,
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn every_device_reports_once_per_period() {
         let f = fleet();
-        let mut a = Agents::new(&f, quiet(), 1, 0).unwrap();
+        let mut a = Agents::new(&f, AgentParams::quiet(), 1, 0).unwrap();
         let (mut r, mut ans) = (vec![], vec![]);
         for t in (0..=60_000).step_by(1_000) {
             a.step(t, &mut r, &mut ans);
@@ -332,7 +333,7 @@ mod tests {
     #[test]
     fn commands_apply_after_a_delay_and_once() {
         let f = fleet();
-        let mut a = Agents::new(&f, quiet(), 2, 0).unwrap();
+        let mut a = Agents::new(&f, AgentParams::quiet(), 2, 0).unwrap();
         let d = DeviceIdx(0);
         let c = Command { id: 7, device: d, target: Target::Sleep, attempt: 1, deadline_ms: 10_000 };
         a.command(&c, 0);
