@@ -4,7 +4,7 @@
 //!
 //! Architecture invariant: deterministic from a seed and stepping on simulated time. No clock, no
 //! threads, no file or network IO (replay parses text or readers that callers open). Depends only on
-//! the model and econ crates.
+//! the model, econ and fleet crates (the agents speak the resource manager's command and report types).
 
 pub mod agents;
 pub mod asic;
