@@ -29,6 +29,7 @@
 //! placement reads the first entries of a per-model ordered index of replicas with room (sublinear
 //! in replicas); expiry is a FIFO per band (every expiry is `now + ttl` of its band).
 
+use smallvec::SmallVec;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -326,8 +327,9 @@ type TenantQueue = VecDeque<((i64, u64), u32)>;
 /// Backlog of one (model, band): tenants ordered by virtual counter.
 #[derive(Default)]
 struct BandQueue {
-    /// (counter bits, tenant index).
-    order: BTreeSet<(u64, u32)>,
+    /// (counter bits, tenant index, its queue in `Router::queues`): the queue rides in the key's
+    /// padding, so serving the head reads no tenant record.
+    order: BTreeSet<(u64, u32, u32)>,
     len: usize,
 }
 
@@ -337,13 +339,14 @@ struct TenantState {
 }
 
 /// A tenant's state in one band (`Router::tband[tenant * bands + band]`, flat so that one access
-/// touches one place).
+/// touches one place). Aligned so that the counter and the queue list share one cache line.
 #[derive(Default)]
+#[repr(C, align(32))]
 struct TenantBand {
     /// Virtual token counter.
     counter: f64,
     /// Where the tenant has queued work in this band: (model index, its queue in `Router::queues`).
-    waiting_in: Vec<(u32, u32)>,
+    waiting_in: SmallVec<[(u32, u32); 2]>,
     stats: crate::metrics::TenantStats,
 }
 
@@ -522,7 +525,7 @@ impl Router {
         self.tenant_ix.insert(spec.id, self.tenants.len() as u32);
         self.tenants.push(TenantState { spec, usage_gpus: 0.0 });
         // Room for two models per band up front: a tenant waiting on a model allocates nothing.
-        self.tband.extend((0..bands).map(|_| TenantBand { waiting_in: Vec::with_capacity(2), ..Default::default() }));
+        self.tband.extend((0..bands).map(|_| TenantBand::default()));
         Ok(())
     }
 
@@ -879,7 +882,7 @@ impl Router {
         let q = match self.tband[tb].waiting_in.iter().find(|w| w.0 == mix) {
             Some(&(_, q)) => q,
             None => {
-                if let Some(&(k, _)) = self.models[mix as usize].bands[band].order.first()
+                if let Some(&(k, _, _)) = self.models[mix as usize].bands[band].order.first()
                     && f64::from_bits(k) > self.tband[tb].counter
                 {
                     self.set_counter(tix, band, f64::from_bits(k));
@@ -893,7 +896,7 @@ impl Router {
                 };
                 self.tband[tb].waiting_in.push((mix, q));
                 let counter = self.tband[tb].counter;
-                self.models[mix as usize].bands[band].order.insert((key(counter), tix));
+                self.models[mix as usize].bands[band].order.insert((key(counter), tix, q));
                 q
             }
         };
@@ -947,7 +950,7 @@ impl Router {
                 *tq = TenantQueue::new();
             }
             self.free_queues.push(q);
-            bq.order.remove(&(key(tb.counter), tix));
+            bq.order.remove(&(key(tb.counter), tix, q));
             tb.waiting_in.swap_remove(w);
         }
         bq.len -= 1;
@@ -1016,6 +1019,13 @@ impl Router {
             out.push(Decision::Reject { id, reason: RejectReason::UnknownTenant });
             return;
         };
+        // The records this arrival will touch, asked for together while it is validated.
+        if usize::from(w.band) < self.nb {
+            prefetch(&self.tband[tix as usize * self.nb + usize::from(w.band)]);
+        }
+        if let Some(&ix) = self.free_items.last() {
+            prefetch(&self.items[ix as usize]);
+        }
         let why = if usize::from(w.band) >= self.cfg.bands {
             Some("band: beyond the configured bands")
         } else if w.gang == 0 {
@@ -1119,10 +1129,10 @@ impl Router {
     fn set_counter(&mut self, tix: u32, band: usize, new: f64) {
         let t = &mut self.tband[tix as usize * self.nb + band];
         let old = std::mem::replace(&mut t.counter, new);
-        for &(mix, _) in &t.waiting_in {
+        for &(mix, q) in &t.waiting_in {
             let bq = &mut self.models[mix as usize].bands[band];
-            if bq.order.remove(&(key(old), tix)) {
-                bq.order.insert((key(new), tix));
+            if bq.order.remove(&(key(old), tix, q)) {
+                bq.order.insert((key(new), tix, q));
             }
         }
     }
@@ -1131,9 +1141,13 @@ impl Router {
     pub fn complete(&mut self, id: ReqId, output_tokens: u32, now_ms: i64, out: &mut Vec<Decision>) {
         let now = self.advance(now_ms);
         let Some(&ix) = self.ids.get(&id) else { return };
-        if self.items[ix as usize].state != State::Running {
+        let it = &self.items[ix as usize];
+        if it.state != State::Running {
             return;
         }
+        // Ask for the tenant's two records together rather than one after the other.
+        prefetch(&self.tband[it.tix as usize * self.nb + usize::from(it.band)]);
+        prefetch(&self.tenants[it.tix as usize]);
         self.progress_ix(ix, output_tokens, now);
         self.release(ix);
         let it = &self.items[ix as usize];
@@ -1221,7 +1235,7 @@ impl Router {
         if self.models[mix as usize].free.is_empty() && !self.any_guarantee {
             return false;
         }
-        let mut cursor: Option<(u64, u32)> = None;
+        let mut cursor: Option<(u64, u32, u32)> = None;
         let mut best: Option<(f64, u32)> = None;
         let mut after_best = 0;
         for _ in 0..64 {
@@ -1231,11 +1245,7 @@ impl Router {
                     None => bq.order.range(..),
                     Some(c) => bq.order.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
                 };
-                it.next().copied().map(|k| {
-                    let tb = &self.tband[k.1 as usize * self.nb + band];
-                    let q = tb.waiting_in.iter().find(|w| w.0 == mix).map(|w| w.1);
-                    (k, q.and_then(|q| self.queues[q as usize].front()).map(|e| e.1))
-                })
+                it.next().copied().map(|k| (k, self.queues[k.2 as usize].front().map(|e| e.1)))
             };
             let Some((k, Some(ix))) = next else { break };
             cursor = Some(k);
@@ -1539,7 +1549,7 @@ impl Router {
                 for (t, tb) in self.tband.iter().enumerate().skip(b).step_by(self.nb) {
                     for &(mix, q) in &tb.waiting_in {
                         if self.models[mix as usize].id == m.id {
-                            expect.insert((key(tb.counter), (t / self.nb) as u32));
+                            expect.insert((key(tb.counter), (t / self.nb) as u32, q));
                             len += self.queues[q as usize].len();
                         }
                     }
