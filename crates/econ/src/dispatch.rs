@@ -232,6 +232,7 @@ pub struct GpuBudget {
     pub min_w: f64,
 }
 
+#[derive(Clone)]
 struct Group {
     site: SiteIdx,
     feeder: FeederIdx,
@@ -276,6 +277,7 @@ struct Group {
 }
 
 /// Cap counts of a site, kept while nothing they depend on changes.
+#[derive(Clone)]
 struct CapCache {
     key: Vec<f64>,
     caps: Vec<usize>,
@@ -312,7 +314,86 @@ impl Group {
     }
 }
 
+/// A group's decided move: to `n` segments. `forced` is the reason when a cap, a commitment or the
+/// safe policy (not the price) set the cut; `cap_cut` is the cut the caps alone allow.
+#[derive(Clone, Copy, Debug)]
+struct Cut {
+    gi: usize,
+    n: usize,
+    cap_cut: usize,
+    price: f64,
+    scale: f64,
+    forced: Option<u32>,
+}
+
+/// A plan being turned into device changes (see [`Dispatcher::start_plan_sites`]). It holds the
+/// dispatcher until finished, so nothing else can observe a half-applied plan.
+pub struct PlanRun<'a> {
+    d: &'a mut Dispatcher,
+    plan: Plan,
+    cuts: Vec<Cut>,
+    next: usize,
+    restarts: Vec<u32>,
+    which: Vec<SiteIdx>,
+    skipped: [u32; 4],
+    /// Changes already handed out by `step`.
+    handed: usize,
+}
+
+impl PlanRun<'_> {
+    /// Applies whole groups' cuts until at least `min_changes` new device changes exist (or every
+    /// cut is applied) and returns those new changes.
+    pub fn step(&mut self, min_changes: usize) -> &[TargetChange] {
+        let from = self.handed;
+        let now = self.plan.at_ms;
+        while self.next < self.cuts.len() && self.plan.changes.len() - from < min_changes {
+            let cut = self.cuts[self.next];
+            self.next += 1;
+            self.d.apply_cut(&cut, now, &mut self.restarts, &mut self.plan);
+        }
+        self.handed = self.plan.changes.len();
+        &self.plan.changes[from..]
+    }
+
+    /// Whether every cut is applied.
+    pub fn done(&self) -> bool {
+        self.next == self.cuts.len()
+    }
+
+    /// Applies what is left and returns the plan: reductions before increases, so that no instant
+    /// draws more than either plan; increases keep their staggered `not_before_ms`.
+    pub fn finish(mut self) -> Plan {
+        self.step(usize::MAX);
+        let d = self.d;
+        let mut plan = self.plan;
+        for site in &self.which {
+            let s = site.index();
+            plan.sites[s].asic_mw = d.site_groups[s].iter().map(|&gi| d.groups[gi].planned_w()).sum::<f64>() / 1e6;
+        }
+        let mut skipped = self.skipped;
+        skipped[Skip::Cooldown as usize] += plan.blocked;
+        plan.skipped = [Skip::StaleTelemetry, Skip::Maintenance, Skip::Faulted, Skip::Cooldown]
+            .into_iter()
+            .zip(skipped)
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        let mut ups = std::mem::take(&mut plan.changes);
+        let mut downs = Vec::with_capacity(ups.len());
+        ups.retain(|c| {
+            let up = c.to_level > c.from_level;
+            if !up {
+                downs.push(*c);
+            }
+            up
+        });
+        downs.append(&mut ups);
+        plan.changes = downs;
+        plan
+    }
+}
+
 /// The dispatcher's state: groups with sorted segments, each device's level and history.
+#[derive(Clone)]
 pub struct Dispatcher {
     pub cfg: DispatchConfig,
     groups: Vec<Group>,
@@ -581,8 +662,7 @@ impl Dispatcher {
         gpus: &[GpuBudget],
         commitments: &[Commitment],
     ) -> Plan {
-        let all: Vec<SiteIdx> = (0..self.site_cap_w.len()).map(|s| SiteIdx(s as u16)).collect();
-        self.plan_sites(now_ms, &all, sites, hashprice, gpus, commitments)
+        self.start_plan(now_ms, sites, hashprice, gpus, commitments).finish()
     }
 
     /// Plans the listed sites (an event at one site re-plans only that site). `sites` and `gpus`
@@ -597,10 +677,40 @@ impl Dispatcher {
         gpus: &[GpuBudget],
         commitments: &[Commitment],
     ) -> Plan {
+        self.start_plan_sites(now_ms, which, sites, hashprice, gpus, commitments).finish()
+    }
+
+    /// [`Dispatcher::start_plan_sites`] for every site.
+    pub fn start_plan(
+        &mut self,
+        now_ms: i64,
+        sites: &[SiteSignal],
+        hashprice: f64,
+        gpus: &[GpuBudget],
+        commitments: &[Commitment],
+    ) -> PlanRun<'_> {
+        let all: Vec<SiteIdx> = (0..self.site_cap_w.len()).map(|s| SiteIdx(s as u16)).collect();
+        self.start_plan_sites(now_ms, &all, sites, hashprice, gpus, commitments)
+    }
+
+    /// Decides every group's new cut on the listed sites (work per group, not per device) and
+    /// returns the run that turns those cuts into device changes, group by group: groups that
+    /// shed power first, then groups recounted, then groups that add power. The caller may act on
+    /// the first changes (send the first command batch) before the rest exist; the finished plan
+    /// is the same whether it was taken in steps or at once.
+    pub fn start_plan_sites(
+        &mut self,
+        now_ms: i64,
+        which: &[SiteIdx],
+        sites: &[SiteSignal],
+        hashprice: f64,
+        gpus: &[GpuBudget],
+        commitments: &[Commitment],
+    ) -> PlanRun<'_> {
         let mut plan =
             Plan { at_ms: now_ms, sites: vec![SitePlan::default(); self.site_cap_w.len()], ..Default::default() };
         let mut skipped = [0u32; 4];
-        let mut restarts = vec![0u32; self.feeder_limit_w.len()];
+        let mut cuts = vec![];
         for &site in which {
             let s = site.index();
             for k in 0..self.site_groups[s].len() {
@@ -610,37 +720,31 @@ impl Dispatcher {
                     *a += b;
                 }
             }
-            self.plan_site(
-                now_ms,
-                s,
-                &sites[s],
-                hashprice,
-                gpus.get(s).copied().unwrap_or_default(),
-                commitments,
-                &mut restarts,
-                &mut plan,
-            );
+            let gpu = gpus.get(s).copied().unwrap_or_default();
+            self.plan_site(now_ms, s, &sites[s], hashprice, gpu, commitments, &mut cuts, &mut plan);
         }
-        skipped[Skip::Cooldown as usize] += plan.blocked;
-        plan.skipped = [Skip::StaleTelemetry, Skip::Maintenance, Skip::Faulted, Skip::Cooldown]
-            .into_iter()
-            .zip(skipped)
-            .filter(|&(_, n)| n > 0)
-            .collect();
-        // Reductions before increases, so that no instant draws more than either plan; increases
-        // keep their staggered `not_before_ms`.
-        let mut ups = std::mem::take(&mut plan.changes);
-        let mut downs = Vec::with_capacity(ups.len());
-        ups.retain(|c| {
-            let up = c.to_level > c.from_level;
-            if !up {
-                downs.push(*c);
+        // Shedding first (a grid event's first batch is reductions), then recounts (either way),
+        // then additions; each class keeps group order.
+        cuts.sort_by_key(|c| {
+            let old = self.groups[c.gi].cut;
+            if old == usize::MAX || self.groups[c.gi].irregular_w.is_some() {
+                1
+            } else if c.n < old {
+                0
+            } else {
+                2
             }
-            up
         });
-        downs.append(&mut ups);
-        plan.changes = downs;
-        plan
+        PlanRun {
+            restarts: vec![0; self.feeder_limit_w.len()],
+            d: self,
+            plan,
+            cuts,
+            next: 0,
+            which: which.to_vec(),
+            skipped,
+            handed: 0,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -652,7 +756,7 @@ impl Dispatcher {
         hashprice: f64,
         gpu: GpuBudget,
         commitments: &[Commitment],
-        restarts: &mut [u32],
+        cuts: &mut Vec<Cut>,
         plan: &mut Plan,
     ) {
         let site = SiteIdx(s as u16);
@@ -757,10 +861,12 @@ impl Dispatcher {
                 }
                 // The safe policy's shutdowns are forced like a cap's: no minimum on time holds them.
                 let cap_cut = if stale { 0 } else { caps[k] };
-                self.apply_cut(gi, n, cap_cut, now_ms, price, scale[k], forced, restarts, plan);
+                let g = &self.groups[gi];
+                if g.cut != n || g.irregular_w.is_some() {
+                    cuts.push(Cut { gi, n, cap_cut, price, scale: scale[k], forced });
+                }
             }
         }
-        plan.sites[s].asic_mw = gs.iter().map(|&gi| self.groups[gi].planned_w()).sum::<f64>() / 1e6;
     }
 
     /// The counts the caps allow, independent of price (so that hysteresis can hold a group inside
@@ -843,21 +949,9 @@ impl Dispatcher {
         (caps, hit, true)
     }
 
-    /// Moves group `gi` to `n` segments and records the device changes. `forced` is the reason
-    /// when a cap, a commitment or the safe policy (not the price) set the cut.
-    #[allow(clippy::too_many_arguments)]
-    fn apply_cut(
-        &mut self,
-        gi: usize,
-        n: usize,
-        cap_cut: usize,
-        now_ms: i64,
-        price: f64,
-        scale: f64,
-        forced: Option<u32>,
-        restarts: &mut [u32],
-        plan: &mut Plan,
-    ) {
+    /// Moves a group to its new cut and records the device changes.
+    fn apply_cut(&mut self, cut: &Cut, now_ms: i64, restarts: &mut [u32], plan: &mut Plan) {
+        let Cut { gi, n, cap_cut, price, scale, forced } = *cut;
         let g = &self.groups[gi];
         let old = g.cut;
         if old == n && g.irregular_w.is_none() {

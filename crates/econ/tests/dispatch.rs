@@ -408,3 +408,81 @@ proptest! {
         }
     }
 }
+
+/// Two sites of the random fleet's shape (their prices move independently, so in one plan some
+/// groups shed while others add).
+fn two_sites(cap_mw: f64, a: (usize, u32), b: (usize, u32)) -> Fleet {
+    let site = |id: &str, m: usize, n: u32| {
+        format!(
+            r#"
+[[site]]
+id = "{id}"
+power_cap_mw = {cap_mw}
+settlement_point = "P"
+  [[site.feeder]]
+  id = "{id}-f"
+  limit_kw = 800
+    [[site.feeder.rack]]
+    devices = [{{ model = "{}", count = {n} }}, {{ model = "{}", count = {n} }}]
+"#,
+            MODELS[m],
+            MODELS[(m + 3) % 7]
+        )
+    };
+    fleet(&format!("name = \"two\"\n{}{}", site("x", a.0, a.1), site("y", b.0, b.1)))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A plan taken in steps (the first command batch leaves before the rest exists) is the plan
+    /// taken at once, its steps hand out every change exactly once, and once no group needs a
+    /// recount every reduction is handed out before any increase.
+    #[test]
+    fn a_plan_taken_in_steps_is_the_plan_taken_at_once(
+        cap_mw in 0.05f64..1.0,
+        a in (0usize..7, 1u32..60),
+        b in (0usize..7, 1u32..60),
+        prices in proptest::collection::vec((-50.0f64..400.0, -50.0f64..400.0), 2..10),
+        step in 1usize..40,
+        hp in 20.0f64..80.0,
+    ) {
+        let f = two_sites(cap_mw, a, b);
+        let n = f.devices.len() as u32;
+        let mut whole = Dispatcher::new(&f, cfg(), 0);
+        let mut stepped = Dispatcher::new(&f, cfg(), 0);
+        let gpu = [GpuBudget::default(); 2];
+        for (t, (px, py)) in prices.iter().enumerate() {
+            let t = t as i64 * 1_000;
+            for i in 0..n {
+                whole.observe(DeviceIdx(i), t, 1.0, false);
+                stepped.observe(DeviceIdx(i), t, 1.0, false);
+            }
+            let sig = [SiteSignal::new(*px, t, 20.0), SiteSignal::new(*py, t, 20.0)];
+            let expect = whole.plan(t, &sig, hp, &gpu, &[]);
+            let mut run = stepped.start_plan(t, &sig, hp, &gpu, &[]);
+            let mut handed = vec![];
+            while !run.done() {
+                let chunk = run.step(step).to_vec();
+                prop_assert!(!chunk.is_empty() || run.done());
+                handed.extend_from_slice(&chunk);
+            }
+            prop_assert!(run.step(step).is_empty());
+            let got = run.finish();
+            prop_assert_eq!(&got, &expect);
+            let key = |c: &TargetChange| c.device.0;
+            let mut sorted = handed.clone();
+            sorted.sort_by_key(key);
+            let mut all = got.changes.clone();
+            all.sort_by_key(key);
+            prop_assert_eq!(sorted, all);
+            if t > 0 {
+                let first_up = handed.iter().position(|c| c.to_level > c.from_level).unwrap_or(handed.len());
+                prop_assert!(handed[first_up..].iter().all(|c| c.to_level > c.from_level), "a reduction after an increase");
+            }
+            for i in 0..n {
+                prop_assert_eq!(whole.level(DeviceIdx(i)), stepped.level(DeviceIdx(i)));
+            }
+        }
+    }
+}

@@ -16,7 +16,7 @@
 //! - Batching and staggering: at most `batch_max` commands per tick in all, and per feeder at most
 //!   `per_feeder_per_tick` wake-ups (commands that raise power), so that a feeder is not hit by the
 //!   inrush of every device waking at once; power reductions are not staggered (they are what a grid
-//!   event needs fast).
+//!   event needs fast). Ticks at the same instant share one budget (a plan sent in steps).
 //! - Health: temperature above `temp_max_c`, error counters rising by more than `errors_max_per_report`
 //!   in one report, or hashrate below `hashrate_ratio_min` of the expected hashrate for
 //!   `bad_reports_to_quarantine` reports in a row put the device in quarantine: it is slept and
@@ -244,6 +244,7 @@ struct DeviceState {
 }
 
 /// The resource manager of one fleet.
+#[derive(Clone)]
 pub struct Manager {
     cfg: ManagerConfig,
     devices: Vec<DeviceState>,
@@ -264,6 +265,9 @@ pub struct Manager {
     timers: BinaryHeap<Reverse<(i64, u32)>>,
     /// Wake-ups per feeder in the current tick.
     wakes: Vec<u32>,
+    /// The instant the batch budgets (`wakes`, `sent_at`) count for.
+    budget_at: Option<i64>,
+    sent_at: usize,
 }
 
 impl Manager {
@@ -303,6 +307,8 @@ impl Manager {
             heartbeats: VecDeque::new(),
             timers: BinaryHeap::new(),
             wakes: vec![0; fleet.feeders.len()],
+            budget_at: None,
+            sent_at: 0,
         })
     }
 
@@ -568,15 +574,17 @@ impl Manager {
             }
             self.mark(i as usize);
         }
-        self.wakes.iter_mut().for_each(|w| *w = 0);
-        let mut sent = 0;
-        for w in 0..self.dirty.len() {
+        // The batch and wake-up budgets are per instant: a second tick at the same time (the rest
+        // of a plan that was sent in steps) continues them rather than starting new ones.
+        self.budgets_for(now_ms);
+        let mut sent = self.sent_at;
+        'scan: for w in 0..self.dirty.len() {
             let mut bits = self.dirty[w];
             while bits != 0 {
                 let b = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 if sent >= self.cfg.batch_max {
-                    return;
+                    break 'scan;
                 }
                 let i = w * 64 + b;
                 let keep = self.reconcile_one(i, now_ms, commands, &mut sent);
@@ -584,6 +592,38 @@ impl Manager {
                     self.dirty[w] &= !(1 << b);
                 }
             }
+        }
+        self.sent_at = sent;
+    }
+
+    /// Sends the commands the listed devices need now (the devices a plan just changed), within
+    /// the instant's budgets, before anything else is looked at: the first batch of a plan leaves
+    /// without a pass over the rest of the fleet. Timeouts, heartbeats, timers and other marked
+    /// devices wait for the next [`Manager::tick`] (at the same instant, it continues the budgets).
+    pub fn tick_devices(&mut self, now_ms: i64, devices: impl IntoIterator<Item = DeviceIdx>, commands: &mut Vec<Command>) {
+        self.budgets_for(now_ms);
+        let mut sent = self.sent_at;
+        for d in devices {
+            let i = d.index();
+            if sent >= self.cfg.batch_max {
+                break;
+            }
+            let (w, bit) = (i / 64, 1u64 << (i % 64));
+            if self.dirty.get(w).is_none_or(|x| x & bit == 0) {
+                continue;
+            }
+            if !self.reconcile_one(i, now_ms, commands, &mut sent) {
+                self.dirty[w] &= !bit;
+            }
+        }
+        self.sent_at = sent;
+    }
+
+    fn budgets_for(&mut self, now_ms: i64) {
+        if self.budget_at != Some(now_ms) {
+            self.budget_at = Some(now_ms);
+            self.wakes.iter_mut().for_each(|w| *w = 0);
+            self.sent_at = 0;
         }
     }
 

@@ -51,6 +51,9 @@ fn commands_move_devices_to_their_intent_staggered_and_idempotent() {
     let (mut cmds, mut ev) = (vec![], vec![]);
     m.tick(1_000, &mut cmds, &mut ev);
     assert_eq!(cmds.len(), 3, "wake-ups are staggered per feeder");
+    // A second tick at the same instant (the rest of a plan sent in steps) shares its budget.
+    m.tick(1_000, &mut cmds, &mut ev);
+    assert_eq!(cmds.len(), 3, "one budget per instant");
     let first = cmds.clone();
     cmds.clear();
     m.tick(2_000, &mut cmds, &mut ev);

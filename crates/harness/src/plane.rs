@@ -14,7 +14,7 @@
 //!
 //! Architecture invariant: pure and deterministic (seeded agents, simulated time, device order).
 
-use hcp_econ::dispatch::{Dispatcher, Plan};
+use hcp_econ::dispatch::{Dispatcher, Plan, TargetChange};
 use hcp_fleet::{Command, CommandId, Event, Manager, ManagerConfig, Outcome, Report, Scope, Target};
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::Fleet;
@@ -77,6 +77,7 @@ struct Acc {
     errors: u64,
 }
 
+#[derive(Clone)]
 pub struct DevicePlane {
     manager: Manager,
     agents: Agents,
@@ -281,7 +282,13 @@ impl DevicePlane {
 
     /// A plan's changes become intents. GPU caps come separately ([`DevicePlane::set_gpu_cap`]).
     pub fn apply_plan(&mut self, plan: &Plan) {
-        for c in &plan.changes {
+        self.apply_changes(&plan.changes);
+    }
+
+    /// Some of a plan's changes become intents (a plan taken in steps, see
+    /// [`hcp_econ::dispatch::PlanRun`]); applying a change twice does nothing the second time.
+    pub fn apply_changes(&mut self, changes: &[TargetChange]) {
+        for c in changes {
             let target = if c.to_level == 0 { Target::Sleep } else { Target::Run { power_w: c.power_w } };
             // The plan only names devices of the fleet with valid powers; an error here is a bug
             // upstream, recorded rather than hidden.
@@ -300,6 +307,26 @@ impl DevicePlane {
     /// Reconciles now (after a plan): the first command batch. Returns its size.
     pub fn reconcile_now(&mut self, dispatcher: &mut Dispatcher) -> usize {
         self.reconcile(self.now_ms, dispatcher)
+    }
+
+    /// Sends the commands the given changes need, now, while the dispatcher is still busy with
+    /// the rest of its plan (the first batch of a plan taken in steps). Nothing else is looked at
+    /// until the next reconcile, which at the same instant shares this batch's budgets. Returns
+    /// the batch's size.
+    pub fn send_now(&mut self, changes: &[TargetChange]) -> usize {
+        let t = self.now_ms;
+        self.manager.tick_devices(t, changes.iter().map(|c| c.device), &mut self.cmds);
+        let n = self.cmds.len();
+        for c in self.cmds.drain(..) {
+            self.agents.command(&c, t);
+            self.out.commands.push((t, c));
+        }
+        n
+    }
+
+    /// Commands one instant may send in all (the size of a full first batch).
+    pub fn batch_max(&self) -> usize {
+        self.manager.config().batch_max
     }
 
     /// Maintenance on or off; the dispatcher holds the devices where they are.

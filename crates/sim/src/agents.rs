@@ -133,6 +133,7 @@ struct Agent {
 }
 
 /// The agents of one fleet.
+#[derive(Clone)]
 pub struct Agents {
     params: AgentParams,
     agents: Vec<Agent>,
