@@ -23,6 +23,9 @@
 //! Architecture invariant: pure; time comes in as `now_ms`. Deterministic: ties break by device
 //! index.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use hcp_model::fleet::Fleet;
 use hcp_model::signals::GridProgram;
 use hcp_model::{DeviceIdx, FeederIdx, ModelRef, SiteIdx};
@@ -262,8 +265,6 @@ struct Group {
     dirty: bool,
     /// The price the group last decided on; prices within the hysteresis band of it keep it.
     anchor_price: Option<f64>,
-    /// Earliest time a member's skip can lapse or start by itself (cooldown end, staleness).
-    next_check_ms: i64,
     /// Members skipped, by reason (order of [`Skip`]), as of the last refresh.
     skip_counts: [u32; 4],
     /// Scratch: a pending new level per member (`u8::MAX` = none; bit 7 marks a forced move).
@@ -412,6 +413,11 @@ pub struct Dispatcher {
     faulted: Vec<bool>,
     seen_ms: Vec<i64>,
     skip: Vec<Option<Skip>>,
+    /// Devices whose telemetry may go stale, by the report time they were last looked at (a
+    /// device's key is at most its latest report time): a plan finds the devices gone stale
+    /// without a pass over the fleet. `watched` says which devices have an entry.
+    stale_watch: BinaryHeap<Reverse<(i64, u32)>>,
+    watched: Vec<bool>,
 }
 
 fn asic_levels(m: &hcp_model::AsicModel, running: usize) -> (Vec<f64>, Vec<f64>) {
@@ -447,6 +453,8 @@ impl Dispatcher {
             faulted: vec![false; n],
             seen_ms: vec![now_ms; n],
             skip: vec![None; n],
+            stale_watch: BinaryHeap::new(),
+            watched: vec![false; n],
             cfg,
         };
         for g in fleet.groups() {
@@ -477,7 +485,6 @@ impl Dispatcher {
                 held_extra_w: 0.0,
                 dirty: true,
                 anchor_price: None,
-                next_check_ms: i64::MIN,
                 skip_counts: [0; 4],
                 pending: vec![u8::MAX; g.devices.len()],
                 irregular_w: None,
@@ -497,6 +504,12 @@ impl Dispatcher {
                 }
             };
         }
+        let watch: Vec<Reverse<(i64, u32)>> =
+            (0..n as u32).filter(|&i| d.group_of[i as usize] != u32::MAX).map(|i| Reverse((now_ms, i))).collect();
+        for Reverse((_, i)) in &watch {
+            d.watched[*i as usize] = true;
+        }
+        d.stale_watch = BinaryHeap::from(watch);
         d
     }
 
@@ -545,6 +558,13 @@ impl Dispatcher {
         }
         self.seen_ms[i] = now_ms;
         self.faulted[i] = faulted;
+        if !self.watched[i] {
+            self.watched[i] = true;
+            self.stale_watch.push(Reverse((now_ms, device.0)));
+        }
+        // Staleness is kept up to date a little at a time with the reports, so that a plan finds
+        // little left to do.
+        self.expire_stale(now_ms, 4);
         let e = efficiency_factor.clamp(0.5, 5.0) as f32;
         if (self.efficiency[i] - e).abs() > 0.005 {
             self.efficiency[i] = e;
@@ -603,15 +623,46 @@ impl Dispatcher {
         g.version += 1;
     }
 
-    /// Recomputes a group's skips, prefix sums and held draw if anything could have changed.
+    /// Brings the derived state (who is stale, skipped, each group's prefix sums) up to date with
+    /// the telemetry, maintenance and faults seen so far. Called as telemetry is taken in, so that
+    /// a plan, when a signal arrives, finds it done; a plan does whatever is still left itself.
+    pub fn settle(&mut self, now_ms: i64) {
+        self.expire_stale(now_ms, usize::MAX);
+        for gi in 0..self.groups.len() {
+            self.refresh(gi, now_ms);
+        }
+    }
+
+    /// Marks the groups of devices whose telemetry is stale at `now_ms` (at most `budget` entries
+    /// looked at). A device still fresh gets a new entry at its latest report time; a stale one
+    /// leaves the watch until it reports again.
+    fn expire_stale(&mut self, now_ms: i64, budget: usize) {
+        let stale = self.cfg.stale_telemetry_ms;
+        for _ in 0..budget {
+            let Some(&Reverse((seen, dev))) = self.stale_watch.peek() else { return };
+            if now_ms - seen <= stale {
+                return;
+            }
+            self.stale_watch.pop();
+            let i = dev as usize;
+            if now_ms - self.seen_ms[i] > stale {
+                self.watched[i] = false;
+                self.mark(i);
+            } else {
+                self.stale_watch.push(Reverse((self.seen_ms[i], dev)));
+            }
+        }
+    }
+
+    /// Recomputes a group's skips, prefix sums and held draw if anything could have changed (a
+    /// member's telemetry, maintenance, fault or staleness: see `mark` and `expire_stale`).
     fn refresh(&mut self, gi: usize, now_ms: i64) {
         let g = &self.groups[gi];
-        if !g.dirty && now_ms < g.next_check_ms {
+        if !g.dirty {
             return;
         }
         let mut changed = g.dirty;
         let mut freed = false;
-        let mut next = i64::MAX;
         let mut counts = [0u32; 4];
         for &dev in &g.devices {
             let i = dev as usize;
@@ -622,12 +673,8 @@ impl Dispatcher {
                 counts[x as usize] += 1;
             }
             self.skip[i] = s;
-            if s.is_none() {
-                next = next.min(self.seen_ms[i] + self.cfg.stale_telemetry_ms + 1);
-            }
         }
         let g = &mut self.groups[gi];
-        g.next_check_ms = next;
         g.dirty = false;
         g.skip_counts = counts;
         if !changed {
@@ -711,6 +758,7 @@ impl Dispatcher {
             Plan { at_ms: now_ms, sites: vec![SitePlan::default(); self.site_cap_w.len()], ..Default::default() };
         let mut skipped = [0u32; 4];
         let mut cuts = vec![];
+        self.expire_stale(now_ms, usize::MAX);
         for &site in which {
             let s = site.index();
             for k in 0..self.site_groups[s].len() {

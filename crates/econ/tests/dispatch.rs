@@ -214,6 +214,31 @@ fn cooldown_and_skips_hold_devices_with_reasons() {
     assert!(p.skipped.contains(&(Skip::StaleTelemetry, 1)));
 }
 
+/// A device that only stops reporting (nothing else about its group changes) is found stale by the
+/// next plan, held, and planned again once it reports.
+#[test]
+fn a_silent_device_goes_stale_by_itself_and_returns_when_it_reports() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    d.plan(0, &sig(200.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(levels(&d, 0..100), vec![0; 100]);
+    for t in (10_000..=120_000).step_by(10_000) {
+        for i in (0..200).filter(|&i| i != 42) {
+            d.observe(DeviceIdx(i), t, 1.0, false);
+        }
+    }
+    let p = d.plan(120_000, &sig(10.0, 120_000), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(d.skip(DeviceIdx(42)), Some(Skip::StaleTelemetry));
+    assert!(p.skipped.contains(&(Skip::StaleTelemetry, 1)), "{:?}", p.skipped);
+    assert_eq!(d.level(DeviceIdx(42)), 0, "held where it was");
+    assert_eq!(d.level(DeviceIdx(41)), 4);
+    d.observe(DeviceIdx(42), 130_000, 1.0, false);
+    let p = d.plan(130_000, &sig(10.0, 130_000), 50.0, &[GpuBudget::default()], &[]);
+    assert_eq!(d.skip(DeviceIdx(42)), None);
+    assert!(p.skipped.is_empty(), "{:?}", p.skipped);
+    assert_eq!(d.level(DeviceIdx(42)), 4);
+}
+
 #[test]
 fn minimum_on_time_underclocks_instead_of_stopping_unless_a_cap_forces_it() {
     let f = fleet(FLEET);

@@ -600,7 +600,12 @@ impl Manager {
     /// the instant's budgets, before anything else is looked at: the first batch of a plan leaves
     /// without a pass over the rest of the fleet. Timeouts, heartbeats, timers and other marked
     /// devices wait for the next [`Manager::tick`] (at the same instant, it continues the budgets).
-    pub fn tick_devices(&mut self, now_ms: i64, devices: impl IntoIterator<Item = DeviceIdx>, commands: &mut Vec<Command>) {
+    pub fn tick_devices(
+        &mut self,
+        now_ms: i64,
+        devices: impl IntoIterator<Item = DeviceIdx>,
+        commands: &mut Vec<Command>,
+    ) {
         self.budgets_for(now_ms);
         let mut sent = self.sent_at;
         for d in devices {

@@ -196,6 +196,7 @@ impl DevicePlane {
         }
         self.answers = answers;
         self.reconcile(t, dispatcher);
+        dispatcher.settle(t);
     }
 
     fn take_report(&mut self, d: DeviceIdx, r: Report, t: i64, dispatcher: &mut Dispatcher) {
@@ -416,6 +417,44 @@ mod tests {
         let out = p.take_output();
         assert_eq!(out.outcomes.len(), asics, "every command answered once");
         assert_eq!(p.manager().in_flight(), 0);
+    }
+
+    /// A plan taken in steps: the first batch leaves from the first changes alone and holds only
+    /// reductions; the rest of the plan and of the instant's batch follow; the fleet ends where
+    /// the plan taken at once would leave it, every command answered once.
+    #[test]
+    fn a_plan_taken_in_steps_sends_its_first_batch_before_the_rest_exists() {
+        let f = fleet();
+        let cfg = DispatchConfig { min_on_ms: 0, min_off_ms: 0, ..Default::default() };
+        let mut d = Dispatcher::new(&f, cfg, 0);
+        let quiet = PlaneConfig { agents: AgentParams::quiet(), ..Default::default() };
+        let mut p = DevicePlane::new(&f, quiet, 1, 0, &d, 1).unwrap();
+        p.advance_to(60_000, &mut d);
+        p.take_output();
+        let asics = f.devices.iter().filter(|x| matches!(x.model, ModelRef::Asic(_))).count();
+        // Site 0 spikes (its ASICs sleep), the others' price falls a little (no change).
+        let sig: Vec<SiteSignal> =
+            (0..f.sites.len()).map(|s| SiteSignal::new(if s == 0 { 5_000.0 } else { 20.0 }, 60_000, 25.0)).collect();
+        let gpus = vec![GpuBudget::default(); f.sites.len()];
+        let mut run = d.start_plan(60_000, &sig, 50.0, &gpus, &[]);
+        let first = run.step(10).to_vec();
+        assert!(!first.is_empty() && first.len() < asics);
+        p.apply_changes(&first);
+        let n = p.send_now(&first);
+        assert_eq!(n, first.len(), "every first change needs a command");
+        let out = p.take_output();
+        assert!(out.commands.iter().all(|(_, c)| c.target == Target::Sleep));
+        let rest = run.step(usize::MAX).to_vec();
+        let plan = run.finish();
+        assert_eq!(first.len() + rest.len(), plan.changes.len());
+        p.apply_changes(&rest);
+        p.reconcile_now(&mut d);
+        p.advance_to(120_000, &mut d);
+        let out = p.take_output();
+        assert_eq!(out.outcomes.len(), plan.changes.len(), "every command answered once");
+        for c in &plan.changes {
+            assert_eq!(p.agents().state(c.device), Some(Target::Sleep));
+        }
     }
 
     #[test]

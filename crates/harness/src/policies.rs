@@ -260,6 +260,20 @@ impl Controller for DispatchPolicy {
     }
 
     fn decide(&mut self, ctx: &DecisionContext) -> Vec<GroupTarget> {
+        self.decide_with(ctx, 0, &mut |_| {})
+    }
+}
+
+impl DispatchPolicy {
+    /// [`Controller::decide`], handing `on_first` the plan's first `first_changes` (or more) device
+    /// changes, reductions first, before the rest of the plan exists: the engine sends the first
+    /// command batch from them (see [`hcp_econ::dispatch::PlanRun`]).
+    pub fn decide_with(
+        &mut self,
+        ctx: &DecisionContext,
+        first_changes: usize,
+        on_first: &mut dyn FnMut(&[hcp_econ::dispatch::TargetChange]),
+    ) -> Vec<GroupTarget> {
         let now = ctx.now.0;
         let n_sites = ctx.fleet.sites.len();
         let mut signals = Vec::with_capacity(n_sites);
@@ -304,7 +318,12 @@ impl Controller for DispatchPolicy {
                 }
             }
         }
-        let plan = self.dispatcher.plan(now, &signals, ctx.market.hashprice_usd_per_ph_day, &gpus, &commitments);
+        let mut run =
+            self.dispatcher.start_plan(now, &signals, ctx.market.hashprice_usd_per_ph_day, &gpus, &commitments);
+        if first_changes > 0 {
+            on_first(run.step(first_changes));
+        }
+        let plan = run.finish();
         for c in &plan.changes {
             let gi = self.group_of[c.device.index()] as usize;
             self.hist[gi][c.from_level as usize] -= 1;

@@ -88,7 +88,7 @@ pub fn switching(json: bool, fleet: Option<&Path>, events: usize) -> Result<Exit
     plane.take_output();
     // Grid events on the running fleet.
     let (mut grid_first, mut grid_whole, mut grid_batch, mut grid_parts) = (vec![], vec![], vec![], vec![]);
-    for k in 0..events.min(40) {
+    for k in 0..events.min(100) {
         let (mut p, mut dd) = (plane.clone(), d.clone());
         let signals = vec![SiteSignal::new(900.0 + k as f64, p.now_ms(), 25.0); sites];
         let (first, whole, n, _, parts) = switch(&mut p, &mut dd, None, &signals, &gpus);

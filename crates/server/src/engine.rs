@@ -81,9 +81,15 @@ impl Controller for Recording {
             }
         }
         self.plane.advance_to(ctx.now.0, self.inner.dispatcher_mut());
-        // Signals in: plan, intents, first batch out.
+        // Signals in: the plan's first changes become intents and the first batch leaves before
+        // the rest of the plan exists; then the rest, the GPU caps, and the rest of the batch.
         let started = Instant::now();
-        let t = self.inner.decide(ctx);
+        let plane = &mut self.plane;
+        let mut first = (0, 0.0);
+        let t = self.inner.decide_with(ctx, plane.batch_max(), &mut |changes| {
+            plane.apply_changes(changes);
+            first = (plane.send_now(changes), started.elapsed().as_secs_f64());
+        });
         metrics::histogram!("hcp_plan_seconds").record(started.elapsed().as_secs_f64());
         if let Some(plan) = &self.inner.last_plan {
             self.plane.apply_plan(plan);
@@ -97,8 +103,9 @@ impl Controller for Recording {
                 }
             }
         }
-        let first_batch = self.plane.reconcile_now(self.inner.dispatcher_mut());
-        let switch_s = started.elapsed().as_secs_f64();
+        let rest = self.plane.reconcile_now(self.inner.dispatcher_mut());
+        // When the plan's first changes needed no command, the first batch is the reconcile's.
+        let (first_batch, switch_s) = if first.0 > 0 { first } else { (rest, started.elapsed().as_secs_f64()) };
         metrics::histogram!("hcp_switch_seconds").record(switch_s);
         let _ = self.decided.send(Decided {
             plan: self.inner.last_plan.clone(),
