@@ -9,6 +9,7 @@ pub mod auth;
 pub mod engine;
 pub mod error;
 pub mod openapi;
+pub mod reads;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -67,6 +68,8 @@ pub struct App {
     pub engine_wall_ms: AtomicI64,
     pub engine_expected: bool,
     pub started_wall_ms: i64,
+    /// Hot list pages, kept until storage announces a change (see `reads`).
+    pub reads: reads::ReadCache,
 }
 
 pub fn wall_ms() -> i64 {
@@ -255,6 +258,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         engine_wall_ms: AtomicI64::new(0),
         engine_expected: cfg.engine,
         started_wall_ms: wall_ms(),
+        reads: reads::ReadCache::default(),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
@@ -262,6 +266,35 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     if cfg.api {
+        // Change notices for the read cache: subscribed before the first request is served.
+        let mut sub = app.bus.subscribe("hcp.>", hcp_bus::From::New).await.context("subscribe to change notices")?;
+        app.reads.set_live(true);
+        let (a, mut stop) = (app.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = stop.changed() => if r.is_err() || *stop.borrow() { break },
+                    m = sub.next() => match m {
+                        Ok(m) => a.reads.note(&m.subject),
+                        Err(e) => {
+                            a.reads.set_live(false);
+                            tracing::warn!(error = %e, "change notices lost: reads go to storage until resubscribed");
+                            loop {
+                                match a.bus.subscribe("hcp.>", hcp_bus::From::New).await {
+                                    Ok(s) => {
+                                        sub = s;
+                                        a.reads.set_live(true);
+                                        break;
+                                    }
+                                    Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+            Ok(())
+        }));
         let router = routes::router(app.clone());
         let mut stop = rx.clone();
         tasks.push(tokio::spawn(async move {

@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use crate::App;
 use crate::auth::{Principal, Role, TokenKind, hash_secret, parse_token, secret, short_id, valid_name, verify_secret};
 use crate::error::{ApiError, ApiResult};
+use crate::reads::Table;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 256 * 1024;
@@ -291,16 +292,37 @@ pub(crate) async fn devices(
     Params(q): Params<DeviceQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let page = Page { after: q.after, limit: q.limit };
-    let filter = DeviceFilter {
-        site: q.site.as_deref(),
-        model: q.model.as_deref(),
-        maintenance: q.maintenance,
-        status: q.status.as_deref(),
-    };
-    let items = app.store.devices(&filter, &page).await?;
-    let next = (items.len() as u32 == page.limit.unwrap_or(100)).then(|| items.last().map(|d| d.idx)).flatten();
-    Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
+    let key = format!("{:?}", (&q.site, &q.model, q.maintenance, &q.status, q.after, q.limit));
+    cached(&app, Table::Devices, key, async {
+        let page = Page { after: q.after, limit: q.limit };
+        let filter = DeviceFilter {
+            site: q.site.as_deref(),
+            model: q.model.as_deref(),
+            maintenance: q.maintenance,
+            status: q.status.as_deref(),
+        };
+        let items = app.store.devices(&filter, &page).await?;
+        let next = (items.len() as u32 == page.limit.unwrap_or(100)).then(|| items.last().map(|d| d.idx)).flatten();
+        Ok(serde_json::json!({ "items": items, "next_after": next }))
+    })
+    .await
+}
+
+/// A JSON page from the read cache, or computed (and kept) when its table changed since.
+async fn cached(
+    app: &App,
+    table: Table,
+    key: String,
+    compute: impl std::future::Future<Output = ApiResult<serde_json::Value>>,
+) -> ApiResult<Response> {
+    let json = |b: Bytes| ([(header::CONTENT_TYPE, "application/json")], b).into_response();
+    if let Some(b) = app.reads.get(table, &key) {
+        return Ok(json(b));
+    }
+    let generation = app.reads.generation(table);
+    let body = Bytes::from(serde_json::to_vec(&compute.await?).map_err(ApiError::internal)?);
+    app.reads.put(table, key, generation, body.clone());
+    Ok(json(body))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{idx}", tag = "fleet", security(("bearer" = [])), params(("idx" = i64, Path, description = "Device index")), responses((status = 200, body = hcp_store::DeviceRow), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 404, description = "Not found", body = crate::openapi::ErrorBody)))]
@@ -350,10 +372,14 @@ pub(crate) async fn decisions(
     Params(q): Params<DecisionQuery>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Viewer)?;
-    let page = Page { after: q.after, limit: q.limit };
-    let items = app.store.decisions(q.site.as_deref(), &page).await?;
-    let next = items.last().map(|d| d.id);
-    Ok(Json(serde_json::json!({ "items": items, "next_after": next })))
+    let key = format!("{:?}", (&q.site, q.after, q.limit));
+    cached(&app, Table::Decisions, key, async {
+        let page = Page { after: q.after, limit: q.limit };
+        let items = app.store.decisions(q.site.as_deref(), &page).await?;
+        let next = items.last().map(|d| d.id);
+        Ok(serde_json::json!({ "items": items, "next_after": next }))
+    })
+    .await
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -567,6 +593,7 @@ pub(crate) async fn maintenance(
         _ => return Err(ApiError::invalid("scope", "must be device, rack or site")),
     };
     let changed = app.store.set_maintenance(&idxs, b.on).await?;
+    app.reads.bump(Table::Devices);
     let after = serde_json::json!({ "scope": b.scope, "id": b.id, "on": b.on, "devices": idxs.len() });
     app.store
         .audit(
@@ -891,14 +918,16 @@ pub(crate) async fn events(
         hcp_bus::BusError::Gap { .. } => ApiError::new(StatusCode::GONE, "gone", e.to_string()),
         e => ApiError::internal(e),
     })?;
-    let stream = futures::stream::unfold(sub, |mut sub| async move {
+    let stream = futures::stream::unfold((sub, app), |(mut sub, app)| async move {
         match sub.next().await {
             Ok(m) => {
+                // A client that fetches on this event must see the change.
+                app.reads.note(&m.subject);
                 let ev = Event::default()
                     .id(m.seq.to_string())
                     .event(m.subject.trim_start_matches("hcp."))
                     .data(String::from_utf8_lossy(&m.payload));
-                Some((Ok(ev), sub))
+                Some((Ok(ev), (sub, app)))
             }
             Err(_) => None,
         }

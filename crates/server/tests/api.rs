@@ -263,6 +263,9 @@ async fn lists_page_audit_records_every_change_and_keys_are_rate_limited() {
     let (_, second) =
         p.call("GET", &format!("/api/v1/devices?site=tx-west&limit=50&after={after}"), Some(ADMIN), None).await;
     assert!(second["items"][0]["idx"].as_i64().unwrap() > after);
+    // The page asked for before a change is not served after it.
+    let (_, before) = p.call("GET", "/api/v1/devices?site=tx-west&limit=1000", Some(ADMIN), None).await;
+    assert!(before["items"].as_array().unwrap().iter().all(|d| d["maintenance"] == false));
     let (s, _) = p
         .call("POST", "/api/v1/maintenance", Some(ADMIN), Some(json!({"scope": "site", "id": "tx-west", "on": true})))
         .await;
@@ -336,6 +339,23 @@ async fn the_engine_records_decisions_and_streams_live_events() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(decided, "the dispatcher made and recorded decisions");
+    // A client that fetches on an event sees what the event announced (list pages are cached
+    // until a change is announced; the event stream announces it before the client hears of it).
+    let mut res =
+        p.http.get(format!("{}/api/v1/events?topic=decision.*", p.base)).bearer_auth(ADMIN).send().await.unwrap();
+    let mut buf = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let chunk =
+            tokio::time::timeout_at(deadline, res.chunk()).await.expect("a decision within 60 s").unwrap().unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        if let Some(data) = buf.lines().find_map(|l| l.strip_prefix("data: ")) {
+            break serde_json::from_str::<Value>(data).unwrap()["id"].as_i64().unwrap();
+        }
+    };
+    let (_, d) = p.call("GET", "/api/v1/decisions?limit=1000", Some(ADMIN), None).await;
+    assert!(d["items"].as_array().unwrap().iter().any(|x| x["id"].as_i64() == Some(id)), "decision {id} listed");
+    drop(res);
     let (_, sig) = p.call("GET", "/api/v1/signals?kind=rt_price&key=HB_WEST&limit=10", Some(ADMIN), None).await;
     assert!(!sig["items"].as_array().unwrap().is_empty());
     let (_, pw) = p.call("GET", "/api/v1/sites/tx-west/power", Some(ADMIN), None).await;

@@ -411,19 +411,39 @@ impl Store {
 
     /// Devices in index order, filtered; paged by index.
     pub async fn devices(&self, filter: &DeviceFilter<'_>, page: &Page) -> Result<Vec<DeviceRow>> {
-        let rows = sqlx::query(
+        // Only the filters given appear in the statement: each combination is its own prepared
+        // statement with a plan that can use the (site, idx) and (status, idx) indexes, and no
+        // bound value can change the plan (which would make SQLite prepare it again per call).
+        let mut sql = String::from(
             "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance, status, status_reason, status_ms \
-             FROM devices WHERE idx > $1 AND ($2 = '' OR site_id = $2) AND ($3 = '' OR model = $3) \
-             AND ($4 < 0 OR maintenance = $4) AND ($5 = '' OR status = $5) ORDER BY idx LIMIT $6",
-        )
-        .bind(page.after.unwrap_or(-1))
-        .bind(filter.site.unwrap_or(""))
-        .bind(filter.model.unwrap_or(""))
-        .bind(filter.maintenance.map_or(-1i64, i64::from))
-        .bind(filter.status.unwrap_or(""))
-        .bind(page.limit()?)
-        .fetch_all(&self.pool)
-        .await?;
+             FROM devices WHERE idx > $1",
+        );
+        let mut n = 1;
+        let mut cond = |col: &str, present: bool| {
+            if present {
+                n += 1;
+                sql.push_str(&format!(" AND {col} = ${n}"));
+            }
+        };
+        cond("site_id", filter.site.is_some());
+        cond("model", filter.model.is_some());
+        cond("maintenance", filter.maintenance.is_some());
+        cond("status", filter.status.is_some());
+        sql.push_str(&format!(" ORDER BY idx LIMIT {}", page.limit()?));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(page.after.unwrap_or(-1));
+        if let Some(v) = filter.site {
+            q = q.bind(v);
+        }
+        if let Some(v) = filter.model {
+            q = q.bind(v);
+        }
+        if let Some(v) = filter.maintenance {
+            q = q.bind(i64::from(v));
+        }
+        if let Some(v) = filter.status {
+            q = q.bind(v);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         Ok(rows.iter().map(device_row).collect())
     }
 
@@ -693,15 +713,28 @@ impl Store {
 
     /// Decisions, newest first, optionally of one site.
     pub async fn decisions(&self, site: Option<&str>, page: &Page) -> Result<Vec<DecisionRow>> {
-        let rows = sqlx::query(
-            "SELECT id, at_ms, site_id, kind, reason, body FROM decisions WHERE id < $1 AND ($2 = '' OR site_id = $2) \
-             ORDER BY id DESC LIMIT $3",
-        )
-        .bind(page.after.unwrap_or(i64::MAX))
-        .bind(site.unwrap_or(""))
-        .bind(page.limit()?)
-        .fetch_all(&self.pool)
-        .await?;
+        // One statement per filter combination (see `devices`).
+        let after = page.after.unwrap_or(i64::MAX);
+        let rows = match site {
+            Some(site) => {
+                sqlx::query(
+                    "SELECT id, at_ms, site_id, kind, reason, body FROM decisions WHERE id < $1 AND site_id = $2 \
+                     ORDER BY id DESC LIMIT $3",
+                )
+                .bind(after)
+                .bind(site)
+                .bind(page.limit()?)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => sqlx::query(
+                "SELECT id, at_ms, site_id, kind, reason, body FROM decisions WHERE id < $1 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(after)
+            .bind(page.limit()?)
+            .fetch_all(&self.pool)
+            .await?,
+        };
         Ok(rows
             .iter()
             .map(|r| DecisionRow {
@@ -780,15 +813,28 @@ impl Store {
 
     /// Commands, newest first, optionally to one device.
     pub async fn commands(&self, device: Option<i64>, page: &Page) -> Result<Vec<CommandRow>> {
-        let rows = sqlx::query(
-            "SELECT id, device_idx, target, attempt, issued_ms, outcome, outcome_ms FROM commands \
-             WHERE id < $1 AND ($2 < 0 OR device_idx = $2) ORDER BY id DESC LIMIT $3",
-        )
-        .bind(page.after.unwrap_or(i64::MAX))
-        .bind(device.unwrap_or(-1))
-        .bind(page.limit()?)
-        .fetch_all(&self.pool)
-        .await?;
+        // One statement per filter combination (see `devices`).
+        const COLS: &str = "SELECT id, device_idx, target, attempt, issued_ms, outcome, outcome_ms FROM commands";
+        let after = page.after.unwrap_or(i64::MAX);
+        let rows = match device {
+            Some(d) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{COLS} WHERE id < $1 AND device_idx = $2 ORDER BY id DESC LIMIT $3"
+                )))
+                .bind(after)
+                .bind(d)
+                .bind(page.limit()?)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!("{COLS} WHERE id < $1 ORDER BY id DESC LIMIT $2")))
+                    .bind(after)
+                    .bind(page.limit()?)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
         Ok(rows
             .iter()
             .map(|r| CommandRow {
