@@ -8,6 +8,7 @@
 //! parsed inputs and receives rows through a callback.
 
 pub mod backtest;
+pub mod capacity;
 pub mod controller;
 pub mod plane;
 pub mod policies;

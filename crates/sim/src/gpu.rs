@@ -95,6 +95,31 @@ pub fn max_batch(g: &GpuModel, s: &ServedModel, context: f64) -> f64 {
     (free / (context * s.kv_bytes_per_token)).clamp(0.0, MAX_BATCH)
 }
 
+/// What one replica (the served model on `gpus_per_replica` GPUs) can hold under a power cap, for
+/// the router: concurrent sequences (the largest batch that fits in memory next to the weights at
+/// the workload's mean context, scaled by the throughput the cap leaves against full clocks) and
+/// KV-cache tokens. A cap that slows decoding by a third leaves two thirds of the sequences.
+pub fn replica_capacity(
+    g: &GpuModel,
+    s: &ServedModel,
+    cap_w: f64,
+    prompt_tokens: f64,
+    output_tokens: f64,
+) -> (u32, u64) {
+    let context = prompt_tokens + output_tokens / 2.0;
+    let kv_tokens = ((g.memory_gb * 1e9 * 0.9 * f64::from(s.gpus_per_replica) - s.weight_bytes())
+        / s.kv_bytes_per_token)
+        .max(0.0) as u64;
+    let b = max_batch(g, s, context);
+    if b < 1.0 {
+        return (0, kv_tokens);
+    }
+    let latency =
+        |clock: f64| prefill_s(g, s, prompt_tokens, clock) + output_tokens * step_time_s(g, s, b, context, clock);
+    let ratio = latency(1.0) / latency(cap_clock(g, cap_w, b));
+    ((b * ratio).floor().max(1.0) as u32, kv_tokens)
+}
+
 /// The operating point of one GPU under a workload, a cap and an inlet temperature.
 pub fn operating_point(g: &GpuModel, s: &ServedModel, cap_w: f64, w: &Workload, inlet_c: f64) -> OperatingPoint {
     let context = w.prompt_tokens + w.output_tokens / 2.0;
@@ -474,6 +499,27 @@ mod tests {
         assert!((405.0..=445.0).contains(&op.board_w), "power {}", op.board_w);
         assert!((0.004..=0.010).contains(&op.tpot_s), "tpot {}", op.tpot_s);
         assert!(op.ttft_s < 0.1, "ttft {}", op.ttft_s);
+    }
+
+    /// Llama-3-8B on one H100 SXM: ~56 GB of KV cache next to 16 GB of weights (~430,000 tokens),
+    /// so at a 1,200-token mean context about 256 sequences (the batch ceiling); a deep cap leaves
+    /// fewer, full power all of them, and a cap never adds any.
+    #[test]
+    fn replica_capacity_follows_memory_and_the_cap() {
+        let g = sxm();
+        let s = ServedModel::llama3_8b();
+        let (full, kv) = replica_capacity(&g, &s, g.max_power_w, 1000.0, 400.0);
+        assert!((400_000..=460_000).contains(&kv), "kv {kv}");
+        assert_eq!(full, 256);
+        let (capped, kv2) = replica_capacity(&g, &s, g.min_cap_w, 1000.0, 400.0);
+        assert_eq!(kv2, kv, "memory does not depend on the cap");
+        assert!(capped < full && capped >= 1, "{capped}");
+        let mut last = 0;
+        for w in [g.min_cap_w, 300.0, 400.0, 500.0, 600.0, g.max_power_w] {
+            let (n, _) = replica_capacity(&g, &s, w, 1000.0, 400.0);
+            assert!(n >= last, "monotone in the cap: {n} at {w} W");
+            last = n;
+        }
     }
 
     #[test]

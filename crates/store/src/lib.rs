@@ -190,6 +190,17 @@ pub struct SignalRow {
     pub value: f64,
 }
 
+/// A replica's capacity (see `replicas` in the schema).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReplicaRow {
+    pub id: i64,
+    pub site_id: String,
+    pub gpus: i64,
+    pub slots: i64,
+    pub kv_tokens: i64,
+    pub updated_ms: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceMinuteRow {
     pub device_idx: i64,
@@ -892,6 +903,53 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(|r| SignalRow { kind: r.get(0), key: r.get(1), at_ms: r.get(2), value: r.get(3) }).collect())
+    }
+
+    /// Writes replicas' capacity (a known id is replaced).
+    pub async fn put_replicas(&self, rows: &[ReplicaRow]) -> Result<()> {
+        for r in rows {
+            if r.gpus < 1 || r.slots < 0 || r.kv_tokens < 0 {
+                return Err(StoreError::Invalid {
+                    field: "replicas",
+                    rule: format!("replica {}: gpus >= 1, slots and kv_tokens >= 0", r.id),
+                });
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut sql =
+                String::from("INSERT INTO replicas (id, site_id, gpus, slots, kv_tokens, updated_ms) VALUES ");
+            sql.push_str(&values(chunk.len(), 6));
+            sql.push_str(
+                " ON CONFLICT (id) DO UPDATE SET site_id = excluded.site_id, gpus = excluded.gpus, \
+                 slots = excluded.slots, kv_tokens = excluded.kv_tokens, updated_ms = excluded.updated_ms",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q.bind(r.id).bind(&r.site_id).bind(r.gpus).bind(r.slots).bind(r.kv_tokens).bind(r.updated_ms);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every replica, by id.
+    pub async fn replicas(&self) -> Result<Vec<ReplicaRow>> {
+        let rows = sqlx::query("SELECT id, site_id, gpus, slots, kv_tokens, updated_ms FROM replicas ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ReplicaRow {
+                id: r.get(0),
+                site_id: r.get(1),
+                gpus: r.get(2),
+                slots: r.get(3),
+                kv_tokens: r.get(4),
+                updated_ms: r.get(5),
+            })
+            .collect())
     }
 
     /// Writes per-device minute rollups (a repeated minute replaces the row: rollups are recomputed

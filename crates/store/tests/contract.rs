@@ -49,8 +49,8 @@ fn page(limit: u32) -> Page {
 }
 
 async fn contract(s: &Store) {
-    assert_eq!(s.migrate().await.unwrap(), 3);
-    assert_eq!(s.migrate().await.unwrap(), 3, "migrating twice is a no-op");
+    assert_eq!(s.migrate().await.unwrap(), 4);
+    assert_eq!(s.migrate().await.unwrap(), 4, "migrating twice is a no-op");
     s.ping().await.unwrap();
 
     // Topology.
@@ -115,6 +115,18 @@ async fn contract(s: &Store) {
     assert_eq!(s.device(7).await.unwrap().status, "unknown", "a bad batch changes nothing");
     assert!(s.sync_topology("f3", &sites, &devices).await.unwrap());
     assert_eq!(s.device(6).await.unwrap().status, "quarantined");
+    // Replicas' capacity: written on changes, a known id replaced, a bad row refused whole.
+    let rep =
+        |id, slots, at| ReplicaRow { id, site_id: "s1".into(), gpus: 1, slots, kv_tokens: 400_000, updated_ms: at };
+    s.put_replicas(&[rep(3, 256, 1), rep(1, 256, 1)]).await.unwrap();
+    s.put_replicas(&[rep(3, 0, 2)]).await.unwrap();
+    let r = s.replicas().await.unwrap();
+    assert_eq!(r.iter().map(|x| (x.id, x.slots, x.updated_ms)).collect::<Vec<_>>(), vec![(1, 256, 1), (3, 0, 2)]);
+    assert!(matches!(
+        s.put_replicas(&[rep(4, 10, 3), rep(5, -1, 3)]).await,
+        Err(StoreError::Invalid { field: "replicas", .. })
+    ));
+    assert_eq!(s.replicas().await.unwrap().len(), 2, "a bad batch changes nothing");
 
     // Tenants, accounts, keys.
     let t = TenantRow {
@@ -296,6 +308,6 @@ async fn sqlite_writes_survive_reopening() {
     let id = s.audit(1, "root", "x", "y", None, None).await.unwrap();
     drop(s);
     let s = Store::open(&url).await.unwrap();
-    assert_eq!(s.migrate().await.unwrap(), 3);
+    assert_eq!(s.migrate().await.unwrap(), 4);
     assert_eq!(s.audits(&page(1)).await.unwrap()[0].id, id);
 }
