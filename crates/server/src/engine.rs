@@ -46,6 +46,8 @@ pub struct Decided {
     /// arriving (the decision starting) to that batch leaving.
     pub first_batch: usize,
     pub switch_s: f64,
+    /// Replicas whose capacity changed with this plan (all of them the first time).
+    pub replicas: Vec<hcp_harness::capacity::ReplicaCapacity>,
 }
 
 /// Operator actions that reach the engine thread.
@@ -60,6 +62,8 @@ struct Recording {
     fleet: hcp_model::fleet::Fleet,
     control: std::sync::mpsc::Receiver<Control>,
     decided: std::sync::mpsc::Sender<Decided>,
+    /// The router's capacity as last announced.
+    replicas: Vec<hcp_harness::capacity::ReplicaCapacity>,
 }
 
 impl Controller for Recording {
@@ -107,12 +111,25 @@ impl Controller for Recording {
         // When the plan's first changes needed no command, the first batch is the reconcile's.
         let (first_batch, switch_s) = if first.0 > 0 { first } else { (rest, started.elapsed().as_secs_f64()) };
         metrics::histogram!("hcp_switch_seconds").record(switch_s);
+        // The router's capacity: the plan's GPU caps on the GPUs that may carry load.
+        let serving: Vec<Option<(u32, f64)>> = t
+            .iter()
+            .map(|x| match x {
+                GroupTarget::Gpu(g) => Some((g.serving, g.cap_w)),
+                _ => None,
+            })
+            .collect();
+        let caps =
+            hcp_harness::capacity::replicas(&self.fleet, ctx.groups, &serving, &self.plane.manager().availability());
+        let replicas = hcp_harness::capacity::changed(&self.replicas, &caps).into_iter().cloned().collect();
+        self.replicas = caps;
         let _ = self.decided.send(Decided {
             plan: self.inner.last_plan.clone(),
             plane: self.plane.take_output(),
             counts: self.plane.manager().counts(),
             first_batch,
             switch_s,
+            replicas,
         });
         t
     }
@@ -215,7 +232,8 @@ pub async fn run(
                 .set_maintenance(Scope::Device(d), true, &fleet, inner.dispatcher_mut())
                 .map_err(|e| anyhow::anyhow!("maintenance of device {}: {e}", d.0))?;
         }
-        let mut ctl = Recording { inner, plane, fleet: fleet.clone(), control: control_rx, decided: dtx };
+        let mut ctl =
+            Recording { inner, plane, fleet: fleet.clone(), control: control_rx, decided: dtx, replicas: vec![] };
         let n_sites = fleet.sites.len();
         let mut rows = Vec::with_capacity(n_sites);
         let started = Instant::now();
@@ -323,6 +341,24 @@ pub fn minute_row(m: &DeviceMinute) -> DeviceMinuteRow {
 
 /// Writes what the device plane did: commands, answers, status changes, minute rollups.
 async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
+    if !d.replicas.is_empty() {
+        let at_ms = d.plan.as_ref().map_or(0, |p| p.at_ms);
+        let rows: Vec<hcp_store::ReplicaRow> = d
+            .replicas
+            .iter()
+            .map(|r| hcp_store::ReplicaRow {
+                id: i64::from(r.id),
+                site_id: app.fleet.sites[r.site.index()].id.clone(),
+                gpus: i64::from(r.gpus),
+                slots: i64::from(r.slots),
+                kv_tokens: r.kv_tokens as i64,
+                updated_ms: at_ms,
+            })
+            .collect();
+        app.store.put_replicas(&rows).await?;
+        let ev = serde_json::json!({ "at_ms": at_ms, "replicas": rows });
+        app.bus.publish("hcp.capacity", ev.to_string().as_bytes()).await?;
+    }
     let out = &d.plane;
     let cmds: Vec<CommandRow> = out
         .commands

@@ -11,6 +11,7 @@ pub mod error;
 pub mod openapi;
 pub mod reads;
 pub mod routes;
+pub mod routing;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,6 +71,51 @@ pub struct App {
     pub started_wall_ms: i64,
     /// Hot list pages, kept until storage announces a change (see `reads`).
     pub reads: reads::ReadCache,
+    /// The workload router and its capacity (see `routing`).
+    pub router: std::sync::Mutex<routing::RouterState>,
+}
+
+/// The router's tenants and capacity from storage.
+async fn load_router(app: &App) -> anyhow::Result<()> {
+    let mut tenants = vec![];
+    let mut page = hcp_store::Page { after: None, limit: Some(hcp_store::MAX_PAGE) };
+    loop {
+        let batch = app.store.tenants(&page).await?;
+        let full = batch.len() == hcp_store::MAX_PAGE as usize;
+        page.after = batch.last().map(|t| t.created_ms);
+        tenants.extend(batch);
+        if !full {
+            break;
+        }
+    }
+    let replicas = app.store.replicas().await?;
+    let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+    for t in &tenants {
+        r.add_tenant(t).map_err(|e| anyhow::anyhow!("tenant {}: {e}", t.id))?;
+    }
+    r.apply(&replicas, wall_ms()).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(())
+}
+
+/// A bus notice the router follows: capacity from the engine, tenants from the API.
+fn routing_notice(app: &App, subject: &str, payload: &[u8]) -> anyhow::Result<()> {
+    match subject {
+        "hcp.capacity" => {
+            #[derive(serde::Deserialize)]
+            struct Capacity {
+                replicas: Vec<hcp_store::ReplicaRow>,
+            }
+            let c: Capacity = serde_json::from_slice(payload)?;
+            let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+            r.apply(&c.replicas, wall_ms()).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        "hcp.tenants" => {
+            let t: hcp_store::TenantRow = serde_json::from_slice(payload)?;
+            app.router.lock().unwrap_or_else(|e| e.into_inner()).add_tenant(&t).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 pub fn wall_ms() -> i64 {
@@ -259,6 +305,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         engine_expected: cfg.engine,
         started_wall_ms: wall_ms(),
         reads: reads::ReadCache::default(),
+        router: std::sync::Mutex::default(),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
@@ -266,16 +313,24 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     if cfg.api {
-        // Change notices for the read cache: subscribed before the first request is served.
+        // Change notices for the read cache and the router: subscribed before the first request
+        // is served and before the router is loaded from storage (a change in between arrives
+        // again as a notice).
         let mut sub = app.bus.subscribe("hcp.>", hcp_bus::From::New).await.context("subscribe to change notices")?;
         app.reads.set_live(true);
+        load_router(&app).await.context("load the router's tenants and capacity")?;
         let (a, mut stop) = (app.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     r = stop.changed() => if r.is_err() || *stop.borrow() { break },
                     m = sub.next() => match m {
-                        Ok(m) => a.reads.note(&m.subject),
+                        Ok(m) => {
+                            a.reads.note(&m.subject);
+                            if let Err(e) = routing_notice(&a, &m.subject, &m.payload) {
+                                tracing::warn!(subject = %m.subject, error = %e, "notice not applied to the router");
+                            }
+                        }
                         Err(e) => {
                             a.reads.set_live(false);
                             tracing::warn!(error = %e, "change notices lost: reads go to storage until resubscribed");
@@ -284,6 +339,9 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
                                     Ok(s) => {
                                         sub = s;
                                         a.reads.set_live(true);
+                                        if let Err(e) = load_router(&a).await {
+                                            tracing::warn!(error = %e, "router not reloaded from storage");
+                                        }
                                         break;
                                     }
                                     Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,

@@ -43,6 +43,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/maintenance", post(maintenance))
         .route("/plans", get(plans))
         .route("/decisions", get(decisions))
+        .route("/router", get(router_state))
         .route("/signals", get(signals))
         .route("/sites/{id}/power", get(site_power))
         .route("/policies", get(policies))
@@ -380,6 +381,15 @@ pub(crate) async fn decisions(
         Ok(serde_json::json!({ "items": items, "next_after": next }))
     })
     .await
+}
+
+/// The workload router: its capacity (replicas in service, sequences, GPUs; by site) as the plan
+/// sets it, its queues and figures by band.
+#[utoipa::path(get, path = "/api/v1/router", tag = "workloads", security(("bearer" = [])), responses((status = 200, description = "Capacity by site; queues, queue time, time to first token, preemptions and fairness by band"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn router_state(State(app): AppState, Auth(p): Auth) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Viewer)?;
+    let summary = app.router.lock().unwrap_or_else(|e| e.into_inner()).summary();
+    Ok(Json(summary))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -734,6 +744,9 @@ pub(crate) async fn create_tenant(
     app.store.create_tenant(&t).await?;
     let after = serde_json::to_string(&t).map_err(ApiError::internal)?;
     app.store.audit(crate::wall_ms(), &p.actor(), "tenant.create", &t.id, None, Some(&after)).await?;
+    // The router knows the tenant before the answer (other API processes hear the notice).
+    app.router.lock().unwrap_or_else(|e| e.into_inner()).add_tenant(&t).map_err(ApiError::internal)?;
+    let _ = app.bus.publish("hcp.tenants", after.as_bytes()).await;
     Ok((StatusCode::CREATED, Json(t)))
 }
 

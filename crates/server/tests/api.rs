@@ -99,6 +99,7 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("POST", "/api/v1/maintenance", Some(json!({"scope": "device", "id": "1", "on": true}))),
         ("GET", "/api/v1/plans", None),
         ("GET", "/api/v1/decisions", None),
+        ("GET", "/api/v1/router", None),
         ("GET", "/api/v1/signals?kind=rt_price&key=HB_WEST", None),
         ("GET", "/api/v1/sites/tx-west/power", None),
         ("GET", "/api/v1/policies", None),
@@ -411,6 +412,25 @@ async fn the_engine_records_decisions_and_streams_live_events() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(seen, "the engine put the site in maintenance");
+    // The router's capacity follows the plan and the devices: every GPU of the small fleet is a
+    // replica; the site in maintenance has none in service once the engine has planned again.
+    let mut west_out = false;
+    for _ in 0..60 {
+        let (s, r) = p.call("GET", "/api/v1/router", Some(ADMIN), None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(r["replicas"].as_i64(), Some(64), "{r}");
+        let site = |id: &str| r["by_site"].as_array().unwrap().iter().find(|x| x["site"] == id).cloned();
+        let south = site("tx-south").expect("tx-south replicas");
+        assert!(south["in_service"].as_i64().unwrap() > 0 && south["slots"].as_i64().unwrap() > 0, "{r}");
+        west_out = site("tx-west").is_some_and(|w| w["in_service"] == 0);
+        if west_out {
+            let m = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+            assert!(m.contains("hcp_router_slots"), "router metrics");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(west_out, "the site in maintenance serves nothing");
     p.stop().await;
 }
 

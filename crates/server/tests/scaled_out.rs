@@ -80,6 +80,32 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(signals >= 3, "the API reads what the dispatcher wrote: {signals}");
+    // The router in the API process gets its capacity from the dispatcher's plans (NATS notices).
+    let mut replicas = 0;
+    for _ in 0..40 {
+        let r: serde_json::Value =
+            http.get(format!("{url}/api/v1/router")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+        replicas = r["replicas"].as_i64().unwrap();
+        if replicas == 64 && r["slots"].as_i64().unwrap() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(replicas, 64, "every GPU of the small fleet is a replica of the API's router");
+    // An API process started later loads the capacity from storage.
+    let (store, _) = hcp_server::prepare(&cfg(false)).await.unwrap();
+    let late = hcp_server::start(cfg(false), store).await.unwrap();
+    let r: serde_json::Value = http
+        .get(format!("http://{}/api/v1/router", late.addr))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["replicas"].as_i64(), Some(64), "{r}");
+    late.stop().await.unwrap();
     // The dispatcher process answers health and metrics only.
     let d = format!("http://{}", dispatcher.addr);
     assert_eq!(http.get(format!("{d}/healthz")).send().await.unwrap().status(), 200);

@@ -1,0 +1,194 @@
+//! The workload router as the API process holds it: its capacity follows the engine's plan
+//! (replicas' sequences from the plan's GPU caps on the GPUs that may carry load), read from
+//! storage when the process starts and kept current from `hcp.capacity` notices; its tenants
+//! follow the tenants in storage (`hcp.tenants` notices). Requests reach it through the gateway.
+
+use std::collections::HashMap;
+
+use hcp_model::TenantId;
+use hcp_sched::{Decision, ModelId, ReplicaId, ReplicaSpec, Router, RouterConfig, TenantSpec};
+use hcp_store::{ReplicaRow, TenantRow};
+
+/// The fleet serves one model (`served_model` in the fleet file).
+pub const SERVED_MODEL: ModelId = ModelId(0);
+
+pub struct RouterState {
+    pub router: Router,
+    tenants: HashMap<String, TenantId>,
+    replicas: HashMap<i64, ReplicaRow>,
+    /// Work preempted by capacity changes since start.
+    pub preempted: u64,
+}
+
+impl Default for RouterState {
+    fn default() -> Self {
+        RouterState {
+            router: Router::new(RouterConfig::three_bands()).expect("the three-band configuration is valid"),
+            tenants: HashMap::new(),
+            replicas: HashMap::new(),
+            preempted: 0,
+        }
+    }
+}
+
+impl RouterState {
+    /// A tenant known to storage (a known id keeps its router identity).
+    pub fn add_tenant(&mut self, t: &TenantRow) -> Result<(), String> {
+        if self.tenants.contains_key(&t.id) {
+            return Ok(());
+        }
+        let id = TenantId(self.tenants.len() as u32);
+        self.router.add_tenant(TenantSpec {
+            id,
+            weight: t.weight,
+            guaranteed_gpus: t.guaranteed_gpus,
+            borrow_limit_gpus: t.borrow_limit_gpus,
+        })?;
+        self.tenants.insert(t.id.clone(), id);
+        Ok(())
+    }
+
+    pub fn tenant(&self, id: &str) -> Option<TenantId> {
+        self.tenants.get(id).copied()
+    }
+
+    /// Replicas' new capacity (a replica with no sequences is out of service: its work is
+    /// preempted back to its queue). Returns the decisions the change caused.
+    /// A bad row is named and nothing is applied. A replica whose model leaves no KV cache is
+    /// out of service.
+    pub fn apply(&mut self, rows: &[ReplicaRow], now_ms: i64) -> Result<Vec<Decision>, String> {
+        let specs = rows
+            .iter()
+            .map(|r| {
+                let bad = |field: &str| format!("replicas: replica {}: {field} out of range", r.id);
+                let kv_tokens = u64::try_from(r.kv_tokens).map_err(|_| bad("kv_tokens"))?;
+                Ok(ReplicaSpec {
+                    id: ReplicaId(u32::try_from(r.id).map_err(|_| bad("id"))?),
+                    model: SERVED_MODEL,
+                    gpus: u32::try_from(r.gpus).ok().filter(|&g| g >= 1).ok_or_else(|| bad("gpus"))?,
+                    slots: if kv_tokens == 0 { 0 } else { u32::try_from(r.slots).map_err(|_| bad("slots"))? },
+                    kv_tokens: kv_tokens.max(1),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut out = vec![];
+        for (spec, r) in specs.into_iter().zip(rows) {
+            self.router.set_replica(spec, now_ms, &mut out)?;
+            self.replicas.insert(r.id, r.clone());
+        }
+        self.preempted += out.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count() as u64;
+        let in_service = self.replicas.values().filter(|r| r.slots > 0).count();
+        metrics::gauge!("hcp_router_replicas", "state" => "in_service").set(in_service as f64);
+        metrics::gauge!("hcp_router_replicas", "state" => "out").set((self.replicas.len() - in_service) as f64);
+        metrics::gauge!("hcp_router_slots").set(self.replicas.values().map(|r| r.slots as f64).sum::<f64>());
+        Ok(out)
+    }
+
+    /// What the router holds now: capacity by site, queues and figures by band.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut sites: std::collections::BTreeMap<&str, (i64, i64, i64, i64)> = Default::default();
+        for r in self.replicas.values() {
+            let s = sites.entry(r.site_id.as_str()).or_default();
+            s.0 += 1;
+            if r.slots > 0 {
+                s.1 += 1;
+                s.2 += r.slots;
+                s.3 += r.gpus;
+            }
+        }
+        let bands: Vec<serde_json::Value> = self
+            .router
+            .metrics
+            .bands
+            .iter()
+            .enumerate()
+            .map(|(b, m)| {
+                serde_json::json!({
+                    "band": b,
+                    "queued": self.router.band_lengths().get(b).copied().unwrap_or(0),
+                    "arrived": m.arrived,
+                    "rejected": m.rejected,
+                    "queue_ms_p50": m.queue.quantile_ms(0.5),
+                    "queue_ms_p99": m.queue.quantile_ms(0.99),
+                    "ttft_ms_p50": m.ttft.quantile_ms(0.5),
+                    "preempted_shrink": m.preempted_shrink,
+                    "preempted_reclaim": m.preempted_reclaim,
+                    "fairness_index": self.router.fairness_index(b),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "replicas": self.replicas.len(),
+            "in_service": sites.values().map(|s| s.1).sum::<i64>(),
+            "slots": sites.values().map(|s| s.2).sum::<i64>(),
+            "gpus_in_service": sites.values().map(|s| s.3).sum::<i64>(),
+            "by_site": sites.iter().map(|(id, s)| serde_json::json!({
+                "site": id, "replicas": s.0, "in_service": s.1, "slots": s.2, "gpus_in_service": s.3,
+            })).collect::<Vec<_>>(),
+            "queued": self.router.queued_len(),
+            "running": self.router.running_len(),
+            "preempted": self.preempted,
+            "bands": bands,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hcp_model::TenantId;
+    use hcp_sched::Work;
+
+    fn row(id: i64, slots: i64) -> ReplicaRow {
+        ReplicaRow { id, site_id: "s".into(), gpus: 1, slots, kv_tokens: 400_000, updated_ms: 0 }
+    }
+
+    #[test]
+    fn capacity_changes_reach_the_router_and_preempt_what_no_longer_fits() {
+        let mut s = RouterState::default();
+        let t = TenantRow {
+            id: "demo".into(),
+            name: "Demo".into(),
+            weight: 1.0,
+            guaranteed_gpus: 0.0,
+            borrow_limit_gpus: 1e9,
+            created_ms: 0,
+        };
+        s.add_tenant(&t).unwrap();
+        s.add_tenant(&t).unwrap();
+        assert_eq!(s.tenant("demo"), Some(TenantId(0)));
+        s.apply(&[row(1, 2), row(2, 0)], 0).unwrap();
+        let mut out = vec![];
+        for id in 0..3 {
+            let w = Work {
+                id,
+                tenant: TenantId(0),
+                band: 1,
+                model: SERVED_MODEL,
+                prompt_tokens: 100,
+                max_output_tokens: 100,
+                deadline_ms: None,
+                gang: 1,
+                preemptible: true,
+                restart_cost: 0.0,
+            };
+            s.router.arrive(w, 1, &mut out);
+        }
+        assert_eq!((s.router.running_len(), s.router.queued_len()), (2, 1), "two sequences fit");
+        // The plan takes replica 1 out: its work goes back to the queue.
+        let d = s.apply(&[row(1, 0)], 2).unwrap();
+        assert_eq!(d.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count(), 2);
+        assert_eq!((s.router.running_len(), s.router.queued_len()), (0, 3));
+        let sum = s.summary();
+        assert_eq!(
+            (sum["replicas"].as_i64(), sum["in_service"].as_i64(), sum["preempted"].as_i64()),
+            (Some(2), Some(0), Some(2))
+        );
+        // It comes back: the queue drains onto it.
+        s.apply(&[row(2, 4)], 3).unwrap();
+        assert_eq!(s.router.running_len(), 3);
+        let e = s.apply(&[row(3, 5), row(-1, 1)], 4).unwrap_err();
+        assert!(e.contains("replica -1: id"), "{e}");
+        assert_eq!(s.summary()["replicas"].as_i64(), Some(2), "a bad batch changes nothing");
+    }
+}
