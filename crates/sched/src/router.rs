@@ -129,7 +129,7 @@ pub struct Work {
 }
 
 /// A replica: GPUs serving one model, with concurrent slots and KV-cache capacity.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ReplicaSpec {
     pub id: ReplicaId,
     pub model: ModelId,
@@ -603,48 +603,63 @@ impl Router {
 
     /// Adds or resizes a replica. Shrinking below its running work preempts victims.
     pub fn set_replica(&mut self, spec: ReplicaSpec, now_ms: i64, out: &mut Vec<Decision>) -> Result<(), String> {
-        if spec.gpus == 0 || spec.kv_tokens == 0 {
-            return Err("gpus, kv_tokens: must be > 0".into());
+        self.set_replicas(&[spec], now_ms, out)
+    }
+
+    /// Adds or resizes many replicas at once (a plan's new capacity): each is fitted, then every
+    /// affected model's capacity is recounted and its queue served once. A bad spec is named and
+    /// nothing changes.
+    pub fn set_replicas(&mut self, specs: &[ReplicaSpec], now_ms: i64, out: &mut Vec<Decision>) -> Result<(), String> {
+        for spec in specs {
+            if spec.gpus == 0 || spec.kv_tokens == 0 {
+                return Err(format!("replica {}: gpus, kv_tokens: must be > 0", spec.id.0));
+            }
+            if let Some(old) = self.replica(spec.id)
+                && old.spec.model != spec.model
+            {
+                return Err(format!("replica {}: cannot change model; remove it first", spec.id.0));
+            }
         }
         let now = self.advance(now_ms);
-        let id = spec.id;
-        if let Some(old) = self.replica(id)
-            && old.spec.model != spec.model
-        {
-            return Err(format!("replica {}: cannot change model; remove it first", id.0));
-        }
-        let mix = self.model_index(spec.model);
-        let rix = match self.rep_ix.get(&id) {
-            Some(&rix) => {
-                let rep = &mut self.reps[rix as usize];
-                rep.spec = spec;
-                rep.mix = mix;
-                rep.live = true;
-                rix
-            }
-            None => {
-                let rix = self.reps.len() as u32;
-                self.rep_ix.insert(id, rix);
-                self.reps.push(Replica {
-                    spec,
-                    mix,
-                    live: true,
-                    used_slots: 0,
-                    kv_used: 0,
-                    run_ix: Vec::new(),
-                    run_meta: Vec::new(),
-                    key: None,
-                });
-                rix
-            }
-        };
-        self.models[mix as usize].replicas.insert(rix);
-        self.refresh_capacity(mix);
+        let mut models = BTreeSet::new();
         self.begin_requeue();
-        self.fit_replica(rix, now, out);
+        for &spec in specs {
+            let id = spec.id;
+            let mix = self.model_index(spec.model);
+            let rix = match self.rep_ix.get(&id) {
+                Some(&rix) => {
+                    let rep = &mut self.reps[rix as usize];
+                    rep.spec = spec;
+                    rep.mix = mix;
+                    rep.live = true;
+                    rix
+                }
+                None => {
+                    let rix = self.reps.len() as u32;
+                    self.rep_ix.insert(id, rix);
+                    self.reps.push(Replica {
+                        spec,
+                        mix,
+                        live: true,
+                        used_slots: 0,
+                        kv_used: 0,
+                        run_ix: Vec::new(),
+                        run_meta: Vec::new(),
+                        key: None,
+                    });
+                    rix
+                }
+            };
+            self.models[mix as usize].replicas.insert(rix);
+            models.insert(mix);
+            self.fit_replica(rix, now, out);
+            self.reindex(rix);
+        }
         self.end_requeue(now);
-        self.reindex(rix);
-        self.pump(mix, now, out);
+        for m in models {
+            self.refresh_capacity(m);
+            self.pump(m, now, out);
+        }
         Ok(())
     }
 

@@ -356,8 +356,12 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
             })
             .collect();
         app.store.put_replicas(&rows).await?;
-        let ev = serde_json::json!({ "at_ms": at_ms, "replicas": rows });
-        app.bus.publish("hcp.capacity", ev.to_string().as_bytes()).await?;
+        // In notices of 2,000 replicas (~200 kB, under the bus's 1 MiB message limit): a whole
+        // reference fleet's first announcement is 50,000.
+        for chunk in rows.chunks(2_000) {
+            let ev = serde_json::json!({ "at_ms": at_ms, "replicas": chunk });
+            app.bus.publish("hcp.capacity", ev.to_string().as_bytes()).await?;
+        }
     }
     let out = &d.plane;
     let cmds: Vec<CommandRow> = out

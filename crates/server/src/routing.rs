@@ -72,8 +72,8 @@ impl RouterState {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let mut out = vec![];
-        for (spec, r) in specs.into_iter().zip(rows) {
-            self.router.set_replica(spec, now_ms, &mut out)?;
+        self.router.set_replicas(&specs, now_ms, &mut out)?;
+        for r in rows {
             self.replicas.insert(r.id, r.clone());
         }
         self.preempted += out.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count() as u64;
