@@ -263,6 +263,8 @@ struct Group {
     idle_w: f64,
     /// Skips must be recomputed (a change of telemetry, maintenance, on/off, efficiency).
     dirty: bool,
+    /// The segments were re-sorted: the prefix sums must be rebuilt whatever the skips do.
+    resorted: bool,
     /// The price the group last decided on; prices within the hysteresis band of it keep it.
     anchor_price: Option<f64>,
     /// Members skipped, by reason (order of [`Skip`]), as of the last refresh.
@@ -484,6 +486,7 @@ impl Dispatcher {
                 cut: usize::MAX,
                 held_extra_w: 0.0,
                 dirty: true,
+                resorted: true,
                 anchor_price: None,
                 skip_counts: [0; 4],
                 pending: vec![u8::MAX; g.devices.len()],
@@ -619,6 +622,7 @@ impl Dispatcher {
         g.seg_level = segs.iter().map(|s| s.2).collect();
         g.prefix_w = vec![0.0; segs.len() + 1];
         g.dirty = true;
+        g.resorted = true;
         g.cut = usize::MAX;
         g.version += 1;
     }
@@ -661,7 +665,9 @@ impl Dispatcher {
         if !g.dirty {
             return;
         }
-        let mut changed = g.dirty;
+        // A member marked (stale by the clock, a report, maintenance, a fault) matters only if its
+        // skip really changed; re-sorted segments always need their prefix sums.
+        let mut changed = g.resorted;
         let mut freed = false;
         let mut counts = [0u32; 4];
         for &dev in &g.devices {
@@ -676,6 +682,7 @@ impl Dispatcher {
         }
         let g = &mut self.groups[gi];
         g.dirty = false;
+        g.resorted = false;
         g.skip_counts = counts;
         if !changed {
             return;

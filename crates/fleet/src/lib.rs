@@ -29,7 +29,7 @@
 //! comes in with every input; iteration is in device order.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::Fleet;
@@ -250,9 +250,11 @@ pub struct Manager {
     devices: Vec<DeviceState>,
     /// Expected hashrate per watt at nameplate, per ASIC model index (0 for GPUs).
     ths_per_w: Vec<f64>,
-    /// Deadlines of commands sent, in order. An entry whose command was answered, settled or
-    /// replaced stays until its deadline and is skipped then (no search on the hot path).
-    inflight: BTreeMap<(i64, CommandId), DeviceIdx>,
+    /// Deadlines of commands sent, in order (a deadline is the send time plus one fixed timeout,
+    /// so they arrive in order: a FIFO, with a sorted insert only if time were to go back). An
+    /// entry whose command was answered, settled or replaced stays until its deadline and is
+    /// skipped then (no search on the hot path).
+    inflight: VecDeque<(i64, CommandId, DeviceIdx)>,
     /// Commands sent and not yet answered, settled or replaced.
     inflight_n: usize,
     next_id: CommandId,
@@ -300,7 +302,7 @@ impl Manager {
             cfg,
             devices,
             ths_per_w,
-            inflight: BTreeMap::new(),
+            inflight: VecDeque::new(),
             inflight_n: 0,
             next_id: 1,
             dirty: vec![0; n.div_ceil(64)],
@@ -529,11 +531,11 @@ impl Manager {
     /// (or whose timer came due) are looked at, in device order.
     pub fn tick(&mut self, now_ms: i64, commands: &mut Vec<Command>, events: &mut Vec<Event>) {
         // Timeouts of commands sent.
-        while let Some((&(deadline, id), &d)) = self.inflight.iter().next() {
+        while let Some(&(deadline, id, d)) = self.inflight.front() {
             if deadline > now_ms {
                 break;
             }
-            self.inflight.remove(&(deadline, id));
+            self.inflight.pop_front();
             // Entries of commands answered, settled or replaced since are left to expire here.
             let st = &self.devices[d.index()];
             if st.pending.as_ref().is_some_and(|p| p.sent && p.cmd.id == id && p.cmd.deadline_ms == deadline) {
@@ -667,7 +669,12 @@ impl Manager {
         };
         let cmd = Command { id, device: d, target, attempt, deadline_ms };
         self.devices[i].pending = Some(Pending { cmd, not_before_ms: now_ms, sent: true });
-        self.inflight.insert((deadline_ms, id), d);
+        if self.inflight.back().is_none_or(|b| b.0 <= deadline_ms) {
+            self.inflight.push_back((deadline_ms, id, d));
+        } else {
+            let at = self.inflight.partition_point(|x| x.0 <= deadline_ms);
+            self.inflight.insert(at, (deadline_ms, id, d));
+        }
         self.inflight_n += 1;
         commands.push(cmd);
         *sent += 1;
