@@ -330,7 +330,8 @@ struct Cut {
 }
 
 /// A plan being turned into device changes (see [`Dispatcher::start_plan_sites`]). It holds the
-/// dispatcher until finished, so nothing else can observe a half-applied plan.
+/// dispatcher until finished, so nothing else can observe a half-applied plan. A run dropped before
+/// `finish` leaves the groups it did not reach at their old cuts (the next plan moves them).
 pub struct PlanRun<'a> {
     d: &'a mut Dispatcher,
     plan: Plan,

@@ -384,8 +384,11 @@ fn bench_switching_and_telemetry_print_json() {
     let o = hcp(&["bench", "switching", "--json", "--fleet", small.to_str().unwrap(), "--events", "10"]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v["signal_to_first_batch_ms"]["p99"].as_f64().unwrap() > 0.0);
-    assert!(v["changes_per_event"]["max"].as_f64().unwrap() > 0.0, "a spike changes targets: {v}");
+    let grid = &v["grid_event_on_running_fleet"];
+    assert!(grid["signal_to_first_batch_ms"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(grid["first_batch_commands"]["p50"].as_f64().unwrap() > 0.0, "a spike on a running fleet sends: {v}");
+    assert!(v["flips"]["changes_per_event"]["max"].as_f64().unwrap() > 0.0, "a spike changes targets: {v}");
+    assert!(v["one_site_signal_to_first_batch_ms"]["p99"].as_f64().unwrap() > 0.0, "{v}");
     let o = hcp(&["bench", "telemetry", "--json", "--fleet", small.to_str().unwrap(), "--minutes", "1"]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
