@@ -89,11 +89,16 @@ async fn load_router(app: &App) -> anyhow::Result<()> {
         }
     }
     let replicas = app.store.replicas().await?;
+    // A stored row the router refuses is logged and left out: it must not keep the API down.
     let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
     for t in &tenants {
-        r.add_tenant(t).map_err(|e| anyhow::anyhow!("tenant {}: {e}", t.id))?;
+        if let Err(e) = r.add_tenant(t) {
+            tracing::warn!(tenant = %t.id, error = %e, "tenant left out of the router");
+        }
     }
-    r.apply(&replicas, wall_ms()).map_err(|e| anyhow::anyhow!(e))?;
+    if let Err(e) = r.apply(&replicas, wall_ms()) {
+        tracing::warn!(error = %e, "stored capacity refused; the router waits for the next notice");
+    }
     Ok(())
 }
 
@@ -334,18 +339,29 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
                         Err(e) => {
                             a.reads.set_live(false);
                             tracing::warn!(error = %e, "change notices lost: reads go to storage until resubscribed");
-                            loop {
-                                match a.bus.subscribe("hcp.>", hcp_bus::From::New).await {
-                                    Ok(s) => {
-                                        sub = s;
-                                        a.reads.set_live(true);
-                                        if let Err(e) = load_router(&a).await {
-                                            tracing::warn!(error = %e, "router not reloaded from storage");
-                                        }
-                                        break;
-                                    }
-                                    Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                            // Retry once a second until it works or the process stops.
+                            let resubscribed = loop {
+                                if *stop.borrow() {
+                                    break None;
                                 }
+                                match a.bus.subscribe("hcp.>", hcp_bus::From::New).await {
+                                    Ok(s) => break Some(s),
+                                    Err(_) => {
+                                        let gone = tokio::select! {
+                                            r = stop.changed() => r.is_err(),
+                                            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+                                        };
+                                        if gone {
+                                            break None;
+                                        }
+                                    }
+                                }
+                            };
+                            let Some(s) = resubscribed else { break };
+                            sub = s;
+                            a.reads.set_live(true);
+                            if let Err(e) = load_router(&a).await {
+                                tracing::warn!(error = %e, "router not reloaded from storage");
                             }
                         }
                     },
