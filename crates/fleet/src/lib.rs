@@ -243,6 +243,10 @@ struct DeviceState {
     confirmed: Option<Target>,
 }
 
+fn set_bit(bits: &mut [u64], i: usize) {
+    bits[i / 64] |= 1 << (i % 64);
+}
+
 /// The resource manager of one fleet.
 #[derive(Clone)]
 pub struct Manager {
@@ -333,7 +337,7 @@ impl Manager {
     }
 
     fn mark(&mut self, i: usize) {
-        self.dirty[i / 64] |= 1 << (i % 64);
+        set_bit(&mut self.dirty, i);
     }
 
     fn device(&self, d: DeviceIdx) -> Result<&DeviceState, String> {
@@ -440,7 +444,7 @@ impl Manager {
         let Some(p) = st.pending.as_mut().filter(|p| p.sent && p.cmd.id == id) else { return vec![] };
         let cmd = p.cmd;
         self.inflight_n -= 1;
-        self.dirty[device.index() / 64] |= 1 << (device.index() % 64);
+        set_bit(&mut self.dirty, device.index());
         match outcome {
             Outcome::Applied => {
                 st.pending = None;
@@ -469,33 +473,34 @@ impl Manager {
         vec![]
     }
 
+    /// The devices of a device, rack or site scope, in device order; an error when there are none.
+    pub fn members(&self, scope: Scope) -> Result<Vec<DeviceIdx>, String> {
+        let list: Vec<DeviceIdx> = match scope {
+            Scope::Device(d) => {
+                self.device(d)?;
+                vec![d]
+            }
+            Scope::Rack(r) => self.matching(|st| st.rack == r),
+            Scope::Site(s) => self.matching(|st| st.site == s),
+        };
+        if list.is_empty() {
+            return Err("scope: no device in it".into());
+        }
+        Ok(list)
+    }
+
+    fn matching(&self, hit: impl Fn(&DeviceState) -> bool) -> Vec<DeviceIdx> {
+        self.devices.iter().enumerate().filter(|(_, st)| hit(st)).map(|(i, _)| DeviceIdx(i as u32)).collect()
+    }
+
     /// Maintenance on or off for a device, rack or site. Returns how many devices changed.
     pub fn set_maintenance(&mut self, scope: Scope, on: bool) -> Result<usize, String> {
         let mut n = 0;
-        let mut any = false;
-        for (i, st) in self.devices.iter_mut().enumerate() {
-            let hit = match scope {
-                Scope::Device(_) => false,
-                Scope::Rack(r) => st.rack == r,
-                Scope::Site(s) => st.site == s,
-            };
-            if hit {
-                any = true;
-                n += usize::from(st.maintenance != on);
-                st.maintenance = on;
-                self.dirty[i / 64] |= 1 << (i % 64);
-            }
-        }
-        if let Scope::Device(d) = scope {
-            self.device(d)?;
+        for d in self.members(scope)? {
             let st = &mut self.devices[d.index()];
-            any = true;
             n += usize::from(st.maintenance != on);
             st.maintenance = on;
             self.mark(d.index());
-        }
-        if !any {
-            return Err("scope: no device in it".into());
         }
         Ok(n)
     }

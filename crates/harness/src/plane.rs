@@ -331,22 +331,11 @@ impl DevicePlane {
     }
 
     /// Maintenance on or off; the dispatcher holds the devices where they are.
-    pub fn set_maintenance(
-        &mut self,
-        scope: Scope,
-        on: bool,
-        fleet: &Fleet,
-        dispatcher: &mut Dispatcher,
-    ) -> Result<usize, String> {
+    pub fn set_maintenance(&mut self, scope: Scope, on: bool, dispatcher: &mut Dispatcher) -> Result<usize, String> {
+        let members = self.manager.members(scope)?;
         let n = self.manager.set_maintenance(scope, on)?;
-        if let Scope::Device(x) = scope {
-            dispatcher.set_maintenance(x, on);
-            return Ok(n);
-        }
-        for (i, d) in fleet.devices.iter().enumerate() {
-            if matches!(scope, Scope::Rack(r) if d.rack == r) || matches!(scope, Scope::Site(s) if d.site == s) {
-                dispatcher.set_maintenance(DeviceIdx(i as u32), on);
-            }
+        for d in members {
+            dispatcher.set_maintenance(d, on);
         }
         Ok(n)
     }
@@ -476,7 +465,7 @@ mod tests {
         assert!(!q.is_empty(), "overheating devices are quarantined");
         let pl = plan(&mut d, &f, p.now_ms(), 20.0);
         assert!(pl.changes.iter().all(|c| !q.contains(&c.device)), "quarantined devices are not planned");
-        let n = p.set_maintenance(Scope::Site(hcp_model::ids::SiteIdx(0)), true, &f, &mut d).unwrap();
+        let n = p.set_maintenance(Scope::Site(hcp_model::ids::SiteIdx(0)), true, &mut d).unwrap();
         assert!(n > 0);
         assert!(d.skip(DeviceIdx(0)).is_none() || p.manager().view(DeviceIdx(0)).unwrap().maintenance);
     }

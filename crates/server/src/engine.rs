@@ -80,7 +80,7 @@ impl Controller for Recording {
         // The devices live up to now: telemetry, answers, retries, quarantines.
         for c in self.control.try_iter() {
             let Control::Maintenance { scope, on } = c;
-            if let Err(e) = self.plane.set_maintenance(scope, on, &self.fleet, self.inner.dispatcher_mut()) {
+            if let Err(e) = self.plane.set_maintenance(scope, on, self.inner.dispatcher_mut()) {
                 tracing::warn!(error = %e, "maintenance not applied");
             }
         }
@@ -229,7 +229,7 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("device plane: {e}"))?;
         for &d in &in_maintenance {
             plane
-                .set_maintenance(Scope::Device(d), true, &fleet, inner.dispatcher_mut())
+                .set_maintenance(Scope::Device(d), true, inner.dispatcher_mut())
                 .map_err(|e| anyhow::anyhow!("maintenance of device {}: {e}", d.0))?;
         }
         let mut ctl =

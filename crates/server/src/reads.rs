@@ -23,18 +23,24 @@ pub enum Table {
     Decisions = 1,
 }
 
-/// Entries kept at most; the map is emptied when full (the hot set is a handful of pages).
+/// Entries kept at most per table; a table's map is emptied when full (the hot set is a handful of
+/// pages).
 const MAX_ENTRIES: usize = 512;
 
 pub struct ReadCache {
     gens: [AtomicU64; 2],
     live: AtomicBool,
-    map: Mutex<HashMap<(Table, String), (u64, Bytes)>>,
+    /// Per table: page key -> (generation, body).
+    maps: [Mutex<HashMap<String, (u64, Bytes)>>; 2],
 }
 
 impl Default for ReadCache {
     fn default() -> Self {
-        ReadCache { gens: [AtomicU64::new(0), AtomicU64::new(0)], live: AtomicBool::new(false), map: Mutex::default() }
+        ReadCache {
+            gens: [AtomicU64::new(0), AtomicU64::new(0)],
+            live: AtomicBool::new(false),
+            maps: [Mutex::default(), Mutex::default()],
+        }
     }
 }
 
@@ -79,8 +85,8 @@ impl ReadCache {
             return None;
         }
         let current = self.generation(t);
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&(t, key.to_string())) {
+        let map = self.maps[t as usize].lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(key) {
             Some((g, b)) if *g == current => Some(b.clone()),
             _ => None,
         }
@@ -90,11 +96,11 @@ impl ReadCache {
         if !self.live.load(Ordering::SeqCst) || generation != self.generation(t) {
             return;
         }
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.maps[t as usize].lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
-        map.insert((t, key), (generation, body));
+        map.insert(key, (generation, body));
     }
 }
 

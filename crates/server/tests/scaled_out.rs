@@ -18,6 +18,10 @@ fn nats_url() -> String {
     std::env::var("HCP_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    http.get(url).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test]
 async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     let db = format!("hcp_scaled_{}", std::process::id());
@@ -64,15 +68,7 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     // What the dispatcher stored, the API serves.
     let mut signals = 0;
     for _ in 0..40 {
-        let r: serde_json::Value = http
-            .get(format!("{url}/api/v1/signals?kind=rt_price&key=HB_SOUTH&limit=100"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = get_json(&http, &format!("{url}/api/v1/signals?kind=rt_price&key=HB_SOUTH&limit=100")).await;
         signals = r["items"].as_array().unwrap().len();
         if signals >= 3 {
             break;
@@ -83,8 +79,7 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     // The router in the API process gets its capacity from the dispatcher's plans (NATS notices).
     let mut replicas = 0;
     for _ in 0..40 {
-        let r: serde_json::Value =
-            http.get(format!("{url}/api/v1/router")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+        let r = get_json(&http, &format!("{url}/api/v1/router")).await;
         replicas = r["replicas"].as_i64().unwrap();
         if replicas == 64 && r["slots"].as_i64().unwrap() > 0 {
             break;
@@ -95,15 +90,7 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     // An API process started later loads the capacity from storage.
     let (store, _) = hcp_server::prepare(&cfg(false)).await.unwrap();
     let late = hcp_server::start(cfg(false), store).await.unwrap();
-    let r: serde_json::Value = http
-        .get(format!("http://{}/api/v1/router", late.addr))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = get_json(&http, &format!("http://{}/api/v1/router", late.addr)).await;
     assert_eq!(r["replicas"].as_i64(), Some(64), "{r}");
     late.stop().await.unwrap();
     // The dispatcher process answers health and metrics only.
