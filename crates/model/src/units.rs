@@ -9,7 +9,8 @@ use std::fmt;
 use std::ops::{Add, AddAssign, Neg, Sub};
 
 /// Money: integer micro-USD (1 USD = 1,000,000). Never a float.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct MicroUsd(pub i64);
 
 impl MicroUsd {
