@@ -23,6 +23,8 @@ pub struct ReplicaCapacity {
     /// Concurrent sequences it may hold now (0: out of service).
     pub slots: u32,
     pub kv_tokens: u64,
+    /// The plan's power cap per GPU (W).
+    pub cap_w: f64,
 }
 
 /// Every replica's capacity. `serving_cap_w[g]` is the plan's power cap for group `g` of `groups`
@@ -54,6 +56,7 @@ pub fn replicas(
                 gpus: per as u32,
                 slots: if up { slots } else { 0 },
                 kv_tokens,
+                cap_w: *cap_w,
             });
         }
     }

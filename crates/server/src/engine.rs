@@ -352,6 +352,7 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
                 gpus: i64::from(r.gpus),
                 slots: i64::from(r.slots),
                 kv_tokens: r.kv_tokens as i64,
+                cap_w: r.cap_w,
                 updated_ms: at_ms,
             })
             .collect();

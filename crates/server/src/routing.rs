@@ -140,7 +140,7 @@ mod tests {
     use hcp_sched::Work;
 
     fn row(id: i64, slots: i64) -> ReplicaRow {
-        ReplicaRow { id, site_id: "s".into(), gpus: 1, slots, kv_tokens: 400_000, updated_ms: 0 }
+        ReplicaRow { id, site_id: "s".into(), gpus: 1, slots, kv_tokens: 400_000, cap_w: 700.0, updated_ms: 0 }
     }
 
     #[test]

@@ -198,6 +198,9 @@ pub struct ReplicaRow {
     pub gpus: i64,
     pub slots: i64,
     pub kv_tokens: i64,
+    /// The plan's power cap per GPU (W); 0 when the plan has none.
+    #[serde(default)]
+    pub cap_w: f64,
     pub updated_ms: i64,
 }
 
@@ -230,6 +233,71 @@ pub struct WorkloadRow {
     pub body: String,
     pub created_ms: i64,
     pub updated_ms: i64,
+}
+
+/// One metered request (`kind` `tokens`) or job (`gpu`). `id` is the idempotency key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UsageRow {
+    /// Write order (set by storage; 0 when writing).
+    #[serde(default)]
+    pub seq: i64,
+    pub id: String,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub kind: String,
+    pub tier: i64,
+    pub model: String,
+    pub site_id: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub gpu_ms: i64,
+    pub spot: bool,
+    /// `completed`, `cancelled` (client went away or cancelled), `failed` (backend failed after
+    /// the first byte) or `preempted`.
+    pub status: String,
+    pub tag: Option<String>,
+    pub at_ms: i64,
+}
+
+/// Usage summed by kind, tier, model and spot flag.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageSum {
+    pub kind: String,
+    pub tier: i64,
+    pub model: String,
+    pub spot: bool,
+    pub records: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub gpu_ms: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UsageFilter<'a> {
+    pub tenant: Option<&'a str>,
+    pub tag: Option<&'a str>,
+    pub site: Option<&'a str>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PricePlanRow {
+    pub tenant_id: String,
+    pub effective_ms: i64,
+    pub body: String,
+    pub updated_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SitePnlRow {
+    pub site_id: String,
+    pub at_ms: i64,
+    pub hours: f64,
+    pub mining_revenue: i64,
+    pub inference_revenue: i64,
+    pub energy_cost: i64,
+    pub grid_credits: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -908,25 +976,33 @@ impl Store {
     /// Writes replicas' capacity (a known id is replaced).
     pub async fn put_replicas(&self, rows: &[ReplicaRow]) -> Result<()> {
         for r in rows {
-            if r.gpus < 1 || r.slots < 0 || r.kv_tokens < 0 {
+            if r.gpus < 1 || r.slots < 0 || r.kv_tokens < 0 || !(r.cap_w >= 0.0 && r.cap_w.is_finite()) {
                 return Err(StoreError::Invalid {
                     field: "replicas",
-                    rule: format!("replica {}: gpus >= 1, slots and kv_tokens >= 0", r.id),
+                    rule: format!("replica {}: gpus >= 1, slots, kv_tokens and cap_w >= 0", r.id),
                 });
             }
         }
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             let mut sql =
-                String::from("INSERT INTO replicas (id, site_id, gpus, slots, kv_tokens, updated_ms) VALUES ");
-            sql.push_str(&values(chunk.len(), 6));
+                String::from("INSERT INTO replicas (id, site_id, gpus, slots, kv_tokens, cap_w, updated_ms) VALUES ");
+            sql.push_str(&values(chunk.len(), 7));
             sql.push_str(
                 " ON CONFLICT (id) DO UPDATE SET site_id = excluded.site_id, gpus = excluded.gpus, \
-                 slots = excluded.slots, kv_tokens = excluded.kv_tokens, updated_ms = excluded.updated_ms",
+                 slots = excluded.slots, kv_tokens = excluded.kv_tokens, cap_w = excluded.cap_w, \
+                 updated_ms = excluded.updated_ms",
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in chunk {
-                q = q.bind(r.id).bind(&r.site_id).bind(r.gpus).bind(r.slots).bind(r.kv_tokens).bind(r.updated_ms);
+                q = q
+                    .bind(r.id)
+                    .bind(&r.site_id)
+                    .bind(r.gpus)
+                    .bind(r.slots)
+                    .bind(r.kv_tokens)
+                    .bind(r.cap_w)
+                    .bind(r.updated_ms);
             }
             q.execute(&mut *tx).await?;
         }
@@ -936,7 +1012,7 @@ impl Store {
 
     /// Every replica, by id.
     pub async fn replicas(&self) -> Result<Vec<ReplicaRow>> {
-        let rows = sqlx::query("SELECT id, site_id, gpus, slots, kv_tokens, updated_ms FROM replicas ORDER BY id")
+        let rows = sqlx::query("SELECT id, site_id, gpus, slots, kv_tokens, cap_w, updated_ms FROM replicas ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -947,7 +1023,8 @@ impl Store {
                 gpus: r.get(2),
                 slots: r.get(3),
                 kv_tokens: r.get(4),
-                updated_ms: r.get(5),
+                cap_w: r.get(5),
+                updated_ms: r.get(6),
             })
             .collect())
     }
@@ -1063,6 +1140,239 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(a.rows_affected() + b.rows_affected())
+    }
+
+    // ---- metering and billing -----------------------------------------------------------------
+
+    /// Writes usage records in one transaction; a record whose id is already stored is left as it
+    /// is (a retried or replayed write counts once). Returns how many were new.
+    pub async fn put_usage(&self, rows: &[UsageRow]) -> Result<u64> {
+        for r in rows {
+            check_text("usage.id", &r.id, 200)?;
+            if r.input_tokens < 0 || r.output_tokens < 0 || r.gpu_ms < 0 {
+                return Err(StoreError::Invalid {
+                    field: "usage",
+                    rule: format!("usage {}: input_tokens, output_tokens and gpu_ms must be >= 0", r.id),
+                });
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut new = 0;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO usage (id, tenant_id, key_id, kind, tier, model, site_id, input_tokens, output_tokens, \
+                 gpu_ms, spot, status, tag, at_ms) VALUES ",
+            );
+            sql.push_str(&values(chunk.len(), 14));
+            sql.push_str(" ON CONFLICT (id) DO NOTHING");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(&r.id)
+                    .bind(&r.tenant_id)
+                    .bind(&r.key_id)
+                    .bind(&r.kind)
+                    .bind(r.tier)
+                    .bind(&r.model)
+                    .bind(&r.site_id)
+                    .bind(r.input_tokens)
+                    .bind(r.output_tokens)
+                    .bind(r.gpu_ms)
+                    .bind(i64::from(r.spot))
+                    .bind(&r.status)
+                    .bind(&r.tag)
+                    .bind(r.at_ms);
+            }
+            new += q.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// Usage records in write order, filtered; paged by `seq`.
+    pub async fn usage(&self, f: &UsageFilter<'_>, page: &Page) -> Result<Vec<UsageRow>> {
+        let mut sql = String::from(
+            "SELECT seq, id, tenant_id, key_id, kind, tier, model, site_id, input_tokens, output_tokens, gpu_ms, \
+             spot, status, tag, at_ms FROM usage WHERE seq > $1",
+        );
+        let mut n = 1;
+        let mut clause = |sql: &mut String, col: &str| {
+            n += 1;
+            sql.push_str(&format!(" AND {col} ${n}"));
+        };
+        if f.tenant.is_some() {
+            clause(&mut sql, "tenant_id =");
+        }
+        if f.tag.is_some() {
+            clause(&mut sql, "tag =");
+        }
+        if f.site.is_some() {
+            clause(&mut sql, "site_id =");
+        }
+        if f.from_ms.is_some() {
+            clause(&mut sql, "at_ms >=");
+        }
+        if f.to_ms.is_some() {
+            clause(&mut sql, "at_ms <");
+        }
+        sql.push_str(&format!(" ORDER BY seq LIMIT {}", page.limit()?));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(page.after.unwrap_or(0));
+        for v in [f.tenant, f.tag, f.site].into_iter().flatten() {
+            q = q.bind(v);
+        }
+        for v in [f.from_ms, f.to_ms].into_iter().flatten() {
+            q = q.bind(v);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageRow {
+                seq: r.get(0),
+                id: r.get(1),
+                tenant_id: r.get(2),
+                key_id: r.get(3),
+                kind: r.get(4),
+                tier: r.get(5),
+                model: r.get(6),
+                site_id: r.get(7),
+                input_tokens: r.get(8),
+                output_tokens: r.get(9),
+                gpu_ms: r.get(10),
+                spot: r.get::<i64, _>(11) != 0,
+                status: r.get(12),
+                tag: r.get(13),
+                at_ms: r.get(14),
+            })
+            .collect())
+    }
+
+    /// A tenant's usage in `[from_ms, to_ms)`, summed by kind, tier, model and spot flag.
+    pub async fn usage_sums(&self, tenant: &str, from_ms: i64, to_ms: i64) -> Result<Vec<UsageSum>> {
+        let rows = sqlx::query(
+            "SELECT kind, tier, model, spot, COUNT(*), CAST(SUM(input_tokens) AS BIGINT), \
+             CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(gpu_ms) AS BIGINT) \
+             FROM usage WHERE tenant_id = $1 AND at_ms >= $2 AND at_ms < $3 \
+             GROUP BY kind, tier, model, spot ORDER BY kind, tier, model, spot",
+        )
+        .bind(tenant)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageSum {
+                kind: r.get(0),
+                tier: r.get(1),
+                model: r.get(2),
+                spot: r.get::<i64, _>(3) != 0,
+                records: r.get(4),
+                input_tokens: sum_col(r, 5),
+                output_tokens: sum_col(r, 6),
+                gpu_ms: sum_col(r, 7),
+            })
+            .collect())
+    }
+
+    /// Tenants with usage in `[from_ms, to_ms)`.
+    pub async fn usage_tenants(&self, from_ms: i64, to_ms: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT tenant_id FROM usage WHERE at_ms >= $1 AND at_ms < $2 ORDER BY tenant_id LIMIT 100000",
+        )
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Sets a tenant's price plan from `effective_ms` (replacing one that starts at the same time).
+    pub async fn put_price_plan(&self, p: &PricePlanRow) -> Result<()> {
+        self.tenant(&p.tenant_id).await?;
+        sqlx::query(
+            "INSERT INTO price_plans (tenant_id, effective_ms, body, updated_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant_id, effective_ms) DO UPDATE SET body = excluded.body, updated_ms = excluded.updated_ms",
+        )
+        .bind(&p.tenant_id)
+        .bind(p.effective_ms)
+        .bind(&p.body)
+        .bind(p.updated_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The tenant's plan in force at `at_ms`, if it has one.
+    pub async fn price_plan_at(&self, tenant: &str, at_ms: i64) -> Result<Option<PricePlanRow>> {
+        let r = sqlx::query(
+            "SELECT tenant_id, effective_ms, body, updated_ms FROM price_plans \
+             WHERE tenant_id = $1 AND effective_ms <= $2 ORDER BY effective_ms DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(at_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|r| PricePlanRow { tenant_id: r.get(0), effective_ms: r.get(1), body: r.get(2), updated_ms: r.get(3) }))
+    }
+
+    /// Writes site P&L rows (a repeated interval replaces its row).
+    pub async fn put_site_pnl(&self, rows: &[SitePnlRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO site_pnl (site_id, at_ms, hours, mining_revenue, inference_revenue, energy_cost, \
+                 grid_credits) VALUES ",
+            );
+            sql.push_str(&values(chunk.len(), 7));
+            sql.push_str(
+                " ON CONFLICT (site_id, at_ms) DO UPDATE SET hours = excluded.hours, \
+                 mining_revenue = excluded.mining_revenue, inference_revenue = excluded.inference_revenue, \
+                 energy_cost = excluded.energy_cost, grid_credits = excluded.grid_credits",
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(&r.site_id)
+                    .bind(r.at_ms)
+                    .bind(r.hours)
+                    .bind(r.mining_revenue)
+                    .bind(r.inference_revenue)
+                    .bind(r.energy_cost)
+                    .bind(r.grid_credits);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Site P&L rows in `[from_ms, to_ms)`, by site then time (at most [`MAX_PAGE`] x 100).
+    pub async fn site_pnl(&self, site: Option<&str>, from_ms: i64, to_ms: i64) -> Result<Vec<SitePnlRow>> {
+        let mut sql = String::from(
+            "SELECT site_id, at_ms, hours, mining_revenue, inference_revenue, energy_cost, grid_credits FROM site_pnl \
+             WHERE at_ms >= $1 AND at_ms < $2",
+        );
+        if site.is_some() {
+            sql.push_str(" AND site_id = $3");
+        }
+        sql.push_str(" ORDER BY site_id, at_ms LIMIT 100000");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(from_ms).bind(to_ms);
+        if let Some(s) = site {
+            q = q.bind(s);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(|r| SitePnlRow {
+                site_id: r.get(0),
+                at_ms: r.get(1),
+                hours: r.get(2),
+                mining_revenue: r.get(3),
+                inference_revenue: r.get(4),
+                energy_cost: r.get(5),
+                grid_credits: r.get(6),
+            })
+            .collect())
     }
 
     // ---- workloads and audit ------------------------------------------------------------------
@@ -1215,6 +1525,11 @@ fn key_row(r: &AnyRow) -> ApiKeyRow {
         created_ms: r.get(5),
         revoked_ms: r.get(6),
     }
+}
+
+/// A SUM column (cast to BIGINT: PostgreSQL sums BIGINT as NUMERIC); NULL over no rows.
+fn sum_col(r: &AnyRow, i: usize) -> i64 {
+    r.get::<Option<i64>, _>(i).unwrap_or(0)
 }
 
 fn workload_row(r: &AnyRow) -> WorkloadRow {

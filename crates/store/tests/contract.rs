@@ -49,8 +49,8 @@ fn page(limit: u32) -> Page {
 }
 
 async fn contract(s: &Store) {
-    assert_eq!(s.migrate().await.unwrap(), 4);
-    assert_eq!(s.migrate().await.unwrap(), 4, "migrating twice is a no-op");
+    assert_eq!(s.migrate().await.unwrap(), 5);
+    assert_eq!(s.migrate().await.unwrap(), 5, "migrating twice is a no-op");
     s.ping().await.unwrap();
 
     // Topology.
@@ -117,7 +117,7 @@ async fn contract(s: &Store) {
     assert_eq!(s.device(6).await.unwrap().status, "quarantined");
     // Replicas' capacity: written on changes, a known id replaced, a bad row refused whole.
     let rep =
-        |id, slots, at| ReplicaRow { id, site_id: "s1".into(), gpus: 1, slots, kv_tokens: 400_000, updated_ms: at };
+        |id, slots, at| ReplicaRow { id, site_id: "s1".into(), gpus: 1, slots, kv_tokens: 400_000, cap_w: 700.0, updated_ms: at };
     s.put_replicas(&[rep(3, 256, 1), rep(1, 256, 1)]).await.unwrap();
     s.put_replicas(&[rep(3, 0, 2)]).await.unwrap();
     let r = s.replicas().await.unwrap();
@@ -275,6 +275,75 @@ async fn contract(s: &Store) {
     assert!(id2 > id1);
     let au = s.audits(&page(10)).await.unwrap();
     assert_eq!(au.iter().map(|a| a.id).collect::<Vec<_>>(), vec![id2, id1]);
+
+    // Metering: idempotent by id, filtered lists in write order, sums by line.
+    let u = |id: &str, tier, input, output, at_ms| UsageRow {
+        seq: 0,
+        id: id.into(),
+        tenant_id: "acme".into(),
+        key_id: "k1".into(),
+        kind: "tokens".into(),
+        tier,
+        model: "llama".into(),
+        site_id: "s1".into(),
+        input_tokens: input,
+        output_tokens: output,
+        gpu_ms: 0,
+        spot: false,
+        status: "completed".into(),
+        tag: Some("run1".into()),
+        at_ms,
+    };
+    assert_eq!(s.put_usage(&[u("r1", 1, 10, 20, 100), u("r2", 1, 5, 5, 200), u("r3", 0, 1, 1, 300)]).await.unwrap(), 3);
+    assert_eq!(s.put_usage(&[u("r2", 1, 999, 999, 200), u("r4", 1, 1, 1, 5_000)]).await.unwrap(), 1, "r2 counts once");
+    let mut job = u("job-1", 2, 0, 0, 400);
+    job.kind = "gpu".into();
+    job.gpu_ms = 7_200_000;
+    job.spot = true;
+    job.tag = None;
+    s.put_usage(&[job]).await.unwrap();
+    assert!(matches!(
+        s.put_usage(&[u("r5", 1, -1, 0, 1)]).await,
+        Err(StoreError::Invalid { field: "usage", .. })
+    ));
+    let tagged = s.usage(&UsageFilter { tag: Some("run1"), ..Default::default() }, &page(2)).await.unwrap();
+    assert_eq!(tagged.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["r1", "r2"]);
+    assert_eq!(tagged[1].input_tokens, 5, "the first write of r2 stands");
+    let next = Page { after: Some(tagged[1].seq), limit: Some(10) };
+    let rest = s.usage(&UsageFilter { tag: Some("run1"), ..Default::default() }, &next).await.unwrap();
+    assert_eq!(rest.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["r3", "r4"]);
+    let f = UsageFilter { tenant: Some("acme"), from_ms: Some(0), to_ms: Some(1_000), ..Default::default() };
+    assert_eq!(s.usage(&f, &page(10)).await.unwrap().len(), 4);
+    let sums = s.usage_sums("acme", 0, 1_000).await.unwrap();
+    let got: Vec<_> = sums.iter().map(|x| (x.kind.as_str(), x.tier, x.spot, x.records, x.input_tokens, x.gpu_ms)).collect();
+    assert_eq!(got, vec![("gpu", 2, true, 1, 0, 7_200_000), ("tokens", 0, false, 1, 1, 0), ("tokens", 1, false, 2, 15, 0)]);
+    assert!(s.usage_sums("nobody", 0, 1_000).await.unwrap().is_empty());
+    assert_eq!(s.usage_tenants(0, 10_000).await.unwrap(), vec!["acme".to_string()]);
+
+    // Price plans in force by time.
+    let plan = |at, body: &str| PricePlanRow { tenant_id: "acme".into(), effective_ms: at, body: body.into(), updated_ms: at };
+    s.put_price_plan(&plan(0, "a")).await.unwrap();
+    s.put_price_plan(&plan(1_000, "b")).await.unwrap();
+    assert_eq!(s.price_plan_at("acme", 999).await.unwrap().unwrap().body, "a");
+    assert_eq!(s.price_plan_at("acme", 1_000).await.unwrap().unwrap().body, "b");
+    assert!(s.price_plan_at("other", 1_000).await.unwrap().is_none());
+    assert!(s.put_price_plan(&PricePlanRow { tenant_id: "nobody".into(), ..plan(0, "c") }).await.is_err());
+
+    // Site P&L rows: a repeated interval replaces its row.
+    let pnl = |site: &str, at, m| SitePnlRow {
+        site_id: site.into(),
+        at_ms: at,
+        hours: 0.25,
+        mining_revenue: m,
+        inference_revenue: 1,
+        energy_cost: 2,
+        grid_credits: 0,
+    };
+    s.put_site_pnl(&[pnl("s1", 0, 5), pnl("s1", 900, 6), pnl("s2", 0, 7)]).await.unwrap();
+    s.put_site_pnl(&[pnl("s1", 900, 8)]).await.unwrap();
+    let rows = s.site_pnl(Some("s1"), 0, 10_000).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.mining_revenue).collect::<Vec<_>>(), vec![5, 8]);
+    assert_eq!(s.site_pnl(None, 0, 10_000).await.unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -308,6 +377,6 @@ async fn sqlite_writes_survive_reopening() {
     let id = s.audit(1, "root", "x", "y", None, None).await.unwrap();
     drop(s);
     let s = Store::open(&url).await.unwrap();
-    assert_eq!(s.migrate().await.unwrap(), 4);
+    assert_eq!(s.migrate().await.unwrap(), 5);
     assert_eq!(s.audits(&page(1)).await.unwrap()[0].id, id);
 }
