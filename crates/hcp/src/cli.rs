@@ -33,6 +33,21 @@ struct Cli {
     command: Command,
 }
 
+/// The inference gateway's backends.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GatewayArgs {
+    /// Where the simulated GPU backend (OpenAI API per replica, /r/{replica}/v1) listens.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub sim_backend_listen: std::net::SocketAddr,
+    /// Do not start the simulated backend (route only to --backend servers).
+    #[arg(long)]
+    pub no_sim_backend: bool,
+    /// A real OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp):
+    /// url=http://HOST:PORT/v1,model=NAME[,slots=N][,kv_tokens=N][,gpus=N][,site=ID]. Repeatable.
+    #[arg(long = "backend", value_parser = hcp_server::gateway::BackendConfig::parse)]
+    pub backends: Vec<hcp_server::gateway::BackendConfig>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the platform, all in one process: embedded storage (SQLite in --data-dir), in-process
@@ -53,6 +68,8 @@ enum Command {
         /// Simulated seconds per wall-clock second (900: one 15-minute interval per second).
         #[arg(long, default_value_t = 900.0)]
         speed: f64,
+        #[command(flatten)]
+        gateway: GatewayArgs,
     },
     /// Run one role of the scaled-out platform against shared storage and bus.
     Serve {
@@ -72,6 +89,8 @@ enum Command {
         seed: u64,
         #[arg(long, default_value_t = 900.0)]
         speed: f64,
+        #[command(flatten)]
+        gateway: GatewayArgs,
     },
     /// Apply storage migrations (the store of --data-dir, or --store URL) and exit.
     Migrate {
@@ -237,11 +256,11 @@ struct SimArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up { fleet, data_dir, listen, seed, speed } => {
-            crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed)
+        Command::Up { fleet, data_dir, listen, seed, speed, gateway } => {
+            crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed, gateway)
         }
-        Command::Serve { role, store, bus, fleet, listen, seed, speed } => {
-            crate::serve::serve(fleet.as_deref(), role, &store, bus.as_deref(), listen, seed, speed)
+        Command::Serve { role, store, bus, fleet, listen, seed, speed, gateway } => {
+            crate::serve::serve(fleet.as_deref(), role, &store, bus.as_deref(), listen, seed, speed, gateway)
         }
         Command::Migrate { store, data_dir } => crate::serve::migrate(store.as_deref(), &data_dir),
         Command::Health { url } => crate::serve::health(&url),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use hcp_server::Config;
 
-use crate::cli::{SMALL_FLEET, load_fleet};
+use crate::cli::{GatewayArgs, SMALL_FLEET, load_fleet};
 
 /// Which parts of the platform a process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -92,6 +92,7 @@ fn serve_with(
     role: Role,
     seed: u64,
     speed: f64,
+    gateway: GatewayArgs,
     print_credentials: bool,
 ) -> Result<ExitCode> {
     let traces = logging()?;
@@ -111,12 +112,17 @@ fn serve_with(
         admin_token: secret_env("HCP_ADMIN_TOKEN"),
         demo_tenant_key: secret_env("HCP_DEMO_TENANT_KEY"),
         account_rate_per_s: account_rate()?,
+        sim_backend_listen: (!gateway.no_sim_backend).then_some(gateway.sim_backend_listen),
+        backends: gateway.backends,
     };
     let rt = runtime()?;
     rt.block_on(async move {
         let (store, boot) = hcp_server::prepare(&cfg).await?;
         let running = hcp_server::start(cfg.clone(), store).await?;
-        println!("hcp: listening on http://{}", running.addr);
+        println!("hcp: listening on http://{} (OpenAI API at http://{}/v1)", running.addr, running.addr);
+        if let Some(b) = running.app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            println!("hcp: simulated GPU backend at {b}/r/<replica>/v1");
+        }
         println!(
             "hcp: fleet {} ({} sites, {} devices); store {}; bus {}",
             cfg.fleet.name,
@@ -162,9 +168,16 @@ fn redact(url: &str) -> String {
     }
 }
 
-pub fn up(fleet: Option<&Path>, data_dir: &Path, listen: SocketAddr, seed: u64, speed: f64) -> Result<ExitCode> {
+pub fn up(
+    fleet: Option<&Path>,
+    data_dir: &Path,
+    listen: SocketAddr,
+    seed: u64,
+    speed: f64,
+    gateway: GatewayArgs,
+) -> Result<ExitCode> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("create data directory {}", data_dir.display()))?;
-    serve_with(fleet, Config::data_dir_store(data_dir), None, listen, Role::All, seed, speed, true)
+    serve_with(fleet, Config::data_dir_store(data_dir), None, listen, Role::All, seed, speed, gateway, true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -176,8 +189,9 @@ pub fn serve(
     listen: SocketAddr,
     seed: u64,
     speed: f64,
+    gateway: GatewayArgs,
 ) -> Result<ExitCode> {
-    serve_with(fleet, store.to_string(), bus.map(str::to_string), listen, role, seed, speed, true)
+    serve_with(fleet, store.to_string(), bus.map(str::to_string), listen, role, seed, speed, gateway, true)
 }
 
 pub fn migrate(store: Option<&str>, data_dir: &Path) -> Result<ExitCode> {

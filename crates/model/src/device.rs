@@ -243,6 +243,13 @@ pub struct ServedModel {
     pub kv_bytes_per_token: f64,
     /// GPUs one replica spans (tensor parallel).
     pub gpus_per_replica: u32,
+    /// Longest context (prompt and output tokens) a request may have.
+    #[serde(default = "default_context_tokens")]
+    pub context_tokens: u32,
+}
+
+fn default_context_tokens() -> u32 {
+    8_192
 }
 
 impl ServedModel {
@@ -253,6 +260,7 @@ impl ServedModel {
             bytes_per_param: 2.0,
             kv_bytes_per_token: 131_072.0,
             gpus_per_replica: 1,
+            context_tokens: 8_192,
         }
     }
 

@@ -1172,6 +1172,29 @@ impl Router {
         self.pump(mix, now, out);
     }
 
+    /// The client went away or cancelled: queued work leaves its queue, running work frees its
+    /// capacity (which the queue may take at once). Unknown ids are ignored. Returns whether it
+    /// was known.
+    pub fn cancel(&mut self, id: ReqId, now_ms: i64, out: &mut Vec<Decision>) -> bool {
+        let now = self.advance(now_ms);
+        let Some(&ix) = self.ids.get(&id) else { return false };
+        let it = &self.items[ix as usize];
+        let mix = it.mix;
+        match it.state {
+            State::Queued => {
+                self.unqueue(ix);
+                self.dealloc(ix);
+            }
+            State::Running => {
+                self.release(ix);
+                self.dealloc(ix);
+                self.pump(mix, now, out);
+            }
+            State::Free => return false,
+        }
+        true
+    }
+
     /// Time passes: queued work past its time-to-live is rejected.
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Decision>) {
         let now = self.advance(now_ms);

@@ -423,3 +423,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn cancelled_work_leaves_its_queue_or_frees_its_slot() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 1, &mut out);
+    for id in 1..=3 {
+        r.arrive(work(id, 1, 1), 0, &mut out);
+    }
+    assert_eq!((r.running_len(), r.queued_len()), (1, 2));
+    out.clear();
+    // Queued work goes without a decision; the running one frees its slot for the next.
+    assert!(r.cancel(2, 1, &mut out));
+    assert!(out.is_empty() && r.queued_len() == 1);
+    assert!(r.cancel(1, 2, &mut out));
+    assert_eq!(dispatched(&out), vec![3]);
+    assert!(!r.cancel(1, 3, &mut out), "gone already");
+    assert_eq!(r.is_running(3), Some(true));
+    r.check().unwrap();
+}

@@ -8,10 +8,14 @@
 pub mod auth;
 pub mod engine;
 pub mod error;
+pub mod gateway;
+pub mod metering;
+pub mod openai;
 pub mod openapi;
 pub mod reads;
 pub mod routes;
 pub mod routing;
+pub mod simbackend;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +51,10 @@ pub struct Config {
     pub demo_tenant_key: Option<String>,
     /// Requests per second an operator account may make (tenant keys carry their own rate).
     pub account_rate_per_s: f64,
+    /// Where the simulated GPU backend listens (API processes only); None: not started.
+    pub sim_backend_listen: Option<SocketAddr>,
+    /// Real OpenAI-compatible servers the gateway may route to, besides the simulated fleet.
+    pub backends: Vec<gateway::BackendConfig>,
 }
 
 impl Config {
@@ -73,6 +81,12 @@ pub struct App {
     pub reads: reads::ReadCache,
     /// The workload router and its capacity (see `routing`).
     pub router: std::sync::Mutex<routing::RouterState>,
+    /// The inference gateway's clients and backends (see `gateway`).
+    pub gateway: gateway::Gateway,
+    /// Usage records' writer (see `metering`).
+    pub meter: metering::Meter,
+    /// The simulated GPU backend, when this process runs it.
+    pub sim: Option<Arc<simbackend::SimBackend>>,
 }
 
 /// The router's tenants and capacity from storage.
@@ -89,6 +103,9 @@ async fn load_router(app: &App) -> anyhow::Result<()> {
         }
     }
     let replicas = app.store.replicas().await?;
+    if let Some(sim) = &app.sim {
+        sim.set_caps(&replicas);
+    }
     // A stored row the router refuses is logged and left out: it must not keep the API down.
     let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
     for t in &tenants {
@@ -111,6 +128,9 @@ fn routing_notice(app: &App, subject: &str, payload: &[u8]) -> anyhow::Result<()
                 replicas: Vec<hcp_store::ReplicaRow>,
             }
             let c: Capacity = serde_json::from_slice(payload)?;
+            if let Some(sim) = &app.sim {
+                sim.set_caps(&c.replicas);
+            }
             let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
             r.apply(&c.replicas, wall_ms()).map_err(|e| anyhow::anyhow!(e))?;
         }
@@ -291,6 +311,8 @@ impl Running {
         for t in self.tasks {
             t.await??;
         }
+        // Every request has finished: its usage is committed before storage closes.
+        self.app.meter.flush().await;
         self.app.store.close().await;
         Ok(())
     }
@@ -300,7 +322,7 @@ impl Running {
 pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
     let bus = Bus::connect(cfg.bus_url.as_deref(), Limits::default()).await.context("connect the event bus")?;
     let app = Arc::new(App {
-        store,
+        store: store.clone(),
         bus,
         gate: Gate::new(cfg.account_rate_per_s),
         fleet: cfg.fleet.clone(),
@@ -310,7 +332,11 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         engine_expected: cfg.engine,
         started_wall_ms: wall_ms(),
         reads: reads::ReadCache::default(),
-        router: std::sync::Mutex::default(),
+        router: std::sync::Mutex::new(routing::RouterState::new(&cfg.fleet.served_model.id)),
+        gateway: gateway::Gateway::new(cfg.backends.clone()),
+        meter: metering::Meter::start(store.clone()),
+        sim: (cfg.api && cfg.sim_backend_listen.is_some())
+            .then(|| Arc::new(simbackend::SimBackend::new(cfg.fleet.clone()))),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
@@ -324,6 +350,40 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         let mut sub = app.bus.subscribe("hcp.>", hcp_bus::From::New).await.context("subscribe to change notices")?;
         app.reads.set_live(true);
         load_router(&app).await.context("load the router's tenants and capacity")?;
+        {
+            let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, b) in cfg.backends.iter().enumerate() {
+                let row = hcp_store::ReplicaRow {
+                    id: i64::from(gateway::BACKEND_ID_BASE) + i as i64,
+                    site_id: b.site.clone(),
+                    gpus: i64::from(b.gpus),
+                    slots: i64::from(b.slots),
+                    kv_tokens: i64::try_from(b.kv_tokens).unwrap_or(i64::MAX),
+                    cap_w: 0.0,
+                    updated_ms: wall_ms(),
+                };
+                r.add_backend(row, &b.model, wall_ms()).map_err(|e| anyhow::anyhow!("backend {}: {e}", b.url))?;
+            }
+        }
+        if let (Some(sim), Some(listen)) = (&app.sim, cfg.sim_backend_listen) {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("the simulated backend: listen on {listen}"))?;
+            let addr = l.local_addr()?;
+            *app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("http://{addr}"));
+            let router = simbackend::router(sim.clone());
+            let mut stop = rx.clone();
+            tasks.push(tokio::spawn(async move {
+                axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+                    .context("serve the simulated backend")
+            }));
+        }
+        tasks.push(tokio::spawn(gateway::health_loop(app.clone(), rx.clone())));
+        tasks.push(tokio::spawn(gateway::tick_loop(app.clone(), rx.clone())));
         let (a, mut stop) = (app.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
             loop {

@@ -57,6 +57,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/events", get(events));
     ops_router()
         .nest("/api/v1", api)
+        .merge(crate::gateway::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(observe))
@@ -97,24 +98,29 @@ impl FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?
-            .trim();
-        let p = match app.gate.cached(token) {
-            Some(p) => p,
-            None => {
-                let p = verify(app, token).await?;
-                app.gate.remember(token, &p);
-                p
-            }
-        };
-        app.gate.admit(&p)?;
-        Ok(Auth(p))
+        authenticate(app, &parts.headers).await.map(Auth)
     }
+}
+
+/// The bearer token's principal (verified, or remembered from a recent verification), admitted by
+/// its rate limit.
+pub(crate) async fn authenticate(app: &App, headers: &HeaderMap) -> ApiResult<Principal> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?
+        .trim();
+    let p = match app.gate.cached(token) {
+        Some(p) => p,
+        None => {
+            let p = verify(app, token).await?;
+            app.gate.remember(token, &p);
+            p
+        }
+    };
+    app.gate.admit(&p)?;
+    Ok(p)
 }
 
 async fn verify(app: &App, token: &str) -> ApiResult<Principal> {

@@ -1,37 +1,192 @@
 //! The workload router as the API process holds it: its capacity follows the engine's plan
 //! (replicas' sequences from the plan's GPU caps on the GPUs that may carry load), read from
 //! storage when the process starts and kept current from `hcp.capacity` notices; its tenants
-//! follow the tenants in storage (`hcp.tenants` notices). Requests reach it through the gateway.
+//! follow the tenants in storage (`hcp.tenants` notices). Requests reach it through the gateway:
+//! each request in flight has a channel on which its placement (dispatched to a replica,
+//! rejected, preempted) is delivered as the router decides it, whichever call caused it.
+//! Replicas found unhealthy are held out of service (no sequences) until they answer again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use hcp_model::TenantId;
-use hcp_sched::{Decision, ModelId, ReplicaId, ReplicaSpec, Router, RouterConfig, TenantSpec};
+use hcp_sched::{Decision, ModelId, RejectReason, ReplicaId, ReplicaSpec, ReqId, Router, RouterConfig, TenantSpec, Work};
 use hcp_store::{ReplicaRow, TenantRow};
+use tokio::sync::mpsc;
 
 /// The fleet serves one model (`served_model` in the fleet file).
 pub const SERVED_MODEL: ModelId = ModelId(0);
+
+/// What the router decided for a request in flight.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Placement {
+    Dispatched(ReplicaId),
+    Rejected(RejectReason),
+    /// Taken off its replica (capacity shrink or quota reclaim) and queued again.
+    Preempted,
+}
 
 pub struct RouterState {
     pub router: Router,
     tenants: HashMap<String, TenantId>,
     replicas: HashMap<i64, ReplicaRow>,
+    /// Model served by each replica not of the fleet (configured backends).
+    replica_model: HashMap<i64, ModelId>,
+    models: HashMap<String, ModelId>,
+    /// Replicas held out of service because they failed (health check or a request).
+    down: HashSet<i64>,
+    flights: HashMap<ReqId, mpsc::UnboundedSender<Placement>>,
+    next_id: ReqId,
     /// Work preempted by capacity changes since start.
     pub preempted: u64,
 }
 
 impl Default for RouterState {
     fn default() -> Self {
-        RouterState {
-            router: Router::new(RouterConfig::three_bands()).expect("the three-band configuration is valid"),
-            tenants: HashMap::new(),
-            replicas: HashMap::new(),
-            preempted: 0,
-        }
+        RouterState::new("llama-3-8b")
     }
 }
 
 impl RouterState {
+    /// A router whose fleet replicas serve `served_model`.
+    pub fn new(served_model: &str) -> Self {
+        RouterState {
+            router: Router::new(RouterConfig::three_bands()).expect("the three-band configuration is valid"),
+            tenants: HashMap::new(),
+            replicas: HashMap::new(),
+            replica_model: HashMap::new(),
+            models: HashMap::from([(served_model.to_string(), SERVED_MODEL)]),
+            down: HashSet::new(),
+            flights: HashMap::new(),
+            next_id: 1,
+            preempted: 0,
+        }
+    }
+
+    /// The router's id of a model name.
+    pub fn model(&self, name: &str) -> Option<ModelId> {
+        self.models.get(name).copied()
+    }
+
+    /// Model names and the replicas in service for each.
+    pub fn models(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<(String, usize)> = self
+            .models
+            .iter()
+            .map(|(n, m)| {
+                let up = self
+                    .replicas
+                    .values()
+                    .filter(|r| r.slots > 0 && !self.down.contains(&r.id))
+                    .filter(|r| self.replica_model.get(&r.id).copied().unwrap_or(SERVED_MODEL) == *m)
+                    .count();
+                (n.clone(), up)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A replica that is not part of the fleet (a configured backend) serving `model`.
+    pub fn add_backend(&mut self, row: ReplicaRow, model: &str, now_ms: i64) -> Result<(), String> {
+        let n = self.models.len() as u32;
+        let m = *self.models.entry(model.to_string()).or_insert(ModelId(n));
+        self.replica_model.insert(row.id, m);
+        self.apply(&[row], now_ms).map(|_| ())
+    }
+
+    pub fn site_of(&self, replica: ReplicaId) -> Option<&str> {
+        self.replicas.get(&i64::from(replica.0)).map(|r| r.site_id.as_str())
+    }
+
+    fn spec(&self, r: &ReplicaRow) -> Result<ReplicaSpec, String> {
+        let bad = |field: &str| format!("replicas: replica {}: {field} out of range", r.id);
+        let kv_tokens = u64::try_from(r.kv_tokens).map_err(|_| bad("kv_tokens"))?;
+        let out = kv_tokens == 0 || self.down.contains(&r.id);
+        Ok(ReplicaSpec {
+            id: ReplicaId(u32::try_from(r.id).map_err(|_| bad("id"))?),
+            model: self.replica_model.get(&r.id).copied().unwrap_or(SERVED_MODEL),
+            gpus: u32::try_from(r.gpus).ok().filter(|&g| g >= 1).ok_or_else(|| bad("gpus"))?,
+            slots: if out { 0 } else { u32::try_from(r.slots).map_err(|_| bad("slots"))? },
+            kv_tokens: kv_tokens.max(1),
+        })
+    }
+
+    /// Sends each decision to the request it concerns.
+    fn deliver(&mut self, out: &[Decision]) {
+        for d in out {
+            let (id, p) = match d {
+                Decision::Dispatch { id, replicas } => (*id, Placement::Dispatched(replicas[0])),
+                Decision::Reject { id, reason } => (*id, Placement::Rejected(reason.clone())),
+                Decision::Preempt { id, .. } => (*id, Placement::Preempted),
+                Decision::Queue { .. } => continue,
+            };
+            if let Some(tx) = self.flights.get(&id) {
+                let _ = tx.send(p);
+            }
+        }
+    }
+
+    /// A request arrives: its id and the channel its placement comes on.
+    pub fn arrive(&mut self, mut w: Work, now_ms: i64) -> (ReqId, mpsc::UnboundedReceiver<Placement>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        w.id = id;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.flights.insert(id, tx);
+        let mut out = vec![];
+        self.router.arrive(w, now_ms, &mut out);
+        self.deliver(&out);
+        (id, rx)
+    }
+
+    /// Token progress of a request in flight (charges its tenant's fair share).
+    pub fn progress(&mut self, id: ReqId, output_tokens: u32, now_ms: i64) {
+        self.router.progress(id, output_tokens, now_ms);
+    }
+
+    /// The request is over: served (`complete`) or not (cancelled, failed, rejected).
+    pub fn finish(&mut self, id: ReqId, output_tokens: Option<u32>, now_ms: i64) {
+        self.flights.remove(&id);
+        let mut out = vec![];
+        match output_tokens {
+            Some(n) => self.router.complete(id, n, now_ms, &mut out),
+            None => {
+                self.router.cancel(id, now_ms, &mut out);
+            }
+        }
+        self.deliver(&out);
+    }
+
+    /// Time passes: queued work past its time-to-live is rejected.
+    pub fn tick(&mut self, now_ms: i64) {
+        let mut out = vec![];
+        self.router.tick(now_ms, &mut out);
+        self.deliver(&out);
+    }
+
+    /// Holds replicas out of service (they failed), or returns them.
+    pub fn set_down(&mut self, ids: &[i64], down: bool, now_ms: i64) {
+        let mut rows = vec![];
+        for id in ids {
+            let changed = if down { self.down.insert(*id) } else { self.down.remove(id) };
+            if changed && let Some(r) = self.replicas.get(id) {
+                rows.push(r.clone());
+            }
+        }
+        if let Err(e) = self.apply(&rows, now_ms) {
+            tracing::warn!(error = %e, "replica health change not applied");
+        }
+    }
+
+    pub fn down(&self) -> Vec<i64> {
+        self.down.iter().copied().collect()
+    }
+
+    /// Ids of every replica known.
+    pub fn replica_ids(&self) -> Vec<i64> {
+        self.replicas.keys().copied().collect()
+    }
+
     /// A tenant known to storage (a known id keeps its router identity).
     pub fn add_tenant(&mut self, t: &TenantRow) -> Result<(), String> {
         if self.tenants.contains_key(&t.id) {
@@ -57,27 +212,15 @@ impl RouterState {
     /// A bad row is named and nothing is applied. A replica whose model leaves no KV cache is
     /// out of service.
     pub fn apply(&mut self, rows: &[ReplicaRow], now_ms: i64) -> Result<Vec<Decision>, String> {
-        let specs = rows
-            .iter()
-            .map(|r| {
-                let bad = |field: &str| format!("replicas: replica {}: {field} out of range", r.id);
-                let kv_tokens = u64::try_from(r.kv_tokens).map_err(|_| bad("kv_tokens"))?;
-                Ok(ReplicaSpec {
-                    id: ReplicaId(u32::try_from(r.id).map_err(|_| bad("id"))?),
-                    model: SERVED_MODEL,
-                    gpus: u32::try_from(r.gpus).ok().filter(|&g| g >= 1).ok_or_else(|| bad("gpus"))?,
-                    slots: if kv_tokens == 0 { 0 } else { u32::try_from(r.slots).map_err(|_| bad("slots"))? },
-                    kv_tokens: kv_tokens.max(1),
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let specs = rows.iter().map(|r| self.spec(r)).collect::<Result<Vec<_>, String>>()?;
         let mut out = vec![];
         self.router.set_replicas(&specs, now_ms, &mut out)?;
+        self.deliver(&out);
         for r in rows {
             self.replicas.insert(r.id, r.clone());
         }
         self.preempted += out.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count() as u64;
-        let in_service = self.replicas.values().filter(|r| r.slots > 0).count();
+        let in_service = self.replicas.values().filter(|r| r.slots > 0 && !self.down.contains(&r.id)).count();
         metrics::gauge!("hcp_router_replicas", "state" => "in_service").set(in_service as f64);
         metrics::gauge!("hcp_router_replicas", "state" => "out").set((self.replicas.len() - in_service) as f64);
         metrics::gauge!("hcp_router_slots").set(self.replicas.values().map(|r| r.slots as f64).sum::<f64>());

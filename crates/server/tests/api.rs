@@ -46,6 +46,8 @@ impl Platform {
             admin_token: Some(ADMIN.into()),
             demo_tenant_key: Some(DEMO.into()),
             account_rate_per_s: 1_000.0,
+            sim_backend_listen: Some("127.0.0.1:0".parse().unwrap()),
+            backends: vec![],
         };
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
         assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");

@@ -120,6 +120,14 @@ pub fn replica_capacity(
     ((b * ratio).floor().max(1.0) as u32, kv_tokens)
 }
 
+/// One sequence's timing on a replica under a power cap, with `batch` sequences decoding
+/// together: time to its first token (prefill) and time per output token after it.
+pub fn sequence_timing(g: &GpuModel, s: &ServedModel, cap_w: f64, batch: f64, prompt: f64, output: f64) -> (f64, f64) {
+    let b = batch.max(1.0);
+    let clock = cap_clock(g, cap_w, b);
+    (prefill_s(g, s, prompt, clock), step_time_s(g, s, b, prompt + output / 2.0, clock))
+}
+
 /// The operating point of one GPU under a workload, a cap and an inlet temperature.
 pub fn operating_point(g: &GpuModel, s: &ServedModel, cap_w: f64, w: &Workload, inlet_c: f64) -> OperatingPoint {
     let context = w.prompt_tokens + w.output_tokens / 2.0;
@@ -520,6 +528,16 @@ mod tests {
             assert!(n >= last, "monotone in the cap: {n} at {w} W");
             last = n;
         }
+    }
+
+    #[test]
+    fn a_sequence_slows_with_the_cap_and_the_batch() {
+        let g = sxm();
+        let s = ServedModel::llama3_8b();
+        let (ttft, tpot) = sequence_timing(&g, &s, g.max_power_w, 1.0, 1000.0, 400.0);
+        assert!((0.005..0.2).contains(&ttft) && (0.003..0.05).contains(&tpot), "{ttft} {tpot}");
+        let (ttft_c, tpot_c) = sequence_timing(&g, &s, g.min_cap_w, 64.0, 1000.0, 400.0);
+        assert!(ttft_c > ttft && tpot_c > tpot, "{ttft_c} {tpot_c}");
     }
 
     #[test]

@@ -1224,26 +1224,19 @@ impl Store {
             q = q.bind(v);
         }
         let rows = q.fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(|r| UsageRow {
-                seq: r.get(0),
-                id: r.get(1),
-                tenant_id: r.get(2),
-                key_id: r.get(3),
-                kind: r.get(4),
-                tier: r.get(5),
-                model: r.get(6),
-                site_id: r.get(7),
-                input_tokens: r.get(8),
-                output_tokens: r.get(9),
-                gpu_ms: r.get(10),
-                spot: r.get::<i64, _>(11) != 0,
-                status: r.get(12),
-                tag: r.get(13),
-                at_ms: r.get(14),
-            })
-            .collect())
+        Ok(rows.iter().map(usage_row).collect())
+    }
+
+    /// One usage record by its id (idempotency key).
+    pub async fn usage_by_id(&self, id: &str) -> Result<Option<UsageRow>> {
+        let r = sqlx::query(
+            "SELECT seq, id, tenant_id, key_id, kind, tier, model, site_id, input_tokens, output_tokens, gpu_ms, \
+             spot, status, tag, at_ms FROM usage WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.as_ref().map(usage_row))
     }
 
     /// A tenant's usage in `[from_ms, to_ms)`, summed by kind, tier, model and spot flag.
@@ -1524,6 +1517,26 @@ fn key_row(r: &AnyRow) -> ApiKeyRow {
         rate_per_s: r.get(4),
         created_ms: r.get(5),
         revoked_ms: r.get(6),
+    }
+}
+
+fn usage_row(r: &AnyRow) -> UsageRow {
+    UsageRow {
+        seq: r.get(0),
+        id: r.get(1),
+        tenant_id: r.get(2),
+        key_id: r.get(3),
+        kind: r.get(4),
+        tier: r.get(5),
+        model: r.get(6),
+        site_id: r.get(7),
+        input_tokens: r.get(8),
+        output_tokens: r.get(9),
+        gpu_ms: r.get(10),
+        spot: r.get::<i64, _>(11) != 0,
+        status: r.get(12),
+        tag: r.get(13),
+        at_ms: r.get(14),
     }
 }
 

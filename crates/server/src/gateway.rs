@@ -1,0 +1,824 @@
+//! The OpenAI-compatible inference gateway: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models` on the platform's port.
+//!
+//! A request is authenticated by its tenant key (`Authorization: Bearer hcpk_...`) and rate
+//! limit, validated (errors in OpenAI's shape, naming the field), given a priority tier (the
+//! key's default, or `X-HCP-Priority` no higher than it), and handed to the router, which
+//! admits, queues or rejects it and places it on a replica. The gateway then calls the replica's
+//! OpenAI API (the simulated backend or a configured vLLM/SGLang/TGI/llama.cpp server) and relays
+//! the answer: whole, or as the backend's SSE chunks, ending `data: [DONE]`, with the usage chunk
+//! only when the client asked (`stream_options.include_usage`; the gateway always asks the
+//! backend, because usage is what it bills).
+//!
+//! Failures: a backend that fails before its first byte (connection refused, 5xx, a stream that
+//! ends empty) is held out of service until its health check passes and the request goes back to
+//! the router for another replica (at most [`MAX_ATTEMPTS`]). After the first byte a failure ends
+//! the stream with an error event. Work preempted by a capacity change before its first byte is
+//! placed again; after it, the stream ends with a `preempted` error. A client that goes away drops
+//! the relay, which drops the upstream request (the backend stops generating).
+//!
+//! Metering: every request that reached a backend has exactly one usage record (id: the request
+//! id, or the tenant's `Idempotency-Key`), written before the answer's last byte is sent (the
+//! non-streamed body, or the stream's `[DONE]`); a request cut short (client gone, backend failed,
+//! preempted) is recorded with what was delivered. A second request with a used idempotency key
+//! is refused (409), so a client retry is never counted twice.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::Stream;
+use hcp_sched::{RejectReason, ReplicaId, ReqId, Work};
+use hcp_store::UsageRow;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::auth::Principal;
+use crate::openai::{DEFAULT_MAX_TOKENS, Endpoint, OaiError, estimate_tokens, parse};
+use crate::routing::Placement;
+use crate::{App, wall_ms};
+
+/// Tries of one request on different replicas when backends fail before their first byte.
+pub const MAX_ATTEMPTS: usize = 3;
+/// Replica ids of configured backends start here (fleet replicas are GPU indexes).
+pub const BACKEND_ID_BASE: u32 = 1 << 30;
+
+/// A real OpenAI-compatible server serving one replica.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendConfig {
+    /// Base URL of its OpenAI API, e.g. `http://10.0.0.5:8000/v1`.
+    pub url: String,
+    pub model: String,
+    /// Sequences it serves at once, its KV-cache tokens, its GPUs and site.
+    pub slots: u32,
+    pub kv_tokens: u64,
+    pub gpus: u32,
+    pub site: String,
+}
+
+impl BackendConfig {
+    /// `url=http://host:8000/v1,model=NAME[,slots=N][,kv_tokens=N][,gpus=N][,site=ID]`.
+    pub fn parse(s: &str) -> Result<BackendConfig, String> {
+        let mut b = BackendConfig {
+            url: String::new(),
+            model: String::new(),
+            slots: 64,
+            kv_tokens: 400_000,
+            gpus: 1,
+            site: "external".into(),
+        };
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| format!("backend: {part:?} must be key=value"))?;
+            let num = |v: &str| v.parse::<u64>().map_err(|_| format!("backend.{k}: must be a whole number"));
+            match k {
+                "url" => b.url = v.trim_end_matches('/').to_string(),
+                "model" => b.model = v.to_string(),
+                "slots" => b.slots = u32::try_from(num(v)?).map_err(|_| "backend.slots: too large".to_string())?,
+                "kv_tokens" => b.kv_tokens = num(v)?,
+                "gpus" => b.gpus = u32::try_from(num(v)?).map_err(|_| "backend.gpus: too large".to_string())?,
+                "site" => b.site = v.to_string(),
+                _ => return Err(format!("backend.{k}: unknown (url, model, slots, kv_tokens, gpus, site)")),
+            }
+        }
+        if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
+            return Err("backend.url: must start with http:// or https://".into());
+        }
+        if b.model.is_empty() {
+            return Err("backend.model: is required".into());
+        }
+        if b.slots == 0 || b.gpus == 0 || b.kv_tokens == 0 {
+            return Err("backend.slots, gpus, kv_tokens: must be >= 1".into());
+        }
+        Ok(b)
+    }
+}
+
+/// The gateway's own state in the API process.
+pub struct Gateway {
+    client: reqwest::Client,
+    /// Base URL of the simulated backend (`http://addr`), once it listens.
+    pub sim_base: Mutex<Option<String>>,
+    pub backends: Vec<BackendConfig>,
+    /// Idempotency keys of requests in flight.
+    idem: Mutex<HashSet<String>>,
+}
+
+impl Gateway {
+    pub fn new(backends: Vec<BackendConfig>) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_max_idle_per_host(4_096)
+            .tcp_nodelay(true)
+            .build()
+            .expect("an HTTP client with default TLS-less settings");
+        Gateway { client, sim_base: Mutex::new(None), backends, idem: Mutex::default() }
+    }
+
+    /// The base URL of a replica's OpenAI API.
+    fn base(&self, r: ReplicaId) -> Option<String> {
+        if r.0 >= BACKEND_ID_BASE {
+            return self.backends.get((r.0 - BACKEND_ID_BASE) as usize).map(|b| b.url.clone());
+        }
+        let sim = self.sim_base.lock().unwrap_or_else(|e| e.into_inner());
+        sim.as_ref().map(|s| format!("{s}/r/{}/v1", r.0))
+    }
+
+    /// The URL a replica's health is checked at (one for all replicas of the simulated backend).
+    fn health_url(&self, id: i64) -> Option<String> {
+        match u32::try_from(id) {
+            Ok(i) if i >= BACKEND_ID_BASE => {
+                self.backends.get((i - BACKEND_ID_BASE) as usize).map(|b| format!("{}/models", b.url))
+            }
+            _ => self.sim_base.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| format!("{s}/healthz")),
+        }
+    }
+}
+
+pub fn routes() -> axum::Router<Arc<App>> {
+    axum::Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+}
+
+/// Every few seconds: replicas held out of service are checked again and returned when their
+/// server answers; configured backends are checked and held out when they do not.
+pub async fn health_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let mut ids: Vec<i64> = app.router.lock().unwrap_or_else(|e| e.into_inner()).down();
+        ids.extend((0..app.gateway.backends.len()).map(|i| i64::from(BACKEND_ID_BASE) + i as i64));
+        ids.sort_unstable();
+        ids.dedup();
+        let mut by_url: std::collections::HashMap<String, Vec<i64>> = Default::default();
+        for id in ids {
+            if let Some(u) = app.gateway.health_url(id) {
+                by_url.entry(u).or_default().push(id);
+            }
+        }
+        for (url, ids) in by_url {
+            let ok = matches!(
+                app.gateway.client.get(&url).timeout(Duration::from_secs(2)).send().await,
+                Ok(r) if r.status().is_success()
+            );
+            metrics::gauge!("hcp_backend_up", "url" => url.clone()).set(if ok { 1.0 } else { 0.0 });
+            app.router.lock().unwrap_or_else(|e| e.into_inner()).set_down(&ids, !ok, wall_ms());
+        }
+    }
+}
+
+/// Expires queued work past its time-to-live, four times a second.
+pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        app.router.lock().unwrap_or_else(|e| e.into_inner()).tick(wall_ms());
+    }
+}
+
+async fn tenant_of(app: &App, headers: &HeaderMap) -> Result<(String, String, i64), OaiError> {
+    match crate::routes::authenticate(app, headers).await.map_err(OaiError::from)? {
+        Principal::Tenant { tenant, key, band, .. } => Ok((tenant, key, band)),
+        Principal::Account { .. } => Err(OaiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            None,
+            "inference needs a tenant API key (hcpk_...), not an operator account",
+        )),
+    }
+}
+
+async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = tenant_of(&app, &headers).await {
+        return e.into_response();
+    }
+    let models = app.router.lock().unwrap_or_else(|e| e.into_inner()).models();
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": models.iter().map(|(id, up)| serde_json::json!({
+            "id": id, "object": "model", "created": 0, "owned_by": "hcp", "replicas_in_service": up,
+        })).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(app, Endpoint::Chat, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(app, Endpoint::Completions, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, OaiError> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| OaiError::invalid(name, "must be printable ASCII")),
+    }
+}
+
+/// The tier asked for in `X-HCP-Priority` (0-2 or interactive/standard/batch), no higher than the
+/// key allows; else the key's default.
+fn tier(h: &HeaderMap, key_band: i64) -> Result<u8, OaiError> {
+    let default = u8::try_from(key_band.clamp(0, 2)).unwrap_or(1);
+    let Some(v) = header_str(h, "x-hcp-priority")? else { return Ok(default) };
+    let t = match v.trim() {
+        "0" | "interactive" => 0,
+        "1" | "standard" => 1,
+        "2" | "batch" => 2,
+        _ => return Err(OaiError::invalid("x-hcp-priority", "must be 0-2, interactive, standard or batch")),
+    };
+    if t < default {
+        return Err(OaiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            None,
+            format!("x-hcp-priority: this key may use tier {default} or lower priority (a higher number)"),
+        ));
+    }
+    Ok(t)
+}
+
+fn reject_error(r: &RejectReason) -> OaiError {
+    let mut e = match r {
+        RejectReason::QueueFull { .. } | RejectReason::Displaced => OaiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("engine_overloaded"),
+            "the model's queue is full; retry later",
+        ),
+        RejectReason::Expired => OaiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("queue_timeout"),
+            "waited past the tier's queue time-to-live without capacity; retry later",
+        ),
+        RejectReason::NeverFits => OaiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("no_capacity"),
+            "no GPU capacity serves this model now (the power plan may have curtailed it); retry later",
+        ),
+        RejectReason::UnknownTenant => OaiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            None,
+            "this key's tenant is not known to the router yet; retry shortly",
+        ),
+        RejectReason::Invalid(why) => OaiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, why.clone()),
+    };
+    if e.status != StatusCode::BAD_REQUEST && e.status != StatusCode::FORBIDDEN {
+        e.retry_after_s = Some(1);
+    }
+    e
+}
+
+/// A request from admission to its usage record. Dropped before it finished (the client went
+/// away, or the handler returned early), it takes the work out of the router and records what was
+/// delivered.
+struct Flight {
+    app: Arc<App>,
+    router_id: Option<ReqId>,
+    usage: UsageRow,
+    /// The backend started answering (prefill done): the request is billable.
+    started: bool,
+    relayed_text: String,
+    idem: Option<String>,
+    done: bool,
+}
+
+impl Flight {
+    fn release_router(&mut self, output_tokens: Option<u32>) {
+        if let Some(id) = self.router_id.take() {
+            self.app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(id, output_tokens, wall_ms());
+        }
+    }
+
+    /// The record of a request cut short: its prompt and the output delivered.
+    fn cut_short(&mut self, status: &str) -> UsageRow {
+        let mut u = self.usage.clone();
+        u.output_tokens = i64::from(estimate_tokens(&self.relayed_text));
+        u.status = status.into();
+        u.at_ms = wall_ms();
+        u
+    }
+
+    /// Served: records usage durably, then frees the router.
+    async fn complete(&mut self, input: u32, output: u32) -> Result<(), OaiError> {
+        let mut u = self.usage.clone();
+        u.input_tokens = input.into();
+        u.output_tokens = output.into();
+        u.at_ms = wall_ms();
+        self.done = true;
+        self.release_router(Some(output));
+        self.app.meter.record(u).await.map_err(|e| {
+            tracing::error!(error = %e, "usage not recorded");
+            OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "usage could not be recorded")
+        })
+    }
+
+    /// Ended early after the backend started (failed or preempted): recorded, router freed.
+    async fn end(&mut self, status: &str) {
+        let u = self.cut_short(status);
+        self.done = true;
+        self.release_router(None);
+        if let Err(e) = self.app.meter.record(u).await {
+            tracing::error!(error = %e, "usage not recorded");
+        }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Some(k) = self.idem.take() {
+            self.app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        }
+        if self.done {
+            return;
+        }
+        self.release_router(None);
+        if self.started {
+            let u = self.cut_short("cancelled");
+            self.app.meter.record_detached(u);
+        }
+        metrics::counter!("hcp_gateway_cancelled_total").increment(1);
+    }
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    message: Option<Delta>,
+}
+
+/// The parts of a response or chunk the gateway reads.
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+impl Answer {
+    fn text(&self) -> String {
+        self.choices
+            .iter()
+            .filter_map(|c| {
+                c.delta.as_ref().and_then(|d| d.content.as_deref()).or(c.text.as_deref()).or(c
+                    .message
+                    .as_ref()
+                    .and_then(|m| m.content.as_deref()))
+            })
+            .collect()
+    }
+}
+
+/// How one try on a replica ended before anything reached the client.
+enum Try {
+    /// A non-streamed answer, or a stream whose first bytes arrived.
+    Answer(reqwest::Response, Option<Bytes>),
+    /// The backend refused the request itself (4xx): passed to the client as it is.
+    Refused(StatusCode, Bytes),
+    /// The backend failed (or the work was preempted) before its first byte: try another.
+    Again,
+}
+
+async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> Result<Response, OaiError> {
+    let (tenant, key, key_band) = tenant_of(&app, &headers).await?;
+    let req = parse(ep, &body)?;
+    let tier = tier(&headers, key_band)?;
+    let tag = header_str(&headers, "x-hcp-tag")?.map(str::to_string);
+    if tag.as_ref().is_some_and(|t| t.is_empty() || t.len() > 64) {
+        return Err(OaiError::invalid("x-hcp-tag", "must be 1 to 64 characters"));
+    }
+    let (model, tenant_ix) = {
+        let r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+        (r.model(&req.model), r.tenant(&tenant))
+    };
+    let Some(model) = model else {
+        let mut e = OaiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found"),
+            format!("model: {} is not served here (GET /v1/models lists what is)", req.model),
+        );
+        e.param = Some("model".into());
+        return Err(e);
+    };
+    let max_out = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let context = app.fleet.served_model.context_tokens;
+    if u64::from(req.prompt_tokens) + u64::from(max_out) > u64::from(context) {
+        let mut e = OaiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+            format!(
+                "messages: this model's context is {context} tokens; the request has about {} prompt tokens and \
+                 asks for {max_out} output tokens",
+                req.prompt_tokens
+            ),
+        );
+        e.param = Some(if ep == Endpoint::Chat { "messages" } else { "prompt" }.into());
+        return Err(e);
+    }
+    let Some(tenant_ix) = tenant_ix else { return Err(reject_error(&RejectReason::UnknownTenant)) };
+    let rid = format!("{}-{}{}", ep.id_prefix(), crate::auth::short_id(), crate::auth::short_id());
+    let idem = match header_str(&headers, "idempotency-key")? {
+        None => None,
+        Some(k) if k.is_empty() || k.len() > 128 => {
+            return Err(OaiError::invalid("idempotency-key", "must be 1 to 128 characters"));
+        }
+        Some(k) => Some(format!("idem:{tenant}:{k}")),
+    };
+    let usage_id = idem.clone().unwrap_or_else(|| rid.clone());
+    if let Some(k) = &idem {
+        let used = match app.store.usage_by_id(k).await {
+            Ok(u) => u.is_some(),
+            Err(e) => return Err(OaiError::from(crate::error::ApiError::from(e))),
+        };
+        if used || !app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone()) {
+            return Err(OaiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_reused"),
+                "idempotency-key: a request with this key was already served or is in flight",
+            ));
+        }
+    }
+    let mut flight = Flight {
+        app: app.clone(),
+        router_id: None,
+        usage: UsageRow {
+            seq: 0,
+            id: usage_id,
+            tenant_id: tenant,
+            key_id: key,
+            kind: "tokens".into(),
+            tier: i64::from(tier),
+            model: req.model.clone(),
+            site_id: String::new(),
+            input_tokens: i64::from(req.prompt_tokens),
+            output_tokens: 0,
+            gpu_ms: 0,
+            spot: false,
+            status: "completed".into(),
+            tag,
+            at_ms: 0,
+        },
+        started: false,
+        relayed_text: String::new(),
+        idem,
+        done: false,
+    };
+    // The backend always reports usage on a stream; the client sees it only if it asked.
+    let upstream_body = if req.stream && !req.include_usage {
+        let mut v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| OaiError::invalid("body", e.to_string()))?;
+        v["stream_options"] = serde_json::json!({ "include_usage": true });
+        Bytes::from(serde_json::to_vec(&v).expect("a JSON value serialises"))
+    } else {
+        body
+    };
+    let work = Work {
+        id: 0,
+        tenant: tenant_ix,
+        band: tier,
+        model,
+        prompt_tokens: req.prompt_tokens,
+        max_output_tokens: max_out,
+        deadline_ms: None,
+        gang: 1,
+        preemptible: true,
+        restart_cost: f64::from(req.prompt_tokens),
+    };
+    let started = std::time::Instant::now();
+    for _attempt in 0..MAX_ATTEMPTS {
+        let (id, mut rx) = app.router.lock().unwrap_or_else(|e| e.into_inner()).arrive(work.clone(), wall_ms());
+        flight.router_id = Some(id);
+        let replica = loop {
+            match rx.recv().await {
+                Some(Placement::Dispatched(r)) => break r,
+                Some(Placement::Rejected(why)) => {
+                    flight.done = true;
+                    flight.release_router(None);
+                    metrics::counter!("hcp_gateway_rejected_total").increment(1);
+                    return Err(reject_error(&why));
+                }
+                Some(Placement::Preempted) => continue,
+                None => return Err(OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "router stopped")),
+            }
+        };
+        metrics::histogram!("hcp_gateway_queue_seconds").record(started.elapsed().as_secs_f64());
+        let site = app.router.lock().unwrap_or_else(|e| e.into_inner()).site_of(replica).unwrap_or("").to_string();
+        flight.usage.site_id = site;
+        let Some(base) = app.gateway.base(replica) else {
+            flight.release_router(None);
+            app.router.lock().unwrap_or_else(|e| e.into_inner()).set_down(&[i64::from(replica.0)], true, wall_ms());
+            continue;
+        };
+        match try_replica(&app, i64::from(replica.0), &base, ep, &rid, &upstream_body, req.stream, &mut rx).await {
+            Try::Again => {
+                metrics::counter!("hcp_gateway_retries_total").increment(1);
+                flight.release_router(None);
+                continue;
+            }
+            Try::Refused(status, bytes) => {
+                flight.done = true;
+                flight.release_router(None);
+                let mut r = Response::new(Body::from(bytes));
+                *r.status_mut() = status;
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                return Ok(r);
+            }
+            Try::Answer(resp, first) => {
+                flight.started = true;
+                if !req.stream {
+                    return whole(flight, resp, &rid, &req, &mut rx).await;
+                }
+                let relay = relay(flight, resp, first.unwrap_or_default(), rx, req.include_usage);
+                let mut r = Response::new(Body::from_stream(relay));
+                let h = r.headers_mut();
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                h.insert("x-request-id", HeaderValue::from_str(&rid).expect("ascii id"));
+                return Ok(r);
+            }
+        }
+    }
+    flight.done = true;
+    Err(OaiError::new(
+        StatusCode::BAD_GATEWAY,
+        "server_error",
+        Some("backend_unavailable"),
+        format!("{MAX_ATTEMPTS} replicas failed before answering; retry later"),
+    ))
+}
+
+/// One try on a replica, up to its first byte (streams) or its whole answer's headers.
+#[allow(clippy::too_many_arguments)]
+async fn try_replica(
+    app: &App,
+    replica: i64,
+    base: &str,
+    ep: Endpoint,
+    rid: &str,
+    body: &Bytes,
+    stream: bool,
+    rx: &mut mpsc::UnboundedReceiver<Placement>,
+) -> Try {
+    let send = app
+        .gateway
+        .client
+        .post(format!("{base}{}", ep.path()))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-request-id", rid)
+        .body(body.clone())
+        .send();
+    let failed = |why: String| {
+        tracing::warn!(base, why, "backend failed before its first byte; trying another replica");
+        metrics::counter!("hcp_gateway_backend_failures_total").increment(1);
+        app.router.lock().unwrap_or_else(|e| e.into_inner()).set_down(&[replica], true, wall_ms());
+        Try::Again
+    };
+    let resp = tokio::select! {
+        r = send => r,
+        // Preempted (or the router gone) before the backend answered: place it again.
+        _ = rx.recv() => return Try::Again,
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => return failed(e.to_string()),
+    };
+    let status = resp.status();
+    if status.is_server_error() {
+        return failed(format!("status {status}"));
+    }
+    if status.is_client_error() {
+        let code = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+        return Try::Refused(code, resp.bytes().await.unwrap_or_default());
+    }
+    if !stream {
+        return Try::Answer(resp, None);
+    }
+    let mut resp = resp;
+    let first = tokio::select! {
+        c = resp.chunk() => c,
+        _ = rx.recv() => return Try::Again,
+    };
+    match first {
+        Ok(Some(b)) => Try::Answer(resp, Some(b)),
+        Ok(None) => failed("stream ended before its first byte".into()),
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+/// A non-streamed answer: read whole, usage recorded, then answered.
+async fn whole(
+    mut flight: Flight,
+    resp: reqwest::Response,
+    rid: &str,
+    req: &crate::openai::Request,
+    rx: &mut mpsc::UnboundedReceiver<Placement>,
+) -> Result<Response, OaiError> {
+    let bytes = tokio::select! {
+        b = resp.bytes() => b,
+        _ = rx.recv() => {
+            flight.end("preempted").await;
+            return Err(OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("preempted"),
+                "the request was preempted by a capacity change; retry"));
+        }
+    };
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(e) => {
+            flight.end("failed").await;
+            return Err(OaiError::new(StatusCode::BAD_GATEWAY, "server_error", Some("backend_failed"), e.to_string()));
+        }
+    };
+    let mut v: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            flight.end("failed").await;
+            return Err(OaiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                Some("backend_failed"),
+                format!("the backend's answer is not JSON: {e}"),
+            ));
+        }
+    };
+    let a: Answer = serde_json::from_value(v.clone()).unwrap_or(Answer { choices: vec![], usage: None, error: None });
+    let (input, output) = match a.usage {
+        Some(u) => (u.prompt_tokens, u.completion_tokens),
+        None => (req.prompt_tokens, estimate_tokens(&a.text())),
+    };
+    flight.complete(input, output).await?;
+    v["id"] = serde_json::Value::String(rid.to_string());
+    let mut r = axum::Json(v).into_response();
+    r.headers_mut().insert("x-request-id", HeaderValue::from_str(rid).expect("ascii id"));
+    Ok(r)
+}
+
+struct Relay {
+    flight: Flight,
+    resp: reqwest::Response,
+    rx: mpsc::UnboundedReceiver<Placement>,
+    buf: Vec<u8>,
+    include_usage: bool,
+    usage: Option<(u32, u32)>,
+    usage_line: Vec<u8>,
+    pending: Option<Bytes>,
+    over: bool,
+}
+
+fn error_event(code: &str, message: &str) -> Vec<u8> {
+    let v = serde_json::json!({ "error": { "message": message, "type": "server_error", "param": null, "code": code } });
+    format!("data: {v}\n\n").into_bytes()
+}
+
+impl Relay {
+    /// Takes the complete SSE events out of the buffer: forwards content chunks, keeps the usage
+    /// chunk, and on `[DONE]` records usage before passing it on. Returns the bytes for the client.
+    async fn events(&mut self) -> Vec<u8> {
+        let mut out = vec![];
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let ev: Vec<u8> = self.buf.drain(..end + 2).collect();
+            let line = std::str::from_utf8(&ev).unwrap_or("").trim();
+            let Some(data) = line.strip_prefix("data:").map(str::trim) else { continue };
+            if data == "[DONE]" {
+                let (input, output) = self.usage.unwrap_or((
+                    u32::try_from(self.flight.usage.input_tokens).unwrap_or(0),
+                    estimate_tokens(&self.flight.relayed_text),
+                ));
+                match self.flight.complete(input, output).await {
+                    Ok(()) => {
+                        if self.include_usage {
+                            out.extend_from_slice(&self.usage_line);
+                        }
+                        out.extend_from_slice(b"data: [DONE]\n\n");
+                    }
+                    Err(e) => out.extend(error_event("usage_not_recorded", &e.message)),
+                }
+                self.over = true;
+                return out;
+            }
+            match serde_json::from_str::<Answer>(data) {
+                Ok(a) if a.usage.is_some() && a.choices.is_empty() => {
+                    let u = a.usage.expect("checked");
+                    self.usage = Some((u.prompt_tokens, u.completion_tokens));
+                    self.usage_line = ev;
+                }
+                Ok(a) => {
+                    if let Some(u) = &a.usage {
+                        self.usage = Some((u.prompt_tokens, u.completion_tokens));
+                    }
+                    self.flight.relayed_text.push_str(&a.text());
+                    if a.error.is_some() {
+                        // The backend reports a failure in the stream: pass it on and end.
+                        out.extend_from_slice(&ev);
+                        self.flight.end("failed").await;
+                        self.over = true;
+                        return out;
+                    }
+                    out.extend_from_slice(&ev);
+                }
+                Err(_) => out.extend_from_slice(&ev),
+            }
+        }
+        out
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
+        if self.over {
+            return None;
+        }
+        if let Some(first) = self.pending.take() {
+            self.buf.extend_from_slice(&first);
+            let out = self.events().await;
+            if !out.is_empty() {
+                return Some(Bytes::from(out));
+            }
+        }
+        loop {
+            if self.over {
+                return None;
+            }
+            let next = tokio::select! {
+                c = self.resp.chunk() => c,
+                p = self.rx.recv() => {
+                    if matches!(p, Some(Placement::Preempted)) {
+                        self.flight.end("preempted").await;
+                        self.over = true;
+                        return Some(Bytes::from(error_event("preempted",
+                            "the request was preempted by a capacity change after it started")));
+                    }
+                    continue;
+                }
+            };
+            match next {
+                Ok(Some(b)) => {
+                    self.buf.extend_from_slice(&b);
+                    let out = self.events().await;
+                    if !out.is_empty() {
+                        return Some(Bytes::from(out));
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    self.flight.end("failed").await;
+                    self.over = true;
+                    return Some(Bytes::from(error_event("backend_failed", "the backend stopped mid-stream")));
+                }
+            }
+        }
+    }
+}
+
+fn relay(
+    flight: Flight,
+    resp: reqwest::Response,
+    first: Bytes,
+    rx: mpsc::UnboundedReceiver<Placement>,
+    include_usage: bool,
+) -> Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>> {
+    let r = Relay {
+        flight,
+        resp,
+        rx,
+        buf: Vec::with_capacity(1024),
+        include_usage,
+        usage: None,
+        usage_line: vec![],
+        pending: Some(first),
+        over: false,
+    };
+    Box::pin(futures::stream::unfold(r, |mut r| async move { r.next().await.map(|b| (Ok(b), r)) }))
+}
