@@ -113,6 +113,9 @@ pub struct Outcome {
     pub bound_margin: MicroUsd,
     /// The strike policy's tuned parameters.
     pub strike: Option<StrikeParams>,
+    /// The same run in the site P&L's accounting ([`site_pnl`] per row, summed): what the live
+    /// platform's P&L reports for the same rows.
+    pub pnl: hcp_billing::PnlTotals,
     pub chart: Vec<ChartPoint>,
 }
 
@@ -322,6 +325,22 @@ fn chart(fleet: &Fleet, rows: &[SiteRow]) -> Vec<ChartPoint> {
 }
 
 /// Runs the requested policies (always-on and the bound always run, for the uplift).
+/// A site's P&L over one interval of `hours`: the row's mining revenue (hashprice in force x
+/// hashrate delivered), inference revenue and energy cost at the real-time price, and the grid
+/// programs' availability credit for the MW committed. The engine records these rows; the
+/// backtest's totals are their sums.
+pub fn site_pnl(r: &SiteRow, hours: f64, commit_mw: f64, credit_usd_per_mw_h: f64) -> hcp_billing::SitePnl {
+    hcp_billing::SitePnl {
+        site: r.site.clone(),
+        at_ms: r.at.0,
+        hours,
+        mining_revenue: r.mining_revenue,
+        inference_revenue: r.inference_revenue,
+        energy_cost: r.energy_cost,
+        grid_credits: MicroUsd::from_usd_f64(commit_mw * hours * credit_usd_per_mw_h),
+    }
+}
+
 pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Outcome>, BacktestError> {
     let fleet = input.fleet;
     let days = (input.to.0 - input.from.0) as f64 / 86_400_000.0;
@@ -375,6 +394,14 @@ pub fn backtest(input: &BacktestInput, policies: &[PolicyKind]) -> Result<Vec<Ou
                 always_on_margin: m_on,
                 bound_margin: m_bound,
                 strike,
+                pnl: {
+                    let commit = if credits_of(policy) == MicroUsd::ZERO { 0.0 } else { input.commit_mw };
+                    let mut t = hcp_billing::PnlTotals::default();
+                    for r in &run.rows {
+                        t.add(&site_pnl(r, 0.25, commit, input.credit_usd_per_mw_h));
+                    }
+                    t
+                },
                 chart: chart(fleet, &run.rows),
             }
         })

@@ -464,6 +464,24 @@ async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
     }
     app.store.add_signals(&signals).await?;
     app.store.put_site_seconds(&seconds).await?;
+    // The engine sells into no grid program (it commits no MW), so it earns no credits.
+    let pnl: Vec<hcp_store::SitePnlRow> = iv
+        .rows
+        .iter()
+        .map(|r| {
+            let p = hcp_harness::backtest::site_pnl(r, 0.25, 0.0, 0.0);
+            hcp_store::SitePnlRow {
+                site_id: p.site,
+                at_ms,
+                hours: p.hours,
+                mining_revenue: p.mining_revenue.0,
+                inference_revenue: p.inference_revenue.0,
+                energy_cost: p.energy_cost.0,
+                grid_credits: p.grid_credits.0,
+            }
+        })
+        .collect();
+    app.store.put_site_pnl(&pnl).await?;
     for d in &iv.decided {
         record_plane(app, d).await?;
     }

@@ -107,6 +107,8 @@ pub struct Gateway {
     pub backends: Vec<BackendConfig>,
     /// Idempotency keys of requests in flight.
     idem: Mutex<HashSet<String>>,
+    /// Batch jobs in flight: their cancel switches.
+    pub jobs: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<bool>>>,
 }
 
 impl Gateway {
@@ -117,7 +119,7 @@ impl Gateway {
             .tcp_nodelay(true)
             .build()
             .expect("an HTTP client with default TLS-less settings");
-        Gateway { client, sim_base: Mutex::new(None), backends, idem: Mutex::default() }
+        Gateway { client, sim_base: Mutex::new(None), backends, idem: Mutex::default(), jobs: Mutex::default() }
     }
 
     /// The base URL of a replica's OpenAI API.

@@ -6,6 +6,7 @@
 //! `hcp-fleet`, `hcp-sched`); this crate feeds them inputs, stores and serves what they output.
 
 pub mod auth;
+pub mod billing;
 pub mod engine;
 pub mod error;
 pub mod gateway;

@@ -12,7 +12,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::App;
-use crate::routes;
+use crate::{billing, routes};
 
 /// Every error: a stable code, a message, and the offending field where there is one.
 #[derive(Serialize, ToSchema)]
@@ -105,8 +105,10 @@ impl Modify for Bearer {
         routes::site_power, routes::policies, routes::policy, routes::put_policy, routes::tenants,
         routes::create_tenant, routes::tenant, routes::keys, routes::create_key, routes::revoke_key,
         routes::audit, routes::accounts, routes::create_account, routes::events,
+        billing::usage, billing::price_plan, billing::put_price_plan, billing::invoice, billing::invoices, billing::pnl,
+        billing::submit_job, billing::jobs, billing::job, billing::cancel_job,
     ),
-    components(schemas(ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
+    components(schemas(billing::UsagePage, billing::JobBody, hcp_store::UsageRow, ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
     modifiers(&Bearer),
 )]
 pub struct ApiDoc;

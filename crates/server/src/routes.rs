@@ -54,7 +54,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/keys/{id}", delete(revoke_key))
         .route("/audit", get(audit))
         .route("/accounts", get(accounts).post(create_account))
-        .route("/events", get(events));
+        .route("/events", get(events))
+        .merge(crate::billing::routes());
     ops_router()
         .nest("/api/v1", api)
         .merge(crate::gateway::routes())

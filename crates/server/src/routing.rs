@@ -182,6 +182,16 @@ impl RouterState {
         self.down.iter().copied().collect()
     }
 
+    /// The most sequences a fleet replica holds now.
+    pub fn max_slots(&self) -> u32 {
+        self.replicas
+            .values()
+            .filter(|r| !self.replica_model.contains_key(&r.id))
+            .map(|r| u32::try_from(r.slots).unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Ids of every replica known.
     pub fn replica_ids(&self) -> Vec<i64> {
         self.replicas.keys().copied().collect()

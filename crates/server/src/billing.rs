@@ -1,0 +1,559 @@
+//! Billing and batch jobs over REST: usage records, price plans, invoices (JSON and CSV), site
+//! P&L, and batch jobs (submit, list, get, cancel) placed by the router's gang logic and metered
+//! in GPU-milliseconds. A tenant key sees only its own tenant's usage, invoices and jobs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use hcp_billing::{Period, PricePlan, UsageAgg, UsageKind};
+use hcp_sched::Work;
+use hcp_store::{Page, PricePlanRow, UsageFilter, UsageRow, WorkloadRow};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Principal, Role};
+use crate::error::{ApiError, ApiResult};
+use crate::routes::{Auth, Body, Params};
+use crate::routing::Placement;
+use crate::{App, wall_ms};
+
+type AppState = State<Arc<App>>;
+
+pub fn routes() -> Router<Arc<App>> {
+    use axum::routing::get;
+    Router::new()
+        .route("/usage", get(usage))
+        .route("/tenants/{id}/price-plan", get(price_plan).put(put_price_plan))
+        .route("/tenants/{id}/invoices/{period}", get(invoice))
+        .route("/invoices/{period}", get(invoices))
+        .route("/pnl", get(pnl))
+        .route("/jobs", get(jobs).post(submit_job))
+        .route("/jobs/{id}", get(job).delete(cancel_job))
+}
+
+/// The tenant a caller may read: its own (tenant key), or any (admin) when named.
+fn scope(p: &Principal, asked: Option<&str>) -> ApiResult<Option<String>> {
+    match p {
+        Principal::Tenant { tenant, .. } => match asked {
+            Some(a) if a != tenant => Err(ApiError::not_found(format!("tenant {a} not found"))),
+            _ => Ok(Some(tenant.clone())),
+        },
+        Principal::Account { .. } => {
+            p.require(Role::Admin)?;
+            Ok(asked.map(str::to_string))
+        }
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UsageQuery {
+    tenant: Option<String>,
+    tag: Option<String>,
+    site: Option<String>,
+    from_ms: Option<i64>,
+    to_ms: Option<i64>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UsagePage {
+    pub items: Vec<UsageRow>,
+    pub next_after: Option<i64>,
+}
+
+/// Usage records in write order (one per served request or finished job), filtered.
+#[utoipa::path(get, path = "/api/v1/usage", tag = "billing", security(("bearer" = [])), params(UsageQuery), responses((status = 200, body = UsagePage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn usage(State(app): AppState, Auth(p): Auth, Params(q): Params<UsageQuery>) -> ApiResult<Response> {
+    let tenant = scope(&p, q.tenant.as_deref())?;
+    let f = UsageFilter {
+        tenant: tenant.as_deref(),
+        tag: q.tag.as_deref(),
+        site: q.site.as_deref(),
+        from_ms: q.from_ms,
+        to_ms: q.to_ms,
+    };
+    let items = app.store.usage(&f, &Page { after: q.after, limit: q.limit }).await?;
+    let full = items.len() as u32 == q.limit.unwrap_or(100).min(hcp_store::MAX_PAGE);
+    let next_after = if full { items.last().map(|u| u.seq) } else { None };
+    Ok(Json(UsagePage { items, next_after }).into_response())
+}
+
+/// The plan in force at `at_ms` (the list price when the tenant has none).
+async fn plan_at(app: &App, tenant: &str, at_ms: i64) -> ApiResult<(PricePlan, Option<i64>)> {
+    match app.store.price_plan_at(tenant, at_ms).await? {
+        None => Ok((PricePlan::list(), None)),
+        Some(row) => PricePlan::from_json(&row.body)
+            .map(|p| (p, Some(row.effective_ms)))
+            .map_err(|e| ApiError::internal(format!("stored price plan of {tenant}: {e}"))),
+    }
+}
+
+/// The tenant's price plan now and, if a change is pending, from the next period.
+#[utoipa::path(get, path = "/api/v1/tenants/{id}/price-plan", tag = "billing", security(("bearer" = [])), params(("id" = String, Path)), responses((status = 200, description = "The plan in force (the list price when none was set) and any pending from the next period"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 404, description = "No such tenant", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn price_plan(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<Response> {
+    p.require_tenant(&id)?;
+    app.store.tenant(&id).await?;
+    let now = wall_ms();
+    let (plan, since) = plan_at(&app, &id, now).await?;
+    let next_start = Period::containing(now).end_ms;
+    let (next, next_since) = plan_at(&app, &id, next_start).await?;
+    let pending = (next_since != since).then_some(serde_json::json!({ "effective_ms": next_since, "plan": next }));
+    Ok(Json(serde_json::json!({
+        "tenant": id, "plan": plan, "effective_ms": since, "list_price": since.is_none(), "pending": pending,
+    }))
+    .into_response())
+}
+
+/// Sets a tenant's price plan (admin). It applies from the start of the next billing period, so
+/// every invoice is rated by one plan; a tenant's first plan applies at once.
+#[utoipa::path(put, path = "/api/v1/tenants/{id}/price-plan", tag = "billing", security(("bearer" = [])), params(("id" = String, Path)), request_body(content = serde_json::Value, description = "A price plan: tokens[{tier, model, input_micro_usd_per_mtok, output_micro_usd_per_mtok}], gpu_hour_micro_usd, spot_discount_pct, reserved_gpus, reserved_gpu_hour_micro_usd"), responses((status = 200, description = "Stored, with the time it applies from"), (status = 403, description = "Needs admin", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid plan, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn put_price_plan(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Body(body): Body<serde_json::Value>,
+) -> ApiResult<Response> {
+    p.require(Role::Admin)?;
+    app.store.tenant(&id).await?;
+    let text = body.to_string();
+    let plan = PricePlan::from_json(&text).map_err(|e| ApiError::invalid(e.field, e.rule))?;
+    let now = wall_ms();
+    let has = app.store.price_plan_at(&id, i64::MAX).await?.is_some();
+    let effective_ms = if has { Period::containing(now).end_ms } else { 0 };
+    let canonical = serde_json::to_string(&plan).expect("a plan serialises");
+    app.store
+        .put_price_plan(&PricePlanRow { tenant_id: id.clone(), effective_ms, body: canonical.clone(), updated_ms: now })
+        .await?;
+    app.store.audit(now, &p.actor(), "price_plan.set", &id, None, Some(&canonical)).await?;
+    Ok(Json(serde_json::json!({ "tenant": id, "effective_ms": effective_ms, "plan": plan })).into_response())
+}
+
+async fn build_invoice(app: &App, tenant: &str, period: &Period) -> ApiResult<hcp_billing::Invoice> {
+    let (plan, _) = plan_at(app, tenant, period.start_ms).await?;
+    let sums = app.store.usage_sums(tenant, period.start_ms, period.end_ms).await?;
+    let usage: Vec<UsageAgg> = sums
+        .into_iter()
+        .map(|s| UsageAgg {
+            kind: if s.kind == "gpu" { UsageKind::Gpu } else { UsageKind::Tokens },
+            tier: u8::try_from(s.tier.clamp(0, 255)).unwrap_or(0),
+            model: s.model,
+            spot: s.spot,
+            records: s.records as u64,
+            input_tokens: s.input_tokens as u64,
+            output_tokens: s.output_tokens as u64,
+            gpu_ms: s.gpu_ms as u64,
+        })
+        .collect();
+    Ok(hcp_billing::invoice(tenant, period, &plan, &usage))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FormatQuery {
+    /// `json` (default) or `csv`.
+    format: Option<String>,
+}
+
+fn wants_csv(q: &FormatQuery) -> ApiResult<bool> {
+    match q.format.as_deref() {
+        None | Some("json") => Ok(false),
+        Some("csv") => Ok(true),
+        Some(_) => Err(ApiError::invalid("format", "must be json or csv")),
+    }
+}
+
+fn csv_response(body: String, name: &str) -> Response {
+    let mut r = body.into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
+}
+
+/// A tenant's invoice for a month (`YYYY-MM`, UTC): line items by tier, model and unit, rated by
+/// the plan in force at the month's start, each line rounded once; `status` is `open` until the
+/// month ends.
+#[utoipa::path(get, path = "/api/v1/tenants/{id}/invoices/{period}", tag = "billing", security(("bearer" = [])), params(("id" = String, Path), ("period" = String, Path, description = "YYYY-MM"), FormatQuery), responses((status = 200, description = "The invoice, JSON or CSV"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 404, description = "No such tenant", body = crate::openapi::ErrorBody), (status = 422, description = "Bad period or format", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn invoice(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path((id, period)): Path<(String, String)>,
+    Params(q): Params<FormatQuery>,
+) -> ApiResult<Response> {
+    p.require_tenant(&id)?;
+    let csv = wants_csv(&q)?;
+    let period = Period::parse(&period).map_err(|e| ApiError::invalid("period", e))?;
+    app.store.tenant(&id).await?;
+    let inv = build_invoice(&app, &id, &period).await?;
+    if csv {
+        return Ok(csv_response(inv.to_csv(), &format!("invoice-{id}-{}.csv", period.label)));
+    }
+    let status = if wall_ms() >= period.end_ms { "closed" } else { "open" };
+    let mut v = serde_json::to_value(&inv).map_err(ApiError::internal)?;
+    v["status"] = status.into();
+    Ok(Json(v).into_response())
+}
+
+/// Every tenant's invoice total for a month (admin), and the fleet's.
+#[utoipa::path(get, path = "/api/v1/invoices/{period}", tag = "billing", security(("bearer" = [])), params(("period" = String, Path, description = "YYYY-MM"), FormatQuery), responses((status = 200, description = "Totals by tenant"), (status = 403, description = "Needs admin", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn invoices(
+    State(app): AppState,
+    Auth(p): Auth,
+    Path(period): Path<String>,
+    Params(q): Params<FormatQuery>,
+) -> ApiResult<Response> {
+    p.require(Role::Admin)?;
+    let csv = wants_csv(&q)?;
+    let period = Period::parse(&period).map_err(|e| ApiError::invalid("period", e))?;
+    let mut rows = vec![];
+    let mut ledger = hcp_billing::Ledger::default();
+    for t in app.store.usage_tenants(period.start_ms, period.end_ms).await? {
+        let inv = build_invoice(&app, &t, &period).await?;
+        ledger.post_invoice(&inv).map_err(ApiError::internal)?;
+        rows.push((t, inv.requests, inv.total_micro_usd));
+    }
+    let total: i64 = rows.iter().map(|r| r.2).sum();
+    if csv {
+        let mut s = String::from("tenant,period,requests,total_micro_usd\n");
+        for (t, n, v) in &rows {
+            s.push_str(&format!("{t},{},{n},{v}\n", period.label));
+        }
+        return Ok(csv_response(s, &format!("invoices-{}.csv", period.label)));
+    }
+    Ok(Json(serde_json::json!({
+        "period": period,
+        "items": rows.iter().map(|(t, n, v)| serde_json::json!({"tenant": t, "requests": n, "total_micro_usd": v})).collect::<Vec<_>>(),
+        "total_micro_usd": total,
+        "ledger_balanced": ledger.trial_balance() == 0,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PnlQuery {
+    site: Option<String>,
+    from_ms: i64,
+    to_ms: i64,
+}
+
+/// Site P&L over a time range (operators): per site and for the fleet, mining revenue, inference
+/// revenue, energy cost, grid-program credits and margin, in micro-USD.
+#[utoipa::path(get, path = "/api/v1/pnl", tag = "billing", security(("bearer" = [])), params(PnlQuery), responses((status = 200, description = "Totals by site and for the fleet"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Needs viewer", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn pnl(State(app): AppState, Auth(p): Auth, Params(q): Params<PnlQuery>) -> ApiResult<Response> {
+    p.require(Role::Viewer)?;
+    if q.to_ms <= q.from_ms {
+        return Err(ApiError::invalid("to_ms", "must be after from_ms"));
+    }
+    let rows = app.store.site_pnl(q.site.as_deref(), q.from_ms, q.to_ms).await?;
+    let mut by_site: std::collections::BTreeMap<String, hcp_billing::pnl::PnlTotals> = Default::default();
+    let mut fleet = hcp_billing::pnl::PnlTotals::default();
+    let mut ledger = hcp_billing::Ledger::default();
+    for r in &rows {
+        let p = hcp_billing::SitePnl {
+            site: r.site_id.clone(),
+            at_ms: r.at_ms,
+            hours: r.hours,
+            mining_revenue: hcp_model::MicroUsd(r.mining_revenue),
+            inference_revenue: hcp_model::MicroUsd(r.inference_revenue),
+            energy_cost: hcp_model::MicroUsd(r.energy_cost),
+            grid_credits: hcp_model::MicroUsd(r.grid_credits),
+        };
+        by_site.entry(r.site_id.clone()).or_default().add(&p);
+        fleet.add(&p);
+        ledger.post_pnl(&p).map_err(ApiError::internal)?;
+    }
+    Ok(Json(serde_json::json!({
+        "from_ms": q.from_ms, "to_ms": q.to_ms,
+        "sites": by_site.iter().map(|(s, t)| serde_json::json!({"site": s, "totals": t})).collect::<Vec<_>>(),
+        "fleet": fleet,
+        "ledger_balanced": ledger.trial_balance() == 0,
+    }))
+    .into_response())
+}
+
+// ---- batch jobs --------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobBody {
+    /// GPUs the job needs, all at once.
+    pub gpus: u32,
+    /// Run time it needs, in seconds (wall clock).
+    pub duration_s: f64,
+    /// Tier 0 (interactive) to 2 (batch); default 2.
+    #[serde(default = "batch_tier")]
+    pub priority: u8,
+    /// Preemptible jobs run at the spot price and may be stopped when power shrinks.
+    #[serde(default = "yes")]
+    pub preemptible: bool,
+    /// Admins submit for a tenant; a tenant key submits for its own.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+fn batch_tier() -> u8 {
+    2
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+struct JobState {
+    gpus: u32,
+    duration_s: f64,
+    priority: u8,
+    preemptible: bool,
+    gang: u32,
+    /// GPU time accrued while running, ms of wall clock (not x GPUs).
+    ran_ms: i64,
+    started_ms: Option<i64>,
+    site: Option<String>,
+    preemptions: u32,
+    reason: Option<String>,
+}
+
+/// Slots a job of `gpus` GPUs takes: the GPUs' worth of sequences on the fleet's replicas now.
+fn gang_for(app: &App, gpus: u32) -> u32 {
+    let per = app.fleet.served_model.gpus_per_replica.max(1);
+    let r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+    let slots_per_replica = r.max_slots().max(1);
+    (gpus.div_ceil(per) * slots_per_replica).max(1)
+}
+
+/// Submits a batch job: placed by the router as a gang (all its GPUs at once), metered in
+/// GPU-milliseconds when it ends.
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "billing", security(("bearer" = [])), request_body = JobBody, responses((status = 201, description = "Accepted, queued"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Body<JobBody>) -> ApiResult<Response> {
+    let tenant = match (&p, &b.tenant) {
+        (Principal::Tenant { tenant, .. }, None) => tenant.clone(),
+        (Principal::Tenant { tenant, .. }, Some(t)) if t == tenant => tenant.clone(),
+        (Principal::Tenant { .. }, Some(t)) => return Err(ApiError::not_found(format!("tenant {t} not found"))),
+        (Principal::Account { .. }, Some(t)) => {
+            p.require(Role::Admin)?;
+            t.clone()
+        }
+        (Principal::Account { .. }, None) => return Err(ApiError::invalid("tenant", "is required for an admin")),
+    };
+    if !(1..=10_000).contains(&b.gpus) {
+        return Err(ApiError::invalid("gpus", "must be 1 to 10000"));
+    }
+    if !(b.duration_s.is_finite() && b.duration_s > 0.0 && b.duration_s <= 30.0 * 86_400.0) {
+        return Err(ApiError::invalid("duration_s", "must be > 0 and at most 30 days"));
+    }
+    if b.priority > 2 {
+        return Err(ApiError::invalid("priority", "must be 0, 1 or 2"));
+    }
+    if let Principal::Tenant { band, .. } = &p
+        && i64::from(b.priority) < *band
+    {
+        return Err(ApiError::invalid("priority", format!("this key may use tier {band} or lower priority")));
+    }
+    let tix = app
+        .router
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .tenant(&tenant)
+        .ok_or_else(|| ApiError::not_found(format!("tenant {tenant} not found")))?;
+    let now = wall_ms();
+    let id = format!("job-{}", crate::auth::short_id());
+    let st = JobState {
+        gpus: b.gpus,
+        duration_s: b.duration_s,
+        priority: b.priority,
+        preemptible: b.preemptible,
+        gang: gang_for(&app, b.gpus),
+        ran_ms: 0,
+        started_ms: None,
+        site: None,
+        preemptions: 0,
+        reason: None,
+    };
+    let row = WorkloadRow {
+        id: id.clone(),
+        tenant_id: tenant.clone(),
+        kind: "job".into(),
+        state: "queued".into(),
+        body: serde_json::to_string(&st).expect("serialises"),
+        created_ms: now,
+        updated_ms: now,
+    };
+    app.store.put_workload(&row).await?;
+    let work = Work {
+        id: 0,
+        tenant: tix,
+        band: b.priority,
+        model: crate::routing::SERVED_MODEL,
+        prompt_tokens: 1,
+        max_output_tokens: 1,
+        deadline_ms: None,
+        gang: st.gang,
+        preemptible: b.preemptible,
+        restart_cost: b.duration_s,
+    };
+    let (rid, rx) = app.router.lock().unwrap_or_else(|e| e.into_inner()).arrive(work, now);
+    let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), cancel_tx);
+    tokio::spawn(run_job(app.clone(), row.clone(), st, rid, rx, cancel_rx));
+    let mut r = (StatusCode::CREATED, Json(job_json(&row))).into_response();
+    r.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&format!("/api/v1/jobs/{id}")).expect("ascii"));
+    Ok(r)
+}
+
+fn job_json(w: &WorkloadRow) -> serde_json::Value {
+    let body: serde_json::Value = serde_json::from_str(&w.body).unwrap_or_default();
+    serde_json::json!({
+        "id": w.id, "tenant": w.tenant_id, "state": w.state, "created_ms": w.created_ms, "updated_ms": w.updated_ms,
+        "gpus": body["gpus"], "duration_s": body["duration_s"], "priority": body["priority"],
+        "preemptible": body["preemptible"], "ran_ms": body["ran_ms"], "site": body["site"],
+        "preemptions": body["preemptions"], "reason": body["reason"],
+    })
+}
+
+/// A job's life: waits for placement, runs until its time is served (preemption sends it back to
+/// the queue, keeping what it ran), is cancelled, or is rejected. Every state change is stored;
+/// the GPU time it ran is metered once when it ends.
+async fn run_job(
+    app: Arc<App>,
+    mut row: WorkloadRow,
+    mut st: JobState,
+    rid: hcp_sched::ReqId,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Placement>,
+    mut cancel: tokio::sync::watch::Receiver<bool>,
+) {
+    let need_ms = (st.duration_s * 1000.0).ceil() as i64;
+    let save = |row: &mut WorkloadRow, st: &JobState, state: &str| {
+        row.state = state.into();
+        row.body = serde_json::to_string(st).expect("serialises");
+        row.updated_ms = wall_ms();
+        row.clone()
+    };
+    let end_state = loop {
+        // Queued: wait for a placement or a cancel.
+        let placed = tokio::select! {
+            p = rx.recv() => p,
+            _ = cancel.wait_for(|c| *c) => break "cancelled",
+        };
+        match placed {
+            Some(Placement::Dispatched(r)) => {
+                let now = wall_ms();
+                st.started_ms = Some(now);
+                st.site = app.router.lock().unwrap_or_else(|e| e.into_inner()).site_of(r).map(str::to_string);
+                let w = save(&mut row, &st, "running");
+                if let Err(e) = app.store.put_workload(&w).await {
+                    tracing::error!(job = %row.id, error = %e, "job state not stored");
+                }
+                let left = Duration::from_millis((need_ms - st.ran_ms).max(0) as u64);
+                let outcome = tokio::select! {
+                    _ = tokio::time::sleep(left) => Some("completed"),
+                    p = rx.recv() => match p { Some(Placement::Preempted) | None => None, Some(_) => None },
+                    _ = cancel.wait_for(|c| *c) => Some("cancelled"),
+                };
+                st.ran_ms += wall_ms() - now;
+                st.started_ms = None;
+                match outcome {
+                    Some(s) => break s,
+                    None => {
+                        st.preemptions += 1;
+                        let w = save(&mut row, &st, "queued");
+                        if let Err(e) = app.store.put_workload(&w).await {
+                            tracing::error!(job = %row.id, error = %e, "job state not stored");
+                        }
+                    }
+                }
+            }
+            Some(Placement::Preempted) => continue,
+            Some(Placement::Rejected(why)) => {
+                st.reason = Some(format!("{why:?}"));
+                break "rejected";
+            }
+            None => break "failed",
+        }
+    };
+    let served = end_state == "completed";
+    app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(rid, served.then_some(1), wall_ms());
+    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&row.id);
+    if st.ran_ms > 0 {
+        let u = UsageRow {
+            seq: 0,
+            id: row.id.clone(),
+            tenant_id: row.tenant_id.clone(),
+            key_id: String::new(),
+            kind: "gpu".into(),
+            tier: i64::from(st.priority),
+            model: app.fleet.served_model.id.clone(),
+            site_id: st.site.clone().unwrap_or_default(),
+            input_tokens: 0,
+            output_tokens: 0,
+            gpu_ms: st.ran_ms * i64::from(st.gpus),
+            spot: st.preemptible,
+            status: end_state.into(),
+            tag: None,
+            at_ms: wall_ms(),
+        };
+        if let Err(e) = app.meter.record(u).await {
+            tracing::error!(job = %row.id, error = %e, "job usage not recorded");
+        }
+    }
+    let w = save(&mut row, &st, end_state);
+    if let Err(e) = app.store.put_workload(&w).await {
+        tracing::error!(job = %row.id, error = %e, "job state not stored");
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JobsQuery {
+    tenant: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// A tenant's batch jobs, oldest first.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "billing", security(("bearer" = [])), params(JobsQuery), responses((status = 200, description = "Jobs"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 422, description = "tenant is required for an admin", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn jobs(State(app): AppState, Auth(p): Auth, Params(q): Params<JobsQuery>) -> ApiResult<Response> {
+    let tenant = scope(&p, q.tenant.as_deref())?.ok_or_else(|| ApiError::invalid("tenant", "is required"))?;
+    let rows = app.store.workloads_of(&tenant, &Page { after: q.after, limit: q.limit }).await?;
+    let next = rows.last().map(|r| r.created_ms);
+    let items: Vec<_> = rows.iter().filter(|r| r.kind == "job").map(job_json).collect();
+    Ok(Json(serde_json::json!({ "items": items, "next_after": next })).into_response())
+}
+
+async fn own_job(app: &App, p: &Principal, id: &str) -> ApiResult<WorkloadRow> {
+    let w = app.store.workload(id).await?;
+    if w.kind != "job" || p.require_tenant(&w.tenant_id).is_err() {
+        return Err(ApiError::not_found(format!("job {id} not found")));
+    }
+    Ok(w)
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "billing", security(("bearer" = [])), params(("id" = String, Path)), responses((status = 200, description = "The job"), (status = 404, description = "No such job", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn job(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(Json(job_json(&own_job(&app, &p, &id).await?)).into_response())
+}
+
+/// Cancels a queued or running job; the GPU time it ran is billed.
+#[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "billing", security(("bearer" = [])), params(("id" = String, Path)), responses((status = 202, description = "Cancelling"), (status = 404, description = "No such job", body = crate::openapi::ErrorBody), (status = 409, description = "Already ended", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn cancel_job(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<Response> {
+    let w = own_job(&app, &p, &id).await?;
+    let tx = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+    match tx {
+        Some(tx) => {
+            let _ = tx.send(true);
+            app.store.audit(wall_ms(), &p.actor(), "job.cancel", &id, None, None).await?;
+            Ok((StatusCode::ACCEPTED, Json(job_json(&w))).into_response())
+        }
+        None => Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("job {id} has ended ({})", w.state))),
+    }
+}
