@@ -339,11 +339,10 @@ pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Bod
         (Principal::Tenant { tenant, .. }, None) => tenant.clone(),
         (Principal::Tenant { tenant, .. }, Some(t)) if t == tenant => tenant.clone(),
         (Principal::Tenant { .. }, Some(t)) => return Err(ApiError::not_found(format!("tenant {t} not found"))),
-        (Principal::Account { .. }, Some(t)) => {
+        (Principal::Account { .. }, t) => {
             p.require(Role::Admin)?;
-            t.clone()
+            t.clone().ok_or_else(|| ApiError::invalid("tenant", "is required for an admin"))?
         }
-        (Principal::Account { .. }, None) => return Err(ApiError::invalid("tenant", "is required for an admin")),
     };
     if !(1..=10_000).contains(&b.gpus) {
         return Err(ApiError::invalid("gpus", "must be 1 to 10000"));
@@ -531,6 +530,9 @@ pub(crate) async fn jobs(State(app): AppState, Auth(p): Auth, Params(q): Params<
 }
 
 async fn own_job(app: &App, p: &Principal, id: &str) -> ApiResult<WorkloadRow> {
+    if let Principal::Account { .. } = p {
+        p.require(Role::Admin)?;
+    }
     let w = app.store.workload(id).await?;
     if w.kind != "job" || p.require_tenant(&w.tenant_id).is_err() {
         return Err(ApiError::not_found(format!("job {id} not found")));

@@ -112,6 +112,16 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("GET", "/api/v1/tenants/demo", None),
         ("GET", "/api/v1/tenants/demo/keys", None),
         ("POST", "/api/v1/tenants/demo/keys", Some(json!({}))),
+        ("GET", "/api/v1/usage", None),
+        ("GET", "/api/v1/tenants/demo/price-plan", None),
+        ("PUT", "/api/v1/tenants/demo/price-plan", Some(json!({"tokens": [], "gpu_hour_micro_usd": 1, "spot_discount_pct": 0}))),
+        ("GET", "/api/v1/tenants/demo/invoices/2026-11", None),
+        ("GET", "/api/v1/invoices/2026-11", None),
+        ("GET", "/api/v1/pnl?from_ms=0&to_ms=1", None),
+        ("GET", "/api/v1/jobs", None),
+        ("POST", "/api/v1/jobs", Some(json!({"gpus": 1, "duration_s": 0.01}))),
+        ("GET", "/api/v1/jobs/job-x", None),
+        ("DELETE", "/api/v1/jobs/job-x", None),
         ("DELETE", "/api/v1/keys/demo1", None),
         ("GET", "/api/v1/audit", None),
         ("GET", "/api/v1/accounts", None),
@@ -145,7 +155,7 @@ async fn roles_and_tenants_see_only_what_they_may() {
     let p = Platform::start("roles").await;
     let viewer = p.account("watcher", "viewer").await;
     let operator = p.account("ops", "operator").await;
-    let admin_only = ["/api/v1/audit", "/api/v1/accounts"];
+    let admin_only = ["/api/v1/audit", "/api/v1/accounts", "/api/v1/usage", "/api/v1/invoices/2026-11"];
     for (m, path, body) in routes() {
         if path == "/api/v1/events" {
             continue;
@@ -153,12 +163,19 @@ async fn roles_and_tenants_see_only_what_they_may() {
         // Allowed means past auth: success, or an answer about the resource itself (404).
         let allowed = |s: StatusCode| s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN;
         let (s, b) = p.call(m, path, Some(&viewer), body.clone()).await;
-        let tenant_scoped = path.contains("/keys");
+        let tenant_scoped = path.contains("/keys")
+            || path.contains("/price-plan")
+            || path.contains("/invoices/")
+            || path.starts_with("/api/v1/jobs");
         let ok = m == "GET" && !admin_only.contains(&path) && !tenant_scoped;
         assert_eq!(allowed(s), ok, "viewer {m} {path}: {s} {b}");
         // A tenant key reaches only its own tenant; operator routes are forbidden to it.
         let (s, b) = p.call(m, path, Some(DEMO), body.clone()).await;
-        let mine = path.starts_with("/api/v1/tenants/demo") || path == "/api/v1/me" || path == "/api/v1/keys/demo1";
+        let mine = (path.starts_with("/api/v1/tenants/demo") && !(m == "PUT" && path.ends_with("/price-plan")))
+            || path == "/api/v1/me"
+            || path == "/api/v1/keys/demo1"
+            || path == "/api/v1/usage"
+            || path.starts_with("/api/v1/jobs");
         assert_eq!(allowed(s), mine, "tenant {m} {path}: {s} {b}");
         if path == "/api/v1/keys/demo1" {
             break; // the demo key revoked itself
@@ -332,7 +349,7 @@ async fn the_engine_records_decisions_and_streams_live_events() {
     drop(res);
     // Plans, decisions with reasons, signals and site power are in storage.
     let mut decided = false;
-    for _ in 0..60 {
+    for _ in 0..180 {
         let (_, d) = p.call("GET", "/api/v1/decisions?limit=5", Some(ADMIN), None).await;
         if let Some(first) = d["items"].as_array().and_then(|a| a.first()) {
             assert!(first["reason"].as_str().is_some_and(|r| !r.is_empty()));
@@ -495,4 +512,276 @@ async fn the_engine_is_deterministic_under_a_seed() {
     assert_eq!(got[0], got[1]);
     a.stop().await;
     b.stop().await;
+}
+
+// ---- the inference gateway and billing ----------------------------------------------------------
+
+impl Platform {
+    /// Waits until the router has replicas in service (the engine's first plan).
+    async fn serving(&self) {
+        for _ in 0..200 {
+            let (_, m) = self.call("GET", "/v1/models", Some(DEMO), None).await;
+            if m["data"][0]["replicas_in_service"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no replica came into service");
+    }
+
+    async fn infer(&self, path: &str, key: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut r = self.http.post(format!("{}{path}", self.base)).bearer_auth(key).json(&body);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send().await.unwrap()
+    }
+
+    async fn usage(&self, tag: &str) -> Vec<Value> {
+        let (s, u) = self.call("GET", &format!("/api/v1/usage?tag={tag}&limit=1000"), Some(DEMO), None).await;
+        assert_eq!(s, StatusCode::OK, "{u}");
+        u["items"].as_array().unwrap().clone()
+    }
+}
+
+fn chat(max_tokens: u32, stream: bool, include_usage: bool) -> Value {
+    let mut b = json!({
+        "model": "llama-3-8b",
+        "messages": [{"role": "user", "content": "How is the grid today?"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    });
+    if include_usage {
+        b["stream_options"] = json!({"include_usage": true});
+    }
+    b
+}
+
+/// SSE events of a whole streamed answer.
+fn events(text: &str) -> Vec<String> {
+    text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+#[tokio::test]
+async fn the_gateway_speaks_openai_and_meters_every_request_once() {
+    let p = Platform::start("gateway").await;
+    p.serving().await;
+    let tag = [("x-hcp-tag", "t1")];
+    // Whole answers.
+    let r = p.infer("/v1/chat/completions", DEMO, chat(12, false, false), &tag).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let b: Value = r.json().await.unwrap();
+    assert_eq!((b["id"].as_str(), b["object"].as_str()), (Some(rid.as_str()), Some("chat.completion")));
+    assert_eq!(b["usage"]["completion_tokens"], 12);
+    let prompt = b["usage"]["prompt_tokens"].as_i64().unwrap();
+    assert!(b["choices"][0]["message"]["content"].as_str().unwrap().split_whitespace().count() == 12);
+    let r = p
+        .infer("/v1/completions", DEMO, json!({"model": "llama-3-8b", "prompt": "The price is", "max_tokens": 3}), &tag)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!((b["object"].as_str(), b["usage"]["completion_tokens"].as_i64()), (Some("text_completion"), Some(3)));
+    // Streams: chunks, the usage chunk only when asked, [DONE] last.
+    let r = p.infer("/v1/chat/completions", DEMO, chat(20, true, true), &tag).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let ev = events(&r.text().await.unwrap());
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    let usage: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!((usage["usage"]["completion_tokens"].as_i64(), usage["choices"].as_array().map(Vec::len)), (Some(20), Some(0)));
+    let text: String = ev[..ev.len() - 2]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text.split_whitespace().count(), 20);
+    let r = p.infer("/v1/chat/completions", DEMO, chat(5, true, false), &tag).await;
+    let ev = events(&r.text().await.unwrap());
+    assert!(ev.iter().all(|e| !e.contains("\"prompt_tokens\"")), "no usage chunk unless asked: {ev:?}");
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    // Exactly one usage record per served request, with the backend's token counts.
+    let u = p.usage("t1").await;
+    let got: Vec<(i64, i64)> = u.iter().map(|x| (x["input_tokens"].as_i64().unwrap(), x["output_tokens"].as_i64().unwrap())).collect();
+    assert_eq!(got.len(), 4, "{u:?}");
+    assert_eq!(got[0], (prompt, 12));
+    assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), vec![12, 3, 20, 5]);
+    assert!(u.iter().all(|x| x["tenant_id"] == "demo" && x["status"] == "completed" && x["tier"] == 1));
+    assert_eq!(u[0]["id"].as_str(), Some(rid.as_str()));
+
+    // Errors in OpenAI's shape.
+    let r = p.infer("/v1/chat/completions", "hcpk_nokey_0123456789abcdef0123456789abcdef", chat(5, false, false), &[]).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!((e["error"]["type"].as_str(), e["error"]["code"].as_str()), (Some("authentication_error"), Some("invalid_api_key")));
+    let r = p.infer("/v1/chat/completions", DEMO, chat(9_000, false, false), &tag).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    let r = p.infer("/v1/chat/completions", DEMO, json!({"model": "llama-3-8b", "messages": "hi"}), &tag).await;
+    let e: Value = r.json().await.unwrap();
+    assert_eq!((e["error"]["type"].as_str(), e["error"]["param"].as_str()), (Some("invalid_request_error"), Some("messages")));
+    let r = p.infer("/v1/chat/completions", DEMO, json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), &tag).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = p.infer("/v1/chat/completions", DEMO, chat(5, false, false), &[("x-hcp-priority", "0")]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "the key's default tier is 1: it may not ask for 0");
+    let r = p.infer("/v1/chat/completions", DEMO, chat(5, false, false), &[("x-hcp-priority", "batch"), ("x-hcp-tag", "t2")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(p.usage("t2").await[0]["tier"], 2);
+    // A client retry with the same idempotency key is refused, never counted twice.
+    let idem = [("idempotency-key", "order-7"), ("x-hcp-tag", "t3")];
+    assert_eq!(p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &idem).await.status(), StatusCode::OK);
+    let r = p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &idem).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let u = p.usage("t3").await;
+    assert_eq!((u.len(), u[0]["id"].as_str()), (1, Some("idem:demo:order-7")));
+    assert_eq!(p.usage("t1").await.len(), 4, "refused requests leave no usage");
+
+    // The invoice rates what was metered: list price, tier 1, 0.10 / 0.20 USD per million tokens.
+    let period = {
+        let (_, u) = p.call("GET", "/api/v1/usage?limit=1", Some(DEMO), None).await;
+        let ms = u["items"][0]["at_ms"].as_i64().unwrap();
+        hcp_billing::Period::containing(ms).label
+    };
+    let (s, inv) = p.call("GET", &format!("/api/v1/tenants/demo/invoices/{period}"), Some(DEMO), None).await;
+    assert_eq!(s, StatusCode::OK, "{inv}");
+    let lines = inv["lines"].as_array().unwrap();
+    let sum: i64 = lines.iter().map(|l| l["amount_micro_usd"].as_i64().unwrap()).sum();
+    assert_eq!(inv["total_micro_usd"].as_i64(), Some(sum));
+    let out_t1 = lines.iter().find(|l| l["item"] == "output_tokens" && l["tier"] == 1).unwrap();
+    assert_eq!(out_t1["quantity"].as_i64(), Some(12 + 3 + 20 + 5 + 4));
+    assert_eq!(out_t1["amount_micro_usd"].as_i64(), Some(((44 * 200_000) as f64 / 1e6).round() as i64));
+    let csv = p
+        .http
+        .get(format!("{}/api/v1/tenants/demo/invoices/{period}?format=csv", p.base))
+        .bearer_auth(DEMO)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = csv.text().await.unwrap();
+    assert!(csv.starts_with("tenant,period,description") && csv.trim_end().ends_with(&sum.to_string()), "{csv}");
+    // Another tenant sees neither this usage nor this invoice.
+    let (_, _) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "rival", "name": "R", "weight": 1}))).await;
+    let (_, k) = p.call("POST", "/api/v1/tenants/rival/keys", Some(ADMIN), Some(json!({}))).await;
+    let rival = k["key"].as_str().unwrap().to_string();
+    let (s, _) = p.call("GET", &format!("/api/v1/tenants/demo/invoices/{period}"), Some(&rival), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, u) = p.call("GET", "/api/v1/usage?tag=t1", Some(&rival), None).await;
+    assert_eq!(u["items"].as_array().map(Vec::len), Some(0));
+    let (s, _) = p.call("GET", "/api/v1/usage?tenant=demo", Some(&rival), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Admin's view of the month: every tenant's total, a balanced ledger.
+    let (_, all) = p.call("GET", &format!("/api/v1/invoices/{period}"), Some(ADMIN), None).await;
+    assert_eq!(all["items"][0]["total_micro_usd"].as_i64(), Some(sum));
+    assert_eq!(all["ledger_balanced"], true);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_backend_and_pays_for_what_it_got() {
+    let p = Platform::start("gateway-cancel").await;
+    p.serving().await;
+    let mut r = p.infer("/v1/chat/completions", DEMO, chat(4_000, true, false), &[("x-hcp-tag", "gone")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(r);
+    let sim = p.running.as_ref().unwrap().app.sim.clone().unwrap();
+    let mut u = vec![];
+    for _ in 0..100 {
+        u = p.usage("gone").await;
+        if sim.cancelled.load(std::sync::atomic::Ordering::Relaxed) > 0 && !u.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sim.cancelled.load(std::sync::atomic::Ordering::Relaxed) > 0, "the backend stopped generating");
+    assert_eq!(u.len(), 1, "{u:?}");
+    assert_eq!(u[0]["status"], "cancelled");
+    let out = u[0]["output_tokens"].as_i64().unwrap();
+    assert!((1..4_000).contains(&out), "billed what was delivered: {out}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn batch_jobs_run_as_gangs_are_cancelled_and_billed_in_gpu_time() {
+    let p = Platform::start("jobs").await;
+    p.serving().await;
+    let (s, j) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 2, "duration_s": 0.3}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{j}");
+    let id = j["id"].as_str().unwrap().to_string();
+    let (s, long) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 1, "duration_s": 600, "preemptible": false}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let long = long["id"].as_str().unwrap().to_string();
+    let (s, b) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 0, "duration_s": 1}))).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("gpus")));
+    let mut done = Value::Null;
+    for _ in 0..100 {
+        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
+        if j["state"] == "completed" {
+            done = j;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done["state"], "completed", "{done}");
+    let (s, _) = p.call("DELETE", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    for _ in 0..100 {
+        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
+        if j["state"] == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, _) = p.call("DELETE", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "already ended");
+    let (_, list) = p.call("GET", "/api/v1/jobs", Some(DEMO), None).await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(2));
+    // One GPU-time record per job: 2 GPUs x >= 0.3 s, spot; the cancelled one on-demand.
+    let (_, u) = p.call("GET", "/api/v1/usage?limit=100", Some(DEMO), None).await;
+    let gpu: Vec<&Value> = u["items"].as_array().unwrap().iter().filter(|x| x["kind"] == "gpu").collect();
+    assert_eq!(gpu.len(), 2, "{gpu:?}");
+    let first = gpu.iter().find(|x| x["id"] == id.as_str()).unwrap();
+    assert!(first["gpu_ms"].as_i64().unwrap() >= 600 && first["spot"] == true, "{first}");
+    let second = gpu.iter().find(|x| x["id"] == long.as_str()).unwrap();
+    assert_eq!((second["status"].as_str(), second["spot"].as_bool()), (Some("cancelled"), Some(false)));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn price_plans_apply_whole_periods_and_site_pnl_balances() {
+    let p = Platform::start("plans").await;
+    let mut plan = serde_json::to_value(hcp_billing::PricePlan::list()).unwrap();
+    plan["tokens"][1]["output_micro_usd_per_mtok"] = json!(900_000);
+    let (s, b) = p.call("PUT", "/api/v1/tenants/demo/price-plan", Some(ADMIN), Some(plan.clone())).await;
+    assert_eq!((s, b["effective_ms"].as_i64()), (StatusCode::OK, Some(0)), "a first plan applies at once: {b}");
+    plan["tokens"][1]["output_micro_usd_per_mtok"] = json!(1_000_000);
+    let (_, b) = p.call("PUT", "/api/v1/tenants/demo/price-plan", Some(ADMIN), Some(plan.clone())).await;
+    assert!(b["effective_ms"].as_i64().unwrap() > 0, "a change waits for the next period");
+    let (_, now) = p.call("GET", "/api/v1/tenants/demo/price-plan", Some(DEMO), None).await;
+    assert_eq!(now["plan"]["tokens"][1]["output_micro_usd_per_mtok"], 900_000);
+    assert_eq!(now["pending"]["plan"]["tokens"][1]["output_micro_usd_per_mtok"], 1_000_000);
+    plan["spot_discount_pct"] = json!(120);
+    let (s, b) = p.call("PUT", "/api/v1/tenants/demo/price-plan", Some(ADMIN), Some(plan)).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("spot_discount_pct")));
+    // The engine records each site's P&L per interval; the ledger of it balances.
+    let mut pnl = Value::Null;
+    for _ in 0..100 {
+        let (_, v) = p.call("GET", &format!("/api/v1/pnl?from_ms=0&to_ms={}", i64::MAX), Some(ADMIN), None).await;
+        if v["fleet"]["rows"].as_i64().unwrap_or(0) >= 4 {
+            pnl = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pnl["sites"].as_array().map(Vec::len), Some(2), "{pnl}");
+    assert_eq!(pnl["ledger_balanced"], true);
+    let f = &pnl["fleet"];
+    let margin = f["mining_revenue"].as_i64().unwrap() + f["inference_revenue"].as_i64().unwrap()
+        + f["grid_credits"].as_i64().unwrap()
+        - f["energy_cost"].as_i64().unwrap();
+    assert_eq!(f["margin"].as_i64(), Some(margin));
+    p.stop().await;
 }
