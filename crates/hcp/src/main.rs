@@ -6,6 +6,7 @@ mod bench;
 mod bench_plane;
 mod chart;
 mod cli;
+mod loadtest;
 mod report;
 mod serve;
 

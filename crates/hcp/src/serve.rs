@@ -119,7 +119,8 @@ fn serve_with(
     rt.block_on(async move {
         let (store, boot) = hcp_server::prepare(&cfg).await?;
         let running = hcp_server::start(cfg.clone(), store).await?;
-        println!("hcp: listening on http://{} (OpenAI API at http://{}/v1)", running.addr, running.addr);
+        println!("hcp: listening on http://{}", running.addr);
+        println!("hcp: OpenAI-compatible API at http://{}/v1", running.addr);
         if let Some(b) = running.app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             println!("hcp: simulated GPU backend at {b}/r/<replica>/v1");
         }

@@ -42,8 +42,13 @@ struct Up {
 impl Up {
     fn start(args: &[&str], envs: &[(&str, &str)]) -> Up {
         use std::io::BufRead;
+        // Each platform's simulated backend on a port of its own.
+        let mut args = args.to_vec();
+        if matches!(args.first(), Some(&"up") | Some(&"serve")) {
+            args.extend(["--sim-backend-listen", "127.0.0.1:0"]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_hcp"))
-            .args(args)
+            .args(&args)
             .envs(envs.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -448,4 +453,51 @@ fn traces_reach_an_otlp_collector_when_one_is_configured() {
     assert!(head.starts_with("POST /v1/traces"), "{head}");
     assert!(head.to_lowercase().contains("content-type: application/x-protobuf"), "{head}");
     assert!(up.signal("-TERM").success());
+}
+
+/// A Python environment with the official `openai` package (created once under the test target
+/// directory; pip fetches the package from PyPI).
+fn openai_python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let py = venv.join("bin/python");
+    let ok = |py: &PathBuf| Command::new(py).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !ok(&py) {
+        let s = Command::new("python3").args(["-m", "venv", venv.to_str().unwrap()]).status().expect("python3");
+        assert!(s.success(), "python3 -m venv");
+        let s = Command::new(&py).args(["-m", "pip", "install", "-q", "openai>=1.40,<3"]).status().unwrap();
+        assert!(s.success(), "pip install openai");
+    }
+    py
+}
+
+#[test]
+fn the_official_openai_client_works_against_the_gateway() {
+    let py = openai_python();
+    let dir = tmp("openai-data");
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = "hcpa_admin_0123456789abcdef0123456789abcdef";
+    let key = "hcpk_demo1_0123456789abcdef0123456789abcdef";
+    let mut up = Up::start(
+        &["up", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &[("HCP_ADMIN_TOKEN", admin), ("HCP_DEMO_TENANT_KEY", key)],
+    );
+    // Serving once the engine's first plan gave the router capacity.
+    let mut ready = false;
+    for _ in 0..200 {
+        let (s, b) = http("GET", &format!("{}/v1/models", up.base), key, None);
+        if s == 200 && !b.contains("\"replicas_in_service\":0") {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ready, "replicas in service");
+    let out = Command::new(&py)
+        .args([root().join("tests/openai_client.py").to_str().unwrap(), &format!("{}/v1", up.base), key, admin])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("openai client: ok"));
+    assert!(up.signal("-TERM").success());
+    let _ = std::fs::remove_dir_all(&dir);
 }
