@@ -166,6 +166,35 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Usage records into SQLite through the metering writer, each durable before its writer
+    /// goes on; then a count of what was stored.
+    Metering {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 500_000)]
+        events: u64,
+        /// Concurrent writers (requests finishing at once).
+        #[arg(long, default_value_t = 2_000)]
+        writers: usize,
+    },
+    /// Gateway overhead: streams straight to the simulated backend, then through the gateway (and
+    /// through LiteLLM's proxy when --litellm names its binary), closed loop, same run.
+    Gateway {
+        #[arg(long)]
+        json: bool,
+        /// Concurrent streams.
+        #[arg(long, default_value_t = 1_000)]
+        streams: usize,
+        /// Measured seconds per front (after 2 s of warm-up).
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Output tokens per request.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// LiteLLM's proxy binary (`pip install 'litellm[proxy]'`), to measure it side by side.
+        #[arg(long)]
+        litellm: Option<String>,
+    },
     /// Simulator throughput: one hour of the reference fleet per device at 10 s steps, and one
     /// year per cohort at 15-minute steps.
     Sim {
@@ -329,6 +358,12 @@ pub fn main() -> ExitCode {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }
         Command::Bench { what: BenchWhat::Router { json, decisions } } => crate::bench::router(json, decisions),
+        Command::Bench { what: BenchWhat::Metering { json, events, writers } } => {
+            crate::bench_gateway::metering(json, events, writers)
+        }
+        Command::Bench { what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm } } => {
+            crate::bench_gateway::gateway(json, streams, seconds, max_tokens, litellm)
+        }
         Command::Bench { what: BenchWhat::Switching { json, fleet, events } } => {
             crate::bench_plane::switching(json, fleet.as_deref(), events)
         }

@@ -350,6 +350,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         // again as a notice).
         let mut sub = app.bus.subscribe("hcp.>", hcp_bus::From::New).await.context("subscribe to change notices")?;
         app.reads.set_live(true);
+        app.router.lock().unwrap_or_else(|e| e.into_inner()).serve_fleet = app.sim.is_some();
         load_router(&app).await.context("load the router's tenants and capacity")?;
         {
             let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());

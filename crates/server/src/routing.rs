@@ -36,6 +36,9 @@ pub struct RouterState {
     down: HashSet<i64>,
     flights: HashMap<ReqId, mpsc::UnboundedSender<Placement>>,
     next_id: ReqId,
+    /// Whether the fleet's replicas have a backend here (the simulated one); without it only
+    /// configured backends serve.
+    pub serve_fleet: bool,
     /// Work preempted by capacity changes since start.
     pub preempted: u64,
 }
@@ -58,6 +61,7 @@ impl RouterState {
             down: HashSet::new(),
             flights: HashMap::new(),
             next_id: 1,
+            serve_fleet: true,
             preempted: 0,
         }
     }
@@ -77,6 +81,7 @@ impl RouterState {
                     .replicas
                     .values()
                     .filter(|r| r.slots > 0 && !self.down.contains(&r.id))
+                    .filter(|r| self.serve_fleet || self.replica_model.contains_key(&r.id))
                     .filter(|r| self.replica_model.get(&r.id).copied().unwrap_or(SERVED_MODEL) == *m)
                     .count();
                 (n.clone(), up)
@@ -101,7 +106,8 @@ impl RouterState {
     fn spec(&self, r: &ReplicaRow) -> Result<ReplicaSpec, String> {
         let bad = |field: &str| format!("replicas: replica {}: {field} out of range", r.id);
         let kv_tokens = u64::try_from(r.kv_tokens).map_err(|_| bad("kv_tokens"))?;
-        let out = kv_tokens == 0 || self.down.contains(&r.id);
+        let fleet = !self.replica_model.contains_key(&r.id);
+        let out = kv_tokens == 0 || self.down.contains(&r.id) || (fleet && !self.serve_fleet);
         Ok(ReplicaSpec {
             id: ReplicaId(u32::try_from(r.id).map_err(|_| bad("id"))?),
             model: self.replica_model.get(&r.id).copied().unwrap_or(SERVED_MODEL),

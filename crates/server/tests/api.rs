@@ -26,6 +26,11 @@ impl Drop for Platform {
 
 impl Platform {
     async fn start(name: &str) -> Platform {
+        Platform::start_with(name, true, vec![]).await
+    }
+
+    /// A platform with or without the simulated backend, and with configured backends.
+    async fn start_with(name: &str, sim: bool, backends: Vec<hcp_server::gateway::BackendConfig>) -> Platform {
         let dir = std::env::temp_dir().join(format!("hcp-api-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -46,8 +51,8 @@ impl Platform {
             admin_token: Some(ADMIN.into()),
             demo_tenant_key: Some(DEMO.into()),
             account_rate_per_s: 1_000.0,
-            sim_backend_listen: Some("127.0.0.1:0".parse().unwrap()),
-            backends: vec![],
+            sim_backend_listen: sim.then(|| "127.0.0.1:0".parse().unwrap()),
+            backends,
         };
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
         assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");
@@ -783,5 +788,46 @@ async fn price_plans_apply_whole_periods_and_site_pnl_balances() {
         + f["grid_credits"].as_i64().unwrap()
         - f["energy_cost"].as_i64().unwrap();
     assert_eq!(f["margin"].as_i64(), Some(margin));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_that_fails_before_its_first_byte_is_skipped_and_the_request_retried() {
+    // A working replica: the simulated backend alone on a port of its own; a dead one: a closed port.
+    let fleet = Fleet::from_toml(
+        "small.toml",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
+    )
+    .unwrap();
+    let gpu = fleet.devices.iter().position(|d| matches!(d.model, hcp_model::ModelRef::Gpu(_))).unwrap();
+    let sim = std::sync::Arc::new(hcp_server::simbackend::SimBackend::new(fleet));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, hcp_server::simbackend::router(sim)).await });
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let backend = |url: String| hcp_server::gateway::BackendConfig::parse(&format!("url={url},model=llama-3-8b,slots=4")).unwrap();
+    let p = Platform::start_with(
+        "gateway-retry",
+        false,
+        vec![backend(format!("http://{dead}/v1")), backend(format!("http://{addr}/r/{gpu}/v1"))],
+    )
+    .await;
+    let (_, m) = p.call("GET", "/v1/models", Some(DEMO), None).await;
+    assert_eq!(m["data"][0]["replicas_in_service"], 2, "the two configured backends, no fleet replica: {m}");
+    // Four at once: placement spreads them over both replicas, so some meet the dead one first.
+    let mut all = vec![];
+    for _ in 0..4 {
+        all.push(p.infer("/v1/chat/completions", DEMO, chat(40, true, true), &[("x-hcp-tag", "retry")]));
+    }
+    for r in futures::future::join_all(all).await {
+        assert_eq!(r.status(), StatusCode::OK);
+        let ev = events(&r.text().await.unwrap());
+        assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    }
+    assert_eq!(p.usage("retry").await.len(), 4, "one record each");
+    let (_, m) = p.call("GET", "/v1/models", Some(DEMO), None).await;
+    assert_eq!(m["data"][0]["replicas_in_service"], 1, "the dead backend is held out: {m}");
+    let metrics = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("hcp_gateway_backend_failures_total"), "the failure is counted");
     p.stop().await;
 }

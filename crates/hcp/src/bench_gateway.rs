@@ -1,0 +1,350 @@
+//! `hcp bench metering` and `hcp bench gateway`.
+//!
+//! Metering: usage records through the platform's metering writer into a fresh SQLite file, as
+//! many concurrent requests would write them (each waiting for its record to be durable), then a
+//! count of what storage holds.
+//!
+//! Gateway: a platform in this process (small fleet, SQLite in a temporary directory, the
+//! simulated backend), closed-loop clients keeping C streams open, first straight to the
+//! simulated backend's replicas (round robin), then through the gateway, then (when a LiteLLM
+//! binary is given) through a LiteLLM proxy in front of the same replicas. Same requests, same
+//! backend, same run: the differences are each front's overhead.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("hcp-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("a temporary directory");
+    d
+}
+
+pub fn metering(json_out: bool, events: u64, writers: usize) -> Result<std::process::ExitCode> {
+    if events == 0 || writers == 0 {
+        bail!("--events and --writers: must be >= 1");
+    }
+    let dir = tmpdir("metering");
+    let out = runtime()?.block_on(async {
+        let store = hcp_store::Store::open(&format!("sqlite:{}", dir.join("m.db").display())).await?;
+        store.migrate().await?;
+        let meter = hcp_server::metering::Meter::start(store.clone());
+        let next = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut tasks = vec![];
+        for w in 0..writers {
+            let (meter, next) = (meter.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= events {
+                        break;
+                    }
+                    let row = hcp_store::UsageRow {
+                        seq: 0,
+                        id: format!("chatcmpl-bench-{i:012}"),
+                        tenant_id: format!("tenant-{}", w % 50),
+                        key_id: "key".into(),
+                        kind: "tokens".into(),
+                        tier: (i % 3) as i64,
+                        model: "llama-3-8b".into(),
+                        site_id: "tx-west".into(),
+                        input_tokens: 1_000,
+                        output_tokens: 400,
+                        gpu_ms: 0,
+                        spot: false,
+                        status: "completed".into(),
+                        tag: None,
+                        at_ms: 1_795_000_000_000 + i as i64,
+                    };
+                    meter.record(row).await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let mut stored = 0;
+        for t in 0..50 {
+            let sums = store.usage_sums(&format!("tenant-{t}"), 0, i64::MAX).await?;
+            stored += sums.iter().map(|s| s.records).sum::<i64>();
+        }
+        anyhow::Ok(json!({
+            "events": events,
+            "writers": writers,
+            "seconds": secs,
+            "events_per_s": events as f64 / secs,
+            "batches": meter.stats.batches.load(Ordering::Relaxed),
+            "stored": stored,
+            "lost": events as i64 - stored,
+        }))
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "metering: {} usage events from {} concurrent writers, each durable before it returns: {:.0}/s in {} transactions; stored {}, lost {}",
+            out["events"], out["writers"], out["events_per_s"].as_f64().unwrap_or(0.0), out["batches"], out["stored"], out["lost"]
+        );
+    }
+    Ok(if out["lost"] == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+}
+
+const ADMIN: &str = "hcpa_admin_0123456789abcdef0123456789abcdef";
+const KEY: &str = "hcpk_bench_0123456789abcdef0123456789abcdef";
+
+#[derive(Default)]
+struct Lat {
+    ttft: Vec<Duration>,
+    total: Vec<Duration>,
+    failed: u64,
+}
+
+fn ms(v: &mut [Duration], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3
+}
+
+/// One streamed request: time to the first chunk and to the end.
+async fn stream_once(http: &reqwest::Client, url: &str, key: &str, body: &serde_json::Value) -> Option<(Duration, Duration)> {
+    let t = Instant::now();
+    let mut r = http.post(url).bearer_auth(key).json(body).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let mut first = None;
+    let mut tail = Vec::new();
+    while let Some(c) = r.chunk().await.ok()? {
+        first.get_or_insert_with(|| t.elapsed());
+        tail.extend_from_slice(&c[c.len().saturating_sub(16)..]);
+        if tail.len() > 64 {
+            tail.drain(..tail.len() - 32);
+        }
+    }
+    let done = String::from_utf8_lossy(&tail).contains("[DONE]");
+    done.then(|| (first.unwrap_or_default(), t.elapsed()))
+}
+
+/// C clients, each sending streamed requests back to back for `secs` (after a warm-up), to
+/// `urls` in turn.
+async fn closed_loop(urls: Arc<Vec<String>>, key: &str, clients: usize, secs: f64, max_tokens: u32) -> Lat {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(clients).tcp_nodelay(true).build().expect("client");
+    let body = Arc::new(json!({
+        "model": "llama-3-8b",
+        "messages": [{"role": "user", "content": "A short question about the grid and the hashprice today."}],
+        "max_tokens": max_tokens,
+        "stream": true,
+    }));
+    let warm = Instant::now() + Duration::from_secs(2);
+    let end = warm + Duration::from_secs_f64(secs);
+    let mut tasks = vec![];
+    for c in 0..clients {
+        let (http, body, urls, key) = (http.clone(), body.clone(), urls.clone(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Lat::default();
+            let mut i = c;
+            while Instant::now() < end {
+                let url = &urls[i % urls.len()];
+                i += clients;
+                let counted = Instant::now() >= warm;
+                match stream_once(&http, url, &key, &body).await {
+                    Some((f, t)) if counted => {
+                        lat.ttft.push(f);
+                        lat.total.push(t);
+                    }
+                    Some(_) => {}
+                    None => {
+                        lat.failed += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Lat::default();
+    for t in tasks {
+        if let Ok(l) = t.await {
+            all.ttft.extend(l.ttft);
+            all.total.extend(l.total);
+            all.failed += l.failed;
+        }
+    }
+    all
+}
+
+fn report(name: &str, l: &mut Lat, secs: f64) -> serde_json::Value {
+    json!({
+        "front": name,
+        "requests": l.total.len(),
+        "failed": l.failed,
+        "requests_per_s": l.total.len() as f64 / secs,
+        "ttft_ms_p50": ms(&mut l.ttft, 0.5),
+        "ttft_ms_p99": ms(&mut l.ttft, 0.99),
+        "total_ms_p50": ms(&mut l.total, 0.5),
+        "total_ms_p99": ms(&mut l.total, 0.99),
+    })
+}
+
+/// Starts LiteLLM's proxy in front of the replicas; returns the child and its base URL.
+async fn start_litellm(bin: &str, replicas: &[String], dir: &std::path::Path) -> Result<(std::process::Child, String)> {
+    let mut cfg = String::from("model_list:\n");
+    for r in replicas {
+        cfg.push_str(&format!(
+            "  - model_name: llama-3-8b\n    litellm_params:\n      model: openai/llama-3-8b\n      api_base: {r}\n      api_key: none\n"
+        ));
+    }
+    cfg.push_str("litellm_settings:\n  drop_params: true\n  set_verbose: false\n");
+    let path = dir.join("litellm.yaml");
+    std::fs::write(&path, cfg)?;
+    let port = 4000 + (std::process::id() % 1000) as u16;
+    let child = std::process::Command::new(bin)
+        .args(["--config", path.to_str().unwrap_or_default(), "--port", &port.to_string(), "--num_workers", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("litellm.log"))?)
+        .spawn()
+        .with_context(|| format!("start {bin}"))?;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for _ in 0..240 {
+        if http.get(format!("{url}/health/liveliness")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok((child, url));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("LiteLLM did not answer within 120 s (log: {})", dir.join("litellm.log").display())
+}
+
+pub fn gateway(
+    json_out: bool,
+    streams: usize,
+    secs: f64,
+    max_tokens: u32,
+    litellm: Option<String>,
+) -> Result<std::process::ExitCode> {
+    if streams == 0 || !(secs > 0.0) {
+        bail!("--streams and --seconds: must be > 0");
+    }
+    let dir = tmpdir("gateway");
+    let fleet = crate::cli::load_fleet(None, crate::cli::SMALL_FLEET)?;
+    let cfg = hcp_server::Config {
+        listen: "127.0.0.1:0".parse()?,
+        store_url: hcp_server::Config::data_dir_store(&dir),
+        bus_url: None,
+        fleet,
+        engine: true,
+        api: true,
+        seed: 1,
+        // One interval at start, then quiet: the engine's work stays out of the measurement.
+        speed: 1.0,
+        admin_token: Some(ADMIN.into()),
+        demo_tenant_key: Some(KEY.into()),
+        account_rate_per_s: 1e6,
+        sim_backend_listen: Some("127.0.0.1:0".parse()?),
+        backends: vec![],
+    };
+    let out = runtime()?.block_on(async {
+        let (store, _) = hcp_server::prepare(&cfg).await?;
+        let running = hcp_server::start(cfg, store).await?;
+        let base = format!("http://{}", running.addr);
+        let http = reqwest::Client::new();
+        // A key with room for the load (the demo key's rate is 100/s).
+        let k: serde_json::Value = http
+            .post(format!("{base}/api/v1/tenants/demo/keys"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"rate_per_s": 100000}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let key = k["key"].as_str().context("a bench key")?.to_string();
+        let mut replicas = vec![];
+        for _ in 0..600 {
+            let r = running.app.router.lock().unwrap_or_else(|e| e.into_inner());
+            if r.models().first().is_some_and(|m| m.1 > 0) {
+                replicas = r.replica_ids();
+                break;
+            }
+            drop(r);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if replicas.is_empty() {
+            bail!("no replica came into service");
+        }
+        replicas.sort_unstable();
+        let sim = running.app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()).clone().context("sim")?;
+        let direct: Vec<String> = replicas.iter().map(|r| format!("{sim}/r/{r}/v1")).collect();
+        let mut results = vec![];
+        let d = Arc::new(direct.iter().map(|b| format!("{b}/chat/completions")).collect::<Vec<_>>());
+        let mut l = closed_loop(d, &key, streams, secs, max_tokens).await;
+        results.push(report("direct", &mut l, secs));
+        let g = Arc::new(vec![format!("{base}/v1/chat/completions")]);
+        let mut l = closed_loop(g.clone(), &key, streams, secs, max_tokens).await;
+        results.push(report("gateway", &mut l, secs));
+        if let Some(bin) = &litellm {
+            let (mut child, url) = start_litellm(bin, &direct, &dir).await?;
+            let u = Arc::new(vec![format!("{url}/v1/chat/completions")]);
+            let mut l = closed_loop(u, "sk-none", streams, secs, max_tokens).await;
+            results.push(report("litellm", &mut l, secs));
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        running.stop().await?;
+        let f = |i: usize, k: &str| results.get(i).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
+        let added = |i: usize, k: &str| f(i, k) - f(0, k);
+        let mut v = json!({
+            "streams": streams,
+            "seconds": secs,
+            "max_tokens": max_tokens,
+            "replicas": replicas.len(),
+            "fronts": results,
+            "gateway_added_ttft_ms_p50": added(1, "ttft_ms_p50"),
+            "gateway_added_total_ms_p50": added(1, "total_ms_p50"),
+        });
+        if litellm.is_some() {
+            v["litellm_added_ttft_ms_p50"] = json!(added(2, "ttft_ms_p50"));
+            v["litellm_added_total_ms_p50"] = json!(added(2, "total_ms_p50"));
+            v["litellm_over_gateway_added_total_p50"] = json!(added(2, "total_ms_p50") / added(1, "total_ms_p50"));
+        }
+        anyhow::Ok(v)
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for r in out["fronts"].as_array().into_iter().flatten() {
+            println!(
+                "{:8} {:>7} req ({:.0}/s, {} failed): first token p50 {:.2} ms p99 {:.2} ms; whole stream p50 {:.2} ms p99 {:.2} ms",
+                r["front"].as_str().unwrap_or(""),
+                r["requests"],
+                r["requests_per_s"].as_f64().unwrap_or(0.0),
+                r["failed"],
+                r["ttft_ms_p50"].as_f64().unwrap_or(0.0),
+                r["ttft_ms_p99"].as_f64().unwrap_or(0.0),
+                r["total_ms_p50"].as_f64().unwrap_or(0.0),
+                r["total_ms_p99"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!(
+            "gateway adds p50 {:.2} ms to the first token, {:.2} ms to the whole stream, at {} concurrent streams",
+            out["gateway_added_ttft_ms_p50"].as_f64().unwrap_or(f64::NAN),
+            out["gateway_added_total_ms_p50"].as_f64().unwrap_or(f64::NAN),
+            streams
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
