@@ -24,7 +24,7 @@ CREATE TABLE usage (
     at_ms BIGINT NOT NULL
 );
 CREATE INDEX usage_tenant_at ON usage(tenant_id, at_ms);
-CREATE INDEX usage_tag ON usage(tag, seq);
+CREATE INDEX usage_tag ON usage(tag, seq) WHERE tag IS NOT NULL;
 
 -- Price plans by tenant, each in force from effective_ms (a change applies from the next billing
 -- period, so an invoice is rated by one plan).
