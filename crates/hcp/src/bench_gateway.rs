@@ -109,6 +109,8 @@ struct Lat {
     ttft: Vec<Duration>,
     total: Vec<Duration>,
     failed: u64,
+    /// Failures by HTTP status (0: the connection failed or the stream did not end in [DONE]).
+    by_status: std::collections::BTreeMap<u16, u64>,
 }
 
 fn ms(v: &mut [Duration], q: f64) -> f64 {
@@ -120,15 +122,20 @@ fn ms(v: &mut [Duration], q: f64) -> f64 {
 }
 
 /// One streamed request: time to the first chunk and to the end.
-async fn stream_once(http: &reqwest::Client, url: &str, key: &str, body: &serde_json::Value) -> Option<(Duration, Duration)> {
+async fn stream_once(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> Result<(Duration, Duration), u16> {
     let t = Instant::now();
-    let mut r = http.post(url).bearer_auth(key).json(body).send().await.ok()?;
+    let mut r = http.post(url).bearer_auth(key).json(body).send().await.map_err(|_| 0u16)?;
     if !r.status().is_success() {
-        return None;
+        return Err(r.status().as_u16());
     }
     let mut first = None;
     let mut tail = Vec::new();
-    while let Some(c) = r.chunk().await.ok()? {
+    while let Some(c) = r.chunk().await.map_err(|_| 0u16)? {
         first.get_or_insert_with(|| t.elapsed());
         tail.extend_from_slice(&c[c.len().saturating_sub(16)..]);
         if tail.len() > 64 {
@@ -136,7 +143,7 @@ async fn stream_once(http: &reqwest::Client, url: &str, key: &str, body: &serde_
         }
     }
     let done = String::from_utf8_lossy(&tail).contains("[DONE]");
-    done.then(|| (first.unwrap_or_default(), t.elapsed()))
+    if done { Ok((first.unwrap_or_default(), t.elapsed())) } else { Err(0) }
 }
 
 /// C clients, each sending streamed requests back to back for `secs` (after a warm-up), to
@@ -162,13 +169,14 @@ async fn closed_loop(urls: Arc<Vec<String>>, key: &str, clients: usize, secs: f6
                 i += clients;
                 let counted = Instant::now() >= warm;
                 match stream_once(&http, url, &key, &body).await {
-                    Some((f, t)) if counted => {
+                    Ok((f, t)) if counted => {
                         lat.ttft.push(f);
                         lat.total.push(t);
                     }
-                    Some(_) => {}
-                    None => {
+                    Ok(_) => {}
+                    Err(status) => {
                         lat.failed += 1;
+                        *lat.by_status.entry(status).or_default() += 1;
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
@@ -182,6 +190,9 @@ async fn closed_loop(urls: Arc<Vec<String>>, key: &str, clients: usize, secs: f6
             all.ttft.extend(l.ttft);
             all.total.extend(l.total);
             all.failed += l.failed;
+            for (k, v) in l.by_status {
+                *all.by_status.entry(k).or_default() += v;
+            }
         }
     }
     all
@@ -192,6 +203,7 @@ fn report(name: &str, l: &mut Lat, secs: f64) -> serde_json::Value {
         "front": name,
         "requests": l.total.len(),
         "failed": l.failed,
+        "failed_by_status": l.by_status,
         "requests_per_s": l.total.len() as f64 / secs,
         "ttft_ms_p50": ms(&mut l.ttft, 0.5),
         "ttft_ms_p99": ms(&mut l.ttft, 0.99),
@@ -257,9 +269,14 @@ pub fn gateway(
         sim_backend_listen: Some("127.0.0.1:0".parse()?),
         backends: vec![],
     };
-    let out = runtime()?.block_on(async {
+    // The platform on a runtime of its own, the clients on another: a client task never waits in
+    // the platform's run queue (both still share the machine's cores).
+    let platform_rt = runtime()?;
+    let running = platform_rt.block_on(async {
         let (store, _) = hcp_server::prepare(&cfg).await?;
-        let running = hcp_server::start(cfg, store).await?;
+        hcp_server::start(cfg, store).await
+    })?;
+    let out = runtime()?.block_on(async {
         let base = format!("http://{}", running.addr);
         let http = reqwest::Client::new();
         // A key with room for the load (the demo key's rate is 100/s).
@@ -276,7 +293,7 @@ pub fn gateway(
         for _ in 0..600 {
             let r = running.app.router.lock().unwrap_or_else(|e| e.into_inner());
             if r.models().first().is_some_and(|m| m.1 > 0) {
-                replicas = r.replica_ids();
+                replicas = r.in_service_ids();
                 break;
             }
             drop(r);
@@ -303,7 +320,6 @@ pub fn gateway(
             let _ = child.kill();
             let _ = child.wait();
         }
-        running.stop().await?;
         let f = |i: usize, k: &str| results.get(i).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
         let added = |i: usize, k: &str| f(i, k) - f(0, k);
         let mut v = json!({
@@ -322,6 +338,7 @@ pub fn gateway(
         }
         anyhow::Ok(v)
     })?;
+    platform_rt.block_on(running.stop())?;
     let _ = std::fs::remove_dir_all(&dir);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -145,6 +145,8 @@ struct Bucket {
 /// The verified-token cache and the rate limiters.
 pub struct Gate {
     cache: Mutex<HashMap<String, (Principal, Instant)>>,
+    /// Tokens being verified now, each with the lock its other requests wait on.
+    verifying: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     buckets: Mutex<HashMap<String, Bucket>>,
     account_rate_per_s: f64,
 }
@@ -157,12 +159,23 @@ impl Default for Gate {
 
 impl Gate {
     pub fn new(account_rate_per_s: f64) -> Self {
-        Gate { cache: Mutex::default(), buckets: Mutex::default(), account_rate_per_s }
+        Gate { cache: Mutex::default(), verifying: Mutex::default(), buckets: Mutex::default(), account_rate_per_s }
     }
 
     pub fn cached(&self, token: &str) -> Option<Principal> {
         let c = self.cache.lock().expect("cache lock");
         c.get(token).filter(|(_, at)| at.elapsed() < CACHE_TTL).map(|(p, _)| p.clone())
+    }
+
+    /// The lock that requests with this token take while it is verified.
+    pub fn verifying(&self, token: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut v = self.verifying.lock().expect("verifying lock");
+        v.entry(token.to_string()).or_default().clone()
+    }
+
+    /// The token's verification is over (whatever its outcome).
+    pub fn verified(&self, token: &str) {
+        self.verifying.lock().expect("verifying lock").remove(token);
     }
 
     pub fn remember(&self, token: &str, p: &Principal) {

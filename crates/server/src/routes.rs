@@ -115,9 +115,21 @@ pub(crate) async fn authenticate(app: &App, headers: &HeaderMap) -> ApiResult<Pr
     let p = match app.gate.cached(token) {
         Some(p) => p,
         None => {
-            let p = verify(app, token).await?;
-            app.gate.remember(token, &p);
-            p
+            // One verification per token at a time: a burst of requests with a token not yet
+            // cached (a client opening 1,000 streams) waits for the first one's Argon2 check
+            // instead of running 1,000 of them.
+            let lock = app.gate.verifying(token);
+            let _held = lock.lock().await;
+            match app.gate.cached(token) {
+                Some(p) => p,
+                None => {
+                    let p = verify(app, token).await;
+                    app.gate.verified(token);
+                    let p = p?;
+                    app.gate.remember(token, &p);
+                    p
+                }
+            }
         }
     };
     app.gate.admit(&p)?;

@@ -198,6 +198,16 @@ impl RouterState {
             .unwrap_or(0)
     }
 
+    /// Ids of the replicas that take work now.
+    pub fn in_service_ids(&self) -> Vec<i64> {
+        self.replicas
+            .values()
+            .filter(|r| r.slots > 0 && !self.down.contains(&r.id))
+            .filter(|r| self.serve_fleet || self.replica_model.contains_key(&r.id))
+            .map(|r| r.id)
+            .collect()
+    }
+
     /// Ids of every replica known.
     pub fn replica_ids(&self) -> Vec<i64> {
         self.replicas.keys().copied().collect()
