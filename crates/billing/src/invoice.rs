@@ -84,12 +84,7 @@ impl Invoice {
                 l.amount_micro_usd
             ));
         }
-        s.push_str(&format!(
-            "{},{},total,,,,,,,,{}\n",
-            q(&self.tenant),
-            self.period.label,
-            self.total_micro_usd
-        ));
+        s.push_str(&format!("{},{},total,,,,,,,,{}\n", q(&self.tenant), self.period.label, self.total_micro_usd));
         s
     }
 }
@@ -226,7 +221,7 @@ mod tests {
                 ("input_tokens", Some(0), 200_000),
                 ("output_tokens", Some(0), 200_000),
                 ("input_tokens", Some(1), 1),
-                ("output_tokens", Some(1), 1), // 7 x 0.2 = 1.4 -> 1
+                ("output_tokens", Some(1), 1),     // 7 x 0.2 = 1.4 -> 1
                 ("gpu_hours", Some(2), 3_000_000), // 1.5 h x 2 USD
                 ("gpu_hours", Some(2), 1_800_000), // 40 % off
                 ("reserved_gpu_hours", None, 2 * 720 * 1_800_000),

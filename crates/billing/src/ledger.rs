@@ -142,8 +142,12 @@ mod tests {
             (0u8..3, 0u8..3, any::<u32>(), any::<u32>(), any::<u32>(), any::<bool>()).prop_map(
                 |(tenant, tier, input, output, gpu_ms, spot)| Op::Invoice { tenant, tier, input, output, gpu_ms, spot }
             ),
-            (0u8..3, any::<i32>(), any::<i32>(), any::<i32>())
-                .prop_map(|(site, mining, energy, credits)| Op::Pnl { site, mining, energy, credits }),
+            (0u8..3, any::<i32>(), any::<i32>(), any::<i32>()).prop_map(|(site, mining, energy, credits)| Op::Pnl {
+                site,
+                mining,
+                energy,
+                credits
+            }),
             (0u8..3, 0u8..3, -1_000_000i64..1_000_000, -2i64..2).prop_map(|(a, b, amount, skew)| Op::Raw {
                 a,
                 b,

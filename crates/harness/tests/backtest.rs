@@ -75,7 +75,10 @@ fn check_accounting(o: &[Outcome]) {
             x.policy
         );
         assert!((x.pnl.grid_credits.0 - x.credits.0).abs() <= x.pnl.rows as i64, "{:?}", x.policy);
-        assert_eq!(x.pnl.margin, x.pnl.mining_revenue + x.pnl.inference_revenue + x.pnl.grid_credits - x.pnl.energy_cost);
+        assert_eq!(
+            x.pnl.margin,
+            x.pnl.mining_revenue + x.pnl.inference_revenue + x.pnl.grid_credits - x.pnl.energy_cost
+        );
         let chart_mwh: f64 = x.chart.iter().map(|p| (p.mining_mw + p.inference_mw) * 0.25).sum();
         assert!((chart_mwh / x.energy_mwh - 1.0).abs() < 1e-9, "{:?}: chart {chart_mwh} vs {}", x.policy, x.energy_mwh);
     }

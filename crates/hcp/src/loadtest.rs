@@ -124,7 +124,8 @@ async fn one(
         out.latency = started.elapsed();
         out.ttft = out.latency;
         let u = &v["usage"];
-        out.usage = Some((rid, u["prompt_tokens"].as_i64().unwrap_or(-1), u["completion_tokens"].as_i64().unwrap_or(-1)));
+        out.usage =
+            Some((rid, u["prompt_tokens"].as_i64().unwrap_or(-1), u["completion_tokens"].as_i64().unwrap_or(-1)));
         out.ok = true;
         return out;
     }
@@ -154,7 +155,8 @@ async fn one(
         .find(|v| v["usage"].is_object());
     if let Some(v) = usage {
         let u = &v["usage"];
-        out.usage = Some((rid, u["prompt_tokens"].as_i64().unwrap_or(-1), u["completion_tokens"].as_i64().unwrap_or(-1)));
+        out.usage =
+            Some((rid, u["prompt_tokens"].as_i64().unwrap_or(-1), u["completion_tokens"].as_i64().unwrap_or(-1)));
         out.ok = true;
     }
     out

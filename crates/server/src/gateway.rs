@@ -278,7 +278,9 @@ fn reject_error(r: &RejectReason) -> OaiError {
             None,
             "this key's tenant is not known to the router yet; retry shortly",
         ),
-        RejectReason::Invalid(why) => OaiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, why.clone()),
+        RejectReason::Invalid(why) => {
+            OaiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, why.clone())
+        }
     };
     if e.status != StatusCode::BAD_REQUEST && e.status != StatusCode::FORBIDDEN {
         e.retry_after_s = Some(1);
@@ -396,10 +398,11 @@ impl Answer {
         self.choices
             .iter()
             .filter_map(|c| {
-                c.delta.as_ref().and_then(|d| d.content.as_deref()).or(c.text.as_deref()).or(c
-                    .message
+                c.delta
                     .as_ref()
-                    .and_then(|m| m.content.as_deref()))
+                    .and_then(|d| d.content.as_deref())
+                    .or(c.text.as_deref())
+                    .or(c.message.as_ref().and_then(|m| m.content.as_deref()))
             })
             .collect()
     }
@@ -504,7 +507,8 @@ async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> 
     };
     // The backend always reports usage on a stream; the client sees it only if it asked.
     let upstream_body = if req.stream && !req.include_usage {
-        let mut v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| OaiError::invalid("body", e.to_string()))?;
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| OaiError::invalid("body", e.to_string()))?;
         v["stream_options"] = serde_json::json!({ "include_usage": true });
         Bytes::from(serde_json::to_vec(&v).expect("a JSON value serialises"))
     } else {
@@ -536,7 +540,9 @@ async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> 
                     return Err(reject_error(&why));
                 }
                 Some(Placement::Preempted) => continue,
-                None => return Err(OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "router stopped")),
+                None => {
+                    return Err(OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "router stopped"));
+                }
             }
         };
         metrics::histogram!("hcp_gateway_queue_seconds").record(started.elapsed().as_secs_f64());

@@ -9,7 +9,9 @@
 use std::collections::{HashMap, HashSet};
 
 use hcp_model::TenantId;
-use hcp_sched::{Decision, ModelId, RejectReason, ReplicaId, ReplicaSpec, ReqId, Router, RouterConfig, TenantSpec, Work};
+use hcp_sched::{
+    Decision, ModelId, RejectReason, ReplicaId, ReplicaSpec, ReqId, Router, RouterConfig, TenantSpec, Work,
+};
 use hcp_store::{ReplicaRow, TenantRow};
 use tokio::sync::mpsc;
 

@@ -119,7 +119,11 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("POST", "/api/v1/tenants/demo/keys", Some(json!({}))),
         ("GET", "/api/v1/usage", None),
         ("GET", "/api/v1/tenants/demo/price-plan", None),
-        ("PUT", "/api/v1/tenants/demo/price-plan", Some(json!({"tokens": [], "gpu_hour_micro_usd": 1, "spot_discount_pct": 0}))),
+        (
+            "PUT",
+            "/api/v1/tenants/demo/price-plan",
+            Some(json!({"tokens": [], "gpu_hour_micro_usd": 1, "spot_discount_pct": 0})),
+        ),
         ("GET", "/api/v1/tenants/demo/invoices/2026-11", None),
         ("GET", "/api/v1/invoices/2026-11", None),
         ("GET", "/api/v1/pnl?from_ms=0&to_ms=1", None),
@@ -594,7 +598,10 @@ async fn the_gateway_speaks_openai_and_meters_every_request_once() {
     let ev = events(&r.text().await.unwrap());
     assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
     let usage: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
-    assert_eq!((usage["usage"]["completion_tokens"].as_i64(), usage["choices"].as_array().map(Vec::len)), (Some(20), Some(0)));
+    assert_eq!(
+        (usage["usage"]["completion_tokens"].as_i64(), usage["choices"].as_array().map(Vec::len)),
+        (Some(20), Some(0))
+    );
     let text: String = ev[..ev.len() - 2]
         .iter()
         .filter_map(|e| serde_json::from_str::<Value>(e).ok())
@@ -607,7 +614,8 @@ async fn the_gateway_speaks_openai_and_meters_every_request_once() {
     assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
     // Exactly one usage record per served request, with the backend's token counts.
     let u = p.usage("t1").await;
-    let got: Vec<(i64, i64)> = u.iter().map(|x| (x["input_tokens"].as_i64().unwrap(), x["output_tokens"].as_i64().unwrap())).collect();
+    let got: Vec<(i64, i64)> =
+        u.iter().map(|x| (x["input_tokens"].as_i64().unwrap(), x["output_tokens"].as_i64().unwrap())).collect();
     assert_eq!(got.len(), 4, "{u:?}");
     assert_eq!(got[0], (prompt, 12));
     assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), vec![12, 3, 20, 5]);
@@ -615,22 +623,39 @@ async fn the_gateway_speaks_openai_and_meters_every_request_once() {
     assert_eq!(u[0]["id"].as_str(), Some(rid.as_str()));
 
     // Errors in OpenAI's shape.
-    let r = p.infer("/v1/chat/completions", "hcpk_nokey_0123456789abcdef0123456789abcdef", chat(5, false, false), &[]).await;
+    let r = p
+        .infer("/v1/chat/completions", "hcpk_nokey_0123456789abcdef0123456789abcdef", chat(5, false, false), &[])
+        .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let e: Value = r.json().await.unwrap();
-    assert_eq!((e["error"]["type"].as_str(), e["error"]["code"].as_str()), (Some("authentication_error"), Some("invalid_api_key")));
+    assert_eq!(
+        (e["error"]["type"].as_str(), e["error"]["code"].as_str()),
+        (Some("authentication_error"), Some("invalid_api_key"))
+    );
     let r = p.infer("/v1/chat/completions", DEMO, chat(9_000, false, false), &tag).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "context_length_exceeded");
     let r = p.infer("/v1/chat/completions", DEMO, json!({"model": "llama-3-8b", "messages": "hi"}), &tag).await;
     let e: Value = r.json().await.unwrap();
-    assert_eq!((e["error"]["type"].as_str(), e["error"]["param"].as_str()), (Some("invalid_request_error"), Some("messages")));
-    let r = p.infer("/v1/chat/completions", DEMO, json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), &tag).await;
+    assert_eq!(
+        (e["error"]["type"].as_str(), e["error"]["param"].as_str()),
+        (Some("invalid_request_error"), Some("messages"))
+    );
+    let r = p
+        .infer(
+            "/v1/chat/completions",
+            DEMO,
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+            &tag,
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let r = p.infer("/v1/chat/completions", DEMO, chat(5, false, false), &[("x-hcp-priority", "0")]).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "the key's default tier is 1: it may not ask for 0");
-    let r = p.infer("/v1/chat/completions", DEMO, chat(5, false, false), &[("x-hcp-priority", "batch"), ("x-hcp-tag", "t2")]).await;
+    let r = p
+        .infer("/v1/chat/completions", DEMO, chat(5, false, false), &[("x-hcp-priority", "batch"), ("x-hcp-tag", "t2")])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(p.usage("t2").await[0]["tier"], 2);
     // A client retry with the same idempotency key is refused, never counted twice.
@@ -667,7 +692,8 @@ async fn the_gateway_speaks_openai_and_meters_every_request_once() {
     let csv = csv.text().await.unwrap();
     assert!(csv.starts_with("tenant,period,description") && csv.trim_end().ends_with(&sum.to_string()), "{csv}");
     // Another tenant sees neither this usage nor this invoice.
-    let (_, _) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "rival", "name": "R", "weight": 1}))).await;
+    let (_, _) =
+        p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "rival", "name": "R", "weight": 1}))).await;
     let (_, k) = p.call("POST", "/api/v1/tenants/rival/keys", Some(ADMIN), Some(json!({}))).await;
     let rival = k["key"].as_str().unwrap().to_string();
     let (s, _) = p.call("GET", &format!("/api/v1/tenants/demo/invoices/{period}"), Some(&rival), None).await;
@@ -716,7 +742,9 @@ async fn batch_jobs_run_as_gangs_are_cancelled_and_billed_in_gpu_time() {
     let (s, j) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 2, "duration_s": 0.3}))).await;
     assert_eq!(s, StatusCode::CREATED, "{j}");
     let id = j["id"].as_str().unwrap().to_string();
-    let (s, long) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 1, "duration_s": 600, "preemptible": false}))).await;
+    let (s, long) = p
+        .call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 1, "duration_s": 600, "preemptible": false})))
+        .await;
     assert_eq!(s, StatusCode::CREATED);
     let long = long["id"].as_str().unwrap().to_string();
     let (s, b) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 0, "duration_s": 1}))).await;
@@ -784,7 +812,8 @@ async fn price_plans_apply_whole_periods_and_site_pnl_balances() {
     assert_eq!(pnl["sites"].as_array().map(Vec::len), Some(2), "{pnl}");
     assert_eq!(pnl["ledger_balanced"], true);
     let f = &pnl["fleet"];
-    let margin = f["mining_revenue"].as_i64().unwrap() + f["inference_revenue"].as_i64().unwrap()
+    let margin = f["mining_revenue"].as_i64().unwrap()
+        + f["inference_revenue"].as_i64().unwrap()
         + f["grid_credits"].as_i64().unwrap()
         - f["energy_cost"].as_i64().unwrap();
     assert_eq!(f["margin"].as_i64(), Some(margin));
@@ -805,7 +834,9 @@ async fn a_backend_that_fails_before_its_first_byte_is_skipped_and_the_request_r
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, hcp_server::simbackend::router(sim)).await });
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let backend = |url: String| hcp_server::gateway::BackendConfig::parse(&format!("url={url},model=llama-3-8b,slots=4")).unwrap();
+    let backend = |url: String| {
+        hcp_server::gateway::BackendConfig::parse(&format!("url={url},model=llama-3-8b,slots=4")).unwrap()
+    };
     let p = Platform::start_with(
         "gateway-retry",
         false,

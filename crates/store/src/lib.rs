@@ -1012,9 +1012,10 @@ impl Store {
 
     /// Every replica, by id.
     pub async fn replicas(&self) -> Result<Vec<ReplicaRow>> {
-        let rows = sqlx::query("SELECT id, site_id, gpus, slots, kv_tokens, cap_w, updated_ms FROM replicas ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, site_id, gpus, slots, kv_tokens, cap_w, updated_ms FROM replicas ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .iter()
             .map(|r| ReplicaRow {
@@ -1186,8 +1187,20 @@ impl Store {
                 .iter()
                 .map(|r| {
                     serde_json::json!([
-                        r.id, r.tenant_id, r.key_id, r.kind, r.tier, r.model, r.site_id, r.input_tokens,
-                        r.output_tokens, r.gpu_ms, i64::from(r.spot), r.status, r.tag, r.at_ms
+                        r.id,
+                        r.tenant_id,
+                        r.key_id,
+                        r.kind,
+                        r.tier,
+                        r.model,
+                        r.site_id,
+                        r.input_tokens,
+                        r.output_tokens,
+                        r.gpu_ms,
+                        i64::from(r.spot),
+                        r.status,
+                        r.tag,
+                        r.at_ms
                     ])
                 })
                 .collect();
@@ -1314,7 +1327,12 @@ impl Store {
         .bind(at_ms)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(r.map(|r| PricePlanRow { tenant_id: r.get(0), effective_ms: r.get(1), body: r.get(2), updated_ms: r.get(3) }))
+        Ok(r.map(|r| PricePlanRow {
+            tenant_id: r.get(0),
+            effective_ms: r.get(1),
+            body: r.get(2),
+            updated_ms: r.get(3),
+        }))
     }
 
     /// Writes site P&L rows (a repeated interval replaces its row).

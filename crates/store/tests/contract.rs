@@ -116,8 +116,15 @@ async fn contract(s: &Store) {
     assert!(s.sync_topology("f3", &sites, &devices).await.unwrap());
     assert_eq!(s.device(6).await.unwrap().status, "quarantined");
     // Replicas' capacity: written on changes, a known id replaced, a bad row refused whole.
-    let rep =
-        |id, slots, at| ReplicaRow { id, site_id: "s1".into(), gpus: 1, slots, kv_tokens: 400_000, cap_w: 700.0, updated_ms: at };
+    let rep = |id, slots, at| ReplicaRow {
+        id,
+        site_id: "s1".into(),
+        gpus: 1,
+        slots,
+        kv_tokens: 400_000,
+        cap_w: 700.0,
+        updated_ms: at,
+    };
     s.put_replicas(&[rep(3, 256, 1), rep(1, 256, 1)]).await.unwrap();
     s.put_replicas(&[rep(3, 0, 2)]).await.unwrap();
     let r = s.replicas().await.unwrap();
@@ -302,10 +309,7 @@ async fn contract(s: &Store) {
     job.spot = true;
     job.tag = None;
     s.put_usage(&[job]).await.unwrap();
-    assert!(matches!(
-        s.put_usage(&[u("r5", 1, -1, 0, 1)]).await,
-        Err(StoreError::Invalid { field: "usage", .. })
-    ));
+    assert!(matches!(s.put_usage(&[u("r5", 1, -1, 0, 1)]).await, Err(StoreError::Invalid { field: "usage", .. })));
     let tagged = s.usage(&UsageFilter { tag: Some("run1"), ..Default::default() }, &page(2)).await.unwrap();
     assert_eq!(tagged.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["r1", "r2"]);
     assert_eq!(tagged[1].input_tokens, 5, "the first write of r2 stands");
@@ -315,13 +319,18 @@ async fn contract(s: &Store) {
     let f = UsageFilter { tenant: Some("acme"), from_ms: Some(0), to_ms: Some(1_000), ..Default::default() };
     assert_eq!(s.usage(&f, &page(10)).await.unwrap().len(), 4);
     let sums = s.usage_sums("acme", 0, 1_000).await.unwrap();
-    let got: Vec<_> = sums.iter().map(|x| (x.kind.as_str(), x.tier, x.spot, x.records, x.input_tokens, x.gpu_ms)).collect();
-    assert_eq!(got, vec![("gpu", 2, true, 1, 0, 7_200_000), ("tokens", 0, false, 1, 1, 0), ("tokens", 1, false, 2, 15, 0)]);
+    let got: Vec<_> =
+        sums.iter().map(|x| (x.kind.as_str(), x.tier, x.spot, x.records, x.input_tokens, x.gpu_ms)).collect();
+    assert_eq!(
+        got,
+        vec![("gpu", 2, true, 1, 0, 7_200_000), ("tokens", 0, false, 1, 1, 0), ("tokens", 1, false, 2, 15, 0)]
+    );
     assert!(s.usage_sums("nobody", 0, 1_000).await.unwrap().is_empty());
     assert_eq!(s.usage_tenants(0, 10_000).await.unwrap(), vec!["acme".to_string()]);
 
     // Price plans in force by time.
-    let plan = |at, body: &str| PricePlanRow { tenant_id: "acme".into(), effective_ms: at, body: body.into(), updated_ms: at };
+    let plan =
+        |at, body: &str| PricePlanRow { tenant_id: "acme".into(), effective_ms: at, body: body.into(), updated_ms: at };
     s.put_price_plan(&plan(0, "a")).await.unwrap();
     s.put_price_plan(&plan(1_000, "b")).await.unwrap();
     assert_eq!(s.price_plan_at("acme", 999).await.unwrap().unwrap().body, "a");
