@@ -499,7 +499,7 @@ async fn the_engine_is_deterministic_under_a_seed() {
     let mut got = vec![];
     for p in [&a, &b] {
         let app = &p.running.as_ref().unwrap().app;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
         while app.engine_at_ms.load(std::sync::atomic::Ordering::Relaxed) <= horizon {
             assert!(tokio::time::Instant::now() < deadline, "the engine reached a simulated day");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -528,7 +528,7 @@ async fn the_engine_is_deterministic_under_a_seed() {
 impl Platform {
     /// Waits until the router has replicas in service (the engine's first plan).
     async fn serving(&self) {
-        for _ in 0..200 {
+        for _ in 0..1200 {
             let (_, m) = self.call("GET", "/v1/models", Some(DEMO), None).await;
             if m["data"][0]["replicas_in_service"].as_u64().unwrap_or(0) > 0 {
                 return;
@@ -720,7 +720,7 @@ async fn a_client_that_goes_away_cancels_the_backend_and_pays_for_what_it_got() 
     drop(r);
     let sim = p.running.as_ref().unwrap().app.sim.clone().unwrap();
     let mut u = vec![];
-    for _ in 0..100 {
+    for _ in 0..600 {
         u = p.usage("gone").await;
         if sim.cancelled.load(std::sync::atomic::Ordering::Relaxed) > 0 && !u.is_empty() {
             break;
@@ -750,7 +750,7 @@ async fn batch_jobs_run_as_gangs_are_cancelled_and_billed_in_gpu_time() {
     let (s, b) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 0, "duration_s": 1}))).await;
     assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("gpus")));
     let mut done = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..600 {
         let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
         if j["state"] == "completed" {
             done = j;
@@ -761,7 +761,7 @@ async fn batch_jobs_run_as_gangs_are_cancelled_and_billed_in_gpu_time() {
     assert_eq!(done["state"], "completed", "{done}");
     let (s, _) = p.call("DELETE", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
     assert_eq!(s, StatusCode::ACCEPTED);
-    for _ in 0..100 {
+    for _ in 0..600 {
         let (_, j) = p.call("GET", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
         if j["state"] == "cancelled" {
             break;
@@ -801,7 +801,7 @@ async fn price_plans_apply_whole_periods_and_site_pnl_balances() {
     assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("spot_discount_pct")));
     // The engine records each site's P&L per interval; the ledger of it balances.
     let mut pnl = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..600 {
         let (_, v) = p.call("GET", &format!("/api/v1/pnl?from_ms=0&to_ms={}", i64::MAX), Some(ADMIN), None).await;
         if v["fleet"]["rows"].as_i64().unwrap_or(0) >= 4 {
             pnl = v;
