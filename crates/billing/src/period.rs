@@ -1,8 +1,7 @@
 //! Billing periods: calendar months in UTC, named `YYYY-MM`.
 
+use hcp_model::SimTime;
 use serde::Serialize;
-
-const DAY_MS: i64 = 86_400_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Period {
@@ -13,37 +12,13 @@ pub struct Period {
     pub end_ms: i64,
 }
 
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The civil (year, month) of a day count since 1970-01-01.
-fn civil_month(days: i64) -> (i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m)
-}
-
 impl Period {
-    pub fn month(year: i64, month: i64) -> Period {
+    /// The calendar arithmetic is `SimTime`'s (naive milliseconds since 1970-01-01, which read as
+    /// UTC are Unix time).
+    pub fn month(year: i32, month: u32) -> Period {
         let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-        Period {
-            label: format!("{year:04}-{month:02}"),
-            start_ms: days_from_civil(year, month, 1) * DAY_MS,
-            end_ms: days_from_civil(ny, nm, 1) * DAY_MS,
-        }
+        let first = |y, m| SimTime::from_civil(y, m, 1, 0, 0, 0, 0).map_or(0, |t| t.0);
+        Period { label: format!("{year:04}-{month:02}"), start_ms: first(year, month), end_ms: first(ny, nm) }
     }
 
     /// `YYYY-MM`, years 2000 to 2999.
@@ -53,8 +28,8 @@ impl Period {
         if y.len() != 4 || m.len() != 2 {
             return Err(bad());
         }
-        let y: i64 = y.parse().map_err(|_| bad())?;
-        let m: i64 = m.parse().map_err(|_| bad())?;
+        let y: i32 = y.parse().map_err(|_| bad())?;
+        let m: u32 = m.parse().map_err(|_| bad())?;
         if !(2000..=2999).contains(&y) || !(1..=12).contains(&m) {
             return Err(bad());
         }
@@ -63,8 +38,8 @@ impl Period {
 
     /// The month holding `ms`.
     pub fn containing(ms: i64) -> Period {
-        let (y, m) = civil_month(ms.div_euclid(DAY_MS));
-        Period::month(y, m)
+        let c = SimTime(ms).civil();
+        Period::month(c.year, c.month)
     }
 
     pub fn next(&self) -> Period {
