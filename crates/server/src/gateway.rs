@@ -771,6 +771,7 @@ impl Relay {
         }
         if let Some(first) = self.pending.take() {
             self.buf.extend_from_slice(&first);
+            self.buf.retain(|&c| c != b'\r');
             let out = self.events().await;
             if !out.is_empty() {
                 return Some(Bytes::from(out));
@@ -795,6 +796,11 @@ impl Relay {
             match next {
                 Ok(Some(b)) => {
                     self.buf.extend_from_slice(&b);
+                    // Events may end in CRLF pairs (the SSE spec allows them); JSON payloads never
+                    // hold a raw CR, so dropping every CR leaves blank-line framing.
+                    if b.contains(&b'\r') {
+                        self.buf.retain(|&c| c != b'\r');
+                    }
                     let out = self.events().await;
                     if !out.is_empty() {
                         return Some(Bytes::from(out));
