@@ -17,10 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
-}
-
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("hcp-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -33,7 +29,7 @@ pub fn metering(json_out: bool, events: u64, writers: usize) -> Result<std::proc
         bail!("--events and --writers: must be >= 1");
     }
     let dir = tmpdir("metering");
-    let out = runtime()?.block_on(async {
+    let out = crate::serve::runtime()?.block_on(async {
         let store = hcp_store::Store::open(&format!("sqlite:{}", dir.join("m.db").display())).await?;
         store.migrate().await?;
         let meter = hcp_server::metering::Meter::start(store.clone());
@@ -118,14 +114,6 @@ struct Lat {
     failed: u64,
     /// Failures by HTTP status (0: the connection failed or the stream did not end in [DONE]).
     by_status: std::collections::BTreeMap<u16, u64>,
-}
-
-fn ms(v: &mut [Duration], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_unstable();
-    v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3
 }
 
 /// One streamed request: time to the first chunk and to the end.
@@ -213,10 +201,10 @@ fn report(name: &str, l: &mut Lat, secs: f64) -> serde_json::Value {
         "failed": l.failed,
         "failed_by_status": l.by_status,
         "requests_per_s": l.total.len() as f64 / secs,
-        "ttft_ms_p50": ms(&mut l.ttft, 0.5),
-        "ttft_ms_p99": ms(&mut l.ttft, 0.99),
-        "total_ms_p50": ms(&mut l.total, 0.5),
-        "total_ms_p99": ms(&mut l.total, 0.99),
+        "ttft_ms_p50": crate::loadtest::pct(&mut l.ttft, 0.5).unwrap_or(f64::NAN),
+        "ttft_ms_p99": crate::loadtest::pct(&mut l.ttft, 0.99).unwrap_or(f64::NAN),
+        "total_ms_p50": crate::loadtest::pct(&mut l.total, 0.5).unwrap_or(f64::NAN),
+        "total_ms_p99": crate::loadtest::pct(&mut l.total, 0.99).unwrap_or(f64::NAN),
     })
 }
 
@@ -285,12 +273,12 @@ pub fn gateway(
     };
     // The platform on a runtime of its own, the clients on another: a client task never waits in
     // the platform's run queue (both still share the machine's cores).
-    let platform_rt = runtime()?;
+    let platform_rt = crate::serve::runtime()?;
     let running = platform_rt.block_on(async {
         let (store, _) = hcp_server::prepare(&cfg).await?;
         hcp_server::start(cfg, store).await
     })?;
-    let out = runtime()?.block_on(async {
+    let out = crate::serve::runtime()?.block_on(async {
         let base = format!("http://{}", running.addr);
         let http = reqwest::Client::new();
         // A key with room for the load (the demo key's rate is 100/s).

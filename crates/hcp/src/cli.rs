@@ -126,37 +126,7 @@ enum Command {
     Backtest(crate::backtest_cmd::BacktestArgs),
     /// Load-test a gateway: a mix of streaming and non-streaming chat requests at an even rate,
     /// then a check that the platform's usage records match what was served, exactly.
-    Loadtest {
-        /// The platform's base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// A tenant API key (hcpk_...).
-        #[arg(long)]
-        key: String,
-        #[arg(long, default_value_t = 10_000)]
-        workloads: u64,
-        /// Seconds over which the requests are started, evenly.
-        #[arg(long, default_value_t = 300.0)]
-        duration: f64,
-        /// Requests in flight at most.
-        #[arg(long, default_value_t = 512)]
-        concurrency: usize,
-        /// Request sizes from a recorded trace (CSV with context and generated tokens).
-        #[arg(long)]
-        trace: Option<PathBuf>,
-        #[arg(long)]
-        model: Option<String>,
-        /// Share of requests that stream.
-        #[arg(long, default_value_t = 0.5)]
-        stream_fraction: f64,
-        /// Output tokens per request at most (trace sizes are capped to it).
-        #[arg(long, default_value_t = 512)]
-        max_output_tokens: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long)]
-        json: bool,
-    },
+    Loadtest(crate::loadtest::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -329,31 +299,7 @@ pub fn main() -> ExitCode {
         Command::Sim(a) => sim(&a),
         Command::Backtest(a) => crate::backtest_cmd::run(&a),
         Command::Replay { trace, tenants, shrink, json } => replay(&trace, tenants, &shrink, json),
-        Command::Loadtest {
-            url,
-            key,
-            workloads,
-            duration,
-            concurrency,
-            trace,
-            model,
-            stream_fraction,
-            max_output_tokens,
-            seed,
-            json,
-        } => crate::loadtest::run(crate::loadtest::Args {
-            url: url.trim_end_matches('/').to_string(),
-            key,
-            workloads,
-            duration_s: duration,
-            concurrency,
-            trace,
-            model,
-            stream_fraction,
-            max_output_tokens,
-            seed,
-            json,
-        }),
+        Command::Loadtest(a) => crate::loadtest::run(a),
         Command::Bench { what: BenchWhat::Sim { json, fleet, device_hours, cohort_days } } => {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }

@@ -11,17 +11,36 @@ use anyhow::{Context, Result, bail};
 use hcp_sim::rng::{stream as rng_stream, unit};
 use serde_json::json;
 
+#[derive(clap::Args)]
 pub struct Args {
+    /// The platform's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// A tenant API key (hcpk_...).
+    #[arg(long)]
     pub key: String,
+    #[arg(long, default_value_t = 10_000)]
     pub workloads: u64,
+    /// Seconds over which the requests are started, evenly.
+    #[arg(long = "duration", default_value_t = 300.0)]
     pub duration_s: f64,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 512)]
     pub concurrency: usize,
+    /// Request sizes from a recorded trace (CSV with context and generated tokens).
+    #[arg(long)]
     pub trace: Option<std::path::PathBuf>,
+    #[arg(long)]
     pub model: Option<String>,
+    /// Share of requests that stream.
+    #[arg(long, default_value_t = 0.5)]
     pub stream_fraction: f64,
+    /// Output tokens per request at most (trace sizes are capped to it).
+    #[arg(long, default_value_t = 512)]
     pub max_output_tokens: u32,
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -73,12 +92,13 @@ fn prompt(tokens: u32) -> String {
     "grid ".repeat(bytes / 5 + 1)[..bytes].to_string()
 }
 
-fn pct(v: &mut [Duration], q: f64) -> f64 {
+/// The `q` quantile of `v` in milliseconds; None when `v` is empty.
+pub(crate) fn pct(v: &mut [Duration], q: f64) -> Option<f64> {
     if v.is_empty() {
-        return 0.0;
+        return None;
     }
     v.sort_unstable();
-    v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3
+    Some(v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3)
 }
 
 async fn one(
@@ -201,7 +221,8 @@ async fn usage_of(http: &reqwest::Client, a: &Args, tag: &str) -> Result<HashMap
     Ok(out)
 }
 
-pub fn run(a: Args) -> Result<std::process::ExitCode> {
+pub fn run(mut a: Args) -> Result<std::process::ExitCode> {
+    a.url = a.url.trim_end_matches('/').to_string();
     if a.workloads == 0 {
         bail!("--workloads: must be >= 1");
     }
@@ -215,8 +236,7 @@ pub fn run(a: Args) -> Result<std::process::ExitCode> {
         bail!("--stream-fraction: must be 0 to 1");
     }
     let sizes = sizes(&a)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    crate::serve::runtime()?.block_on(async move {
         let http = reqwest::Client::builder().pool_max_idle_per_host(a.concurrency).tcp_nodelay(true).build()?;
         let model = match &a.model {
             Some(m) => m.clone(),
@@ -309,10 +329,10 @@ pub fn run(a: Args) -> Result<std::process::ExitCode> {
             "wall_s": wall,
             "requests_per_s": outcomes.len() as f64 / wall,
             "started_late": late,
-            "latency_ms_p50": pct(&mut lat, 0.5),
-            "latency_ms_p99": pct(&mut lat, 0.99),
-            "ttft_ms_p50": pct(&mut ttft, 0.5),
-            "ttft_ms_p99": pct(&mut ttft, 0.99),
+            "latency_ms_p50": pct(&mut lat, 0.5).unwrap_or(0.0),
+            "latency_ms_p99": pct(&mut lat, 0.99).unwrap_or(0.0),
+            "ttft_ms_p50": pct(&mut ttft, 0.5).unwrap_or(0.0),
+            "ttft_ms_p99": pct(&mut ttft, 0.99).unwrap_or(0.0),
             "output_tokens": out_tokens,
             "output_tokens_per_s": out_tokens as f64 / wall,
             "usage": {

@@ -319,6 +319,22 @@ impl Running {
     }
 }
 
+/// Serves HTTP on `listener` (with each connection's peer address) until `stop` turns true, then
+/// finishes the requests in flight.
+async fn serve_until(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .context(what)
+}
+
 /// Starts the roles the config names; returns once listening.
 pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
     let bus = Bus::connect(cfg.bus_url.as_deref(), Limits::default()).await.context("connect the event bus")?;
@@ -373,16 +389,12 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
                 .with_context(|| format!("the simulated backend: listen on {listen}"))?;
             let addr = l.local_addr()?;
             *app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("http://{addr}"));
-            let router = simbackend::router(sim.clone());
-            let mut stop = rx.clone();
-            tasks.push(tokio::spawn(async move {
-                axum::serve(l, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
-                    .context("serve the simulated backend")
-            }));
+            tasks.push(tokio::spawn(serve_until(
+                l,
+                simbackend::router(sim.clone()),
+                rx.clone(),
+                "serve the simulated backend",
+            )));
         }
         tasks.push(tokio::spawn(gateway::health_loop(app.clone(), rx.clone())));
         tasks.push(tokio::spawn(gateway::tick_loop(app.clone(), rx.clone())));
@@ -431,28 +443,11 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
             }
             Ok(())
         }));
-        let router = routes::router(app.clone());
-        let mut stop = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-                .context("serve HTTP")
-        }));
+        tasks.push(tokio::spawn(serve_until(listener, routes::router(app.clone()), rx.clone(), "serve HTTP")));
     } else {
         // A dispatcher-only process still answers health and metrics.
         let router = routes::ops_router().with_state(app.clone());
-        let mut stop = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-                .context("serve HTTP")
-        }));
+        tasks.push(tokio::spawn(serve_until(listener, router, rx.clone(), "serve HTTP")));
     }
     if cfg.engine {
         tasks.push(tokio::spawn(engine::run(app.clone(), cfg.seed, cfg.speed, rx.clone())));

@@ -82,8 +82,7 @@ impl RouterState {
                 let up = self
                     .replicas
                     .values()
-                    .filter(|r| r.slots > 0 && !self.down.contains(&r.id))
-                    .filter(|r| self.serve_fleet || self.replica_model.contains_key(&r.id))
+                    .filter(|r| self.takes_work(r))
                     .filter(|r| self.replica_model.get(&r.id).copied().unwrap_or(SERVED_MODEL) == *m)
                     .count();
                 (n.clone(), up)
@@ -200,19 +199,14 @@ impl RouterState {
             .unwrap_or(0)
     }
 
-    /// Ids of the replicas that take work now.
-    pub fn in_service_ids(&self) -> Vec<i64> {
-        self.replicas
-            .values()
-            .filter(|r| r.slots > 0 && !self.down.contains(&r.id))
-            .filter(|r| self.serve_fleet || self.replica_model.contains_key(&r.id))
-            .map(|r| r.id)
-            .collect()
+    /// Whether a replica takes work now: it has sequences, is not held out, and has a backend here.
+    fn takes_work(&self, r: &ReplicaRow) -> bool {
+        r.slots > 0 && !self.down.contains(&r.id) && (self.serve_fleet || self.replica_model.contains_key(&r.id))
     }
 
-    /// Ids of every replica known.
-    pub fn replica_ids(&self) -> Vec<i64> {
-        self.replicas.keys().copied().collect()
+    /// Ids of the replicas that take work now.
+    pub fn in_service_ids(&self) -> Vec<i64> {
+        self.replicas.values().filter(|r| self.takes_work(r)).map(|r| r.id).collect()
     }
 
     /// A tenant known to storage (a known id keeps its router identity).
