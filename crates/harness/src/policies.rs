@@ -121,6 +121,23 @@ impl DispatchPolicy {
         &mut self.dispatcher
     }
 
+    /// The planning path's schedule ahead of `now`, `n` intervals of it at most: per site the
+    /// planned ASIC draw above idle (W) and whether a non-price constraint holds the site there.
+    /// Empty before the first plan (or when its horizon is over).
+    pub fn schedule_ahead(&self, now: SimTime, n: usize) -> Vec<(Vec<f64>, Vec<bool>)> {
+        let Some((at, s)) = &self.schedule else { return vec![] };
+        let k = ((now.0 - at.0).max(0) / self.planner.interval_ms) as usize;
+        s.site_asic_w
+            .iter()
+            .zip(&s.held)
+            .map(|(w, h)| {
+                let end = (k + n).min(w.len());
+                let start = k.min(end);
+                (w[start..end].to_vec(), h[start..end].to_vec())
+            })
+            .collect()
+    }
+
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.dispatcher
     }

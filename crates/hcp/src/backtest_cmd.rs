@@ -139,7 +139,7 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         Err(BacktestError::Setup(e)) => return Err(e.into()),
     };
     if a.json {
-        println!("{}", serde_json::to_string(&outcomes.iter().map(json).collect::<Vec<_>>())?);
+        println!("{}", serde_json::to_string(&outcomes.iter().map(hcp_server::dashboard::outcome_json).collect::<Vec<_>>())?);
     } else {
         print!("{}", table(&fleet.name, from, to, &outcomes));
     }
@@ -170,29 +170,6 @@ fn dispatch_config(a: &BacktestArgs) -> Result<DispatchConfig> {
 
 fn write_chart(path: &Path, title: &str, o: &Outcome) -> Result<()> {
     std::fs::write(path, crate::chart::svg(title, &o.chart)).with_context(|| format!("write chart {}", path.display()))
-}
-
-fn json(o: &Outcome) -> serde_json::Value {
-    serde_json::json!({
-        "policy": o.policy.name(),
-        "energy_mwh": o.energy_mwh,
-        "mining_revenue_usd": o.mining_revenue.as_usd_f64(),
-        "inference_revenue_usd": o.inference_revenue.as_usd_f64(),
-        "energy_cost_usd": o.energy_cost.as_usd_f64(),
-        "credits_usd": o.credits.as_usd_f64(),
-        "four_cp_usd": o.four_cp.as_usd_f64(),
-        "margin_usd": o.margin.as_usd_f64(),
-        "always_on_margin_usd": o.always_on_margin.as_usd_f64(),
-        "bound_margin_usd": o.bound_margin.as_usd_f64(),
-        "uplift_captured": o.uplift_captured,
-        "switches": o.switches,
-        "switches_per_device_day": o.switches_per_device_day,
-        "strike": o.strike.map(|s| serde_json::json!({
-            "strike_usd_per_mwh": s.strike_usd_per_mwh,
-            "curtail_after_intervals": s.curtail_after,
-            "resume_after_intervals": s.resume_after,
-        })),
-    })
 }
 
 fn table(fleet: &str, from: SimTime, to: SimTime, outcomes: &[Outcome]) -> String {

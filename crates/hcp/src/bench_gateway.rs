@@ -270,6 +270,7 @@ pub fn gateway(
         account_rate_per_s: 1e6,
         sim_backend_listen: Some("127.0.0.1:0".parse()?),
         backends: vec![],
+        backtest_fleets: vec![],
     };
     // The platform on a runtime of its own, the clients on another: a client task never waits in
     // the platform's run queue (both still share the machine's cores).

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use hcp_server::Config;
 
-use crate::cli::{GatewayArgs, SMALL_FLEET, load_fleet};
+use crate::cli::{GatewayArgs, REFERENCE_FLEET, SMALL_FLEET, load_fleet};
 
 /// Which parts of the platform a process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -114,6 +114,7 @@ fn serve_with(
         account_rate_per_s: account_rate()?,
         sim_backend_listen: (!gateway.no_sim_backend).then_some(gateway.sim_backend_listen),
         backends: gateway.backends,
+        backtest_fleets: vec![load_fleet(None, SMALL_FLEET)?, load_fleet(None, REFERENCE_FLEET)?],
     };
     let rt = runtime()?;
     rt.block_on(async move {

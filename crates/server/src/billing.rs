@@ -35,7 +35,7 @@ pub fn routes() -> Router<Arc<App>> {
 }
 
 /// The tenant a caller may read: its own (tenant key), or any (admin) when named.
-fn scope(p: &Principal, asked: Option<&str>) -> ApiResult<Option<String>> {
+pub(crate) fn scope(p: &Principal, asked: Option<&str>) -> ApiResult<Option<String>> {
     match p {
         Principal::Tenant { tenant, .. } => match asked {
             Some(a) if a != tenant => Err(ApiError::not_found(format!("tenant {a} not found"))),

@@ -48,6 +48,30 @@ pub struct Decided {
     pub switch_s: f64,
     /// Replicas whose capacity changed with this plan (all of them the first time).
     pub replicas: Vec<hcp_harness::capacity::ReplicaCapacity>,
+    /// The day ahead as the engine sees it at this decision.
+    pub ahead: Ahead,
+}
+
+/// Intervals of the plan ahead the engine announces (24 hours of 15-minute intervals).
+pub const AHEAD_INTERVALS: usize = 96;
+
+/// The day ahead at one decision: per site, the day-ahead prices and the planning path's
+/// schedule from the interval starting `at_ms` (announced on `hcp.ahead`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Ahead {
+    pub at_ms: i64,
+    pub interval_ms: i64,
+    pub sites: Vec<SiteAhead>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SiteAhead {
+    pub site: String,
+    pub day_ahead_usd_per_mwh: Vec<f64>,
+    /// Planned ASIC draw above idle (MW); empty before the first plan.
+    pub planned_asic_mw: Vec<f64>,
+    /// Whether a non-price constraint (4CP, ramp) holds the site below what price alone gives.
+    pub held: Vec<bool>,
 }
 
 /// Operator actions that reach the engine thread.
@@ -123,7 +147,29 @@ impl Controller for Recording {
             hcp_harness::capacity::replicas(&self.fleet, ctx.groups, &serving, &self.plane.manager().availability());
         let replicas = hcp_harness::capacity::changed(&self.replicas, &caps).into_iter().cloned().collect();
         self.replicas = caps;
+        let schedule = self.inner.schedule_ahead(ctx.now, AHEAD_INTERVALS);
+        let ahead = Ahead {
+            at_ms: ctx.now.0,
+            interval_ms: 15 * 60_000,
+            sites: self
+                .fleet
+                .sites
+                .iter()
+                .enumerate()
+                .map(|(i, site)| SiteAhead {
+                    site: site.id.clone(),
+                    day_ahead_usd_per_mwh: ctx
+                        .day_ahead
+                        .get(i)
+                        .map(|d| d.iter().take(AHEAD_INTERVALS).copied().collect())
+                        .unwrap_or_default(),
+                    planned_asic_mw: schedule.get(i).map(|s| s.0.iter().map(|w| w / 1e6).collect()).unwrap_or_default(),
+                    held: schedule.get(i).map(|s| s.1.clone()).unwrap_or_default(),
+                })
+                .collect(),
+        };
         let _ = self.decided.send(Decided {
+            ahead,
             plan: self.inner.last_plan.clone(),
             plane: self.plane.take_output(),
             counts: self.plane.manager().counts(),
@@ -485,6 +531,9 @@ async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
     for d in &iv.decided {
         record_plane(app, d).await?;
     }
+    if let Some(d) = iv.decided.last() {
+        app.bus.publish("hcp.ahead", &serde_json::to_vec(&d.ahead)?).await?;
+    }
     let mut decisions = vec![];
     if let Some(plan) = iv.decided.iter().rev().find_map(|d| d.plan.as_ref())
         && !plan.changes.is_empty()
@@ -542,6 +591,7 @@ async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
             "hashrate_ph_s": r.hashrate_ph_s,
             "gpus_serving": r.gpus_serving,
             "margin_usd": r.margin().0 as f64 / 1e6,
+            "interval_h": 0.25,
         });
         app.bus.publish(&format!("hcp.interval.{}", r.site), ev.to_string().as_bytes()).await?;
         let power = [

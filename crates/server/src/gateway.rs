@@ -190,7 +190,7 @@ pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<boo
 }
 
 async fn tenant_of(app: &App, headers: &HeaderMap) -> Result<(String, String, i64), OaiError> {
-    match crate::routes::authenticate(app, headers).await.map_err(OaiError::from)? {
+    match crate::routes::authenticate(app, headers, false).await.map_err(OaiError::from)? {
         Principal::Tenant { tenant, key, band, .. } => Ok((tenant, key, band)),
         Principal::Account { .. } => Err(OaiError::new(
             StatusCode::FORBIDDEN,

@@ -7,9 +7,12 @@
 
 pub mod auth;
 pub mod billing;
+pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod gateway;
+pub mod graphql;
+pub mod live;
 pub mod metering;
 pub mod openai;
 pub mod openapi;
@@ -17,6 +20,7 @@ pub mod reads;
 pub mod routes;
 pub mod routing;
 pub mod simbackend;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,6 +60,8 @@ pub struct Config {
     pub sim_backend_listen: Option<SocketAddr>,
     /// Real OpenAI-compatible servers the gateway may route to, besides the simulated fleet.
     pub backends: Vec<gateway::BackendConfig>,
+    /// Fleets a backtest from the API may run besides the platform's own.
+    pub backtest_fleets: Vec<Fleet>,
 }
 
 impl Config {
@@ -88,6 +94,13 @@ pub struct App {
     pub meter: metering::Meter,
     /// The simulated GPU backend, when this process runs it.
     pub sim: Option<Arc<simbackend::SimBackend>>,
+    /// The latest announced intervals, plan, day ahead and device counts (see `live`).
+    pub live: live::Live,
+    pub backtest_fleets: Vec<Fleet>,
+    /// One backtest at a time per process.
+    pub backtest_slot: tokio::sync::Semaphore,
+    /// The read-only GraphQL schema (see `graphql`).
+    pub graphql: graphql::HcpSchema,
 }
 
 /// The router's tenants and capacity from storage.
@@ -354,6 +367,10 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         meter: metering::Meter::start(store.clone()),
         sim: (cfg.api && cfg.sim_backend_listen.is_some())
             .then(|| Arc::new(simbackend::SimBackend::new(cfg.fleet.clone()))),
+        live: live::Live::default(),
+        backtest_fleets: cfg.backtest_fleets.clone(),
+        backtest_slot: tokio::sync::Semaphore::new(1),
+        graphql: graphql::schema(),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
@@ -368,6 +385,9 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         app.reads.set_live(true);
         app.router.lock().unwrap_or_else(|e| e.into_inner()).serve_fleet = app.sim.is_some();
         load_router(&app).await.context("load the router's tenants and capacity")?;
+        if let Some(p) = app.store.plans(&hcp_store::Page { after: None, limit: Some(1) }).await?.first() {
+            app.live.seed_plan(serde_json::from_str(&p.body).unwrap_or_default());
+        }
         {
             let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
             for (i, b) in cfg.backends.iter().enumerate() {
@@ -406,6 +426,9 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
                     m = sub.next() => match m {
                         Ok(m) => {
                             a.reads.note(&m.subject);
+                            if let Err(e) = a.live.note(&m.subject, &m.payload) {
+                                tracing::warn!(subject = %m.subject, error = %e, "notice not kept for the dashboard");
+                            }
                             if let Err(e) = routing_notice(&a, &m.subject, &m.payload) {
                                 tracing::warn!(subject = %m.subject, error = %e, "notice not applied to the router");
                             }

@@ -12,7 +12,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::App;
-use crate::{billing, routes};
+use crate::{billing, dashboard, graphql, routes};
 
 /// Every error: a stable code, a message, and the offending field where there is one.
 #[derive(Serialize, ToSchema)]
@@ -107,8 +107,10 @@ impl Modify for Bearer {
         routes::audit, routes::accounts, routes::create_account, routes::events,
         billing::usage, billing::price_plan, billing::put_price_plan, billing::invoice, billing::invoices, billing::pnl,
         billing::submit_job, billing::jobs, billing::job, billing::cancel_job,
+        dashboard::fleet, dashboard::economics, dashboard::alerts, dashboard::workloads, dashboard::usage_daily,
+        dashboard::backtest_fleets, dashboard::run_backtest, graphql::get_query, graphql::post_query,
     ),
-    components(schemas(billing::UsagePage, billing::JobBody, hcp_store::UsageRow, ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
+    components(schemas(dashboard::BacktestBody, hcp_store::UsageDay, billing::UsagePage, billing::JobBody, hcp_store::UsageRow, ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
     modifiers(&Bearer),
 )]
 pub struct ApiDoc;

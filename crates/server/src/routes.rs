@@ -55,10 +55,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/audit", get(audit))
         .route("/accounts", get(accounts).post(create_account))
         .route("/events", get(events))
-        .merge(crate::billing::routes());
+        .merge(crate::billing::routes())
+        .merge(crate::dashboard::routes());
     ops_router()
         .nest("/api/v1", api)
         .merge(crate::gateway::routes())
+        .merge(crate::ui::routes())
+        .merge(crate::graphql::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(observe))
@@ -99,19 +102,43 @@ impl FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
-        authenticate(app, &parts.headers).await.map(Auth)
+        authenticate(app, &parts.headers, parts.method.is_safe()).await.map(Auth)
     }
 }
 
-/// The bearer token's principal (verified, or remembered from a recent verification), admitted by
-/// its rate limit.
-pub(crate) async fn authenticate(app: &App, headers: &HeaderMap) -> ApiResult<Principal> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?
-        .trim();
+/// The session cookie the dashboard's login sets (HttpOnly, SameSite=Strict): it carries the
+/// token the user logged in with.
+pub const SESSION_COOKIE: &str = "hcp_session";
+/// The header a change authenticated by the session cookie must carry: a page of another site
+/// cannot set it (and SameSite=Strict keeps the cookie off its requests in the first place).
+pub const CSRF_HEADER: &str = "x-hcp-csrf";
+
+/// The caller's token: the `Authorization: Bearer` header's, else the session cookie's (true).
+pub(crate) fn token_of(headers: &HeaderMap) -> Option<(&str, bool)> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        return v.to_str().ok()?.strip_prefix("Bearer ").map(|t| (t.trim(), false));
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, value)| *name == SESSION_COOKIE && !value.is_empty())
+        .map(|(_, value)| (value, true))
+}
+
+/// The token's principal (verified, or remembered from a recent verification), admitted by its
+/// rate limit. `safe`: the request changes nothing (GET, HEAD), so it needs no CSRF header when
+/// the token came from the session cookie.
+pub(crate) async fn authenticate(app: &App, headers: &HeaderMap, safe: bool) -> ApiResult<Principal> {
+    let (token, cookie) = token_of(headers)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> (or a dashboard session)"))?;
+    if cookie && !safe && !headers.contains_key(CSRF_HEADER) {
+        return Err(ApiError::forbidden(format!(
+            "{CSRF_HEADER}: a change authenticated by the session cookie must carry this header"
+        )));
+    }
     let p = match app.gate.cached(token) {
         Some(p) => p,
         None => {

@@ -250,6 +250,56 @@ impl RouterState {
     }
 
     /// What the router holds now: capacity by site, queues and figures by band.
+    /// Per tenant (all, or one): weight, GPUs held, guarantee, entitlement, and per band the
+    /// requests dispatched, completed and preempted, tokens, mean queue time and time to first
+    /// token since this process started. The busiest `limit` tenants by GPUs held then tokens.
+    pub fn tenants_summary(&self, only: Option<&str>, limit: usize) -> Vec<serde_json::Value> {
+        let shares: HashMap<TenantId, hcp_sched::TenantShare> =
+            self.router.shares().into_iter().map(|s| (s.tenant, s)).collect();
+        let bands = self.router.metrics.bands.len();
+        let mut rows: Vec<(f64, u64, serde_json::Value)> = self
+            .tenants
+            .iter()
+            .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
+            .map(|(name, &t)| {
+                let mut tokens = 0u64;
+                let per_band: Vec<serde_json::Value> = (0..bands)
+                    .filter_map(|b| self.router.tenant_stats(t, b).map(|s| (b, s)))
+                    .map(|(b, s)| {
+                        tokens += s.input_tokens + s.output_tokens;
+                        let mean = |sum: f64, n: u64| if n == 0 { None } else { Some(sum / n as f64) };
+                        serde_json::json!({
+                            "band": b,
+                            "backlogged": self.router.band_backlog(t, b),
+                            "dispatched": s.dispatched,
+                            "completed": s.completed,
+                            "preempted": s.preempted,
+                            "input_tokens": s.input_tokens,
+                            "output_tokens": s.output_tokens,
+                            "queue_ms_mean": mean(s.queue_ms_sum, s.dispatched),
+                            "ttft_ms_mean": mean(s.ttft_ms_sum, s.first_tokens),
+                        })
+                    })
+                    .collect();
+                let sh = shares.get(&t);
+                let held = sh.map_or(0.0, |s| s.usage_gpus);
+                let v = serde_json::json!({
+                    "tenant": name,
+                    "weight": sh.map(|s| s.weight),
+                    "gpus_held": held,
+                    "guaranteed_gpus": sh.map(|s| s.guaranteed_gpus),
+                    "entitled_gpus": sh.map(|s| s.entitled_gpus),
+                    "borrowed_gpus": sh.map(|s| s.borrowed_gpus),
+                    "active": sh.is_some_and(|s| s.active),
+                    "bands": per_band,
+                });
+                (held, tokens, v)
+            })
+            .collect();
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+        rows.into_iter().take(limit).map(|r| r.2).collect()
+    }
+
     pub fn summary(&self) -> serde_json::Value {
         let mut sites: std::collections::BTreeMap<&str, (i64, i64, i64, i64)> = Default::default();
         for r in self.replicas.values() {

@@ -53,6 +53,7 @@ impl Platform {
             account_rate_per_s: 1_000.0,
             sim_backend_listen: sim.then(|| "127.0.0.1:0".parse().unwrap()),
             backends,
+            backtest_fleets: vec![],
         };
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
         assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");
@@ -131,6 +132,15 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("POST", "/api/v1/jobs", Some(json!({"gpus": 1, "duration_s": 0.01}))),
         ("GET", "/api/v1/jobs/job-x", None),
         ("DELETE", "/api/v1/jobs/job-x", None),
+        ("GET", "/api/v1/fleet", None),
+        ("GET", "/api/v1/economics", None),
+        ("GET", "/api/v1/alerts", None),
+        ("GET", "/api/v1/workloads", None),
+        ("GET", "/api/v1/usage/daily?tenant=demo", None),
+        ("GET", "/api/v1/backtests", None),
+        ("POST", "/api/v1/backtests", Some(json!({"from": "2025-06-01", "days": 1, "policies": ["always-on"]}))),
+        ("GET", "/graphql?query=%7Bme%7Btenant%7D%7D", None),
+        ("POST", "/graphql", Some(json!({"query": "{ me { tenant account } }"}))),
         ("DELETE", "/api/v1/keys/demo1", None),
         ("GET", "/api/v1/audit", None),
         ("GET", "/api/v1/accounts", None),
@@ -164,7 +174,8 @@ async fn roles_and_tenants_see_only_what_they_may() {
     let p = Platform::start("roles").await;
     let viewer = p.account("watcher", "viewer").await;
     let operator = p.account("ops", "operator").await;
-    let admin_only = ["/api/v1/audit", "/api/v1/accounts", "/api/v1/usage", "/api/v1/invoices/2026-11"];
+    let admin_only =
+        ["/api/v1/audit", "/api/v1/accounts", "/api/v1/usage", "/api/v1/invoices/2026-11", "/api/v1/usage/daily?tenant=demo"];
     for (m, path, body) in routes() {
         if path == "/api/v1/events" {
             continue;
@@ -176,7 +187,8 @@ async fn roles_and_tenants_see_only_what_they_may() {
             || path.contains("/price-plan")
             || path.contains("/invoices/")
             || path.starts_with("/api/v1/jobs");
-        let ok = m == "GET" && !admin_only.contains(&path) && !tenant_scoped;
+        // GraphQL reads need only a token: what a query may see is checked field by field.
+        let ok = (m == "GET" && !admin_only.contains(&path) && !tenant_scoped) || path == "/graphql";
         assert_eq!(allowed(s), ok, "viewer {m} {path}: {s} {b}");
         // A tenant key reaches only its own tenant; operator routes are forbidden to it.
         let (s, b) = p.call(m, path, Some(DEMO), body.clone()).await;
@@ -184,6 +196,9 @@ async fn roles_and_tenants_see_only_what_they_may() {
             || path == "/api/v1/me"
             || path == "/api/v1/keys/demo1"
             || path == "/api/v1/usage"
+            || path.starts_with("/api/v1/usage/daily")
+            || path == "/api/v1/workloads"
+            || path.starts_with("/graphql")
             || path.starts_with("/api/v1/jobs");
         assert_eq!(allowed(s), mine, "tenant {m} {path}: {s} {b}");
         if path == "/api/v1/keys/demo1" {

@@ -272,6 +272,20 @@ pub struct UsageSum {
     pub gpu_ms: i64,
 }
 
+/// A tenant's usage on one UTC day for one kind, tier and model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UsageDay {
+    /// Midnight UTC of the day (ms since the epoch).
+    pub day_ms: i64,
+    pub kind: String,
+    pub tier: i64,
+    pub model: String,
+    pub records: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub gpu_ms: i64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct UsageFilter<'a> {
     pub tenant: Option<&'a str>,
@@ -1281,6 +1295,35 @@ impl Store {
                 tier: r.get(1),
                 model: r.get(2),
                 spot: r.get::<i64, _>(3) != 0,
+                records: r.get(4),
+                input_tokens: sum_col(r, 5),
+                output_tokens: sum_col(r, 6),
+                gpu_ms: sum_col(r, 7),
+            })
+            .collect())
+    }
+
+    /// A tenant's usage in `[from_ms, to_ms)` by UTC day, kind, tier and model, oldest day first
+    /// (at most 10,000 rows).
+    pub async fn usage_daily(&self, tenant: &str, from_ms: i64, to_ms: i64) -> Result<Vec<UsageDay>> {
+        let rows = sqlx::query(
+            "SELECT (at_ms / 86400000) * 86400000 AS d, kind, tier, model, COUNT(*), \
+             CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(gpu_ms) AS BIGINT) \
+             FROM usage WHERE tenant_id = $1 AND at_ms >= $2 AND at_ms < $3 \
+             GROUP BY d, kind, tier, model ORDER BY d, kind, tier, model LIMIT 10000",
+        )
+        .bind(tenant)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageDay {
+                day_ms: r.get(0),
+                kind: r.get(1),
+                tier: r.get(2),
+                model: r.get(3),
                 records: r.get(4),
                 input_tokens: sum_col(r, 5),
                 output_tokens: sum_col(r, 6),

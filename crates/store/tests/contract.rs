@@ -326,6 +326,20 @@ async fn contract(s: &Store) {
         vec![("gpu", 2, true, 1, 0, 7_200_000), ("tokens", 0, false, 1, 1, 0), ("tokens", 1, false, 2, 15, 0)]
     );
     assert!(s.usage_sums("nobody", 0, 1_000).await.unwrap().is_empty());
+    // By UTC day: r4 (at 5,000 ms) is on day 0 too; a record on the next day is its own row.
+    s.put_usage(&[u("r6", 1, 7, 3, 86_400_000 + 5)]).await.unwrap();
+    let days = s.usage_daily("acme", 0, 2 * 86_400_000).await.unwrap();
+    let got: Vec<_> =
+        days.iter().map(|x| (x.day_ms, x.kind.as_str(), x.tier, x.records, x.input_tokens, x.output_tokens)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, "gpu", 2, 1, 0, 0),
+            (0, "tokens", 0, 1, 1, 1),
+            (0, "tokens", 1, 3, 16, 26),
+            (86_400_000, "tokens", 1, 1, 7, 3)
+        ]
+    );
     assert_eq!(s.usage_tenants(0, 10_000).await.unwrap(), vec!["acme".to_string()]);
 
     // Price plans in force by time.

@@ -1,0 +1,95 @@
+//! The operator dashboard and the customer portal: one page of HTML, one script and one style
+//! sheet, written by hand and compiled into the binary (`ui/`), served on the platform's port.
+//! The page reads the same REST API as any script, with the token the user logged in with kept
+//! in an HttpOnly session cookie (`POST /ui/login`); a change it makes carries the CSRF header.
+//! No build step, no Node at run time, nothing fetched from another origin (the Content Security
+//! Policy allows only this origin).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use crate::App;
+use crate::auth::Principal;
+use crate::error::ApiResult;
+use crate::routes::{Body, SESSION_COOKIE};
+
+const INDEX: &str = include_str!("../ui/index.html");
+const SCRIPT: &str = include_str!("../ui/app.js");
+const STYLE: &str = include_str!("../ui/app.css");
+
+/// How long a dashboard session lasts (the cookie's Max-Age).
+pub const SESSION_S: u64 = 12 * 3_600;
+
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route("/ui/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
+        .route("/ui/app.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        .route("/ui/login", post(login))
+        .route("/ui/logout", post(logout))
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LoginBody {
+    /// An operator account's token (`hcpa_...`) or a tenant API key (`hcpk_...`).
+    token: String,
+}
+
+/// Checks the token as any API call would, then keeps it in the session cookie.
+async fn login(State(app): State<Arc<App>>, Body(b): Body<LoginBody>) -> ApiResult<Response> {
+    let token = b.token.trim();
+    let mut h = HeaderMap::new();
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| crate::error::ApiError::invalid("token", "letters, digits and underscores only"))?;
+    h.insert(header::AUTHORIZATION, bearer);
+    let p = crate::routes::authenticate(&app, &h, true).await?;
+    let who = match &p {
+        Principal::Account { name, role } => serde_json::json!({ "account": name, "role": role.as_str() }),
+        Principal::Tenant { tenant, key, .. } => serde_json::json!({ "tenant": tenant, "key": key }),
+    };
+    let cookie = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_S}");
+    let cookie = HeaderValue::from_str(&cookie).map_err(crate::error::ApiError::internal)?;
+    Ok((StatusCode::OK, [(header::SET_COOKIE, cookie)], axum::Json(who)).into_response())
+}
+
+async fn logout() -> Response {
+    let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_page_loads_only_its_own_script_and_style() {
+        assert!(super::INDEX.contains(r#"src="/ui/app.js""#));
+        assert!(super::INDEX.contains(r#"href="/ui/app.css""#));
+        assert!(!super::INDEX.contains("<script>"), "no inline script: the CSP forbids it");
+        assert!(!super::INDEX.contains("http://") && !super::INDEX.contains("https://"), "nothing from elsewhere");
+    }
+}
