@@ -173,7 +173,8 @@ async fn the_dashboard_and_the_portal_work_in_a_real_browser() {
     }
     std::fs::create_dir_all(screenshots()).unwrap();
     let up = Up::start(
-        &["up", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        // Ten simulated intervals a second: decisions and live changes come quickly.
+        &["up", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--speed", "9000"],
         &[("HCP_ADMIN_TOKEN", ADMIN), ("HCP_DEMO_TENANT_KEY", DEMO)],
     );
     let base = up.base.clone();

@@ -877,3 +877,194 @@ async fn a_backend_that_fails_before_its_first_byte_is_skipped_and_the_request_r
     assert!(metrics.contains("hcp_gateway_backend_failures_total"), "the failure is counted");
     p.stop().await;
 }
+
+/// The dashboard's read models: the fleet now, economics, alerts, workloads, usage by day and
+/// backtests; the session login and its CSRF rule; the page and its assets.
+#[tokio::test]
+async fn the_dashboard_reads_backtests_and_session_login() {
+    let p = Platform::start("dash").await;
+    // The fleet now: per site, the split adds up to the cap; the totals are the sites' sums.
+    let mut fleet = Value::Null;
+    for _ in 0..300 {
+        let (s, f) = p.call("GET", "/api/v1/fleet", Some(ADMIN), None).await;
+        assert_eq!(s, StatusCode::OK, "{f}");
+        if f["sites"].as_array().unwrap().iter().all(|s| s["at_ms"].is_i64()) {
+            fleet = f;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sites = fleet["sites"].as_array().expect("every site reported an interval");
+    assert_eq!(sites.len(), 2);
+    let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    let mut cap = 0.0;
+    for s in sites {
+        let split = num(s, "mining_mw") + num(s, "inference_mw") + num(s, "curtailed_mw");
+        assert!((split - num(s, "cap_mw")).abs() < 1e-6 || split > num(s, "cap_mw"), "{s}");
+        assert!(num(s, "hashrate_ph_s") >= 0.0 && s["gpus_serving"].is_u64() && s["margin_usd_per_h"].is_f64());
+        cap += num(s, "cap_mw");
+    }
+    assert!((num(&fleet["totals"], "cap_mw") - cap).abs() < 1e-9);
+    // Economics: breakeven per model from the hashprice in force; the day ahead per site.
+    let mut e = Value::Null;
+    for _ in 0..300 {
+        let (_, x) = p.call("GET", "/api/v1/economics", Some(ADMIN), None).await;
+        if x["ahead"]["sites"].is_array() && x["hashprice_usd_per_ph_day"].is_f64() {
+            e = x;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hp = num(&e, "hashprice_usd_per_ph_day");
+    let models = e["breakeven"].as_array().unwrap();
+    assert!(!models.is_empty());
+    for m in models {
+        let want = hp / 1_000.0 / (num(m, "j_per_th") * 0.024) * 1_000.0;
+        assert!((num(m, "breakeven_usd_per_mwh") - want).abs() < 1e-9, "{m}");
+    }
+    for s in e["ahead"]["sites"].as_array().unwrap() {
+        let n = s["day_ahead_usd_per_mwh"].as_array().unwrap().len();
+        assert!(n > 0 && n <= 96, "{s}");
+    }
+    assert!(e["sites"].as_array().unwrap().iter().all(|s| s["rt_price_usd_per_mwh"].is_f64()));
+    let (s, a) = p.call("GET", "/api/v1/alerts", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK);
+    for x in a["items"].as_array().unwrap() {
+        assert!(["critical", "warning", "info"].contains(&x["severity"].as_str().unwrap()), "{x}");
+    }
+    // Workloads: an operator sees bands and tenants; a tenant only itself.
+    let (_, w) = p.call("GET", "/api/v1/workloads", Some(ADMIN), None).await;
+    assert_eq!(w["router"]["bands"].as_array().unwrap().len(), 3);
+    let (_, w) = p.call("GET", "/api/v1/workloads", Some(DEMO), None).await;
+    assert_eq!(w["tenants"].as_array().unwrap().len(), 1);
+    assert_eq!(w["tenants"][0]["tenant"], "demo");
+    assert!(w.get("router").is_none());
+    // Usage by day: a tenant's own; an operator names the tenant.
+    let (s, b) = p.call("GET", "/api/v1/usage/daily", Some(ADMIN), None).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("tenant")));
+    let (s, b) = p.call("GET", "/api/v1/usage/daily", Some(DEMO), None).await;
+    assert_eq!((s, b["tenant"].as_str()), (StatusCode::OK, Some("demo")), "{b}");
+    let (s, _) = p.call("GET", "/api/v1/usage/daily?tenant=other", Some(DEMO), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Backtests: bad input names the field; a day of two policies runs.
+    let operator = p.account("ops", "operator").await;
+    for (body, field) in [
+        (json!({"from": "2025-06-01", "days": 0}), "days"),
+        (json!({"from": "2025-06-01", "days": 8}), "days"),
+        (json!({"from": "junk", "days": 1}), "from"),
+        (json!({"from": "2025-06-01", "days": 1, "policies": ["nope"]}), "policies"),
+        (json!({"from": "2025-06-01", "days": 1, "policies": []}), "policies"),
+        (json!({"from": "2025-06-01", "days": 1, "fleet": "nope"}), "fleet"),
+        (json!({"from": "2025-06-01", "days": 1, "hashprice_usd_per_ph_day": -1.0}), "hashprice_usd_per_ph_day"),
+        (json!({"from": "2025-06-01", "days": 1, "extra": 1}), "body"),
+    ] {
+        let (s, b) = p.call("POST", "/api/v1/backtests", Some(&operator), Some(body.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {b}");
+        assert!(b["error"]["field"].as_str().unwrap().starts_with(field), "{body}: {b}");
+    }
+    let body = json!({"from": "2025-06-01", "days": 1, "policies": ["always-on", "optimizer"]});
+    let (s, b) = p.call("POST", "/api/v1/backtests", Some(&operator), Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let names: Vec<&str> = b["outcomes"].as_array().unwrap().iter().map(|o| o["policy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["always-on", "optimizer"]);
+    assert_eq!(b["chart"]["policy"], "optimizer");
+    assert_eq!(b["chart"]["points"].as_array().unwrap().len(), 96, "a day of 15-minute intervals");
+    let (_, list) = p.call("GET", "/api/v1/backtests", Some(&operator), None).await;
+    assert_eq!(list["fleets"][0]["name"], "small");
+
+    // The page: / leads to it; it and its assets come with a Content Security Policy.
+    let no_redirect = Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_redirect.get(format!("{}/", p.base)).send().await.unwrap();
+    assert_eq!((r.status().is_redirection(), r.headers()["location"].to_str().unwrap()), (true, "/ui/"));
+    for (path, kind) in [("/ui/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")] {
+        let r = p.http.get(format!("{}{path}", p.base)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with(kind));
+        assert!(r.headers()["content-security-policy"].to_str().unwrap().contains("default-src 'self'"));
+    }
+    // Session login: a wrong token sets no cookie; the right one does, and it authenticates.
+    let r = p.http.post(format!("{}/ui/login", p.base)).json(&json!({"token": "hcpa_admin_nopenopenopenopenope"})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = p.http.post(format!("{}/ui/login", p.base)).json(&json!({"token": operator})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let session = cookie.split(';').next().unwrap().to_string();
+    let r = p.http.get(format!("{}/api/v1/me", p.base)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["account"], "ops");
+    // A change by cookie needs the CSRF header; without it nothing changes.
+    let body = json!({"scope": "device", "id": "2", "on": true});
+    let r = p.http.post(format!("{}/api/v1/maintenance", p.base)).header("cookie", &session).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let (_, d) = p.call("GET", "/api/v1/devices/2", Some(ADMIN), None).await;
+    assert_eq!(d["maintenance"], false);
+    let r = p
+        .http
+        .post(format!("{}/api/v1/maintenance", p.base))
+        .header("cookie", &session)
+        .header("x-hcp-csrf", "1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, d) = p.call("GET", "/api/v1/devices/2", Some(ADMIN), None).await;
+    assert_eq!(d["maintenance"], true);
+    let r = p.http.post(format!("{}/ui/logout", p.base)).send().await.unwrap();
+    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    p.stop().await;
+}
+
+async fn graphql(p: &Platform, token: &str, query: &str) -> Value {
+    let (s, b) = p.call("POST", "/graphql", Some(token), Some(json!({ "query": query }))).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    b
+}
+
+/// GraphQL: the same auth and tenant isolation as REST, depth and complexity limits.
+#[tokio::test]
+async fn graphql_reads_with_the_rest_rules_and_limits() {
+    let p = Platform::start("graphql").await;
+    p.serving().await;
+    for i in 0..3 {
+        let r = p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &[("x-hcp-tag", "gql")]).await;
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+    }
+    let b = graphql(
+        &p,
+        ADMIN,
+        "{ me { account role } fleet { name sites { site capMw } } sites { id devices(limit: 3) { idx status telemetry { minuteMs } } } decisions(limit: 2) { kind reason } plans(limit: 1) { atMs summary } usage(tag: \"gql\") { tenantId outputTokens } }",
+    )
+    .await;
+    assert!(b.get("errors").is_none(), "{b}");
+    let d = &b["data"];
+    assert_eq!((d["me"]["account"].as_str(), d["me"]["role"].as_str()), (Some("admin"), Some("admin")));
+    assert_eq!(d["fleet"]["name"], "small");
+    assert_eq!(d["sites"].as_array().unwrap().len(), 2);
+    assert_eq!(d["sites"][0]["devices"].as_array().unwrap().len(), 3);
+    assert_eq!(d["usage"].as_array().unwrap().len(), 3);
+    assert!(d["usage"].as_array().unwrap().iter().all(|u| u["outputTokens"] == 4));
+    // A tenant key: fleet data is forbidden; its usage is its own, another tenant's is not found.
+    let b = graphql(&p, DEMO, "{ sites { id } }").await;
+    assert_eq!(b["errors"][0]["extensions"]["code"], "forbidden", "{b}");
+    assert!(b["data"].is_null());
+    let b = graphql(&p, DEMO, "{ usage(limit: 10) { tenantId } }").await;
+    let rows = b["data"]["usage"].as_array().unwrap();
+    assert!(!rows.is_empty() && rows.iter().all(|u| u["tenantId"] == "demo"), "{b}");
+    let b = graphql(&p, DEMO, "{ usage(tenant: \"other\") { id } }").await;
+    assert_eq!(b["errors"][0]["extensions"]["code"], "forbidden", "{b}");
+    // Limits: too deep, too costly, a limit out of range.
+    let b = graphql(&p, ADMIN, "{ __schema { types { fields { type { ofType { ofType { ofType { name } } } } } } } }").await;
+    assert!(b["errors"][0]["message"].as_str().unwrap().contains("nested too deep"), "{b}");
+    let b = graphql(&p, ADMIN, "{ devices(limit: 1000) { idx telemetry { minuteMs powerWAvg } } }").await;
+    assert!(b["errors"][0]["message"].as_str().unwrap().contains("too complex"), "{b}");
+    let b = graphql(&p, ADMIN, "{ devices(limit: 5000) { idx } }").await;
+    assert!(b["errors"][0]["message"].as_str().unwrap().contains("limit"), "{b}");
+    // GET works too; a body that is not GraphQL names the field.
+    let (s, b) = p.call("GET", "/graphql?query=%7Bme%7Brole%7D%7D", Some(ADMIN), None).await;
+    assert_eq!((s, b["data"]["me"]["role"].as_str()), (StatusCode::OK, Some("admin")));
+    let (s, b) = p.call("POST", "/graphql", Some(ADMIN), Some(json!({"nope": 1}))).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("body")));
+    p.stop().await;
+}

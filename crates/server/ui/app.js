@@ -139,7 +139,7 @@ function timeLabel(ms, span) {
 function chart(title, yLabel, series, opts = {}) {
   const W = 640;
   const H = opts.height || 220;
-  const m = { l: 56, r: 12, t: 10, b: 34 };
+  const m = { l: 56, r: 24, t: 10, b: 34 };
   const iw = W - m.l - m.r;
   const ih = H - m.t - m.b;
   const xs = series.flatMap((s) => s.points.map((p) => p[0]));
@@ -303,7 +303,7 @@ views.fleet = {
       const v = card.querySelectorAll('.kpi .v');
       v[0].textContent = fmt(s.price_usd_per_mwh, 1);
       v[1].textContent = fmt(s.hashrate_ph_s, 2);
-      v[2].textContent = s.gpus_serving === undefined || s.gpus_serving === null ? '—' : String(s.gpus_serving);
+      v[2].textContent = fmt(s.gpus_serving, 0);
       v[3].textContent = usd(s.margin_usd_per_h, 0);
       replace(card.querySelector('.split'), splitBar(s));
     }
@@ -745,6 +745,7 @@ views.keys = {
       return;
     }
     btn.disabled = true;
+    delete btn.dataset.armed;
     try {
       await api('/api/v1/keys/' + encodeURIComponent(id), { method: 'DELETE' });
       await this.refresh();
