@@ -139,7 +139,10 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         Err(BacktestError::Setup(e)) => return Err(e.into()),
     };
     if a.json {
-        println!("{}", serde_json::to_string(&outcomes.iter().map(hcp_server::dashboard::outcome_json).collect::<Vec<_>>())?);
+        println!(
+            "{}",
+            serde_json::to_string(&outcomes.iter().map(hcp_server::dashboard::outcome_json).collect::<Vec<_>>())?
+        );
     } else {
         print!("{}", table(&fleet.name, from, to, &outcomes));
     }

@@ -86,6 +86,7 @@ async fn browser(port: u16, profile: &Path, downloads: &Path) -> Client {
             },
         }),
     );
+    caps.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
     ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
         .connect(&format!("http://127.0.0.1:{port}"))
@@ -123,8 +124,21 @@ async fn wait_count(c: &Client, css: &str, at_least: usize) {
     }
 }
 
+/// Clicks the first element matching `css`, finding it again when a live refresh replaced it
+/// between the finding and the click.
 async fn click(c: &Client, css: &str) {
-    c.wait().at_most(WAIT).for_element(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).click().await.unwrap();
+    let started = Instant::now();
+    loop {
+        let found =
+            c.wait().at_most(WAIT).for_element(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
+        match found.click().await {
+            Ok(()) => return,
+            Err(e) => {
+                assert!(started.elapsed() < WAIT, "{css}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 async fn nav(c: &Client, view: &str) {
@@ -140,11 +154,37 @@ async fn shot(c: &Client, name: &str) {
     std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
 }
 
+/// ChromeDriver's browser log since the last read (`goog:loggingPrefs` asks for all of it): what
+/// the DevTools console shows, including failed loads.
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(&self, base: &url::Url, session: Option<&str>) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
+    }
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.into()))
+    }
+}
+
+/// The console's errors since the last read.
+async fn console_errors(c: &Client) -> Vec<String> {
+    let v = c.issue_cmd(BrowserLog).await.expect("the browser log");
+    v.as_array()
+        .expect("log entries")
+        .iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// What the page recorded as errors (uncaught errors, rejected promises, console.error, CSP
 /// violations): none.
 async fn no_errors(c: &Client) {
     let v = c.execute("return window.hcpErrors || ['the script did not load'];", vec![]).await.unwrap();
     assert_eq!(v, json!([]), "errors in the page");
+    assert_eq!(console_errors(c).await, Vec::<String>::new(), "errors in the console");
 }
 
 async fn login(c: &Client, token: &str) {
@@ -178,6 +218,21 @@ async fn the_dashboard_and_the_portal_work_in_a_real_browser() {
         &[("HCP_ADMIN_TOKEN", ADMIN), ("HCP_DEMO_TENANT_KEY", DEMO)],
     );
     let base = up.base.clone();
+    // Some traffic from the demo tenant (the workloads view and the portal show it).
+    for i in 0..5 {
+        let body = json!({"model": "llama-3-8b", "messages": [{"role": "user", "content": format!("hello {i}")}], "max_tokens": 16});
+        let started = Instant::now();
+        loop {
+            let (s, b) =
+                rest(reqwest::Method::POST, &format!("{base}/v1/chat/completions"), DEMO, Some(body.clone())).await;
+            if s == 200 {
+                break;
+            }
+            // Until the engine's first plan gives the router capacity, there is none.
+            assert!(started.elapsed() < WAIT && s == 503, "{s} {b}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let d = driver();
     let c = browser(d.1, &profile, &downloads).await;
 
@@ -186,6 +241,10 @@ async fn the_dashboard_and_the_portal_work_in_a_real_browser() {
     login(&c, "hcpa_admin_wrongwrongwrongwrongwrong").await;
     wait_text(&c, "#login-error", |t| t.contains("not accepted")).await;
     shot(&c, "login").await;
+    // The refused login is the console's only error so far: Chromium logs the 401 it got (which
+    // also shows that the console is read).
+    let refused = console_errors(&c).await;
+    assert!(refused.len() == 1 && refused[0].contains("/ui/login") && refused[0].contains("401"), "{refused:?}");
     login(&c, ADMIN).await;
     wait_text(&c, "#whoami", |t| t.contains("admin")).await;
 
@@ -248,14 +307,9 @@ async fn the_dashboard_and_the_portal_work_in_a_real_browser() {
     shot(&c, "backtest").await;
     no_errors(&c).await;
 
-    // Log out; some traffic from the demo tenant; log in with its key: the portal.
+    // Log out; log in with the demo tenant's key: the portal.
     click(&c, "#logout").await;
     wait_text(&c, "#login-error", |t| t.contains("Logged out")).await;
-    for i in 0..5 {
-        let body = json!({"model": "llama-3-8b", "messages": [{"role": "user", "content": format!("hello {i}")}], "max_tokens": 16});
-        let (s, b) = rest(reqwest::Method::POST, &format!("{base}/v1/chat/completions"), DEMO, Some(body)).await;
-        assert_eq!(s, 200, "{b}");
-    }
     login(&c, DEMO).await;
     wait_text(&c, "#whoami", |t| t.contains("tenant demo")).await;
     wait_text(&c, "#use-requests", |t| t.replace(',', "").parse::<u64>().is_ok_and(|n| n >= 5)).await;
@@ -286,10 +340,23 @@ async fn the_dashboard_and_the_portal_work_in_a_real_browser() {
     click(&c, "#inv-list tbody tr").await;
     wait_count(&c, "#inv-detail tbody tr", 1).await;
     shot(&c, "portal-invoices").await;
-    let link = c.find(Locator::Css("#inv-list tbody tr a.download")).await.unwrap();
-    let name = link.attr("download").await.unwrap().expect("a file name");
-    let href = link.attr("href").await.unwrap().expect("a link");
-    link.click().await.unwrap();
+    // The list redraws every two seconds: read the link and click it in one go, again if it was
+    // replaced meanwhile.
+    let started = Instant::now();
+    let (name, href) = loop {
+        let link = c.find(Locator::Css("#inv-list tbody tr a.download")).await.unwrap();
+        let got = async {
+            let name = link.attr("download").await?.expect("a file name");
+            let href = link.attr("href").await?.expect("a link");
+            link.click().await?;
+            Ok::<_, fantoccini::error::CmdError>((name, href))
+        }
+        .await;
+        match got {
+            Ok(x) => break x,
+            Err(e) => assert!(started.elapsed() < WAIT, "the download link: {e}"),
+        }
+    };
     let file = downloads.join(&name);
     let started = Instant::now();
     while !file.is_file() {

@@ -345,7 +345,9 @@ pub(crate) async fn run_backtest(
     let policies: Vec<PolicyKind> = match &b.policies {
         None => PolicyKind::ALL.to_vec(),
         Some(v) if v.is_empty() || v.len() > 4 => return Err(ApiError::invalid("policies", "one to four policies")),
-        Some(v) => v.iter().map(|s| s.parse()).collect::<Result<_, String>>().map_err(|e| ApiError::invalid("policies", e))?,
+        Some(v) => {
+            v.iter().map(|s| s.parse()).collect::<Result<_, String>>().map_err(|e| ApiError::invalid("policies", e))?
+        }
     };
     if let Some(h) = b.hashprice_usd_per_ph_day
         && !(h.is_finite() && h > 0.0 && h < 10_000.0)
@@ -431,9 +433,7 @@ pub(crate) async fn backtest_fleets(State(app): AppState, Auth(p): Auth) -> ApiR
     p.require(Role::Viewer)?;
     let items: Vec<Value> = std::iter::once(&app.fleet)
         .chain(app.backtest_fleets.iter().filter(|f| f.name != app.fleet.name))
-        .map(|f| {
-            json!({ "name": f.name, "sites": f.sites.len(), "devices": f.devices.len() })
-        })
+        .map(|f| json!({ "name": f.name, "sites": f.sites.len(), "devices": f.devices.len() }))
         .collect();
     Ok(Json(json!({
         "fleets": items,

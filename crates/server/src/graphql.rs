@@ -78,7 +78,9 @@ async fn run(app: Arc<App>, p: Principal, b: GqlBody) -> Response {
 pub(crate) async fn post_query(State(app): State<Arc<App>>, Auth(p): Auth, body: axum::body::Bytes) -> Response {
     match serde_json::from_slice::<GqlBody>(&body) {
         Ok(b) => run(app, p, b).await,
-        Err(e) => ApiError::invalid("body", format!("a JSON object {{query, variables, operationName}}: {e}")).into_response(),
+        Err(e) => {
+            ApiError::invalid("body", format!("a JSON object {{query, variables, operationName}}: {e}")).into_response()
+        }
     }
 }
 
@@ -163,6 +165,7 @@ impl Query {
 
     /// Devices in index order, filtered; page with `after` (the last `idx` seen).
     #[graphql(complexity = "list_cost(child_complexity, limit)")]
+    #[allow(clippy::too_many_arguments)]
     async fn devices(
         &self,
         ctx: &Context<'_>,
@@ -175,7 +178,11 @@ impl Query {
     ) -> async_graphql::Result<Vec<Device>> {
         require(ctx, Role::Viewer)?;
         let f = DeviceFilter { site: site.as_deref(), model: model.as_deref(), maintenance, status: status.as_deref() };
-        let rows = app(ctx)?.store.devices(&f, &Page { after, limit: Some(checked_limit(limit)?) }).await.map_err(store_err)?;
+        let rows = app(ctx)?
+            .store
+            .devices(&f, &Page { after, limit: Some(checked_limit(limit)?) })
+            .await
+            .map_err(store_err)?;
         Ok(rows.into_iter().map(Device::from).collect())
     }
 
@@ -193,7 +200,8 @@ impl Query {
         limit: Option<i32>,
     ) -> async_graphql::Result<Vec<Plan>> {
         require(ctx, Role::Viewer)?;
-        let rows = app(ctx)?.store.plans(&Page { after, limit: Some(checked_limit(limit)?) }).await.map_err(store_err)?;
+        let rows =
+            app(ctx)?.store.plans(&Page { after, limit: Some(checked_limit(limit)?) }).await.map_err(store_err)?;
         Ok(rows
             .into_iter()
             .map(|r| Plan {
@@ -246,7 +254,8 @@ impl Query {
         let p = ctx.data::<Principal>()?;
         let tenant = crate::billing::scope(p, tenant.as_deref()).map_err(|e| err("forbidden", e.message))?;
         let f = UsageFilter { tenant: tenant.as_deref(), tag: tag.as_deref(), site: None, from_ms, to_ms };
-        let rows = app(ctx)?.store.usage(&f, &Page { after, limit: Some(checked_limit(limit)?) }).await.map_err(store_err)?;
+        let rows =
+            app(ctx)?.store.usage(&f, &Page { after, limit: Some(checked_limit(limit)?) }).await.map_err(store_err)?;
         Ok(rows
             .into_iter()
             .map(|u| Usage {
@@ -296,7 +305,8 @@ pub struct SiteNow {
     curtailed_mw: Option<f64>,
     held_for_grid_mw: Option<f64>,
     hashrate_ph_s: Option<f64>,
-    gpus_serving: Option<i64>,
+    /// GPUs serving inference (a mean over the interval, so it may be fractional).
+    gpus_serving: Option<f64>,
     margin_usd_per_h: Option<f64>,
     price_usd_per_mwh: Option<f64>,
 }
@@ -313,7 +323,7 @@ impl SiteNow {
             curtailed_mw: f("curtailed_mw"),
             held_for_grid_mw: f("held_for_grid_mw"),
             hashrate_ph_s: f("hashrate_ph_s"),
-            gpus_serving: v.get("gpus_serving").and_then(serde_json::Value::as_i64),
+            gpus_serving: f("gpus_serving"),
             margin_usd_per_h: f("margin_usd_per_h"),
             price_usd_per_mwh: f("price_usd_per_mwh"),
         }
@@ -365,7 +375,11 @@ impl Site {
         limit: Option<i32>,
     ) -> async_graphql::Result<Vec<Device>> {
         let f = DeviceFilter { site: Some(&self.id), status: status.as_deref(), ..Default::default() };
-        let rows = app(ctx)?.store.devices(&f, &Page { after, limit: Some(checked_limit(limit)?) }).await.map_err(store_err)?;
+        let rows = app(ctx)?
+            .store
+            .devices(&f, &Page { after, limit: Some(checked_limit(limit)?) })
+            .await
+            .map_err(store_err)?;
         Ok(rows.into_iter().map(Device::from).collect())
     }
 }
@@ -393,6 +407,8 @@ pub struct Device {
     status: String,
     status_reason: Option<String>,
     status_ms: Option<i64>,
+    /// The latest minute of telemetry stored.
+    last_telemetry_ms: Option<i64>,
 }
 
 impl From<hcp_store::DeviceRow> for Device {
@@ -408,6 +424,7 @@ impl From<hcp_store::DeviceRow> for Device {
             status: d.status,
             status_reason: d.status_reason,
             status_ms: d.status_ms,
+            last_telemetry_ms: d.last_telemetry_ms,
         }
     }
 }

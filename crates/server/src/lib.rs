@@ -276,6 +276,7 @@ pub fn topology(f: &Fleet) -> (Vec<SiteRow>, Vec<DeviceRow>) {
             status: "unknown".into(),
             status_reason: None,
             status_ms: None,
+            last_telemetry_ms: None,
         })
         .collect();
     (sites, devices)

@@ -305,12 +305,7 @@ pub(crate) async fn metrics_text(State(app): AppState) -> impl IntoResponse {
 
 #[utoipa::path(get, path = "/api/v1/me", tag = "auth", security(("bearer" = [])), responses((status = 200, description = "The caller"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn me(Auth(p): Auth) -> impl IntoResponse {
-    match p {
-        Principal::Account { name, role } => Json(serde_json::json!({ "account": name, "role": role.as_str() })),
-        Principal::Tenant { tenant, key, band, rate_per_s } => {
-            Json(serde_json::json!({ "tenant": tenant, "key": key, "default_band": band, "rate_per_s": rate_per_s }))
-        }
-    }
+    Json(crate::ui::who(&p))
 }
 
 #[utoipa::path(get, path = "/api/v1/sites", tag = "fleet", security(("bearer" = [])), responses((status = 200, body = crate::openapi::SitesPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]

@@ -38,6 +38,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/ui/app.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
         .route("/ui/login", post(login))
         .route("/ui/logout", post(logout))
+        .route("/ui/session", get(session))
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
@@ -69,13 +70,35 @@ async fn login(State(app): State<Arc<App>>, Body(b): Body<LoginBody>) -> ApiResu
         .map_err(|_| crate::error::ApiError::invalid("token", "letters, digits and underscores only"))?;
     h.insert(header::AUTHORIZATION, bearer);
     let p = crate::routes::authenticate(&app, &h, true).await?;
-    let who = match &p {
-        Principal::Account { name, role } => serde_json::json!({ "account": name, "role": role.as_str() }),
-        Principal::Tenant { tenant, key, .. } => serde_json::json!({ "tenant": tenant, "key": key }),
-    };
     let cookie = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_S}");
     let cookie = HeaderValue::from_str(&cookie).map_err(crate::error::ApiError::internal)?;
-    Ok((StatusCode::OK, [(header::SET_COOKIE, cookie)], axum::Json(who)).into_response())
+    Ok((StatusCode::OK, [(header::SET_COOKIE, cookie)], axum::Json(who(&p))).into_response())
+}
+
+/// Who the session cookie (or bearer token) is, or `logged_in: false`: the page asks this at
+/// start, so that not being logged in is an answer rather than an error.
+async fn session(State(app): State<Arc<App>>, headers: HeaderMap) -> axum::Json<serde_json::Value> {
+    if crate::routes::token_of(&headers).is_none() {
+        return axum::Json(serde_json::json!({ "logged_in": false }));
+    }
+    axum::Json(match crate::routes::authenticate(&app, &headers, true).await {
+        Ok(p) => {
+            let mut v = who(&p);
+            v["logged_in"] = true.into();
+            v
+        }
+        Err(e) => serde_json::json!({ "logged_in": false, "reason": e.message }),
+    })
+}
+
+/// What the page shows of the principal (as `GET /api/v1/me`).
+pub(crate) fn who(p: &Principal) -> serde_json::Value {
+    match p {
+        Principal::Account { name, role } => serde_json::json!({ "account": name, "role": role.as_str() }),
+        Principal::Tenant { tenant, key, band, rate_per_s } => {
+            serde_json::json!({ "tenant": tenant, "key": key, "default_band": band, "rate_per_s": rate_per_s })
+        }
+    }
 }
 
 async fn logout() -> Response {

@@ -86,6 +86,12 @@ function usd(n, digits = 0) {
   const s = fmt(Math.abs(n), digits);
   return (n < 0 ? '−$' : '$') + s;
 }
+// Money from micro-USD: cents for a dollar or more, to the micro-dollar below (an invoice of a few
+// thousand tokens is worth less than a cent).
+function money(micro) {
+  if (micro === null || micro === undefined) return '—';
+  return usd(micro / 1e6, Math.abs(micro) >= 1e6 || micro === 0 ? 2 : 6);
+}
 function pad(n) {
   return String(n).padStart(2, '0');
 }
@@ -494,10 +500,10 @@ views.devices = {
     this.next = d.next_after;
     $('#dev-next').disabled = !this.next;
     $('#dev-prev').disabled = !this.stack.length && this.after === null;
-    replace($('#dev-list'), table([{ label: 'device', n: 1 }, 'site', 'feeder', { label: 'rack', n: 1 }, 'model', 'kind', 'status', 'reason', 'maintenance'],
+    replace($('#dev-list'), table([{ label: 'device', n: 1 }, 'site', 'feeder', { label: 'rack', n: 1 }, 'model', 'kind', 'status', 'reason', 'maintenance', 'last telemetry'],
       d.items.map((x) => ({
         id: x.idx,
-        cells: [x.idx, x.site_id, x.feeder_id, x.rack_idx, x.model, x.kind, h('span', { class: 'st-' + x.status }, x.status || '—'), x.status_reason, x.maintenance ? 'yes' : 'no'],
+        cells: [x.idx, x.site_id, x.feeder_id, x.rack_idx, x.model, x.kind, h('span', { class: 'st-' + x.status }, x.status || '—'), x.status_reason, x.maintenance ? 'yes' : 'no', x.last_telemetry_ms ? fmtTime(x.last_telemetry_ms) : 'none yet'],
         onclick: () => { location.hash = '#/devices/' + x.idx; },
       })), { label: 'devices' }));
   },
@@ -696,7 +702,7 @@ views.invoices = {
     replace($('#inv-list'), table(['period', 'status', { label: 'requests', n: 1 }, { label: 'total', n: 1 }, 'download'],
       list.map(([m, inv]) => ({
         id: m,
-        cells: [m, inv.status, inv.requests.toLocaleString('en-US'), usd(inv.total_micro_usd / 1e6, 2),
+        cells: [m, inv.status, inv.requests.toLocaleString('en-US'), money(inv.total_micro_usd),
           h('a', { href: `/api/v1/tenants/${encodeURIComponent(t)}/invoices/${m}?format=csv`, download: `invoice-${t}-${m}.csv`, class: 'download', onclick: (e) => e.stopPropagation() }, 'CSV')],
         onclick: () => this.show(m, inv),
       })), { label: 'invoices' }));
@@ -711,9 +717,9 @@ views.invoices = {
     box.hidden = false;
     replace(box, h('div', {}, h('h2', {}, `Invoice ${m} (${inv.status})`),
       table(['line', { label: 'quantity', n: 1 }, 'unit', { label: 'unit price', n: 1 }, { label: 'discount', n: 1 }, { label: 'amount', n: 1 }],
-        inv.lines.map((l) => ({ cells: [l.description, l.quantity.toLocaleString('en-US'), l.unit, usd(l.unit_price_micro_usd / 1e6, 4), l.discount_pct + ' %', usd(l.amount_micro_usd / 1e6, 2)] })),
+        inv.lines.map((l) => ({ cells: [l.description, l.quantity.toLocaleString('en-US'), l.unit.replace('1000000 ', '1M '), money(l.unit_price_micro_usd), l.discount_pct + ' %', money(l.amount_micro_usd)] })),
         { label: 'invoice lines' }),
-      h('p', {}, h('strong', {}, 'Total ' + usd(inv.total_micro_usd / 1e6, 2)))));
+      h('p', {}, h('strong', {}, 'Total ' + money(inv.total_micro_usd)))));
   },
 };
 
@@ -851,9 +857,13 @@ function route() {
 async function start() {
   let me;
   try {
-    me = await api('/api/v1/me', { quiet: true });
+    me = await api('/ui/session', { quiet: true });
   } catch (err) {
-    showLogin(err.status === 401 ? '' : 'The platform did not answer: ' + err.message);
+    showLogin('The platform did not answer: ' + err.message);
+    return;
+  }
+  if (!me.logged_in) {
+    showLogin('');
     return;
   }
   state.me = me;

@@ -104,6 +104,10 @@ pub struct DeviceRow {
     pub status_reason: Option<String>,
     #[serde(default)]
     pub status_ms: Option<i64>,
+    /// The latest minute of telemetry stored for the device (read, never written by
+    /// `sync_topology`; left out of the JSON when none, so topology fingerprints stay the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_telemetry_ms: Option<i64>,
 }
 
 /// A device's status change.
@@ -510,7 +514,8 @@ impl Store {
         // bound LIMIT, so rebinding it made SQLite prepare the statement again on every call
         // (13 % of the CPU of a device list under load).
         let mut sql = String::from(
-            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance, status, status_reason, status_ms \
+            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance, status, status_reason, status_ms, \
+             (SELECT MAX(m.minute_ms) FROM telemetry_device_minute m WHERE m.device_idx = devices.idx) \
              FROM devices WHERE idx > $1",
         );
         let mut n = 1;
@@ -544,7 +549,8 @@ impl Store {
 
     pub async fn device(&self, idx: i64) -> Result<DeviceRow> {
         let r = sqlx::query(
-            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance, status, status_reason, status_ms \
+            "SELECT idx, site_id, feeder_id, rack_idx, model, kind, maintenance, status, status_reason, status_ms, \
+             (SELECT MAX(m.minute_ms) FROM telemetry_device_minute m WHERE m.device_idx = devices.idx) \
              FROM devices WHERE idx = $1",
         )
         .bind(idx)
@@ -1564,6 +1570,7 @@ fn device_row(r: &AnyRow) -> DeviceRow {
         status: r.get(7),
         status_reason: r.get(8),
         status_ms: r.get(9),
+        last_telemetry_ms: r.get(10),
     }
 }
 

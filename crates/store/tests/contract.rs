@@ -70,6 +70,7 @@ async fn contract(s: &Store) {
             status: "unknown".into(),
             status_reason: None,
             status_ms: None,
+            last_telemetry_ms: None,
         })
         .collect();
     assert!(s.sync_topology("f1", &sites, &devices).await.unwrap());
@@ -254,6 +255,8 @@ async fn contract(s: &Store) {
     s.put_device_minutes(&mins).await.unwrap();
     s.put_device_minutes(&mins[..1]).await.unwrap();
     assert_eq!(s.device_minutes(3, 0, 1 << 40).await.unwrap(), mins);
+    assert_eq!(s.device(3).await.unwrap().last_telemetry_ms, Some(4 * 60_000), "the latest minute stored");
+    assert_eq!(s.device(4).await.unwrap().last_telemetry_ms, None);
     let secs: Vec<SiteSecondRow> = (0..5)
         .map(|i| SiteSecondRow { site_id: "a".into(), at_ms: i * 1_000, power_w: 9e5, mining_w: 7e5, inference_w: 2e5 })
         .collect();

@@ -7,7 +7,7 @@ use std::process::Command;
 pub struct Up {
     pub child: std::process::Child,
     pub base: String,
-    lines: std::sync::mpsc::Receiver<String>,
+    pub lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Up {
@@ -51,7 +51,6 @@ impl Up {
         self.child.wait().unwrap()
     }
 }
-
 
 impl Drop for Up {
     /// A test that fails midway leaves no platform running.
