@@ -301,6 +301,9 @@ struct Replica {
     spec: ReplicaSpec,
     mix: u32,
     live: bool,
+    /// Takes no new work; what runs here goes on (a backend that failed a request, held out of
+    /// placement until its health check passes).
+    cordoned: bool,
     used_slots: u32,
     kv_used: u64,
     /// Items running here (one entry per item, whatever its slots) and, in step, their metadata.
@@ -575,7 +578,7 @@ impl Router {
         if let Some(k) = rep.key.take() {
             m.free.remove(&k);
         }
-        if rep.live && rep.used_slots < rep.spec.slots && rep.kv_used < rep.spec.kv_tokens {
+        if rep.live && !rep.cordoned && rep.used_slots < rep.spec.slots && rep.kv_used < rep.spec.kv_tokens {
             let k = (rep.score(), rep.spec.id.0, rix);
             m.free.insert(k);
             rep.key = Some(k);
@@ -641,6 +644,7 @@ impl Router {
                         spec,
                         mix,
                         live: true,
+                        cordoned: false,
                         used_slots: 0,
                         kv_used: 0,
                         run_ix: Vec::new(),
@@ -685,6 +689,31 @@ impl Router {
             self.refresh_capacity(m);
             self.pump(m, now, out);
         }
+    }
+
+    /// Holds a replica out of new placements (`on`), or returns it. Unlike a resize to zero, the
+    /// work running on it is not preempted: a backend that failed one request before its first
+    /// byte may still be serving others. Returning it serves its model's queue. False when the
+    /// replica is unknown or already so.
+    pub fn cordon(&mut self, id: ReplicaId, on: bool, now_ms: i64, out: &mut Vec<Decision>) -> bool {
+        let now = self.advance(now_ms);
+        let Some(&rix) = self.rep_ix.get(&id) else { return false };
+        let rep = &mut self.reps[rix as usize];
+        if rep.cordoned == on {
+            return false;
+        }
+        rep.cordoned = on;
+        let mix = rep.mix;
+        self.reindex(rix);
+        if !on {
+            self.pump(mix, now, out);
+        }
+        true
+    }
+
+    /// Whether a replica is held out of new placements.
+    pub fn is_cordoned(&self, id: ReplicaId) -> bool {
+        self.rep_ix.get(&id).is_some_and(|&x| self.reps[x as usize].cordoned)
     }
 
     /// Removes a replica (node loss, curtailment): its work is preempted back to the queue.
@@ -1409,7 +1438,8 @@ impl Router {
         let mut best: Option<((bool, i64, ReqId), u32)> = None;
         for &r in &self.models[mix as usize].replicas {
             let rep = &self.reps[r as usize];
-            if rep.spec.slots == 0 || t.usage_gpus + rep.gpu_per_slot() > t.spec.guaranteed_gpus + 1e-9 {
+            if rep.spec.slots == 0 || rep.cordoned || t.usage_gpus + rep.gpu_per_slot() > t.spec.guaranteed_gpus + 1e-9
+            {
                 continue;
             }
             for (&ix, meta) in rep.run_ix.iter().zip(&rep.run_meta) {

@@ -444,3 +444,49 @@ fn cancelled_work_leaves_its_queue_or_frees_its_slot() {
     assert_eq!(r.is_running(3), Some(true));
     r.check().unwrap();
 }
+
+#[test]
+fn a_cordoned_replica_keeps_its_work_takes_no_new_work_and_is_not_reclaimed_from() {
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    tenant(&mut r, 2, 1.0, 2.0, 0.0);
+    let mut out = vec![];
+    replica(&mut r, 1, 2, &mut out);
+    replica(&mut r, 2, 2, &mut out);
+    r.arrive(work(1, 1, 1), 0, &mut out);
+    r.arrive(work(2, 1, 1), 0, &mut out);
+    assert_eq!(dispatched(&out), vec![1, 2]);
+    let on_first = r.running_on(ReplicaId(1));
+    out.clear();
+    assert!(r.cordon(ReplicaId(1), true, 1, &mut out));
+    assert!(!r.cordon(ReplicaId(1), true, 1, &mut out), "already cordoned");
+    assert!(out.is_empty(), "nothing running is preempted: {out:?}");
+    assert_eq!(r.running_on(ReplicaId(1)), on_first);
+    assert!(r.is_cordoned(ReplicaId(1)));
+    // New work goes only to replica 2; when it is full, work queues rather than using replica 1.
+    for id in 3..=5 {
+        r.arrive(work(id, 1, 1), 2, &mut out);
+    }
+    let placed: Vec<ReplicaId> = out
+        .iter()
+        .filter_map(|d| if let Decision::Dispatch { replicas, .. } = d { Some(replicas[0]) } else { None })
+        .collect();
+    assert_eq!(placed, vec![ReplicaId(2)], "{out:?}");
+    assert!(out.contains(&Decision::Queue { id: 4 }) && out.contains(&Decision::Queue { id: 5 }), "{out:?}");
+    // A tenant within its guarantee reclaims from borrowers, but not on the cordoned replica.
+    out.clear();
+    r.arrive(work(6, 2, 1), 3, &mut out);
+    assert!(out.iter().any(|d| matches!(d, Decision::Preempt { .. })), "a reclaim on replica 2: {out:?}");
+    for d in &out {
+        if let Decision::Preempt { id, .. } = d {
+            assert!(!on_first.contains(id), "work on the cordoned replica was reclaimed: {out:?}");
+        }
+    }
+    // Returned: the queue is served on it again.
+    out.clear();
+    r.complete(1, 10, 4, &mut out);
+    assert!(dispatched(&out).is_empty(), "its slot stays empty while cordoned: {out:?}");
+    assert!(r.cordon(ReplicaId(1), false, 5, &mut out));
+    assert!(!dispatched(&out).is_empty(), "returning it serves the queue: {out:?}");
+    r.check().unwrap();
+}

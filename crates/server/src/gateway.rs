@@ -11,8 +11,9 @@
 //! backend, because usage is what it bills).
 //!
 //! Failures: a backend that fails before its first byte (connection refused, 5xx, a stream that
-//! ends empty) is held out of service until its health check passes and the request goes back to
-//! the router for another replica (at most [`MAX_ATTEMPTS`]). After the first byte a failure ends
+//! ends empty) takes no new work until its health check passes (the streams it is serving go on;
+//! a failed health check takes it out of service) and the request goes back to the router for
+//! another replica (at most [`MAX_ATTEMPTS`]). After the first byte a failure ends
 //! the stream with an error event. Work preempted by a capacity change before its first byte is
 //! placed again; after it, the stream ends with a `preempted` error. A client that goes away drops
 //! the relay, which drops the upstream request (the backend stops generating).
@@ -173,7 +174,13 @@ pub async fn health_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
                 Ok(r) if r.status().is_success()
             );
             metrics::gauge!("hcp_backend_up", "url" => url.clone()).set(if ok { 1.0 } else { 0.0 });
-            app.router.lock().unwrap_or_else(|e| e.into_inner()).set_down(&ids, !ok, wall_ms());
+            let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+            // Answering: back in service. Not answering: out of service, and what runs there goes
+            // back to the queue (its streams are cut anyway).
+            r.set_down(&ids, !ok, wall_ms());
+            if ok {
+                r.set_cordoned(&ids, false, wall_ms());
+            }
         }
     }
 }
@@ -614,7 +621,8 @@ async fn try_replica(
     let failed = |why: String| {
         tracing::warn!(base, why, "backend failed before its first byte; trying another replica");
         metrics::counter!("hcp_gateway_backend_failures_total").increment(1);
-        app.router.lock().unwrap_or_else(|e| e.into_inner()).set_down(&[replica], true, wall_ms());
+        // No new work until its health check passes; the streams it is serving go on.
+        app.router.lock().unwrap_or_else(|e| e.into_inner()).set_cordoned(&[replica], true, wall_ms());
         Try::Again
     };
     let resp = tokio::select! {

@@ -36,6 +36,9 @@ pub struct RouterState {
     models: HashMap<String, ModelId>,
     /// Replicas held out of service because they failed (health check or a request).
     down: HashSet<i64>,
+    /// Replicas held out of new placements, their running work untouched (a request failed
+    /// there before its first byte); returned when the health check passes.
+    cordoned: HashSet<i64>,
     flights: HashMap<ReqId, mpsc::UnboundedSender<Placement>>,
     next_id: ReqId,
     /// Whether the fleet's replicas have a backend here (the simulated one); without it only
@@ -61,6 +64,7 @@ impl RouterState {
             replica_model: HashMap::new(),
             models: HashMap::from([(served_model.to_string(), SERVED_MODEL)]),
             down: HashSet::new(),
+            cordoned: HashSet::new(),
             flights: HashMap::new(),
             next_id: 1,
             serve_fleet: true,
@@ -185,8 +189,21 @@ impl RouterState {
         }
     }
 
+    /// Holds replicas out of new placements (or returns them) without touching what runs there.
+    pub fn set_cordoned(&mut self, ids: &[i64], on: bool, now_ms: i64) {
+        let mut out = vec![];
+        for id in ids {
+            let changed = if on { self.cordoned.insert(*id) } else { self.cordoned.remove(id) };
+            if changed && let Ok(r) = u32::try_from(*id) {
+                self.router.cordon(ReplicaId(r), on, now_ms, &mut out);
+            }
+        }
+        self.deliver(&out);
+    }
+
+    /// Replicas held out of service or of new placements: the ones the health loop checks.
     pub fn down(&self) -> Vec<i64> {
-        self.down.iter().copied().collect()
+        self.down.iter().chain(&self.cordoned).copied().collect()
     }
 
     /// The most sequences a fleet replica holds now.
@@ -201,7 +218,10 @@ impl RouterState {
 
     /// Whether a replica takes work now: it has sequences, is not held out, and has a backend here.
     fn takes_work(&self, r: &ReplicaRow) -> bool {
-        r.slots > 0 && !self.down.contains(&r.id) && (self.serve_fleet || self.replica_model.contains_key(&r.id))
+        r.slots > 0
+            && !self.down.contains(&r.id)
+            && !self.cordoned.contains(&r.id)
+            && (self.serve_fleet || self.replica_model.contains_key(&r.id))
     }
 
     /// Ids of the replicas that take work now.
@@ -249,7 +269,6 @@ impl RouterState {
         Ok(out)
     }
 
-    /// What the router holds now: capacity by site, queues and figures by band.
     /// Per tenant (all, or one): weight, GPUs held, guarantee, entitlement, and per band the
     /// requests dispatched, completed and preempted, tokens, mean queue time and time to first
     /// token since this process started. The busiest `limit` tenants by GPUs held then tokens.
@@ -300,6 +319,7 @@ impl RouterState {
         rows.into_iter().take(limit).map(|r| r.2).collect()
     }
 
+    /// What the router holds now: capacity by site, queues and figures by band.
     pub fn summary(&self) -> serde_json::Value {
         let mut sites: std::collections::BTreeMap<&str, (i64, i64, i64, i64)> = Default::default();
         for r in self.replicas.values() {

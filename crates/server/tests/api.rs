@@ -1087,3 +1087,89 @@ async fn graphql_reads_with_the_rest_rules_and_limits() {
     assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("body")));
     p.stop().await;
 }
+
+/// A backend that fails one request before its first byte takes no new work until its health
+/// check passes, but the stream it is serving goes on to its end.
+#[tokio::test]
+async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_streams() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let fleet = Fleet::from_toml(
+        "small.toml",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
+    )
+    .unwrap();
+    let gpu = fleet.devices.iter().position(|d| matches!(d.model, hcp_model::ModelRef::Gpu(_))).unwrap();
+    let sim = std::sync::Arc::new(hcp_server::simbackend::SimBackend::new(fleet));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, hcp_server::simbackend::router(sim)).await });
+    // In front of it, a server whose second completion request fails with a 500.
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let upstream = format!("http://{sim_addr}/r/{gpu}/v1");
+    let flaky = {
+        let calls = calls.clone();
+        let up = upstream.clone();
+        axum::Router::new()
+            .route(
+                "/v1/models",
+                axum::routing::get(move || {
+                    let up = up.clone();
+                    async move { reqwest::get(format!("{up}/models")).await.unwrap().text().await.unwrap() }
+                }),
+            )
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let (calls, up) = (calls.clone(), upstream.clone());
+                    async move {
+                        if calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                            return axum::response::Response::builder()
+                                .status(500)
+                                .body(axum::body::Body::from("down"))
+                                .unwrap();
+                        }
+                        let r = Client::new()
+                            .post(format!("{up}/chat/completions"))
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                            .unwrap();
+                        axum::response::Response::builder()
+                            .status(r.status().as_u16())
+                            .header("content-type", r.headers()["content-type"].clone())
+                            .body(axum::body::Body::from_stream(r.bytes_stream()))
+                            .unwrap()
+                    }
+                }),
+            )
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flaky_addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, flaky).await });
+    let backend =
+        hcp_server::gateway::BackendConfig::parse(&format!("url=http://{flaky_addr}/v1,model=llama-3-8b,slots=4"))
+            .unwrap();
+    let p = Platform::start_with("gateway-cordon", false, vec![backend]).await;
+    // A long stream starts; once it has its first bytes, a second request meets the failure.
+    let mut long = p.infer("/v1/chat/completions", DEMO, chat(400, true, true), &[("x-hcp-tag", "cordon")]).await;
+    assert_eq!(long.status(), StatusCode::OK);
+    let mut text = String::from_utf8_lossy(&long.chunk().await.unwrap().unwrap()).to_string();
+    let second = p.infer("/v1/chat/completions", DEMO, chat(8, true, true), &[("x-hcp-tag", "cordon")]).await;
+    assert_eq!(second.status(), StatusCode::OK, "placed again once the health check passed");
+    let ev = events(&second.text().await.unwrap());
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    while let Some(c) = long.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    let ev = events(&text);
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "the long stream was not cut");
+    let usage: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 400);
+    assert!(!text.contains("preempted"), "{text}");
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "the first, the failed one, its retry");
+    let records = p.usage("cordon").await;
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|r| r["status"] == "completed"), "{records:?}");
+    p.stop().await;
+}

@@ -639,6 +639,7 @@ views.alerts = {
   },
   async refresh() {
     const a = await api('/api/v1/alerts');
+    state.alerts = a; // the nav's count shows the same answer
     replace($('#alert-list'), a.items.length
       ? table(['severity', 'kind', 'site', 'message'], a.items.map((x) => ({ cells: [h('span', { class: 'badge sev-' + x.severity }, x.severity), x.kind, x.site || 'fleet', x.message] })), { label: 'alerts' })
       : h('p', {}, 'No alerts.'));
@@ -821,7 +822,7 @@ async function tick() {
   try {
     if (v.refresh) await v.refresh();
     if (state.me.account) {
-      const a = await api('/api/v1/alerts');
+      const a = v === views.alerts && state.alerts ? state.alerts : await api('/api/v1/alerts');
       const link = document.querySelector('nav a[data-view="alerts"]');
       if (link) link.textContent = a.items.length ? `Alerts (${a.items.length})` : 'Alerts';
     }
