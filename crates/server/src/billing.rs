@@ -388,22 +388,7 @@ pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Bod
         updated_ms: now,
     };
     app.store.put_workload(&row).await?;
-    let work = Work {
-        id: 0,
-        tenant: tix,
-        band: b.priority,
-        model: crate::routing::SERVED_MODEL,
-        prompt_tokens: 1,
-        max_output_tokens: 1,
-        deadline_ms: None,
-        gang: st.gang,
-        preemptible: b.preemptible,
-        restart_cost: b.duration_s,
-    };
-    let (rid, rx) = app.router.lock().unwrap_or_else(|e| e.into_inner()).arrive(work, now);
-    let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
-    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), cancel_tx);
-    tokio::spawn(run_job(app.clone(), row.clone(), st, rid, rx, cancel_rx));
+    spawn_job(&app, row.clone(), st, tix);
     let mut r = (StatusCode::CREATED, Json(job_json(&row))).into_response();
     r.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&format!("/api/v1/jobs/{id}")).expect("ascii"));
     Ok(r)
@@ -419,74 +404,251 @@ fn job_json(w: &WorkloadRow) -> serde_json::Value {
     })
 }
 
+/// How often a job's process renews the job's row while it waits or runs. A row not renewed for
+/// [`JOB_LEASE_MS`] belongs to a process that stopped: another API process (or the next start)
+/// claims it and resumes the job, keeping the GPU time it ran and its preemptions.
+pub const JOB_HEARTBEAT: Duration = Duration::from_secs(10);
+pub const JOB_LEASE_MS: i64 = 30_000;
+
+/// What a job's task is told by the API or the process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum JobSignal {
+    Run,
+    /// The tenant (or an admin) cancelled it.
+    Cancel,
+    /// This process is stopping: hand the job back (its row is left for the next claim at once).
+    Release,
+}
+
+/// Places a job with the router and starts its task.
+fn spawn_job(app: &Arc<App>, row: WorkloadRow, st: JobState, tix: hcp_model::TenantId) {
+    let work = Work {
+        id: 0,
+        tenant: tix,
+        band: st.priority,
+        model: crate::routing::SERVED_MODEL,
+        prompt_tokens: 1,
+        max_output_tokens: 1,
+        deadline_ms: None,
+        gang: st.gang,
+        preemptible: st.preemptible,
+        restart_cost: st.duration_s,
+    };
+    let (rid, rx) = app.router.lock().unwrap_or_else(|e| e.into_inner()).arrive(work, wall_ms());
+    let (tx, signal) = tokio::sync::watch::channel(JobSignal::Run);
+    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(row.id.clone(), tx);
+    tokio::spawn(run_job(app.clone(), row, st, rid, rx, signal));
+}
+
+/// Claims the jobs whose process stopped renewing them and resumes them here. Returns how many.
+pub async fn resume_jobs(app: &Arc<App>) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for w in app.store.stale_workloads("job", wall_ms() - JOB_LEASE_MS, hcp_store::MAX_PAGE).await? {
+        let Ok(mut st) = serde_json::from_str::<JobState>(&w.body) else {
+            tracing::warn!(job = %w.id, "stored job state unreadable; left as it is");
+            continue;
+        };
+        let Some(tix) = app.router.lock().unwrap_or_else(|e| e.into_inner()).tenant(&w.tenant_id) else {
+            tracing::warn!(job = %w.id, tenant = %w.tenant_id, "job of a tenant the router does not know; left");
+            continue;
+        };
+        // Time since the last renewal is not known to have run: it is neither billed nor
+        // counted towards the job (at most one heartbeat's worth, run again).
+        st.started_ms = None;
+        let row = WorkloadRow {
+            state: "queued".into(),
+            body: serde_json::to_string(&st).expect("serialises"),
+            updated_ms: wall_ms().max(w.updated_ms + 1),
+            ..w.clone()
+        };
+        if !app.store.update_workload_if(&row, w.updated_ms).await? {
+            continue; // another process claimed it first
+        }
+        tracing::info!(job = %row.id, ran_ms = st.ran_ms, "job resumed");
+        spawn_job(app, row, st, tix);
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Resumes unowned jobs at start and every heartbeat until `stop`.
+pub async fn resume_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        if let Err(e) = resume_jobs(&app).await {
+            tracing::warn!(error = %e, "jobs not resumed this time");
+        }
+        tokio::select! {
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+            _ = tokio::time::sleep(JOB_HEARTBEAT) => {}
+        }
+    }
+}
+
+/// Hands every job this process runs back (for the next start or another process), and waits
+/// (up to 5 s) until their rows say so.
+pub async fn release_jobs(app: &App) {
+    for tx in app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        let _ = tx.send(JobSignal::Release);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!("jobs not released in 5 s; their leases expire instead");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A job's row, written only while this process holds it.
+struct Lease<'a> {
+    app: &'a App,
+    row: WorkloadRow,
+}
+
+impl Lease<'_> {
+    /// Writes the state; false when another process took the job over (this one must stop).
+    /// A storage error keeps the job running here (the next heartbeat tries again).
+    async fn write(&mut self, st: &JobState, state: &str, release: bool) -> bool {
+        let expect = self.row.updated_ms;
+        let next = WorkloadRow {
+            state: state.into(),
+            body: serde_json::to_string(st).expect("serialises"),
+            // Released: as old as can be, so the next claim need not wait for the lease to end.
+            updated_ms: if release { i64::MIN } else { wall_ms().max(expect + 1) },
+            ..self.row.clone()
+        };
+        match self.app.store.update_workload_if(&next, expect).await {
+            Ok(true) => {
+                self.row = next;
+                true
+            }
+            Ok(false) => {
+                tracing::warn!(job = %self.row.id, "job taken over by another process; stopping it here");
+                false
+            }
+            Err(e) => {
+                tracing::error!(job = %self.row.id, error = %e, "job state not stored");
+                true
+            }
+        }
+    }
+}
+
+/// What woke a job's task.
+enum Wake {
+    Placement(Option<Placement>),
+    Signal(JobSignal),
+    Beat,
+    Served,
+}
+
+/// Adds the time run since `started_ms` to `ran_ms` (and restarts the count from now).
+fn accrue(st: &mut JobState) {
+    if let Some(t) = st.started_ms {
+        let now = wall_ms();
+        st.ran_ms += (now - t).max(0);
+        st.started_ms = Some(now);
+    }
+}
+
 /// A job's life: waits for placement, runs until its time is served (preemption sends it back to
-/// the queue, keeping what it ran), is cancelled, or is rejected. Every state change is stored;
-/// the GPU time it ran is metered once when it ends.
+/// the queue, keeping what it ran), is cancelled, or is rejected; renews its row every heartbeat
+/// (with the time run so far) and stops if another process took it over. The GPU time it ran is
+/// metered once when it ends (the job id is the usage record's id, so a job resumed elsewhere is
+/// still billed once).
 async fn run_job(
     app: Arc<App>,
-    mut row: WorkloadRow,
+    row: WorkloadRow,
     mut st: JobState,
     rid: hcp_sched::ReqId,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Placement>,
-    mut cancel: tokio::sync::watch::Receiver<bool>,
+    mut signal: tokio::sync::watch::Receiver<JobSignal>,
 ) {
     let need_ms = (st.duration_s * 1000.0).ceil() as i64;
-    let save = |row: &mut WorkloadRow, st: &JobState, state: &str| {
-        row.state = state.into();
-        row.body = serde_json::to_string(st).expect("serialises");
-        row.updated_ms = wall_ms();
-        row.clone()
+    let mut lease = Lease { app: &app, row };
+    let mut beat = tokio::time::interval(JOB_HEARTBEAT);
+    beat.tick().await;
+    let leave = |app: &App, id: &str| {
+        app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(rid, None, wall_ms());
+        app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     };
-    let end_state = loop {
-        // Queued: wait for a placement or a cancel.
-        let placed = tokio::select! {
-            p = rx.recv() => p,
-            _ = cancel.wait_for(|c| *c) => break "cancelled",
+    let end_state = 'job: loop {
+        // Queued: wait for a placement, a signal or the next renewal.
+        let wake = tokio::select! {
+            p = rx.recv() => Wake::Placement(p),
+            r = signal.changed() => Wake::Signal(if r.is_err() { JobSignal::Release } else { *signal.borrow() }),
+            _ = beat.tick() => Wake::Beat,
         };
-        match placed {
-            Some(Placement::Dispatched(r)) => {
-                let now = wall_ms();
-                st.started_ms = Some(now);
-                st.site = app.router.lock().unwrap_or_else(|e| e.into_inner()).site_of(r).map(str::to_string);
-                let w = save(&mut row, &st, "running");
-                if let Err(e) = app.store.put_workload(&w).await {
-                    tracing::error!(job = %row.id, error = %e, "job state not stored");
-                }
-                let left = Duration::from_millis((need_ms - st.ran_ms).max(0) as u64);
-                let outcome = tokio::select! {
-                    _ = tokio::time::sleep(left) => Some("completed"),
-                    p = rx.recv() => match p { Some(Placement::Preempted) | None => None, Some(_) => None },
-                    _ = cancel.wait_for(|c| *c) => Some("cancelled"),
-                };
-                st.ran_ms += wall_ms() - now;
-                st.started_ms = None;
-                match outcome {
-                    Some(s) => break s,
-                    None => {
-                        st.preemptions += 1;
-                        let w = save(&mut row, &st, "queued");
-                        if let Err(e) = app.store.put_workload(&w).await {
-                            tracing::error!(job = %row.id, error = %e, "job state not stored");
-                        }
-                    }
-                }
-            }
-            Some(Placement::Preempted) => continue,
-            Some(Placement::Rejected(why)) => {
+        let replica = match wake {
+            Wake::Placement(Some(Placement::Dispatched(r))) => r,
+            Wake::Placement(Some(Placement::Preempted)) | Wake::Signal(JobSignal::Run) | Wake::Served => continue,
+            Wake::Placement(Some(Placement::Rejected(why))) => {
                 st.reason = Some(format!("{why:?}"));
                 break "rejected";
             }
-            None => break "failed",
+            Wake::Placement(None) => break "failed",
+            Wake::Signal(JobSignal::Cancel) => break "cancelled",
+            Wake::Signal(JobSignal::Release) => {
+                lease.write(&st, "queued", true).await;
+                return leave(&app, &lease.row.id);
+            }
+            Wake::Beat => {
+                if !lease.write(&st, "queued", false).await {
+                    return leave(&app, &lease.row.id);
+                }
+                continue;
+            }
+        };
+        st.started_ms = Some(wall_ms());
+        st.site = app.router.lock().unwrap_or_else(|e| e.into_inner()).site_of(replica).map(str::to_string);
+        if !lease.write(&st, "running", false).await {
+            return leave(&app, &lease.row.id);
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis((need_ms - st.ran_ms).max(0) as u64);
+        // Running: until its time is served, it is preempted, cancelled or released.
+        loop {
+            let wake = tokio::select! {
+                _ = tokio::time::sleep_until(until) => Wake::Served,
+                p = rx.recv() => Wake::Placement(p),
+                r = signal.changed() => Wake::Signal(if r.is_err() { JobSignal::Release } else { *signal.borrow() }),
+                _ = beat.tick() => Wake::Beat,
+            };
+            accrue(&mut st);
+            match wake {
+                Wake::Served => break 'job "completed",
+                Wake::Signal(JobSignal::Cancel) => break 'job "cancelled",
+                Wake::Signal(JobSignal::Run) | Wake::Placement(Some(Placement::Dispatched(_))) => {}
+                Wake::Placement(Some(Placement::Rejected(_))) => {}
+                Wake::Placement(Some(Placement::Preempted)) | Wake::Placement(None) => {
+                    st.started_ms = None;
+                    st.preemptions += 1;
+                    if !lease.write(&st, "queued", false).await {
+                        return leave(&app, &lease.row.id);
+                    }
+                    continue 'job;
+                }
+                Wake::Signal(JobSignal::Release) => {
+                    st.started_ms = None;
+                    lease.write(&st, "queued", true).await;
+                    return leave(&app, &lease.row.id);
+                }
+                Wake::Beat => {
+                    if !lease.write(&st, "running", false).await {
+                        return leave(&app, &lease.row.id);
+                    }
+                }
+            }
         }
     };
+    st.started_ms = None;
     let served = end_state == "completed";
     app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(rid, served.then_some(1), wall_ms());
-    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&row.id);
     if st.ran_ms > 0 {
         let u = UsageRow {
             seq: 0,
-            id: row.id.clone(),
-            tenant_id: row.tenant_id.clone(),
+            id: lease.row.id.clone(),
+            tenant_id: lease.row.tenant_id.clone(),
             key_id: String::new(),
             kind: "gpu".into(),
             tier: i64::from(st.priority),
@@ -501,13 +663,11 @@ async fn run_job(
             at_ms: wall_ms(),
         };
         if let Err(e) = app.meter.record(u).await {
-            tracing::error!(job = %row.id, error = %e, "job usage not recorded");
+            tracing::error!(job = %lease.row.id, error = %e, "job usage not recorded");
         }
     }
-    let w = save(&mut row, &st, end_state);
-    if let Err(e) = app.store.put_workload(&w).await {
-        tracing::error!(job = %row.id, error = %e, "job state not stored");
-    }
+    lease.write(&st, end_state, false).await;
+    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&lease.row.id);
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -552,7 +712,7 @@ pub(crate) async fn cancel_job(State(app): AppState, Auth(p): Auth, Path(id): Pa
     let tx = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
     match tx {
         Some(tx) => {
-            let _ = tx.send(true);
+            let _ = tx.send(JobSignal::Cancel);
             app.store.audit(wall_ms(), &p.actor(), "job.cancel", &id, None, None).await?;
             Ok((StatusCode::ACCEPTED, Json(job_json(&w))).into_response())
         }

@@ -109,7 +109,7 @@ pub struct Gateway {
     /// Idempotency keys of requests in flight.
     idem: Mutex<HashSet<String>>,
     /// Batch jobs in flight: their cancel switches.
-    pub jobs: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<bool>>>,
+    pub jobs: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<crate::billing::JobSignal>>>,
 }
 
 impl Gateway {

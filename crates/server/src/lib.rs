@@ -326,6 +326,9 @@ impl Running {
         for t in self.tasks {
             t.await??;
         }
+        // Then (nothing resumes jobs any more) the jobs this process runs are handed back with
+        // the time they ran, for the next start or another API process to resume.
+        billing::release_jobs(&self.app).await;
         // Every request has finished: its usage is committed before storage closes.
         self.app.meter.flush().await;
         self.app.store.close().await;
@@ -419,6 +422,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         }
         tasks.push(tokio::spawn(gateway::health_loop(app.clone(), rx.clone())));
         tasks.push(tokio::spawn(gateway::tick_loop(app.clone(), rx.clone())));
+        tasks.push(tokio::spawn(billing::resume_loop(app.clone(), rx.clone())));
         let (a, mut stop) = (app.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
             loop {

@@ -31,8 +31,20 @@ impl Platform {
 
     /// A platform with or without the simulated backend, and with configured backends.
     async fn start_with(name: &str, sim: bool, backends: Vec<hcp_server::gateway::BackendConfig>) -> Platform {
+        Platform::start_in(name, sim, backends, true).await
+    }
+
+    /// `fresh`: on an empty data directory; else on what a platform of that name left.
+    async fn start_in(
+        name: &str,
+        sim: bool,
+        backends: Vec<hcp_server::gateway::BackendConfig>,
+        fresh: bool,
+    ) -> Platform {
         let dir = std::env::temp_dir().join(format!("hcp-api-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        if fresh {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         std::fs::create_dir_all(&dir).unwrap();
         let fleet = Fleet::from_toml(
             "small.toml",
@@ -63,6 +75,12 @@ impl Platform {
     }
 
     async fn stop(mut self) {
+        self.running.take().unwrap().stop().await.unwrap();
+    }
+
+    /// Stops, keeping the data directory for a restart.
+    async fn stop_keeping_data(mut self) {
+        self.dir = std::path::PathBuf::new();
         self.running.take().unwrap().stop().await.unwrap();
     }
 
@@ -1171,5 +1189,50 @@ async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_
     let records = p.usage("cordon").await;
     assert_eq!(records.len(), 2);
     assert!(records.iter().all(|r| r["status"] == "completed"), "{records:?}");
+    p.stop().await;
+}
+
+/// A batch job survives a restart of the API process: handed back with the time it ran, resumed
+/// at the next start, billed once for all of it.
+#[tokio::test]
+async fn a_running_job_is_resumed_after_a_restart_and_billed_once() {
+    let p = Platform::start("jobs-resume").await;
+    p.serving().await;
+    let body = json!({"gpus": 2, "duration_s": 3, "preemptible": false});
+    let (s, j) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{j}");
+    let id = j["id"].as_str().unwrap().to_string();
+    let mut running = false;
+    for _ in 0..300 {
+        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
+        if j["state"] == "running" {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "the job started");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    p.stop_keeping_data().await;
+
+    let p = Platform::start_in("jobs-resume", true, vec![], false).await;
+    let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
+    assert!(j["ran_ms"].as_i64().unwrap() >= 1_000, "the time it ran before the stop is kept: {j}");
+    let mut done = Value::Null;
+    for _ in 0..600 {
+        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
+        if j["state"] == "completed" {
+            done = j;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done["state"], "completed", "{done}");
+    let ran = done["ran_ms"].as_i64().unwrap();
+    assert!((3_000..4_000).contains(&ran), "it ran its 3 s once, not again from the start: {done}");
+    let (_, u) = p.call("GET", "/api/v1/usage?limit=100", Some(DEMO), None).await;
+    let gpu: Vec<&Value> = u["items"].as_array().unwrap().iter().filter(|x| x["id"] == id.as_str()).collect();
+    assert_eq!(gpu.len(), 1, "billed once: {gpu:?}");
+    assert_eq!(gpu[0]["gpu_ms"].as_i64().unwrap(), 2 * ran);
     p.stop().await;
 }

@@ -1466,6 +1466,44 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a workload's new state only if its row is still as the writer last wrote it
+    /// (`updated_ms == expect_updated_ms`): the writer's lease on the workload. False when another
+    /// process wrote it since (then nothing changes). `w.updated_ms` must differ from the expected.
+    pub async fn update_workload_if(&self, w: &WorkloadRow, expect_updated_ms: i64) -> Result<bool> {
+        if w.updated_ms == expect_updated_ms {
+            return Err(StoreError::Invalid {
+                field: "updated_ms",
+                rule: "must change with every write (it is the lease)".into(),
+            });
+        }
+        let r = sqlx::query(
+            "UPDATE workloads SET state = $1, body = $2, updated_ms = $3 WHERE id = $4 AND updated_ms = $5",
+        )
+        .bind(&w.state)
+        .bind(&w.body)
+        .bind(w.updated_ms)
+        .bind(&w.id)
+        .bind(expect_updated_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Workloads of `kind` not finished (queued or running) whose row was last written before
+    /// `before_ms`: ones whose process stopped renewing them. Oldest write first.
+    pub async fn stale_workloads(&self, kind: &str, before_ms: i64, limit: u32) -> Result<Vec<WorkloadRow>> {
+        let limit = Page { after: None, limit: Some(limit) }.limit()?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, tenant_id, kind, state, body, created_ms, updated_ms FROM workloads \
+             WHERE kind = $1 AND state IN ('queued', 'running') AND updated_ms < $2 ORDER BY updated_ms, id LIMIT {limit}"
+        )))
+        .bind(kind)
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(workload_row).collect())
+    }
+
     pub async fn workload(&self, id: &str) -> Result<WorkloadRow> {
         let r =
             sqlx::query("SELECT id, tenant_id, kind, state, body, created_ms, updated_ms FROM workloads WHERE id = $1")

@@ -279,7 +279,18 @@ async fn contract(s: &Store) {
     s.put_workload(&WorkloadRow { state: "running".into(), updated_ms: 11, ..w.clone() }).await.unwrap();
     assert_eq!(s.workload("job-1").await.unwrap().state, "running");
     assert_eq!(s.workloads_of("acme", &page(10)).await.unwrap().len(), 1);
-    assert!(s.put_workload(&WorkloadRow { tenant_id: "nobody".into(), ..w }).await.is_err());
+    assert!(s.put_workload(&WorkloadRow { tenant_id: "nobody".into(), ..w.clone() }).await.is_err());
+    // Leases: a write succeeds only from the row's last write; stale rows are found by age.
+    let next = WorkloadRow { state: "queued".into(), updated_ms: 20, ..w.clone() };
+    assert!(!s.update_workload_if(&next, 10).await.unwrap(), "the row moved on to 11");
+    assert!(s.update_workload_if(&next, 11).await.unwrap());
+    assert!(!s.update_workload_if(&WorkloadRow { updated_ms: 21, ..next.clone() }, 11).await.unwrap(), "lost");
+    assert!(matches!(s.update_workload_if(&next, 20).await, Err(StoreError::Invalid { field: "updated_ms", .. })));
+    assert_eq!(s.stale_workloads("batch", 20, 10).await.unwrap().len(), 0, "written at 20");
+    assert_eq!(s.stale_workloads("batch", 21, 10).await.unwrap()[0].id, "job-1");
+    assert_eq!(s.stale_workloads("job", 21, 10).await.unwrap().len(), 0, "another kind");
+    s.put_workload(&WorkloadRow { state: "completed".into(), updated_ms: 22, ..w }).await.unwrap();
+    assert_eq!(s.stale_workloads("batch", 1_000, 10).await.unwrap().len(), 0, "finished work is not stale");
     let id1 = s.audit(1, "root", "tenant.create", "acme", None, Some("{}")).await.unwrap();
     let id2 = s.audit(2, "root", "key.revoke", "k1", Some("{}"), Some("{}")).await.unwrap();
     assert!(id2 > id1);
