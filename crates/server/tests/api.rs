@@ -1236,3 +1236,91 @@ async fn a_running_job_is_resumed_after_a_restart_and_billed_once() {
     assert_eq!(gpu[0]["gpu_ms"].as_i64().unwrap(), 2 * ran);
     p.stop().await;
 }
+
+/// A backend that frames its events with CRLF pairs is relayed and metered exactly; a stream whose
+/// replica leaves service after its first byte ends with a `preempted` error event and a usage
+/// record of what was delivered.
+#[tokio::test]
+async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_recorded() {
+    let fleet = Fleet::from_toml(
+        "small.toml",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
+    )
+    .unwrap();
+    let gpu = fleet.devices.iter().position(|d| matches!(d.model, hcp_model::ModelRef::Gpu(_))).unwrap();
+    let sim = std::sync::Arc::new(hcp_server::simbackend::SimBackend::new(fleet));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, hcp_server::simbackend::router(sim)).await });
+    // In front of it, a server that turns every LF of the stream into CRLF.
+    let upstream = format!("http://{sim_addr}/r/{gpu}/v1");
+    let crlf = {
+        let up = upstream.clone();
+        axum::Router::new()
+            .route(
+                "/v1/models",
+                axum::routing::get(move || {
+                    let up = up.clone();
+                    async move { reqwest::get(format!("{up}/models")).await.unwrap().text().await.unwrap() }
+                }),
+            )
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let up = upstream.clone();
+                    async move {
+                        use futures::StreamExt;
+                        let r = Client::new()
+                            .post(format!("{up}/chat/completions"))
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                            .unwrap();
+                        let stream = r.bytes_stream().map(|c| {
+                            c.map(|b| {
+                                let s = String::from_utf8_lossy(&b).replace('\n', "\r\n");
+                                axum::body::Bytes::from(s)
+                            })
+                        });
+                        axum::response::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(axum::body::Body::from_stream(stream))
+                            .unwrap()
+                    }
+                }),
+            )
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crlf_addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, crlf).await });
+    let backend =
+        hcp_server::gateway::BackendConfig::parse(&format!("url=http://{crlf_addr}/v1,model=llama-3-8b,slots=4"))
+            .unwrap();
+    let p = Platform::start_with("gateway-crlf", false, vec![backend]).await;
+    let r = p.infer("/v1/chat/completions", DEMO, chat(24, true, true), &[("x-hcp-tag", "crlf")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    let ev = events(&text.replace('\r', ""));
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let usage: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 24, "the usage chunk was found in CRLF framing");
+    let records = p.usage("crlf").await;
+    assert_eq!((records.len(), records[0]["output_tokens"].as_i64()), (1, Some(24)));
+    // Preempted after its first byte: the backend leaves service (capacity gone).
+    let mut r = p.infer("/v1/chat/completions", DEMO, chat(2_000, true, true), &[("x-hcp-tag", "preempt")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut text = String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()).to_string();
+    let id = i64::from(hcp_server::gateway::BACKEND_ID_BASE);
+    p.running.as_ref().unwrap().app.router.lock().unwrap().set_down(&[id], true, hcp_server::wall_ms());
+    while let Some(c) = r.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(text.contains("preempted"), "{text}");
+    assert!(!text.contains("[DONE]"), "a cut stream does not claim to be done: {text}");
+    let records = p.usage("preempt").await;
+    assert_eq!(records.len(), 1, "one record of what was delivered");
+    assert_eq!(records[0]["status"], "preempted");
+    assert!(records[0]["output_tokens"].as_i64().unwrap() < 2_000, "{:?}", records[0]);
+    p.stop().await;
+}
