@@ -307,6 +307,29 @@ async fn the_dashboard_and_the_portal_work_in_a_real_browser() {
     shot(&c, "backtest").await;
     no_errors(&c).await;
 
+    // A viewer sees the dashboard but its changes are disabled.
+    click(&c, "#logout").await;
+    wait_text(&c, "#login-error", |t| t.contains("Logged out")).await;
+    let (s, b) = rest(
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/accounts"),
+        ADMIN,
+        Some(json!({"name": "watcher", "role": "viewer"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let viewer: Value = serde_json::from_str(&b).unwrap();
+    login(&c, viewer["token"].as_str().unwrap()).await;
+    wait_text(&c, "#whoami", |t| t.contains("viewer")).await;
+    c.goto(&format!("{base}/ui/#/devices/{idx}")).await.unwrap();
+    wait_text(&c, "#dev-maint-v", |t| t == "off").await;
+    let disabled = c.find(Locator::Css("#maint-toggle")).await.unwrap().attr("disabled").await.unwrap();
+    assert!(disabled.is_some(), "a viewer cannot toggle maintenance");
+    nav(&c, "backtest").await;
+    let disabled = c.find(Locator::Css("#bt-run")).await.unwrap().attr("disabled").await.unwrap();
+    assert!(disabled.is_some(), "a viewer cannot run a backtest");
+    no_errors(&c).await;
+
     // Log out; log in with the demo tenant's key: the portal.
     click(&c, "#logout").await;
     wait_text(&c, "#login-error", |t| t.contains("Logged out")).await;

@@ -65,7 +65,8 @@ pub(crate) fn fleet_now(app: &App) -> Value {
                 return json!({ "site": s.id, "cap_mw": s.power_cap_w / 1e6, "at_ms": null });
             };
             let held = plan_site(st.plan.as_ref(), &s.id).map_or(0.0, |p| f(p, "held_for_grid_mw"));
-            let hours = f(iv, "interval_h").max(1e-9);
+            // The engine's intervals are 15 minutes (announced as `interval_h`).
+            let hours = iv.get("interval_h").and_then(Value::as_f64).filter(|h| *h > 0.0).unwrap_or(0.25);
             let row = [
                 f(iv, "cap_mw"),
                 f(iv, "mining_mw"),

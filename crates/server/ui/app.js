@@ -18,6 +18,8 @@ console.error = (...args) => {
 };
 
 const REFRESH_MS = 2000;
+// Changes (maintenance, backtests) need the operator role; a viewer sees their buttons disabled.
+const canOperate = () => !!(state.me && (state.me.role === 'operator' || state.me.role === 'admin'));
 const state = { me: null, view: null, timer: null, busy: false, sites: [] };
 
 // ---- API ---------------------------------------------------------------------------------------
@@ -525,11 +527,15 @@ views.devices = {
     } catch (err) {
       status('Maintenance not changed: ' + err.message);
     } finally {
-      btn.disabled = false;
+      btn.disabled = !canOperate();
     }
   },
   async refreshOne() {
     const d = await api('/api/v1/devices/' + this.one);
+    if (!canOperate()) {
+      $('#maint-toggle').disabled = true;
+      $('#maint-toggle').title = 'needs the operator role';
+    }
     this.maint = d.maintenance;
     setText('#dev-status-v', d.status || '—');
     setText('#dev-maint-v', d.maintenance ? 'on' : 'off');
@@ -590,7 +596,7 @@ views.backtest = {
       h('label', { for: 'bt-days' }, 'Days', h('input', { id: 'bt-days', type: 'number', min: '1', max: '7', value: '1', required: true })),
       h('label', { for: 'bt-fleet' }, 'Fleet', h('select', { id: 'bt-fleet' })),
       h('fieldset', { id: 'bt-policies', style: 'border:0;padding:0;margin:0' }, h('legend', { class: 'muted' }, 'Policies')),
-      h('button', { type: 'submit', id: 'bt-run' }, 'Run backtest'));
+      h('button', { type: 'submit', id: 'bt-run', disabled: !canOperate(), title: canOperate() ? null : 'needs the operator role' }, 'Run backtest'));
     main.append(h('h1', {}, 'Backtest'),
       h('p', { class: 'muted' }, 'Runs the chosen policies over a simulated period (the grid and market simulators, seeded) on this platform.'),
       form, h('p', { id: 'bt-status', role: 'status' }), h('div', { id: 'bt-result' }));
@@ -627,7 +633,7 @@ views.backtest = {
     } catch (err) {
       setText('#bt-status', 'Backtest failed: ' + err.message);
     } finally {
-      btn.disabled = false;
+      btn.disabled = !canOperate();
     }
   },
 };
