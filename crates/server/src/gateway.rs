@@ -704,8 +704,14 @@ async fn whole(
     Ok(r)
 }
 
+/// Output tokens between two progress reports of a stream to the router (its tenant's virtual
+/// counter is charged as tokens are delivered, and its first report is the time to first token).
+const PROGRESS_EVERY: u32 = 16;
+
 struct Relay {
     flight: Flight,
+    /// Output tokens last reported to the router.
+    reported: u32,
     resp: reqwest::Response,
     rx: mpsc::UnboundedReceiver<Placement>,
     buf: Vec<u8>,
@@ -758,6 +764,18 @@ impl Relay {
                         self.usage = Some((u.prompt_tokens, u.completion_tokens));
                     }
                     self.flight.relayed_text.push_str(&a.text());
+                    let delivered = estimate_tokens(&self.flight.relayed_text);
+                    if delivered > 0
+                        && (self.reported == 0 || delivered >= self.reported + PROGRESS_EVERY)
+                        && let Some(id) = self.flight.router_id
+                    {
+                        self.reported = delivered;
+                        self.flight.app.router.lock().unwrap_or_else(|e| e.into_inner()).progress(
+                            id,
+                            delivered,
+                            wall_ms(),
+                        );
+                    }
                     if a.error.is_some() {
                         // The backend reports a failure in the stream: pass it on and end.
                         out.extend_from_slice(&ev);
@@ -833,6 +851,7 @@ fn relay(
 ) -> Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>> {
     let r = Relay {
         flight,
+        reported: 0,
         resp,
         rx,
         buf: Vec::with_capacity(1024),

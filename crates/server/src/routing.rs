@@ -150,7 +150,8 @@ impl RouterState {
         (id, rx)
     }
 
-    /// Token progress of a request in flight (charges its tenant's fair share).
+    /// Token progress of a request in flight: charges its tenant's virtual counter as tokens are
+    /// delivered rather than at the end, and the first report is its time to first token.
     pub fn progress(&mut self, id: ReqId, output_tokens: u32, now_ms: i64) {
         self.router.progress(id, output_tokens, now_ms);
     }

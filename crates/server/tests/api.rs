@@ -1307,6 +1307,16 @@ async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_record
     assert_eq!(usage["usage"]["completion_tokens"], 24, "the usage chunk was found in CRLF framing");
     let records = p.usage("crlf").await;
     assert_eq!((records.len(), records[0]["output_tokens"].as_i64()), (1, Some(24)));
+    // Time to first token is the first chunk's, not the end's: a long stream reports its progress.
+    let started = std::time::Instant::now();
+    let r = p.infer("/v1/chat/completions", DEMO, chat(600, true, false), &[("x-hcp-tag", "long")]).await;
+    let text = r.text().await.unwrap();
+    let whole_ms = started.elapsed().as_secs_f64() * 1e3;
+    assert!(text.contains("[DONE]"));
+    let (_, w) = p.call("GET", "/api/v1/workloads", Some(DEMO), None).await;
+    let band = w["tenants"][0]["bands"].as_array().unwrap().iter().find(|b| b["dispatched"] == 2).cloned().unwrap();
+    let ttft = band["ttft_ms_mean"].as_f64().unwrap();
+    assert!(ttft < whole_ms / 3.0, "mean first token {ttft} ms of two streams, the long one took {whole_ms} ms");
     // Preempted after its first byte: the backend leaves service (capacity gone).
     let mut r = p.infer("/v1/chat/completions", DEMO, chat(2_000, true, true), &[("x-hcp-tag", "preempt")]).await;
     assert_eq!(r.status(), StatusCode::OK);
