@@ -861,26 +861,13 @@ async fn price_plans_apply_whole_periods_and_site_pnl_balances() {
 #[tokio::test]
 async fn a_backend_that_fails_before_its_first_byte_is_skipped_and_the_request_retried() {
     // A working replica: the simulated backend alone on a port of its own; a dead one: a closed port.
-    let fleet = Fleet::from_toml(
-        "small.toml",
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
-    )
-    .unwrap();
-    let gpu = fleet.devices.iter().position(|d| matches!(d.model, hcp_model::ModelRef::Gpu(_))).unwrap();
-    let sim = std::sync::Arc::new(hcp_server::simbackend::SimBackend::new(fleet));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, hcp_server::simbackend::router(sim)).await });
+    let replica = sim_replica().await;
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let backend = |url: String| {
         hcp_server::gateway::BackendConfig::parse(&format!("url={url},model=llama-3-8b,slots=4")).unwrap()
     };
-    let p = Platform::start_with(
-        "gateway-retry",
-        false,
-        vec![backend(format!("http://{dead}/v1")), backend(format!("http://{addr}/r/{gpu}/v1"))],
-    )
-    .await;
+    let p = Platform::start_with("gateway-retry", false, vec![backend(format!("http://{dead}/v1")), backend(replica)])
+        .await;
     let (_, m) = p.call("GET", "/v1/models", Some(DEMO), None).await;
     assert_eq!(m["data"][0]["replicas_in_service"], 2, "the two configured backends, no fleet replica: {m}");
     // Four at once: placement spreads them over both replicas, so some meet the dead one first.
@@ -1106,11 +1093,8 @@ async fn graphql_reads_with_the_rest_rules_and_limits() {
     p.stop().await;
 }
 
-/// A backend that fails one request before its first byte takes no new work until its health
-/// check passes, but the stream it is serving goes on to its end.
-#[tokio::test]
-async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_streams() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+/// The simulated backend alone on a port of its own: the base URL of one GPU replica's OpenAI API.
+async fn sim_replica() -> String {
     let fleet = Fleet::from_toml(
         "small.toml",
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
@@ -1119,48 +1103,58 @@ async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_
     let gpu = fleet.devices.iter().position(|d| matches!(d.model, hcp_model::ModelRef::Gpu(_))).unwrap();
     let sim = std::sync::Arc::new(hcp_server::simbackend::SimBackend::new(fleet));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_addr = l.local_addr().unwrap();
+    let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, hcp_server::simbackend::router(sim)).await });
+    format!("http://{addr}/r/{gpu}/v1")
+}
+
+/// A test server's `/v1/models` (the gateway's health check), answered by the replica at `up`.
+fn replica_models(up: String) -> axum::Router {
+    axum::Router::new().route(
+        "/v1/models",
+        axum::routing::get(move || {
+            let up = up.clone();
+            async move { reqwest::get(format!("{up}/models")).await.unwrap().text().await.unwrap() }
+        }),
+    )
+}
+
+/// A backend that fails one request before its first byte takes no new work until its health
+/// check passes, but the stream it is serving goes on to its end.
+#[tokio::test]
+async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_streams() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let upstream = sim_replica().await;
     // In front of it, a server whose second completion request fails with a 500.
     let calls = std::sync::Arc::new(AtomicUsize::new(0));
-    let upstream = format!("http://{sim_addr}/r/{gpu}/v1");
     let flaky = {
         let calls = calls.clone();
-        let up = upstream.clone();
-        axum::Router::new()
-            .route(
-                "/v1/models",
-                axum::routing::get(move || {
-                    let up = up.clone();
-                    async move { reqwest::get(format!("{up}/models")).await.unwrap().text().await.unwrap() }
-                }),
-            )
-            .route(
-                "/v1/chat/completions",
-                axum::routing::post(move |body: axum::body::Bytes| {
-                    let (calls, up) = (calls.clone(), upstream.clone());
-                    async move {
-                        if calls.fetch_add(1, Ordering::SeqCst) == 1 {
-                            return axum::response::Response::builder()
-                                .status(500)
-                                .body(axum::body::Body::from("down"))
-                                .unwrap();
-                        }
-                        let r = Client::new()
-                            .post(format!("{up}/chat/completions"))
-                            .header("content-type", "application/json")
-                            .body(body)
-                            .send()
-                            .await
+        replica_models(upstream.clone()).route(
+            "/v1/chat/completions",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let (calls, up) = (calls.clone(), upstream.clone());
+                async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                        return axum::response::Response::builder()
+                            .status(500)
+                            .body(axum::body::Body::from("down"))
                             .unwrap();
-                        axum::response::Response::builder()
-                            .status(r.status().as_u16())
-                            .header("content-type", r.headers()["content-type"].clone())
-                            .body(axum::body::Body::from_stream(r.bytes_stream()))
-                            .unwrap()
                     }
-                }),
-            )
+                    let r = Client::new()
+                        .post(format!("{up}/chat/completions"))
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    axum::response::Response::builder()
+                        .status(r.status().as_u16())
+                        .header("content-type", r.headers()["content-type"].clone())
+                        .body(axum::body::Body::from_stream(r.bytes_stream()))
+                        .unwrap()
+                }
+            }),
+        )
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let flaky_addr = l.local_addr().unwrap();
@@ -1242,54 +1236,35 @@ async fn a_running_job_is_resumed_after_a_restart_and_billed_once() {
 /// record of what was delivered.
 #[tokio::test]
 async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_recorded() {
-    let fleet = Fleet::from_toml(
-        "small.toml",
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
-    )
-    .unwrap();
-    let gpu = fleet.devices.iter().position(|d| matches!(d.model, hcp_model::ModelRef::Gpu(_))).unwrap();
-    let sim = std::sync::Arc::new(hcp_server::simbackend::SimBackend::new(fleet));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, hcp_server::simbackend::router(sim)).await });
+    let upstream = sim_replica().await;
     // In front of it, a server that turns every LF of the stream into CRLF.
-    let upstream = format!("http://{sim_addr}/r/{gpu}/v1");
     let crlf = {
-        let up = upstream.clone();
-        axum::Router::new()
-            .route(
-                "/v1/models",
-                axum::routing::get(move || {
-                    let up = up.clone();
-                    async move { reqwest::get(format!("{up}/models")).await.unwrap().text().await.unwrap() }
-                }),
-            )
-            .route(
-                "/v1/chat/completions",
-                axum::routing::post(move |body: axum::body::Bytes| {
-                    let up = upstream.clone();
-                    async move {
-                        use futures::StreamExt;
-                        let r = Client::new()
-                            .post(format!("{up}/chat/completions"))
-                            .header("content-type", "application/json")
-                            .body(body)
-                            .send()
-                            .await
-                            .unwrap();
-                        let stream = r.bytes_stream().map(|c| {
-                            c.map(|b| {
-                                let s = String::from_utf8_lossy(&b).replace('\n', "\r\n");
-                                axum::body::Bytes::from(s)
-                            })
-                        });
-                        axum::response::Response::builder()
-                            .header("content-type", "text/event-stream")
-                            .body(axum::body::Body::from_stream(stream))
-                            .unwrap()
-                    }
-                }),
-            )
+        replica_models(upstream.clone()).route(
+            "/v1/chat/completions",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let up = upstream.clone();
+                async move {
+                    use futures::StreamExt;
+                    let r = Client::new()
+                        .post(format!("{up}/chat/completions"))
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let stream = r.bytes_stream().map(|c| {
+                        c.map(|b| {
+                            let s = String::from_utf8_lossy(&b).replace('\n', "\r\n");
+                            axum::body::Bytes::from(s)
+                        })
+                    });
+                    axum::response::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(axum::body::Body::from_stream(stream))
+                        .unwrap()
+                }
+            }),
+        )
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let crlf_addr = l.local_addr().unwrap();
