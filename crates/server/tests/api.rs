@@ -1108,6 +1108,14 @@ async fn sim_replica() -> String {
     format!("http://{addr}/r/{gpu}/v1")
 }
 
+/// Serves a test backend on a port of its own; its configuration for the gateway (4 slots).
+async fn serve_backend(router: axum::Router) -> hcp_server::gateway::BackendConfig {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, router).await });
+    hcp_server::gateway::BackendConfig::parse(&format!("url=http://{addr}/v1,model=llama-3-8b,slots=4")).unwrap()
+}
+
 /// A test server's `/v1/models` (the gateway's health check), answered by the replica at `up`.
 fn replica_models(up: String) -> axum::Router {
     axum::Router::new().route(
@@ -1156,12 +1164,7 @@ async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_
             }),
         )
     };
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let flaky_addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, flaky).await });
-    let backend =
-        hcp_server::gateway::BackendConfig::parse(&format!("url=http://{flaky_addr}/v1,model=llama-3-8b,slots=4"))
-            .unwrap();
+    let backend = serve_backend(flaky).await;
     let p = Platform::start_with("gateway-cordon", false, vec![backend]).await;
     // A long stream starts; once it has its first bytes, a second request meets the failure.
     let mut long = p.infer("/v1/chat/completions", DEMO, chat(400, true, true), &[("x-hcp-tag", "cordon")]).await;
@@ -1266,12 +1269,7 @@ async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_record
             }),
         )
     };
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let crlf_addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, crlf).await });
-    let backend =
-        hcp_server::gateway::BackendConfig::parse(&format!("url=http://{crlf_addr}/v1,model=llama-3-8b,slots=4"))
-            .unwrap();
+    let backend = serve_backend(crlf).await;
     let p = Platform::start_with("gateway-crlf", false, vec![backend]).await;
     let r = p.infer("/v1/chat/completions", DEMO, chat(24, true, true), &[("x-hcp-tag", "crlf")]).await;
     assert_eq!(r.status(), StatusCode::OK);
