@@ -543,6 +543,66 @@ enum Wake {
     Served,
 }
 
+/// The job's one usage record: the GPU time it ran, GPUs x milliseconds (none if it never ran).
+async fn meter_job(app: &App, row: &WorkloadRow, st: &JobState, status: &str) {
+    if st.ran_ms <= 0 {
+        return;
+    }
+    let u = UsageRow {
+        seq: 0,
+        id: row.id.clone(),
+        tenant_id: row.tenant_id.clone(),
+        key_id: String::new(),
+        kind: "gpu".into(),
+        tier: i64::from(st.priority),
+        model: app.fleet.served_model.id.clone(),
+        site_id: st.site.clone().unwrap_or_default(),
+        input_tokens: 0,
+        output_tokens: 0,
+        gpu_ms: st.ran_ms * i64::from(st.gpus),
+        spot: st.preemptible,
+        status: status.into(),
+        tag: None,
+        at_ms: wall_ms(),
+    };
+    if let Err(e) = app.meter.record(u).await {
+        tracing::error!(job = %row.id, error = %e, "job usage not recorded");
+    }
+}
+
+/// Cancels a job no process here runs: its holder (another API process) is asked on the bus
+/// (`hcp.job.cancel`); a job nobody holds any more (its lease lapsed) is claimed and ended here,
+/// billed for the time it ran.
+async fn cancel_elsewhere(app: &App, w: &WorkloadRow) -> ApiResult<()> {
+    if w.updated_ms >= wall_ms() - JOB_LEASE_MS {
+        app.bus.publish("hcp.job.cancel", w.id.as_bytes()).await.map_err(ApiError::internal)?;
+        return Ok(());
+    }
+    let mut st: JobState = serde_json::from_str(&w.body).map_err(ApiError::internal)?;
+    st.started_ms = None;
+    let row = WorkloadRow {
+        state: "cancelled".into(),
+        body: serde_json::to_string(&st).expect("serialises"),
+        updated_ms: wall_ms().max(w.updated_ms + 1),
+        ..w.clone()
+    };
+    if app.store.update_workload_if(&row, w.updated_ms).await? {
+        meter_job(app, &row, &st, "cancelled").await;
+    } else {
+        // Claimed meanwhile by a process that resumes it: that one hears the bus.
+        app.bus.publish("hcp.job.cancel", w.id.as_bytes()).await.map_err(ApiError::internal)?;
+    }
+    Ok(())
+}
+
+/// A cancel announced on the bus: the job's task here, if it runs here, is told.
+pub fn cancel_notice(app: &App, id: &[u8]) {
+    let id = String::from_utf8_lossy(id);
+    if let Some(tx) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(id.as_ref()) {
+        let _ = tx.send(JobSignal::Cancel);
+    }
+}
+
 /// Adds the time run since `started_ms` to `ran_ms` (and restarts the count from now).
 fn accrue(st: &mut JobState) {
     if let Some(t) = st.started_ms {
@@ -644,28 +704,7 @@ async fn run_job(
     st.started_ms = None;
     let served = end_state == "completed";
     app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(rid, served.then_some(1), wall_ms());
-    if st.ran_ms > 0 {
-        let u = UsageRow {
-            seq: 0,
-            id: lease.row.id.clone(),
-            tenant_id: lease.row.tenant_id.clone(),
-            key_id: String::new(),
-            kind: "gpu".into(),
-            tier: i64::from(st.priority),
-            model: app.fleet.served_model.id.clone(),
-            site_id: st.site.clone().unwrap_or_default(),
-            input_tokens: 0,
-            output_tokens: 0,
-            gpu_ms: st.ran_ms * i64::from(st.gpus),
-            spot: st.preemptible,
-            status: end_state.into(),
-            tag: None,
-            at_ms: wall_ms(),
-        };
-        if let Err(e) = app.meter.record(u).await {
-            tracing::error!(job = %lease.row.id, error = %e, "job usage not recorded");
-        }
-    }
+    meter_job(&app, &lease.row, &st, end_state).await;
     lease.write(&st, end_state, false).await;
     app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&lease.row.id);
 }
@@ -713,9 +752,12 @@ pub(crate) async fn cancel_job(State(app): AppState, Auth(p): Auth, Path(id): Pa
     match tx {
         Some(tx) => {
             let _ = tx.send(JobSignal::Cancel);
-            app.store.audit(wall_ms(), &p.actor(), "job.cancel", &id, None, None).await?;
-            Ok((StatusCode::ACCEPTED, Json(job_json(&w))).into_response())
         }
-        None => Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("job {id} has ended ({})", w.state))),
+        None if w.state == "queued" || w.state == "running" => cancel_elsewhere(&app, &w).await?,
+        None => {
+            return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("job {id} has ended ({})", w.state)));
+        }
     }
+    app.store.audit(wall_ms(), &p.actor(), "job.cancel", &id, None, None).await?;
+    Ok((StatusCode::ACCEPTED, Json(job_json(&w))).into_response())
 }

@@ -95,6 +95,29 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     let late = hcp_server::start(cfg(false), store).await.unwrap();
     let r = get_json(&http, &format!("http://{}/api/v1/router", late.addr)).await;
     assert_eq!(r["replicas"].as_i64(), Some(64), "{r}");
+    // A batch job submitted to one API process is cancelled through the other: its holder hears
+    // the cancel on the bus, ends it and bills the time it ran.
+    let body = serde_json::json!({"gpus": 1, "duration_s": 600, "tenant": "demo"});
+    let r = http.post(format!("{url}/api/v1/jobs")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    for _ in 0..100 {
+        if get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = http.delete(format!("http://{}/api/v1/jobs/{id}", late.addr)).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(r.status(), 202, "accepted by a process that does not run it");
+    let mut state = serde_json::Value::Null;
+    for _ in 0..100 {
+        state = get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"].clone();
+        if state == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "cancelled");
     late.stop().await.unwrap();
     // The dispatcher process answers health and metrics only.
     let d = format!("http://{}", dispatcher.addr);
