@@ -122,6 +122,9 @@ fn serve_with(
         let running = hcp_server::start(cfg.clone(), store).await?;
         println!("hcp: listening on http://{}", running.addr);
         println!("hcp: OpenAI-compatible API at http://{}/v1", running.addr);
+        if cfg.api {
+            println!("hcp: dashboard and customer portal at http://{}/", running.addr);
+        }
         if let Some(b) = running.app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             println!("hcp: simulated GPU backend at {b}/r/<replica>/v1");
         }
