@@ -286,6 +286,12 @@ async fn the_dashboard_and_the_portal_work_in_a_real_browser() {
     shot(&c, "device").await;
     click(&c, "#maint-toggle").await;
     wait_text(&c, "#dev-maint-v", |t| t == "off").await;
+    // Search by model: the fleet's model ids are offered; the list shows only that model.
+    c.goto(&format!("{base}/ui/#/devices")).await.unwrap();
+    wait_count(&c, "#dev-models option[value='h100-sxm']", 1).await;
+    c.find(Locator::Css("#dev-model")).await.unwrap().send_keys("h100-sxm").await.unwrap();
+    click(&c, "form[role=search] button[type=submit]").await;
+    wait_text(&c, "#dev-list tbody", |t| t.contains("h100-sxm") && !t.contains("antminer")).await;
 
     // Workloads and alerts.
     nav(&c, "workloads").await;

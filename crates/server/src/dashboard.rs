@@ -95,8 +95,18 @@ pub(crate) fn fleet_now(app: &App) -> Value {
             })
         })
         .collect();
+    // The device models in the fleet (ids as the device list filters them), with their counts.
+    let mut models: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+    for d in &app.fleet.devices {
+        let kind = match d.model {
+            hcp_model::device::ModelRef::Asic(_) => "asic",
+            hcp_model::device::ModelRef::Gpu(_) => "gpu",
+        };
+        *models.entry((kind, app.fleet.model_id(d.model))).or_default() += 1;
+    }
     json!({
         "fleet": app.fleet.name,
+        "models": models.iter().map(|((kind, id), n)| json!({ "id": id, "kind": kind, "devices": n })).collect::<Vec<_>>(),
         "sites": sites,
         "totals": {
             "cap_mw": totals[0], "mining_mw": totals[1], "inference_mw": totals[2], "curtailed_mw": totals[3],

@@ -915,6 +915,9 @@ async fn the_dashboard_reads_backtests_and_session_login() {
         cap += num(s, "cap_mw");
     }
     assert!((num(&fleet["totals"], "cap_mw") - cap).abs() < 1e-9);
+    let models = fleet["models"].as_array().unwrap();
+    assert_eq!(models.iter().map(|m| m["devices"].as_u64().unwrap()).sum::<u64>(), 384, "every device of the fleet");
+    assert!(models.iter().any(|m| m["id"] == "h100-sxm" && m["kind"] == "gpu"), "{models:?}");
     // Economics: breakeven per model from the hashprice in force; the day ahead per site.
     let mut e = Value::Null;
     for _ in 0..300 {

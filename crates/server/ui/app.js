@@ -477,10 +477,16 @@ views.devices = {
     const statusSel = h('select', { id: 'dev-status' }, ['', 'available', 'unknown', 'quarantined'].map((s) => h('option', { value: s }, s || 'any')));
     const maintSel = h('select', { id: 'dev-maint' }, [['', 'any'], ['true', 'yes'], ['false', 'no']].map(([v, l]) => h('option', { value: v }, l)));
     const reset = () => { this.stack = []; this.after = null; this.refresh(); };
+    // The fleet's model ids, offered as the model filter's choices.
+    api('/api/v1/fleet').then((f) => {
+      const list = $('#dev-models');
+      if (list) list.replaceChildren(...f.models.map((m) => h('option', { value: m.id }, `${m.kind}, ${m.devices} devices`)));
+    }).catch((err) => status(err.message));
     main.append(h('h1', {}, 'Devices'),
       h('form', { class: 'row', role: 'search', onsubmit: (e) => { e.preventDefault(); reset(); } },
         h('label', { for: 'dev-site' }, 'Site', siteSel),
-        h('label', { for: 'dev-model' }, 'Model', h('input', { id: 'dev-model', placeholder: 'e.g. s21' })),
+        h('label', { for: 'dev-model' }, 'Model', h('input', { id: 'dev-model', list: 'dev-models', placeholder: 'any model' })),
+        h('datalist', { id: 'dev-models' }),
         h('label', { for: 'dev-status' }, 'Status', statusSel),
         h('label', { for: 'dev-maint' }, 'Maintenance', maintSel),
         h('button', { type: 'submit' }, 'Search'),
