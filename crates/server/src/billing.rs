@@ -455,12 +455,7 @@ pub async fn resume_jobs(app: &Arc<App>) -> anyhow::Result<usize> {
         // Time since the last renewal is not known to have run: it is neither billed nor
         // counted towards the job (at most one heartbeat's worth, run again).
         st.started_ms = None;
-        let row = WorkloadRow {
-            state: "queued".into(),
-            body: serde_json::to_string(&st).expect("serialises"),
-            updated_ms: wall_ms().max(w.updated_ms + 1),
-            ..w.clone()
-        };
+        let row = next_row(&w, &st, "queued");
         if !app.store.update_workload_if(&row, w.updated_ms).await? {
             continue; // another process claimed it first
         }
@@ -500,6 +495,17 @@ pub async fn release_jobs(app: &App) {
     }
 }
 
+/// The row that follows `row` with the job's state: written at a later `updated_ms` than `row`'s
+/// (the lease compares it), so a write conditional on `row` succeeds only once.
+fn next_row(row: &WorkloadRow, st: &JobState, state: &str) -> WorkloadRow {
+    WorkloadRow {
+        state: state.into(),
+        body: serde_json::to_string(st).expect("serialises"),
+        updated_ms: wall_ms().max(row.updated_ms + 1),
+        ..row.clone()
+    }
+}
+
 /// A job's row, written only while this process holds it.
 struct Lease<'a> {
     app: &'a App,
@@ -511,13 +517,11 @@ impl Lease<'_> {
     /// A storage error keeps the job running here (the next heartbeat tries again).
     async fn write(&mut self, st: &JobState, state: &str, release: bool) -> bool {
         let expect = self.row.updated_ms;
-        let next = WorkloadRow {
-            state: state.into(),
-            body: serde_json::to_string(st).expect("serialises"),
-            // Released: as old as can be, so the next claim need not wait for the lease to end.
-            updated_ms: if release { i64::MIN } else { wall_ms().max(expect + 1) },
-            ..self.row.clone()
-        };
+        let mut next = next_row(&self.row, st, state);
+        if release {
+            // As old as can be, so the next claim need not wait for the lease to end.
+            next.updated_ms = i64::MIN;
+        }
         match self.app.store.update_workload_if(&next, expect).await {
             Ok(true) => {
                 self.row = next;
@@ -580,12 +584,7 @@ async fn cancel_elsewhere(app: &App, w: &WorkloadRow) -> ApiResult<()> {
     }
     let mut st: JobState = serde_json::from_str(&w.body).map_err(ApiError::internal)?;
     st.started_ms = None;
-    let row = WorkloadRow {
-        state: "cancelled".into(),
-        body: serde_json::to_string(&st).expect("serialises"),
-        updated_ms: wall_ms().max(w.updated_ms + 1),
-        ..w.clone()
-    };
+    let row = next_row(w, &st, "cancelled");
     if app.store.update_workload_if(&row, w.updated_ms).await? {
         meter_job(app, &row, &st, "cancelled").await;
     } else {

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use hcp_harness::backtest::{BacktestError, BacktestInput, Outcome, PolicyKind, backtest};
+use hcp_model::device::ModelRef;
 use hcp_model::time::SimTime;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +40,16 @@ pub fn routes() -> Router<Arc<App>> {
 
 fn f(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// The fleet's device models (ASICs first, in catalogue order) with how many devices each: the
+/// topology does not change while the process runs, so this is counted once, at start.
+pub fn device_models(fleet: &hcp_model::fleet::Fleet) -> Vec<(ModelRef, usize)> {
+    let mut n: std::collections::BTreeMap<ModelRef, usize> = Default::default();
+    for d in &fleet.devices {
+        *n.entry(d.model).or_default() += 1;
+    }
+    n.into_iter().collect()
 }
 
 /// The latest plan's figures for a site (`held_for_grid_mw`, `limit_mw`, `stale`), if any.
@@ -95,18 +106,12 @@ pub(crate) fn fleet_now(app: &App) -> Value {
             })
         })
         .collect();
-    // The device models in the fleet (ids as the device list filters them), with their counts.
-    let mut models: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
-    for d in &app.fleet.devices {
-        let kind = match d.model {
-            hcp_model::device::ModelRef::Asic(_) => "asic",
-            hcp_model::device::ModelRef::Gpu(_) => "gpu",
-        };
-        *models.entry((kind, app.fleet.model_id(d.model))).or_default() += 1;
-    }
     json!({
         "fleet": app.fleet.name,
-        "models": models.iter().map(|((kind, id), n)| json!({ "id": id, "kind": kind, "devices": n })).collect::<Vec<_>>(),
+        "models": app.device_models.iter().map(|(m, n)| {
+            let kind = if matches!(m, ModelRef::Asic(_)) { "asic" } else { "gpu" };
+            json!({ "id": app.fleet.model_id(*m), "kind": kind, "devices": n })
+        }).collect::<Vec<_>>(),
         "sites": sites,
         "totals": {
             "cap_mw": totals[0], "mining_mw": totals[1], "inference_mw": totals[2], "curtailed_mw": totals[3],
@@ -123,19 +128,13 @@ pub(crate) async fn economics(State(app): AppState, Auth(p): Auth) -> ApiResult<
     p.require(Role::Viewer)?;
     let st = app.live.snapshot();
     let hashprice = st.sites.values().find_map(|v| v.get("hashprice_usd_per_ph_day").and_then(Value::as_f64));
-    let mut count = vec![0usize; app.fleet.catalogue.asics.len()];
-    for d in &app.fleet.devices {
-        if let hcp_model::device::ModelRef::Asic(m) = d.model {
-            count[m.index()] += 1;
-        }
-    }
     let breakeven: Vec<Value> = app
-        .fleet
-        .catalogue
-        .asics
+        .device_models
         .iter()
-        .zip(&count)
-        .filter(|(_, n)| **n > 0)
+        .filter_map(|(m, n)| match m {
+            ModelRef::Asic(a) => Some((app.fleet.catalogue.asic(*a), n)),
+            ModelRef::Gpu(_) => None,
+        })
         .map(|(m, n)| {
             json!({
                 "model": m.id,

@@ -97,6 +97,8 @@ pub struct App {
     /// The latest announced intervals, plan, day ahead and device counts (see `live`).
     pub live: live::Live,
     pub backtest_fleets: Vec<Fleet>,
+    /// The fleet's device models and their counts (see `dashboard::device_models`).
+    pub device_models: Vec<(hcp_model::ModelRef, usize)>,
     /// One backtest at a time per process.
     pub backtest_slot: tokio::sync::Semaphore,
     /// The read-only GraphQL schema (see `graphql`).
@@ -374,6 +376,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
             .then(|| Arc::new(simbackend::SimBackend::new(cfg.fleet.clone()))),
         live: live::Live::default(),
         backtest_fleets: cfg.backtest_fleets.clone(),
+        device_models: dashboard::device_models(&cfg.fleet),
         backtest_slot: tokio::sync::Semaphore::new(1),
         graphql: graphql::schema(),
     });

@@ -584,6 +584,19 @@ impl Platform {
         r.send().await.unwrap()
     }
 
+    /// A batch job once it is in `state` (polled every 50 ms, `tries` times), or as last seen.
+    async fn job_in_state(&self, id: &str, state: &str, tries: u32) -> Value {
+        let mut j = Value::Null;
+        for _ in 0..tries {
+            j = self.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await.1;
+            if j["state"] == state {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        j
+    }
+
     async fn usage(&self, tag: &str) -> Vec<Value> {
         let (s, u) = self.call("GET", &format!("/api/v1/usage?tag={tag}&limit=1000"), Some(DEMO), None).await;
         assert_eq!(s, StatusCode::OK, "{u}");
@@ -787,25 +800,11 @@ async fn batch_jobs_run_as_gangs_are_cancelled_and_billed_in_gpu_time() {
     let long = long["id"].as_str().unwrap().to_string();
     let (s, b) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(json!({"gpus": 0, "duration_s": 1}))).await;
     assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("gpus")));
-    let mut done = Value::Null;
-    for _ in 0..600 {
-        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
-        if j["state"] == "completed" {
-            done = j;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = p.job_in_state(&id, "completed", 600).await;
     assert_eq!(done["state"], "completed", "{done}");
     let (s, _) = p.call("DELETE", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
     assert_eq!(s, StatusCode::ACCEPTED);
-    for _ in 0..600 {
-        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
-        if j["state"] == "cancelled" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    p.job_in_state(&long, "cancelled", 600).await;
     let (s, _) = p.call("DELETE", &format!("/api/v1/jobs/{long}"), Some(DEMO), None).await;
     assert_eq!(s, StatusCode::CONFLICT, "already ended");
     let (_, list) = p.call("GET", "/api/v1/jobs", Some(DEMO), None).await;
@@ -1202,31 +1201,15 @@ async fn a_running_job_is_resumed_after_a_restart_and_billed_once() {
     let (s, j) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(body)).await;
     assert_eq!(s, StatusCode::CREATED, "{j}");
     let id = j["id"].as_str().unwrap().to_string();
-    let mut running = false;
-    for _ in 0..300 {
-        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
-        if j["state"] == "running" {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(running, "the job started");
+    let j = p.job_in_state(&id, "running", 300).await;
+    assert_eq!(j["state"], "running", "the job started: {j}");
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     p.stop_keeping_data().await;
 
     let p = Platform::start_in("jobs-resume", true, vec![], false).await;
     let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
     assert!(j["ran_ms"].as_i64().unwrap() >= 1_000, "the time it ran before the stop is kept: {j}");
-    let mut done = Value::Null;
-    for _ in 0..600 {
-        let (_, j) = p.call("GET", &format!("/api/v1/jobs/{id}"), Some(DEMO), None).await;
-        if j["state"] == "completed" {
-            done = j;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = p.job_in_state(&id, "completed", 600).await;
     assert_eq!(done["state"], "completed", "{done}");
     let ran = done["ran_ms"].as_i64().unwrap();
     assert!((3_000..4_000).contains(&ran), "it ran its 3 s once, not again from the start: {done}");
