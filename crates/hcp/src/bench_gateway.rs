@@ -209,7 +209,12 @@ fn report(name: &str, l: &mut Lat, secs: f64) -> serde_json::Value {
 }
 
 /// Starts LiteLLM's proxy in front of the replicas; returns the child and its base URL.
-async fn start_litellm(bin: &str, replicas: &[String], dir: &std::path::Path) -> Result<(std::process::Child, String)> {
+async fn start_litellm(
+    bin: &str,
+    replicas: &[String],
+    dir: &std::path::Path,
+    cpus: Option<&str>,
+) -> Result<(std::process::Child, String)> {
     let mut cfg = String::from("model_list:\n");
     for r in replicas {
         cfg.push_str(&format!(
@@ -220,7 +225,16 @@ async fn start_litellm(bin: &str, replicas: &[String], dir: &std::path::Path) ->
     let path = dir.join("litellm.yaml");
     std::fs::write(&path, cfg)?;
     let port = 4000 + (std::process::id() % 1000) as u16;
-    let child = std::process::Command::new(bin)
+    // With --split-cores LiteLLM gets the platform's cores, as the gateway did.
+    let mut cmd = match cpus {
+        Some(c) => {
+            let mut t = std::process::Command::new("taskset");
+            t.args(["-c", c, bin]);
+            t
+        }
+        None => std::process::Command::new(bin),
+    };
+    let child = cmd
         .args(["--config", path.to_str().unwrap_or_default(), "--port", &port.to_string(), "--num_workers", "1"])
         .env("LITELLM_MASTER_KEY", LITELLM_KEY)
         // No network here: use the bundled model cost map and do not fetch tokenizers (LiteLLM
@@ -243,16 +257,64 @@ async fn start_litellm(bin: &str, replicas: &[String], dir: &std::path::Path) ->
     bail!("LiteLLM did not answer within 120 s (log: {})", dir.join("litellm.log").display())
 }
 
+/// A runtime whose threads run only on `cores` (one worker per core, each pinned to its own).
+fn pinned_runtime(cores: Vec<core_affinity::CoreId>) -> Result<tokio::runtime::Runtime> {
+    let n = cores.len();
+    let next = Arc::new(AtomicU64::new(0));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(n)
+        .enable_all()
+        .on_thread_start(move || {
+            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+            core_affinity::set_for_current(cores[i % n]);
+        })
+        .build()
+        .context("start a pinned runtime")
+}
+
+/// Where the bench's parts run: all on every core, or the platform (gateway, router, metering;
+/// LiteLLM in its turn) on one half of the cores and the load (clients and the simulated
+/// backend) on the other.
+struct Placement {
+    platform: tokio::runtime::Runtime,
+    load: tokio::runtime::Runtime,
+    /// The platform's cores as `taskset -c` takes them, when split.
+    platform_cpus: Option<String>,
+}
+
+fn placement(split: bool) -> Result<Placement> {
+    if !split {
+        return Ok(Placement {
+            platform: crate::serve::runtime()?,
+            load: crate::serve::runtime()?,
+            platform_cpus: None,
+        });
+    }
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if cores.len() < 2 {
+        bail!("--split-cores: needs at least 2 cores this process may run on; it has {}", cores.len());
+    }
+    let (load, platform) = cores.split_at(cores.len() / 2);
+    let cpus = platform.iter().map(|c| c.id.to_string()).collect::<Vec<_>>().join(",");
+    Ok(Placement {
+        platform: pinned_runtime(platform.to_vec())?,
+        load: pinned_runtime(load.to_vec())?,
+        platform_cpus: Some(cpus),
+    })
+}
+
 pub fn gateway(
     json_out: bool,
     streams: usize,
     secs: f64,
     max_tokens: u32,
     litellm: Option<String>,
+    split_cores: bool,
 ) -> Result<std::process::ExitCode> {
     if streams == 0 || secs.is_nan() || secs <= 0.0 {
         bail!("--streams and --seconds: must be > 0");
     }
+    let place = placement(split_cores)?;
     let dir = tmpdir("gateway");
     let fleet = crate::cli::load_fleet(None, crate::cli::SMALL_FLEET)?;
     let cfg = hcp_server::Config {
@@ -273,14 +335,18 @@ pub fn gateway(
         backtest_fleets: vec![],
     };
     // The platform on a runtime of its own, the clients on another: a client task never waits in
-    // the platform's run queue (both still share the machine's cores).
-    let platform_rt = crate::serve::runtime()?;
-    let running = platform_rt.block_on(async {
+    // the platform's run queue (with --split-cores they do not share cores either).
+    let running = place.platform.block_on(async {
         let (store, _) = hcp_server::prepare(&cfg).await?;
         hcp_server::start(cfg, store).await
     })?;
-    let out = crate::serve::runtime()?.block_on(async {
+    let out = place.load.block_on(async {
         let base = format!("http://{}", running.addr);
+        if split_cores {
+            // The simulated backend is load, not the platform under test: it runs with the clients.
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            hcp_server::simbackend::serve_elsewhere(&running.app, l)?;
+        }
         let http = reqwest::Client::new();
         // A key with room for the load (the demo key's rate is 100/s).
         let k: serde_json::Value = http
@@ -317,8 +383,11 @@ pub fn gateway(
         let g = Arc::new(vec![format!("{base}/v1/chat/completions")]);
         let mut l = closed_loop(g.clone(), &key, streams, secs, max_tokens).await;
         results.push(report("gateway", &mut l, secs));
+        // The router's view of the gateway run: capacity in service and its queue time (a
+        // request waiting for a free slot is admission control, not relay overhead).
+        let router = running.app.router.lock().unwrap_or_else(|e| e.into_inner()).summary();
         if let Some(bin) = &litellm {
-            let (mut child, url) = start_litellm(bin, &direct, &dir).await?;
+            let (mut child, url) = start_litellm(bin, &direct, &dir, place.platform_cpus.as_deref()).await?;
             let u = Arc::new(vec![format!("{url}/v1/chat/completions")]);
             let mut l = closed_loop(u, LITELLM_KEY, streams, secs, max_tokens).await;
             results.push(report("litellm", &mut l, secs));
@@ -332,6 +401,9 @@ pub fn gateway(
             "seconds": secs,
             "max_tokens": max_tokens,
             "replicas": replicas.len(),
+            "split_cores": place.platform_cpus.as_ref().map(|c| json!({"platform_cpus": c})),
+            "router_slots": router["slots"],
+            "router_bands": router["bands"],
             "fronts": results,
             "gateway_added_ttft_ms_p50": added(1, "ttft_ms_p50"),
             "gateway_added_total_ms_p50": added(1, "total_ms_p50"),
@@ -343,7 +415,7 @@ pub fn gateway(
         }
         anyhow::Ok(v)
     })?;
-    platform_rt.block_on(running.stop())?;
+    place.platform.block_on(running.stop())?;
     let _ = std::fs::remove_dir_all(&dir);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -164,6 +164,10 @@ enum BenchWhat {
         /// LiteLLM's proxy binary (`pip install 'litellm[proxy]'`), to measure it side by side.
         #[arg(long)]
         litellm: Option<String>,
+        /// The platform (and LiteLLM in its turn) on half of the cores, the clients and the
+        /// simulated backend on the other half: the gateway measured on cores of its own.
+        #[arg(long)]
+        split_cores: bool,
     },
     /// Simulator throughput: one hour of the reference fleet per device at 10 s steps, and one
     /// year per cohort at 15-minute steps.
@@ -307,8 +311,8 @@ pub fn main() -> ExitCode {
         Command::Bench { what: BenchWhat::Metering { json, events, writers } } => {
             crate::bench_gateway::metering(json, events, writers)
         }
-        Command::Bench { what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm } } => {
-            crate::bench_gateway::gateway(json, streams, seconds, max_tokens, litellm)
+        Command::Bench { what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm, split_cores } } => {
+            crate::bench_gateway::gateway(json, streams, seconds, max_tokens, litellm, split_cores)
         }
         Command::Bench { what: BenchWhat::Switching { json, fleet, events } } => {
             crate::bench_plane::switching(json, fleet.as_deref(), events)

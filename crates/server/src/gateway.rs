@@ -24,6 +24,7 @@
 //! preempted) is recorded with what was delivered. A second request with a used idempotency key
 //! is refused (409), so a client retry is never counted twice.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -41,7 +42,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::auth::Principal;
-use crate::openai::{DEFAULT_MAX_TOKENS, Endpoint, OaiError, estimate_tokens, parse};
+use crate::openai::{DEFAULT_MAX_TOKENS, Endpoint, OaiError, estimate_bytes, parse};
 use crate::routing::Placement;
 use crate::{App, wall_ms};
 
@@ -304,7 +305,8 @@ struct Flight {
     usage: UsageRow,
     /// The backend started answering (prefill done): the request is billable.
     started: bool,
-    relayed_text: String,
+    /// Bytes of output text relayed so far (the token estimate of a stream cut short).
+    relayed_bytes: usize,
     idem: Option<String>,
     done: bool,
 }
@@ -319,7 +321,7 @@ impl Flight {
     /// The record of a request cut short: its prompt and the output delivered.
     fn cut_short(&mut self, status: &str) -> UsageRow {
         let mut u = self.usage.clone();
-        u.output_tokens = i64::from(estimate_tokens(&self.relayed_text));
+        u.output_tokens = i64::from(estimate_bytes(self.relayed_bytes));
         u.status = status.into();
         u.at_ms = wall_ms();
         u
@@ -373,45 +375,49 @@ struct Usage {
     completion_tokens: u32,
 }
 
+/// A choice's text; borrowed from the event when it holds no escapes (a streamed chunk usually
+/// does not), so reading a chunk allocates nothing for it.
 #[derive(Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    text: Option<String>,
-    #[serde(default)]
-    message: Option<Delta>,
+struct ChunkChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Option<Delta<'a>>,
 }
 
 /// The parts of a response or chunk the gateway reads.
 #[derive(Deserialize)]
-struct Answer {
-    #[serde(default)]
-    choices: Vec<ChunkChoice>,
+struct Answer<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChunkChoice<'a>>,
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default)]
-    error: Option<serde_json::Value>,
+    error: Option<serde::de::IgnoredAny>,
 }
 
-impl Answer {
-    fn text(&self) -> String {
-        self.choices
-            .iter()
-            .filter_map(|c| {
-                c.delta
-                    .as_ref()
-                    .and_then(|d| d.content.as_deref())
-                    .or(c.text.as_deref())
-                    .or(c.message.as_ref().and_then(|m| m.content.as_deref()))
-            })
-            .collect()
+impl Answer<'_> {
+    fn texts(&self) -> impl Iterator<Item = &str> {
+        self.choices.iter().filter_map(|c| {
+            c.delta
+                .as_ref()
+                .and_then(|d| d.content.as_deref())
+                .or(c.text.as_deref())
+                .or(c.message.as_ref().and_then(|m| m.content.as_deref()))
+        })
+    }
+
+    /// Bytes of text in its choices.
+    fn text_len(&self) -> usize {
+        self.texts().map(str::len).sum()
     }
 }
 
@@ -508,7 +514,7 @@ async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> 
             at_ms: 0,
         },
         started: false,
-        relayed_text: String::new(),
+        relayed_bytes: 0,
         idem,
         done: false,
     };
@@ -692,10 +698,10 @@ async fn whole(
             ));
         }
     };
-    let a: Answer = serde_json::from_value(v.clone()).unwrap_or(Answer { choices: vec![], usage: None, error: None });
+    let a: Answer = serde_json::from_slice(&bytes).unwrap_or(Answer { choices: vec![], usage: None, error: None });
     let (input, output) = match a.usage {
         Some(u) => (u.prompt_tokens, u.completion_tokens),
-        None => (req.prompt_tokens, estimate_tokens(&a.text())),
+        None => (req.prompt_tokens, estimate_bytes(a.text_len())),
     };
     flight.complete(input, output).await?;
     v["id"] = serde_json::Value::String(rid.to_string());
@@ -715,11 +721,15 @@ struct Relay {
     resp: reqwest::Response,
     rx: mpsc::UnboundedReceiver<Placement>,
     buf: Vec<u8>,
+    /// Bytes of `buf` already searched for the end of an event.
+    scanned: usize,
     include_usage: bool,
     usage: Option<(u32, u32)>,
     usage_line: Vec<u8>,
     pending: Option<Bytes>,
     over: bool,
+    /// The backend sent `[DONE]`: what is left of its body is read before the relay ends.
+    finished: bool,
 }
 
 fn error_event(code: &str, message: &str) -> Vec<u8> {
@@ -731,15 +741,20 @@ impl Relay {
     /// Takes the complete SSE events out of the buffer: forwards content chunks, keeps the usage
     /// chunk, and on `[DONE]` records usage before passing it on. Returns the bytes for the client.
     async fn events(&mut self) -> Vec<u8> {
-        let mut out = vec![];
-        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-            let ev: Vec<u8> = self.buf.drain(..end + 2).collect();
-            let line = std::str::from_utf8(&ev).unwrap_or("").trim();
+        let mut out = Vec::with_capacity(self.buf.len());
+        // Events are framed by a blank line; only bytes not yet scanned are searched.
+        let mut at = 0;
+        while let Some(n) = self.buf[self.scanned.max(at)..].windows(2).position(|w| w == b"\n\n") {
+            let end = self.scanned.max(at) + n + 2;
+            let (from, to) = (at, end);
+            at = end;
+            self.scanned = end;
+            let line = std::str::from_utf8(&self.buf[from..to]).unwrap_or("").trim();
             let Some(data) = line.strip_prefix("data:").map(str::trim) else { continue };
             if data == "[DONE]" {
                 let (input, output) = self.usage.unwrap_or((
                     u32::try_from(self.flight.usage.input_tokens).unwrap_or(0),
-                    estimate_tokens(&self.flight.relayed_text),
+                    estimate_bytes(self.flight.relayed_bytes),
                 ));
                 match self.flight.complete(input, output).await {
                     Ok(()) => {
@@ -751,48 +766,63 @@ impl Relay {
                     Err(e) => out.extend(error_event("usage_not_recorded", &e.message)),
                 }
                 self.over = true;
+                self.finished = true;
                 return out;
             }
-            match serde_json::from_str::<Answer>(data) {
-                Ok(a) if a.usage.is_some() && a.choices.is_empty() => {
-                    let u = a.usage.expect("checked");
-                    self.usage = Some((u.prompt_tokens, u.completion_tokens));
-                    self.usage_line = ev;
+            let (usage, text, error, no_choices) = match serde_json::from_str::<Answer>(data) {
+                Ok(a) => (
+                    a.usage.as_ref().map(|u| (u.prompt_tokens, u.completion_tokens)),
+                    a.text_len(),
+                    a.error.is_some(),
+                    a.choices.is_empty(),
+                ),
+                Err(_) => {
+                    out.extend_from_slice(&self.buf[from..to]);
+                    continue;
                 }
-                Ok(a) => {
-                    if let Some(u) = &a.usage {
-                        self.usage = Some((u.prompt_tokens, u.completion_tokens));
-                    }
-                    self.flight.relayed_text.push_str(&a.text());
-                    let delivered = estimate_tokens(&self.flight.relayed_text);
-                    if delivered > 0
-                        && (self.reported == 0 || delivered >= self.reported + PROGRESS_EVERY)
-                        && let Some(id) = self.flight.router_id
-                    {
-                        self.reported = delivered;
-                        self.flight.app.router.lock().unwrap_or_else(|e| e.into_inner()).progress(
-                            id,
-                            delivered,
-                            wall_ms(),
-                        );
-                    }
-                    if a.error.is_some() {
-                        // The backend reports a failure in the stream: pass it on and end.
-                        out.extend_from_slice(&ev);
-                        self.flight.end("failed").await;
-                        self.over = true;
-                        return out;
-                    }
-                    out.extend_from_slice(&ev);
-                }
-                Err(_) => out.extend_from_slice(&ev),
+            };
+            if usage.is_some() {
+                self.usage = usage;
+            }
+            if usage.is_some() && no_choices {
+                // The usage chunk: the client gets it only if it asked, just before `[DONE]`.
+                self.usage_line.clear();
+                self.usage_line.extend_from_slice(&self.buf[from..to]);
+                continue;
+            }
+            self.flight.relayed_bytes += text;
+            let delivered = estimate_bytes(self.flight.relayed_bytes);
+            if delivered > 0
+                && (self.reported == 0 || delivered >= self.reported + PROGRESS_EVERY)
+                && let Some(id) = self.flight.router_id
+            {
+                self.reported = delivered;
+                self.flight.app.router.lock().unwrap_or_else(|e| e.into_inner()).progress(id, delivered, wall_ms());
+            }
+            out.extend_from_slice(&self.buf[from..to]);
+            if error {
+                // The backend reports a failure in the stream: pass it on and end.
+                self.flight.end("failed").await;
+                self.over = true;
+                return out;
             }
         }
+        self.buf.drain(..at);
+        // No event ends in what is left but possibly at its last byte.
+        self.scanned = self.buf.len().saturating_sub(1);
         out
     }
 
     async fn next(&mut self) -> Option<Bytes> {
         if self.over {
+            if self.finished {
+                // After `[DONE]` the backend's body still has its end to send (the last chunk of
+                // its chunked encoding). Read it, so that the connection goes back to the pool
+                // instead of being closed and a new one opened for the next request.
+                self.finished = false;
+                let drain = async { while let Ok(Some(_)) = self.resp.chunk().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+            }
             return None;
         }
         if let Some(first) = self.pending.take() {
@@ -855,11 +885,13 @@ fn relay(
         resp,
         rx,
         buf: Vec::with_capacity(1024),
+        scanned: 0,
         include_usage,
         usage: None,
         usage_line: vec![],
         pending: Some(first),
         over: false,
+        finished: false,
     };
     Box::pin(futures::stream::unfold(r, |mut r| async move { r.next().await.map(|b| (Ok(b), r)) }))
 }

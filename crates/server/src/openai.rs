@@ -146,7 +146,12 @@ pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// and the gateway's admission estimate agree; a real backend reports its own tokenizer's usage,
 /// which is what is billed.
 pub fn estimate_tokens(text: &str) -> u32 {
-    u32::try_from(text.len().div_ceil(4)).unwrap_or(u32::MAX)
+    estimate_bytes(text.len())
+}
+
+/// The same estimate for `n` bytes of text.
+pub fn estimate_bytes(n: usize) -> u32 {
+    u32::try_from(n.div_ceil(4)).unwrap_or(u32::MAX)
 }
 
 /// A chat message's text: a string, or the text parts of an array of parts.

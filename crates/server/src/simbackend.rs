@@ -111,6 +111,21 @@ impl Drop for Sequence {
     }
 }
 
+/// Serves the simulated backend on `listener` from the runtime this is called on, until that
+/// runtime stops, and points the gateway at it: a benchmark gives the backend (load, not the
+/// platform under test) other cores than the gateway's. Returns the base URL.
+pub fn serve_elsewhere(app: &crate::App, listener: tokio::net::TcpListener) -> anyhow::Result<String> {
+    let sim = app.sim.clone().ok_or_else(|| anyhow::anyhow!("the platform runs no simulated backend"))?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(sim)).await {
+            tracing::error!(error = %e, "the simulated backend stopped");
+        }
+    });
+    *app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(base.clone());
+    Ok(base)
+}
+
 pub fn router(b: Arc<SimBackend>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))

@@ -1129,6 +1129,66 @@ fn replica_models(up: String) -> axum::Router {
     )
 }
 
+/// After `[DONE]` the gateway reads the rest of the backend's body (the end of its chunked
+/// encoding), so the connection goes back to the pool: requests one after the other use one
+/// connection instead of opening (and the backend accepting) a new one each.
+#[tokio::test]
+async fn a_finished_stream_leaves_its_backend_connection_open_for_the_next_request() {
+    use futures::StreamExt;
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    let upstream = sim_replica().await;
+    let peers: Arc<Mutex<HashSet<SocketAddr>>> = Arc::default();
+    let backend = {
+        let peers = peers.clone();
+        replica_models(upstream).route(
+            "/v1/chat/completions",
+            axum::routing::post(move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
+                let peers = peers.clone();
+                async move {
+                    peers.lock().unwrap().insert(peer);
+                    let chunk = |v: Value| axum::body::Bytes::from(format!("data: {v}\n\n"));
+                    let events = vec![
+                        chunk(json!({"choices": [{"index": 0, "delta": {"content": "abcd"}}]})),
+                        chunk(json!({"choices": [{"index": 0, "delta": {"content": "efgh"}}]})),
+                        chunk(json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})),
+                        axum::body::Bytes::from_static(b"data: [DONE]\n\n"),
+                    ];
+                    // The body ends a moment after `[DONE]`, in a write of its own (as servers do
+                    // that finish the response after the generator returns).
+                    let body = futures::stream::iter(events.into_iter().map(Ok::<_, std::io::Error>)).chain(
+                        futures::stream::once(async {
+                            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                            Ok(axum::body::Bytes::new())
+                        }),
+                    );
+                    axum::response::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(axum::body::Body::from_stream(body))
+                        .unwrap()
+                }
+            }),
+        )
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, backend.into_make_service_with_connect_info::<SocketAddr>()).await });
+    let backend =
+        hcp_server::gateway::BackendConfig::parse(&format!("url=http://{addr}/v1,model=llama-3-8b,slots=4")).unwrap();
+    let p = Platform::start_with("gateway-keepalive", false, vec![backend]).await;
+    for _ in 0..6 {
+        let r = p.infer("/v1/chat/completions", DEMO, chat(2, true, true), &[("x-hcp-tag", "keepalive")]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let text = r.text().await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    let used = peers.lock().unwrap().len();
+    assert!(used <= 2, "6 streams one after the other opened {used} connections to the backend");
+    assert_eq!(p.usage("keepalive").await.len(), 6);
+    p.stop().await;
+}
+
 /// A backend that fails one request before its first byte takes no new work until its health
 /// check passes, but the stream it is serving goes on to its end.
 #[tokio::test]
