@@ -11,6 +11,12 @@ mod loadtest;
 mod report;
 mod serve;
 
+/// mimalloc instead of the C library's allocator: under the gateway's load (a thousand streams,
+/// each event allocating a little on two threads) glibc's malloc and free took 18 % of the
+/// platform's CPU (perf); see docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     cli::main()
 }
