@@ -118,6 +118,45 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(state, "cancelled");
+    // A job whose holder stopped renewing it (its lease lapsed, as after a crash) is claimed and
+    // ended by the process the cancel reaches, and billed for the time its last renewal recorded.
+    let r = http.post(format!("{url}/api/v1/jobs")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    for _ in 0..100 {
+        if get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let direct = Store::open(&store_url).await.unwrap();
+    let row = direct.workload(&id).await.unwrap();
+    let mut lapsed = row.clone();
+    let mut st: serde_json::Value = serde_json::from_str(&row.body).unwrap();
+    st["ran_ms"] = serde_json::json!(5_000);
+    lapsed.body = st.to_string();
+    lapsed.updated_ms = hcp_server::wall_ms() - 2 * hcp_server::billing::JOB_LEASE_MS;
+    assert!(direct.update_workload_if(&lapsed, row.updated_ms).await.unwrap());
+    let r = http.delete(format!("http://{}/api/v1/jobs/{id}", late.addr)).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    // Ended by the cancel itself (unless a resume pass claimed the row in the few milliseconds
+    // between: then its new holder ends it, a moment later).
+    let mut state = serde_json::Value::Null;
+    for _ in 0..100 {
+        state = get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"].clone();
+        if state == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "cancelled");
+    let usage = get_json(&http, &format!("{url}/api/v1/usage?tenant=demo&limit=1000")).await;
+    let mine: Vec<&serde_json::Value> =
+        usage["items"].as_array().unwrap().iter().filter(|u| u["id"] == id.as_str()).collect();
+    assert_eq!(mine.len(), 1, "{usage}");
+    let gpu_ms = mine[0]["gpu_ms"].as_i64().unwrap();
+    assert!((5_000..6_000).contains(&gpu_ms), "billed {gpu_ms} GPU-ms for the 5,000 its last renewal recorded");
+    assert_eq!(mine[0]["status"], "cancelled");
     late.stop().await.unwrap();
     // The dispatcher process answers health and metrics only.
     let d = format!("http://{}", dispatcher.addr);
