@@ -1200,35 +1200,37 @@ impl Store {
                  FROM json_array_elements($1::json) WITH ORDINALITY AS t(e, n) ORDER BY n ON CONFLICT (id) DO NOTHING"
             }
         };
-        let mut tx = self.pool.begin().await?;
-        let mut new = 0;
-        for chunk in rows.chunks(1_000) {
-            let arr: Vec<serde_json::Value> = chunk
-                .iter()
-                .map(|r| {
-                    serde_json::json!([
-                        r.id,
-                        r.tenant_id,
-                        r.key_id,
-                        r.kind,
-                        r.tier,
-                        r.model,
-                        r.site_id,
-                        r.input_tokens,
-                        r.output_tokens,
-                        r.gpu_ms,
-                        i64::from(r.spot),
-                        r.status,
-                        r.tag,
-                        r.at_ms
-                    ])
-                })
-                .collect();
-            let json = serde_json::Value::Array(arr).to_string();
-            new += sqlx::query(sql).bind(json).execute(&mut *tx).await?.rows_affected();
+        if rows.is_empty() {
+            return Ok(0);
         }
-        tx.commit().await?;
-        Ok(new)
+        let arr: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    &r.id,
+                    &r.tenant_id,
+                    &r.key_id,
+                    &r.kind,
+                    r.tier,
+                    &r.model,
+                    &r.site_id,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.gpu_ms,
+                    i64::from(r.spot),
+                    &r.status,
+                    &r.tag,
+                    r.at_ms,
+                )
+            })
+            .collect();
+        let json = serde_json::to_string(&arr).expect("strings and integers serialise");
+        // One statement is one transaction in both databases, so there is no explicit BEGIN: in
+        // SQLite a statement inside an explicit transaction also keeps a statement journal (a
+        // copy of every page it changes, for a partial rollback; `subjournalPageIfRequired` was
+        // 3.6 % of `hcp up`'s CPU under the load test). `hcp bench metering`: 1.12-1.16x the
+        // events per second without it.
+        Ok(sqlx::query(sql).bind(json).execute(&self.pool).await?.rows_affected())
     }
 
     /// Usage records in write order, filtered; paged by `seq`.
