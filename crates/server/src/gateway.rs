@@ -744,11 +744,12 @@ impl Relay {
         let mut out = Vec::with_capacity(self.buf.len());
         // Events are framed by a blank line; only bytes not yet scanned are searched.
         let mut at = 0;
-        while let Some(n) = self.buf[self.scanned.max(at)..].windows(2).position(|w| w == b"\n\n") {
-            let end = self.scanned.max(at) + n + 2;
-            let (from, to) = (at, end);
-            at = end;
-            self.scanned = end;
+        loop {
+            let search = self.scanned.max(at);
+            let Some(n) = self.buf[search..].windows(2).position(|w| w == b"\n\n") else { break };
+            let (from, to) = (at, search + n + 2);
+            at = to;
+            self.scanned = to;
             let line = std::str::from_utf8(&self.buf[from..to]).unwrap_or("").trim();
             let Some(data) = line.strip_prefix("data:").map(str::trim) else { continue };
             if data == "[DONE]" {

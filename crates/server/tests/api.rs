@@ -1118,6 +1118,17 @@ async fn serve_backend(router: axum::Router) -> hcp_server::gateway::BackendConf
     hcp_server::gateway::BackendConfig::parse(&format!("url=http://{addr}/v1,model=llama-3-8b,slots=4")).unwrap()
 }
 
+/// Passes a chat completion request on to the replica at `up`.
+async fn upstream_chat(up: &str, body: axum::body::Bytes) -> reqwest::Response {
+    Client::new()
+        .post(format!("{up}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A test server's `/v1/models` (the gateway's health check), answered by the replica at `up`.
 fn replica_models(up: String) -> axum::Router {
     axum::Router::new().route(
@@ -1210,13 +1221,7 @@ async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_
                             .body(axum::body::Body::from("down"))
                             .unwrap();
                     }
-                    let r = Client::new()
-                        .post(format!("{up}/chat/completions"))
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                        .unwrap();
+                    let r = upstream_chat(&up, body).await;
                     axum::response::Response::builder()
                         .status(r.status().as_u16())
                         .header("content-type", r.headers()["content-type"].clone())
@@ -1294,13 +1299,7 @@ async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_record
                 let up = upstream.clone();
                 async move {
                     use futures::StreamExt;
-                    let r = Client::new()
-                        .post(format!("{up}/chat/completions"))
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                        .unwrap();
+                    let r = upstream_chat(&up, body).await;
                     let stream = r.bytes_stream().map(|c| {
                         c.map(|b| {
                             let s = String::from_utf8_lossy(&b).replace('\n', "\r\n");

@@ -22,6 +22,28 @@ async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
     http.get(url).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap()
 }
 
+/// Submits a job and waits (up to 10 s) until it runs; its id.
+async fn submit_running_job(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> String {
+    let r = http.post(format!("{url}/api/v1/jobs")).bearer_auth(ADMIN).json(body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    job_state(http, url, &id, "running").await;
+    id
+}
+
+/// A job's state once it is `want`, or the last one seen after 10 s.
+async fn job_state(http: &reqwest::Client, url: &str, id: &str, want: &str) -> serde_json::Value {
+    let mut state = serde_json::Value::Null;
+    for _ in 0..100 {
+        state = get_json(http, &format!("{url}/api/v1/jobs/{id}")).await["state"].clone();
+        if state == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    state
+}
+
 #[tokio::test]
 async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     let db = format!("hcp_scaled_{}", std::process::id());
@@ -98,37 +120,13 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     // A batch job submitted to one API process is cancelled through the other: its holder hears
     // the cancel on the bus, ends it and bills the time it ran.
     let body = serde_json::json!({"gpus": 1, "duration_s": 600, "tenant": "demo"});
-    let r = http.post(format!("{url}/api/v1/jobs")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    for _ in 0..100 {
-        if get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"] == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = submit_running_job(&http, &url, &body).await;
     let r = http.delete(format!("http://{}/api/v1/jobs/{id}", late.addr)).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(r.status(), 202, "accepted by a process that does not run it");
-    let mut state = serde_json::Value::Null;
-    for _ in 0..100 {
-        state = get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"].clone();
-        if state == "cancelled" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(state, "cancelled");
+    assert_eq!(job_state(&http, &url, &id, "cancelled").await, "cancelled");
     // A job whose holder stopped renewing it (its lease lapsed, as after a crash) is claimed and
     // ended by the process the cancel reaches, and billed for the time its last renewal recorded.
-    let r = http.post(format!("{url}/api/v1/jobs")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    for _ in 0..100 {
-        if get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"] == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = submit_running_job(&http, &url, &body).await;
     let direct = Store::open(&store_url).await.unwrap();
     let row = direct.workload(&id).await.unwrap();
     let mut lapsed = row.clone();
@@ -141,15 +139,7 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     assert_eq!(r.status(), 202);
     // Ended by the cancel itself (unless a resume pass claimed the row in the few milliseconds
     // between: then its new holder ends it, a moment later).
-    let mut state = serde_json::Value::Null;
-    for _ in 0..100 {
-        state = get_json(&http, &format!("{url}/api/v1/jobs/{id}")).await["state"].clone();
-        if state == "cancelled" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(state, "cancelled");
+    assert_eq!(job_state(&http, &url, &id, "cancelled").await, "cancelled");
     let usage = get_json(&http, &format!("{url}/api/v1/usage?tenant=demo&limit=1000")).await;
     let mine: Vec<&serde_json::Value> =
         usage["items"].as_array().unwrap().iter().filter(|u| u["id"] == id.as_str()).collect();
