@@ -339,6 +339,18 @@ impl Running {
     }
 }
 
+/// Every accepted connection sends small writes at once (no Nagle delay): an SSE stream writes a
+/// chunk of a few hundred bytes per token, and each must leave when it is written.
+pub fn nodelay(listener: tokio::net::TcpListener) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
+}
+
 /// Serves HTTP on `listener` (with each connection's peer address) until `stop` turns true, then
 /// finishes the requests in flight.
 async fn serve_until(
@@ -347,7 +359,7 @@ async fn serve_until(
     mut stop: tokio::sync::watch::Receiver<bool>,
     what: &'static str,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+    axum::serve(nodelay(listener), router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
