@@ -40,6 +40,10 @@ pub struct Args {
     pub max_output_tokens: u32,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Threads the generator runs on. One is the cheapest per request (no wake-ups between
+    /// threads) and sends a few thousand requests a second; more, where one core is not enough.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -235,8 +239,16 @@ pub fn run(mut a: Args) -> Result<std::process::ExitCode> {
     if !(0.0..=1.0).contains(&a.stream_fraction) {
         bail!("--stream-fraction: must be 0 to 1");
     }
+    if a.threads == 0 {
+        bail!("--threads: must be >= 1");
+    }
     let sizes = sizes(&a)?;
-    crate::serve::runtime()?.block_on(async move {
+    let rt = if a.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(a.threads).enable_all().build()
+    };
+    rt.context("start the generator's runtime")?.block_on(async move {
         let http = reqwest::Client::builder().pool_max_idle_per_host(a.concurrency).tcp_nodelay(true).build()?;
         let model = match &a.model {
             Some(m) => m.clone(),

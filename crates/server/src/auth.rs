@@ -100,8 +100,36 @@ pub fn short_id() -> String {
     hex(&b)
 }
 
+/// A new request id, ordered by time: the wall-clock millisecond (12 hex digits) and 16 hex
+/// digits unique in this process (a counter mixed with a random salt, so ids of two API processes
+/// do not collide either). Usage rows are keyed by it: ids that grow with time land at the end of
+/// the storage index instead of on a random page of it, so a metering commit writes a few pages,
+/// not one per row.
+pub fn request_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SALT: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let salt = *SALT.get_or_init(|| {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).expect("the operating system's random source");
+        u64::from_le_bytes(b)
+    });
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    // splitmix64: a bijection of the counter, so no two ids of this process share these digits.
+    let mut z = salt.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    format!("{:012x}{z:016x}", ms & 0xFFFF_FFFF_FFFF)
+}
+
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    use std::fmt::Write;
+    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
 }
 
 pub fn hash_secret(secret: &str) -> String {
@@ -224,6 +252,20 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_unique_and_grow_with_time() {
+        let ids: Vec<String> = (0..200_000).map(|_| request_id()).collect();
+        assert!(ids.iter().all(|i| i.len() == 28 && i.bytes().all(|c| c.is_ascii_hexdigit())));
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        // The time prefix never goes back, and it is the wall clock's millisecond.
+        assert!(ids.windows(2).all(|w| w[0][..12] <= w[1][..12]));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let last = u64::from_str_radix(&ids[ids.len() - 1][..12], 16).unwrap();
+        assert!(now - last < 60_000, "{now} vs {last}");
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
 
     #[test]
     fn tokens_parse_and_secrets_verify() {

@@ -470,7 +470,7 @@ async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> 
         return Err(e);
     }
     let Some(tenant_ix) = tenant_ix else { return Err(reject_error(&RejectReason::UnknownTenant)) };
-    let rid = format!("{}-{}{}", ep.id_prefix(), crate::auth::short_id(), crate::auth::short_id());
+    let rid = format!("{}-{}", ep.id_prefix(), crate::auth::request_id());
     let idem = match header_str(&headers, "idempotency-key")? {
         None => None,
         Some(k) if k.is_empty() || k.len() > 128 => {

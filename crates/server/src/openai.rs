@@ -101,18 +101,72 @@ struct StreamOptions {
 }
 
 #[derive(Deserialize)]
-struct Message {
-    role: String,
+struct Message<'a> {
+    #[serde(borrow)]
+    role: std::borrow::Cow<'a, str>,
     #[serde(default)]
-    content: serde_json::Value,
+    content: TextLen,
+}
+
+/// The length in bytes of a message's text (a string, or the text parts of an array of parts),
+/// read without copying the text: a prompt of many kilobytes is only scanned.
+#[derive(Default)]
+struct TextLen(usize);
+
+impl<'de> Deserialize<'de> for TextLen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TextLen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of text parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<TextLen, E> {
+                Ok(TextLen(s.len()))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<TextLen, E> {
+                Ok(TextLen(0))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TextLen, A::Error> {
+                let mut n = 0;
+                while let Some(TextPart(len)) = seq.next_element()? {
+                    n += len;
+                }
+                Ok(TextLen(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One part of an array content: only `{"type": "text", "text": ...}` is supported.
+struct TextPart(usize);
+
+impl<'de> Deserialize<'de> for TextPart {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+            #[serde(default)]
+            text: Option<TextLen>,
+        }
+        match Raw::deserialize(d)? {
+            Raw { kind, text: Some(TextLen(n)) } if kind == "text" => Ok(TextPart(n)),
+            _ => Err(serde::de::Error::custom("only text parts are supported")),
+        }
+    }
 }
 
 /// The fields the platform reads; every other field is passed to the backend as it came.
 #[derive(Deserialize)]
-struct RawRequest {
+struct RawRequest<'a> {
     model: String,
-    #[serde(default)]
-    messages: Option<Vec<Message>>,
+    #[serde(default, borrow)]
+    messages: Option<Vec<Message<'a>>>,
     #[serde(default)]
     prompt: Option<serde_json::Value>,
     #[serde(default)]
@@ -154,25 +208,6 @@ pub fn estimate_bytes(n: usize) -> u32 {
     u32::try_from(n.div_ceil(4)).unwrap_or(u32::MAX)
 }
 
-/// A chat message's text: a string, or the text parts of an array of parts.
-fn content_text(v: &serde_json::Value, field: &str) -> Result<String, OaiError> {
-    match v {
-        serde_json::Value::Null => Ok(String::new()),
-        serde_json::Value::String(s) => Ok(s.clone()),
-        serde_json::Value::Array(parts) => {
-            let mut s = String::new();
-            for (i, p) in parts.iter().enumerate() {
-                match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
-                    (Some("text"), Some(t)) => s.push_str(t),
-                    _ => return Err(OaiError::invalid(format!("{field}[{i}]"), "only text parts are supported")),
-                }
-            }
-            Ok(s)
-        }
-        _ => Err(OaiError::invalid(field, "must be a string or an array of text parts")),
-    }
-}
-
 /// Parses and validates a request body; the error names the field and the rule.
 pub fn parse(ep: Endpoint, body: &[u8]) -> Result<Request, OaiError> {
     let d = &mut serde_json::Deserializer::from_slice(body);
@@ -199,15 +234,14 @@ pub fn parse(ep: Endpoint, body: &[u8]) -> Result<Request, OaiError> {
             }
             let mut t: u32 = 0;
             for (i, m) in msgs.iter().enumerate() {
-                if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                if !matches!(&*m.role, "system" | "developer" | "user" | "assistant" | "tool") {
                     return Err(OaiError::invalid(
                         format!("messages[{i}].role"),
                         "must be system, developer, user, assistant or tool",
                     ));
                 }
-                let text = content_text(&m.content, &format!("messages[{i}].content"))?;
                 // Each message costs its text and 3 tokens of chat format.
-                t = t.saturating_add(estimate_tokens(&text)).saturating_add(3);
+                t = t.saturating_add(estimate_bytes(m.content.0)).saturating_add(3);
             }
             t
         }
@@ -239,6 +273,13 @@ mod tests {
         assert_eq!((r.prompt_tokens, r.max_tokens, r.stream, r.include_usage), (3 + 3, Some(5), true, true));
         let parts = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"abcd"}]}]}"#;
         assert_eq!(parse(Endpoint::Chat, parts).unwrap().prompt_tokens, 4);
+        // The text's length is its decoded bytes (an escape is one byte), null is empty, and the
+        // parts of an array add up.
+        let escaped = br#"{"model":"m","messages":[{"role":"user","content":"a\"b\n\u00e9\u0041"}]}"#;
+        assert_eq!(parse(Endpoint::Chat, escaped).unwrap().prompt_tokens, 3 + 2);
+        let mixed = br#"{"model":"m","messages":[{"role":"system","content":null},
+            {"role":"user","content":[{"type":"text","text":"abcd"},{"type":"text","text":"efghi"}]}]}"#;
+        assert_eq!(parse(Endpoint::Chat, mixed).unwrap().prompt_tokens, 3 + 3 + 3);
         for (body, param) in [
             (&br#"{"messages":[]}"#[..], "body"),
             (br#"{"model":"m","messages":[]}"#, "messages"),
@@ -250,6 +291,12 @@ mod tests {
                 br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
                 "messages[0].content[0]",
             ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text"}]}]}"#,
+                "messages[0].content[1]",
+            ),
+            (br#"{"model":"m","messages":[{"role":"user","content":5}]}"#, "messages[0].content"),
+            (br#"{"model":"m","messages":[{"role":"user","content":{"text":"x"}}]}"#, "messages[0].content"),
         ] {
             let e = parse(Endpoint::Chat, body).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{}", e.message);

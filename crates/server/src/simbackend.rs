@@ -167,6 +167,62 @@ fn words(from: u32, n: u32) -> String {
     (from..from + n).map(|i| WORDS[i as usize % WORDS.len()]).collect()
 }
 
+/// A stream's chunks, rendered from the parts around the text that are the same in every chunk
+/// (built once per stream, not as a JSON tree per token).
+struct ChunkTemplate {
+    ep: Endpoint,
+    /// `data: {"id":...,"object":...,"created":...,"model":...,"choices":[{"index":0,`
+    head: Vec<u8>,
+    /// `}]` then `"usage":null` when the client asked for usage, then `}` and the blank line.
+    tail: &'static [u8],
+}
+
+impl ChunkTemplate {
+    fn new(ep: Endpoint, id: &str, object: &str, created: u64, model: &str, include_usage: bool) -> Self {
+        let s = |v: &str| serde_json::to_string(v).expect("a string serialises");
+        let head = format!(
+            "data: {{\"id\":{},\"object\":{},\"created\":{created},\"model\":{},\"choices\":[{{\"index\":0,",
+            s(id),
+            s(object),
+            s(model)
+        );
+        let tail: &'static [u8] = if include_usage { b"}],\"usage\":null}\n\n" } else { b"}]}\n\n" };
+        ChunkTemplate { ep, head: head.into_bytes(), tail }
+    }
+
+    fn render(&self, content: Option<&str>, finish: Option<&str>, first: bool) -> Bytes {
+        let mut out = Vec::with_capacity(self.head.len() + 96 + content.map_or(0, str::len));
+        out.extend_from_slice(&self.head);
+        let text = |out: &mut Vec<u8>, t: &str| serde_json::to_writer(out, t).expect("a string serialises");
+        match self.ep {
+            Endpoint::Chat => match (first, content) {
+                (true, c) => {
+                    out.extend_from_slice(b"\"delta\":{\"role\":\"assistant\",\"content\":");
+                    text(&mut out, c.unwrap_or(""));
+                    out.push(b'}');
+                }
+                (false, Some(c)) => {
+                    out.extend_from_slice(b"\"delta\":{\"content\":");
+                    text(&mut out, c);
+                    out.push(b'}');
+                }
+                (false, None) => out.extend_from_slice(b"\"delta\":{}"),
+            },
+            Endpoint::Completions => {
+                out.extend_from_slice(b"\"text\":");
+                text(&mut out, content.unwrap_or(""));
+            }
+        }
+        out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
+        match finish {
+            Some(f) => text(&mut out, f),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(self.tail);
+        Bytes::from(out)
+    }
+}
+
 async fn generate(
     b: Arc<SimBackend>,
     replica: u32,
@@ -250,28 +306,8 @@ async fn generate(
     } else {
         String::new()
     };
-    let chunk = move |content: Option<&str>, finish: Option<&str>, first: bool| -> Bytes {
-        let choice = match ep {
-            Endpoint::Chat => {
-                let delta = match (first, content) {
-                    (true, c) => serde_json::json!({ "role": "assistant", "content": c.unwrap_or("") }),
-                    (false, Some(c)) => serde_json::json!({ "content": c }),
-                    (false, None) => serde_json::json!({}),
-                };
-                serde_json::json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
-            }
-            Endpoint::Completions => serde_json::json!({
-                "index": 0, "text": content.unwrap_or(""), "logprobs": null, "finish_reason": finish,
-            }),
-        };
-        let mut v = serde_json::json!({
-            "id": id, "object": object, "created": created, "model": model, "choices": [choice],
-        });
-        if include_usage {
-            v["usage"] = serde_json::Value::Null;
-        }
-        Bytes::from(format!("data: {v}\n\n"))
-    };
+    let tpl = ChunkTemplate::new(ep, &id, object, created, &model, include_usage);
+    let chunk = move |content: Option<&str>, finish: Option<&str>, first: bool| tpl.render(content, finish, first);
     // (tokens sent, whether the closing chunks went)
     let state = (0u32, false, seq, chunk, usage_line);
     let stream = futures::stream::unfold(state, move |(sent, closed, mut seq, chunk, usage_line)| {
@@ -305,4 +341,41 @@ async fn generate(
     res.headers_mut().insert(header::CONTENT_TYPE, "text/event-stream".parse().expect("static"));
     res.headers_mut().insert(header::CACHE_CONTROL, "no-cache".parse().expect("static"));
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The rendered chunks are the JSON a chunk of the OpenAI API is.
+    #[test]
+    fn chunks_render_as_the_api_shapes_them() {
+        for include_usage in [false, true] {
+            let t = ChunkTemplate::new(Endpoint::Chat, "chatcmpl-1", "chat.completion.chunk", 7, "m\"x", include_usage);
+            let parse = |b: Bytes| {
+                let s = String::from_utf8(b.to_vec()).unwrap();
+                let body = s.strip_prefix("data: ").and_then(|s| s.strip_suffix("\n\n")).expect("one SSE event");
+                serde_json::from_str::<serde_json::Value>(body).unwrap()
+            };
+            let mut want = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m\"x",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": " a\"b"}, "logprobs": null, "finish_reason": null}]});
+            if include_usage {
+                want["usage"] = serde_json::Value::Null;
+            }
+            assert_eq!(parse(t.render(Some(" a\"b"), None, true)), want);
+            want["choices"][0]["delta"] = json!({"content": " c"});
+            assert_eq!(parse(t.render(Some(" c"), None, false)), want);
+            want["choices"][0]["delta"] = json!({});
+            want["choices"][0]["finish_reason"] = json!("length");
+            assert_eq!(parse(t.render(None, Some("length"), false)), want);
+            let t = ChunkTemplate::new(Endpoint::Completions, "cmpl-1", "text_completion", 7, "m", include_usage);
+            let mut want = json!({"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
+                "choices": [{"index": 0, "text": " d", "logprobs": null, "finish_reason": null}]});
+            if include_usage {
+                want["usage"] = serde_json::Value::Null;
+            }
+            assert_eq!(parse(t.render(Some(" d"), None, true)), want);
+        }
+    }
 }
