@@ -498,3 +498,22 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
     }
     Ok(Running { addr, app, shutdown: tx, tasks })
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every connection the platform's servers accept sends each write at once: a streamed
+    /// chunk does not wait for the client's acknowledgement of the one before (with Nagle's
+    /// algorithm on, the first token of a stream whose headers went out just before waited for
+    /// the client's delayed ACK, up to 40 ms).
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        use axum::serve::Listener;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (io, _) = Listener::accept(&mut super::nodelay(l)).await;
+        assert!(io.nodelay().unwrap());
+        // A socket as the operating system makes it has Nagle on: the wrapper is what turns it off.
+        assert!(!plain.nodelay().unwrap());
+    }
+}
