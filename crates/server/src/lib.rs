@@ -301,15 +301,31 @@ pub fn fingerprint(sites: &[SiteRow], devices: &[DeviceRow]) -> String {
 }
 
 /// Installs the Prometheus recorder once per process and returns its handle.
+///
+/// The recorder keeps each histogram's samples until they are folded into its buckets, which
+/// happens at a scrape or at upkeep; a thread runs upkeep every 5 s, so a platform nobody scrapes
+/// does not keep every request's samples (before, one `hcp up` grew by the samples of every
+/// request it served).
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
+            let h = metrics_exporter_prometheus::PrometheusBuilder::new()
                 .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
                 .expect("static buckets")
                 .install_recorder()
-                .expect("one recorder per process")
+                .expect("one recorder per process");
+            let upkeep = h.clone();
+            std::thread::Builder::new()
+                .name("hcp-metrics".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("a thread for metrics upkeep");
+            h
         })
         .clone()
 }
