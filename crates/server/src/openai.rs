@@ -142,6 +142,25 @@ impl<'de> Deserialize<'de> for TextLen {
     }
 }
 
+/// The length in bytes of a string (a text part's `text` is a string, not parts again).
+struct StrLen(usize);
+
+impl<'de> Deserialize<'de> for StrLen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StrLen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<StrLen, E> {
+                Ok(StrLen(s.len()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// One part of an array content: only `{"type": "text", "text": ...}` is supported.
 struct TextPart(usize);
 
@@ -152,10 +171,10 @@ impl<'de> Deserialize<'de> for TextPart {
             #[serde(rename = "type", borrow)]
             kind: std::borrow::Cow<'a, str>,
             #[serde(default)]
-            text: Option<TextLen>,
+            text: Option<StrLen>,
         }
         match Raw::deserialize(d)? {
-            Raw { kind, text: Some(TextLen(n)) } if kind == "text" => Ok(TextPart(n)),
+            Raw { kind, text: Some(StrLen(n)) } if kind == "text" => Ok(TextPart(n)),
             _ => Err(serde::de::Error::custom("only text parts are supported")),
         }
     }
@@ -296,6 +315,10 @@ mod tests {
                 "messages[0].content[1]",
             ),
             (br#"{"model":"m","messages":[{"role":"user","content":5}]}"#, "messages[0].content"),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":[{"type":"text","text":"a"}]}]}]}"#,
+                "messages[0].content[0].text",
+            ),
             (br#"{"model":"m","messages":[{"role":"user","content":{"text":"x"}}]}"#, "messages[0].content"),
         ] {
             let e = parse(Endpoint::Chat, body).unwrap_err();
