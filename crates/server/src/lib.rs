@@ -357,7 +357,9 @@ impl Running {
 
 /// Every accepted connection sends small writes at once (no Nagle delay): an SSE stream writes a
 /// chunk of a few hundred bytes per token, and each must leave when it is written.
-pub fn nodelay(listener: tokio::net::TcpListener) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
     use axum::serve::ListenerExt;
     fn set(tcp: &mut tokio::net::TcpStream) {
         if let Err(e) = tcp.set_nodelay(true) {
