@@ -95,9 +95,13 @@ pub fn secret() -> String {
 
 /// A new random id: 8 bytes as hex.
 pub fn short_id() -> String {
+    hex(&random8())
+}
+
+fn random8() -> [u8; 8] {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("the operating system's random source");
-    hex(&b)
+    b
 }
 
 /// A new request id, ordered by time: the wall-clock millisecond (12 hex digits) and 16 hex
@@ -110,12 +114,8 @@ pub fn request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SALT: OnceLock<u64> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let salt = *SALT.get_or_init(|| {
-        let mut b = [0u8; 8];
-        getrandom::fill(&mut b).expect("the operating system's random source");
-        u64::from_le_bytes(b)
-    });
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let salt = *SALT.get_or_init(|| u64::from_le_bytes(random8()));
+    let ms = crate::wall_ms() as u64;
     // splitmix64: a bijection of the counter, so no two ids of this process share these digits.
     let mut z = salt.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(unique.len(), ids.len());
         // The time prefix never goes back, and it is the wall clock's millisecond.
         assert!(ids.windows(2).all(|w| w[0][..12] <= w[1][..12]));
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now = crate::wall_ms() as u64;
         let last = u64::from_str_radix(&ids[ids.len() - 1][..12], 16).unwrap();
         assert!(now - last < 60_000, "{now} vs {last}");
         assert_eq!(hex(&[0, 15, 255]), "000fff");

@@ -307,10 +307,9 @@ async fn generate(
         String::new()
     };
     let tpl = ChunkTemplate::new(ep, &id, object, created, &model, include_usage);
-    let chunk = move |content: Option<&str>, finish: Option<&str>, first: bool| tpl.render(content, finish, first);
     // (tokens sent, whether the closing chunks went)
-    let state = (0u32, false, seq, chunk, usage_line);
-    let stream = futures::stream::unfold(state, move |(sent, closed, mut seq, chunk, usage_line)| {
+    let state = (0u32, false, seq, tpl, usage_line);
+    let stream = futures::stream::unfold(state, move |(sent, closed, mut seq, tpl, usage_line)| {
         let b = b.clone();
         let g = g.clone();
         async move {
@@ -318,11 +317,11 @@ async fn generate(
                 return None;
             }
             if sent == output {
-                let mut out = chunk(None, Some(finish), false).to_vec();
+                let mut out = tpl.render(None, Some(finish), false).to_vec();
                 out.extend_from_slice(usage_line.as_bytes());
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 seq.finished = true;
-                return Some((Ok::<_, std::io::Error>(Bytes::from(out)), (sent, true, seq, chunk, usage_line)));
+                return Some((Ok::<_, std::io::Error>(Bytes::from(out)), (sent, true, seq, tpl, usage_line)));
             }
             let (ttft, tpot) = b.timing(replica, &g, prompt, output);
             let (wait, n) = if sent == 0 {
@@ -333,8 +332,8 @@ async fn generate(
             };
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
             let text = words(sent, n);
-            let bytes = chunk(Some(&text), None, sent == 0);
-            Some((Ok(bytes), (sent + n, false, seq, chunk, usage_line)))
+            let bytes = tpl.render(Some(&text), None, sent == 0);
+            Some((Ok(bytes), (sent + n, false, seq, tpl, usage_line)))
         }
     });
     let mut res = Response::new(Body::from_stream(stream));
