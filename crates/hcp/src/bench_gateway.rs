@@ -303,14 +303,23 @@ fn placement(split: bool) -> Result<Placement> {
     })
 }
 
+/// What `hcp bench gateway` compares and how it places the load.
+pub struct Arms {
+    /// LiteLLM's proxy binary, for a third arm.
+    pub litellm: Option<String>,
+    pub split_cores: bool,
+    /// The gateway calls the simulated backend over HTTP/1.1 instead of HTTP/2.
+    pub sim_backend_http1: bool,
+}
+
 pub fn gateway(
     json_out: bool,
     streams: usize,
     secs: f64,
     max_tokens: u32,
-    litellm: Option<String>,
-    split_cores: bool,
+    arms: Arms,
 ) -> Result<std::process::ExitCode> {
+    let Arms { litellm, split_cores, sim_backend_http1 } = arms;
     if streams == 0 || secs.is_nan() || secs <= 0.0 {
         bail!("--streams and --seconds: must be > 0");
     }
@@ -332,6 +341,7 @@ pub fn gateway(
         account_rate_per_s: 1e6,
         sim_backend_listen: Some("127.0.0.1:0".parse()?),
         backends: vec![],
+        sim_backend_http1,
         backtest_fleets: vec![],
     };
     // The platform on a runtime of its own, the clients on another: a client task never waits in
@@ -402,6 +412,7 @@ pub fn gateway(
             "max_tokens": max_tokens,
             "replicas": replicas.len(),
             "split_cores": place.platform_cpus.as_ref().map(|c| json!({"platform_cpus": c})),
+            "gateway_to_backend": if sim_backend_http1 { "HTTP/1.1" } else { "HTTP/2 (h2c)" },
             "router_slots": router["slots"],
             "router_bands": router["bands"],
             "fronts": results,

@@ -42,8 +42,13 @@ pub struct GatewayArgs {
     /// Do not start the simulated backend (route only to --backend servers).
     #[arg(long)]
     pub no_sim_backend: bool,
+    /// Call the simulated backend over HTTP/1.1, one connection per stream, instead of
+    /// multiplexing every stream over one HTTP/2 connection (for comparisons).
+    #[arg(long)]
+    pub sim_backend_http1: bool,
     /// A real OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp):
-    /// url=http://HOST:PORT/v1,model=NAME[,slots=N][,kv_tokens=N][,gpus=N][,site=ID]. Repeatable.
+    /// url=http://HOST:PORT/v1,model=NAME[,slots=N][,kv_tokens=N][,gpus=N][,site=ID][,http2=true]
+    /// (http2: it speaks HTTP/2 without TLS; all streams to it share one connection). Repeatable.
     #[arg(long = "backend", value_parser = hcp_server::gateway::BackendConfig::parse)]
     pub backends: Vec<hcp_server::gateway::BackendConfig>,
 }
@@ -168,6 +173,9 @@ enum BenchWhat {
         /// simulated backend on the other half: the gateway measured on cores of its own.
         #[arg(long)]
         split_cores: bool,
+        /// The gateway calls the simulated backend over HTTP/1.1 instead of HTTP/2.
+        #[arg(long)]
+        sim_backend_http1: bool,
     },
     /// Simulator throughput: one hour of the reference fleet per device at 10 s steps, and one
     /// year per cohort at 15-minute steps.
@@ -311,8 +319,11 @@ pub fn main() -> ExitCode {
         Command::Bench { what: BenchWhat::Metering { json, events, writers } } => {
             crate::bench_gateway::metering(json, events, writers)
         }
-        Command::Bench { what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm, split_cores } } => {
-            crate::bench_gateway::gateway(json, streams, seconds, max_tokens, litellm, split_cores)
+        Command::Bench {
+            what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm, split_cores, sim_backend_http1 },
+        } => {
+            let arms = crate::bench_gateway::Arms { litellm, split_cores, sim_backend_http1 };
+            crate::bench_gateway::gateway(json, streams, seconds, max_tokens, arms)
         }
         Command::Bench { what: BenchWhat::Switching { json, fleet, events } } => {
             crate::bench_plane::switching(json, fleet.as_deref(), events)

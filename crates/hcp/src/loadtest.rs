@@ -96,6 +96,16 @@ fn prompt(tokens: u32) -> String {
     "grid ".repeat(bytes / 5 + 1)[..bytes].to_string()
 }
 
+/// A chat completion request's JSON. `model` and `content` are JSON strings already (quoted and
+/// escaped once per run), so a prompt of many kilobytes is copied into each request, not
+/// serialized again.
+fn chat_body(model: &str, content: &str, max_tokens: u32, stream: bool) -> String {
+    let usage = if stream { r#","stream_options":{"include_usage":true}"# } else { "" };
+    format!(
+        r#"{{"model":{model},"messages":[{{"role":"user","content":{content}}}],"max_tokens":{max_tokens},"stream":{stream}{usage}}}"#
+    )
+}
+
 /// The `q` quantile of `v` in milliseconds; None when `v` is empty.
 pub(crate) fn pct(v: &mut [Duration], q: f64) -> Option<f64> {
     if v.is_empty() {
@@ -108,27 +118,19 @@ pub(crate) fn pct(v: &mut [Duration], q: f64) -> Option<f64> {
 async fn one(
     http: &reqwest::Client,
     a: &Args,
-    model: &str,
+    model_json: &str,
     tag: &str,
     size: Size,
     stream: bool,
-    body_text: &str,
+    content_json: &str,
 ) -> Outcome {
     let started = Instant::now();
-    let mut body = json!({
-        "model": model,
-        "messages": [{"role": "user", "content": body_text}],
-        "max_tokens": size.output,
-        "stream": stream,
-    });
-    if stream {
-        body["stream_options"] = json!({"include_usage": true});
-    }
     let res = http
         .post(format!("{}/v1/chat/completions", a.url))
         .bearer_auth(&a.key)
         .header("x-hcp-tag", tag)
-        .json(&body)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(chat_body(model_json, content_json, size.output, stream))
         .send()
         .await;
     let mut out = Outcome::default();
@@ -274,10 +276,13 @@ pub fn run(mut a: Args) -> Result<std::process::ExitCode> {
         let started = Instant::now();
         let gap = a.duration_s / a.workloads as f64;
         let mut rng = rng_stream(a.seed, "loadtest-mix", 0);
-        let texts: Arc<HashMap<u32, String>> =
-            Arc::new(sizes.iter().map(|s| (s.prompt, prompt(s.prompt))).collect::<HashMap<_, _>>());
+        // The model and each prompt as JSON strings, once.
+        let model_json = serde_json::to_string(&model)?;
+        let texts: Arc<HashMap<u32, String>> = Arc::new(
+            sizes.iter().map(|s| (s.prompt, json!(prompt(s.prompt)).to_string())).collect::<HashMap<_, _>>(),
+        );
         let sender = {
-            let (a, http, model, tag) = (a.clone(), http.clone(), model.clone(), tag.clone());
+            let (a, http, model, tag) = (a.clone(), http.clone(), model_json, tag.clone());
             tokio::spawn(async move {
                 let mut late = 0u64;
                 for i in 0..a.workloads {
@@ -390,4 +395,29 @@ pub fn run(mut a: Args) -> Result<std::process::ExitCode> {
         }
         Ok(if exact { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    /// The request body assembled from pieces is the JSON the OpenAI API expects, escapes
+    /// included.
+    #[test]
+    fn a_chat_body_is_the_json_of_its_parts() {
+        let (model, text) = ("llama-3-8b", "say \"hi\"\n\\ grid");
+        for stream in [false, true] {
+            let mut want = json!({
+                "model": model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": 17,
+                "stream": stream,
+            });
+            if stream {
+                want["stream_options"] = json!({"include_usage": true});
+            }
+            let body = super::chat_body(&json!(model).to_string(), &json!(text).to_string(), 17, stream);
+            assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), want, "{body}");
+        }
+    }
 }

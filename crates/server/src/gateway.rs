@@ -62,10 +62,13 @@ pub struct BackendConfig {
     pub kv_tokens: u64,
     pub gpus: u32,
     pub site: String,
+    /// The server speaks HTTP/2 without TLS (h2c, prior knowledge): every stream to it shares
+    /// one connection.
+    pub http2: bool,
 }
 
 impl BackendConfig {
-    /// `url=http://host:8000/v1,model=NAME[,slots=N][,kv_tokens=N][,gpus=N][,site=ID]`.
+    /// `url=http://host:8000/v1,model=NAME[,slots=N][,kv_tokens=N][,gpus=N][,site=ID][,http2=true]`.
     pub fn parse(s: &str) -> Result<BackendConfig, String> {
         let mut b = BackendConfig {
             url: String::new(),
@@ -74,6 +77,7 @@ impl BackendConfig {
             kv_tokens: 400_000,
             gpus: 1,
             site: "external".into(),
+            http2: false,
         };
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| format!("backend: {part:?} must be key=value"))?;
@@ -85,11 +89,17 @@ impl BackendConfig {
                 "kv_tokens" => b.kv_tokens = num(v)?,
                 "gpus" => b.gpus = u32::try_from(num(v)?).map_err(|_| "backend.gpus: too large".to_string())?,
                 "site" => b.site = v.to_string(),
-                _ => return Err(format!("backend.{k}: unknown (url, model, slots, kv_tokens, gpus, site)")),
+                "http2" => {
+                    b.http2 = v.parse().map_err(|_| "backend.http2: must be true or false".to_string())?;
+                }
+                _ => return Err(format!("backend.{k}: unknown (url, model, slots, kv_tokens, gpus, site, http2)")),
             }
         }
         if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
             return Err("backend.url: must start with http:// or https://".into());
+        }
+        if b.http2 && !b.url.starts_with("http://") {
+            return Err("backend.http2: is for http:// servers (HTTP/2 without TLS)".into());
         }
         if b.model.is_empty() {
             return Err("backend.model: is required".into());
@@ -103,7 +113,14 @@ impl BackendConfig {
 
 /// The gateway's own state in the API process.
 pub struct Gateway {
+    /// HTTP/1.1: backends without `http2`, and health checks.
     client: reqwest::Client,
+    /// HTTP/2 without TLS (h2c, prior knowledge): the simulated backend (unless told otherwise)
+    /// and backends with `http2`. One connection per server carries every stream to it, so one
+    /// write and one read move the tokens of many streams instead of one each.
+    h2c: reqwest::Client,
+    /// The simulated backend is called over HTTP/2.
+    sim_http2: bool,
     /// Base URL of the simulated backend (`http://addr`), once it listens.
     pub sim_base: Mutex<Option<String>>,
     pub backends: Vec<BackendConfig>,
@@ -114,14 +131,37 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(backends: Vec<BackendConfig>) -> Self {
+    pub fn new(backends: Vec<BackendConfig>, sim_http2: bool) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_max_idle_per_host(4_096)
             .tcp_nodelay(true)
             .build()
             .expect("an HTTP client with default TLS-less settings");
-        Gateway { client, sim_base: Mutex::new(None), backends, idem: Mutex::default(), jobs: Mutex::default() }
+        let h2c = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_prior_knowledge()
+            .build()
+            .expect("an HTTP/2 client with default TLS-less settings");
+        Gateway {
+            client,
+            h2c,
+            sim_http2,
+            sim_base: Mutex::new(None),
+            backends,
+            idem: Mutex::default(),
+            jobs: Mutex::default(),
+        }
+    }
+
+    /// The client that calls a replica's server.
+    fn client(&self, r: i64) -> &reqwest::Client {
+        let http2 = match u32::try_from(r) {
+            Ok(i) if i >= BACKEND_ID_BASE => self.backends.get((i - BACKEND_ID_BASE) as usize).is_some_and(|b| b.http2),
+            _ => self.sim_http2,
+        };
+        if http2 { &self.h2c } else { &self.client }
     }
 
     /// The base URL of a replica's OpenAI API.
@@ -171,7 +211,7 @@ pub async fn health_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
         }
         for (url, ids) in by_url {
             let ok = matches!(
-                app.gateway.client.get(&url).timeout(Duration::from_secs(2)).send().await,
+                app.gateway.client(ids[0]).get(&url).timeout(Duration::from_secs(2)).send().await,
                 Ok(r) if r.status().is_success()
             );
             metrics::gauge!("hcp_backend_up", "url" => url.clone()).set(if ok { 1.0 } else { 0.0 });
@@ -618,7 +658,7 @@ async fn try_replica(
 ) -> Try {
     let send = app
         .gateway
-        .client
+        .client(replica)
         .post(format!("{base}{}", ep.path()))
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-request-id", rid)

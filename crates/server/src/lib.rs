@@ -58,6 +58,9 @@ pub struct Config {
     pub account_rate_per_s: f64,
     /// Where the simulated GPU backend listens (API processes only); None: not started.
     pub sim_backend_listen: Option<SocketAddr>,
+    /// The gateway calls the simulated backend over HTTP/1.1 (a connection per stream, as most
+    /// OpenAI servers are called) instead of HTTP/2; for comparisons.
+    pub sim_backend_http1: bool,
     /// Real OpenAI-compatible servers the gateway may route to, besides the simulated fleet.
     pub backends: Vec<gateway::BackendConfig>,
     /// Fleets a backtest from the API may run besides the platform's own.
@@ -369,6 +372,54 @@ pub fn nodelay(
     listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
 
+/// Streams one HTTP/2 connection to a backend server of this process may carry at once. The
+/// gateway multiplexes all its requests to the simulated backend over one connection (hyper's
+/// default of 200 would queue the rest); a bound still, so a peer cannot open without limit.
+pub const H2_MAX_STREAMS: u32 = 65_536;
+
+/// Serves `router` on `listener` over HTTP/1.1 and over HTTP/2 without TLS (h2c, prior
+/// knowledge), each connection with Nagle off, until `stop` resolves; then stops accepting and
+/// lets every connection finish what it serves. For backends the gateway calls: over HTTP/2 one
+/// write and one read carry the tokens of many streams instead of one each.
+pub async fn serve_h1_h2c(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(H2_MAX_STREAMS);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let tcp = tokio::select! {
+            a = listener.accept() => match a {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: the connections being served go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
+        }
+        let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone())).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
+
 /// Serves HTTP on `listener` (with each connection's peer address) until `stop` turns true, then
 /// finishes the requests in flight.
 async fn serve_until(
@@ -400,7 +451,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         started_wall_ms: wall_ms(),
         reads: reads::ReadCache::default(),
         router: std::sync::Mutex::new(routing::RouterState::new(&cfg.fleet.served_model.id)),
-        gateway: gateway::Gateway::new(cfg.backends.clone()),
+        gateway: gateway::Gateway::new(cfg.backends.clone(), !cfg.sim_backend_http1),
         meter: metering::Meter::start(store.clone()),
         sim: (cfg.api && cfg.sim_backend_listen.is_some())
             .then(|| Arc::new(simbackend::SimBackend::new(cfg.fleet.clone()))),
@@ -447,12 +498,14 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
                 .with_context(|| format!("the simulated backend: listen on {listen}"))?;
             let addr = l.local_addr()?;
             *app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("http://{addr}"));
-            tasks.push(tokio::spawn(serve_until(
-                l,
-                simbackend::router(sim.clone()),
-                rx.clone(),
-                "serve the simulated backend",
-            )));
+            let (mut stop, router) = (rx.clone(), simbackend::router(sim.clone()));
+            tasks.push(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                serve_h1_h2c(l, router, stop).await;
+                Ok(())
+            }));
         }
         tasks.push(tokio::spawn(gateway::health_loop(app.clone(), rx.clone())));
         tasks.push(tokio::spawn(gateway::tick_loop(app.clone(), rx.clone())));
@@ -533,5 +586,71 @@ mod tests {
         assert!(io.nodelay().unwrap());
         // A socket as the operating system makes it has Nagle on: the wrapper is what turns it off.
         assert!(!plain.nodelay().unwrap());
+    }
+
+    /// A backend server of this process answers HTTP/1.1 and HTTP/2 without TLS; one HTTP/2
+    /// connection carries more streams at once than hyper's default limit (200); and on stop it
+    /// finishes the request in flight before it returns.
+    #[tokio::test]
+    async fn backend_servers_speak_http1_and_h2c_with_many_streams_per_connection() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        const STREAMS: usize = 300;
+        let together = Arc::new(tokio::sync::Barrier::new(STREAMS));
+        let started = Arc::new(tokio::sync::Notify::new());
+        let router = {
+            let started = started.clone();
+            axum::Router::new()
+                .route(
+                    "/version",
+                    axum::routing::get(|req: axum::extract::Request| async move { format!("{:?}", req.version()) }),
+                )
+                // Each answers only once all STREAMS have arrived (or, if they cannot, after 20 s).
+                .route(
+                    "/together",
+                    axum::routing::get(move || {
+                        let b = together.clone();
+                        async move {
+                            match tokio::time::timeout(Duration::from_secs(20), b.wait()).await {
+                                Ok(_) => "met",
+                                Err(_) => "alone",
+                            }
+                        }
+                    }),
+                )
+                .route(
+                    "/slow",
+                    axum::routing::get(move || {
+                        let started = started.clone();
+                        async move {
+                            started.notify_one();
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            "finished"
+                        }
+                    }),
+                )
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(super::serve_h1_h2c(l, router, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        let h1 = reqwest::Client::new();
+        let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+        let get = |c: &reqwest::Client, path: &str| c.get(format!("http://{addr}{path}")).send();
+        assert_eq!(get(&h1, "/version").await.unwrap().text().await.unwrap(), "HTTP/1.1");
+        assert_eq!(get(&h2, "/version").await.unwrap().text().await.unwrap(), "HTTP/2.0");
+        let all = futures::future::join_all(
+            (0..STREAMS).map(|_| async { get(&h2, "/together").await.unwrap().text().await.unwrap() }),
+        )
+        .await;
+        let alone = all.iter().filter(|t| *t != "met").count();
+        assert_eq!(alone, 0, "{alone} of {STREAMS} streams did not run at the same time as the others");
+        let slow = tokio::spawn(get(&h2, "/slow"));
+        started.notified().await;
+        stop.send(true).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap().text().await.unwrap(), "finished");
+        tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server returns once idle").unwrap();
     }
 }

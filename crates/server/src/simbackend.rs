@@ -118,9 +118,7 @@ pub fn serve_elsewhere(app: &crate::App, listener: tokio::net::TcpListener) -> a
     let sim = app.sim.clone().ok_or_else(|| anyhow::anyhow!("the platform runs no simulated backend"))?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(crate::nodelay(listener), router(sim)).await {
-            tracing::error!(error = %e, "the simulated backend stopped");
-        }
+        crate::serve_h1_h2c(listener, router(sim), std::future::pending()).await;
     });
     *app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(base.clone());
     Ok(base)

@@ -65,6 +65,7 @@ impl Platform {
             account_rate_per_s: 1_000.0,
             sim_backend_listen: sim.then(|| "127.0.0.1:0".parse().unwrap()),
             backends,
+            sim_backend_http1: false,
             backtest_fleets: vec![],
         };
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
@@ -1197,6 +1198,59 @@ async fn a_finished_stream_leaves_its_backend_connection_open_for_the_next_reque
     let used = peers.lock().unwrap().len();
     assert!(used <= 2, "6 streams one after the other opened {used} connections to the backend");
     assert_eq!(p.usage("keepalive").await.len(), 6);
+    p.stop().await;
+}
+
+/// A backend configured with `http2=true` is called over HTTP/2 without TLS, and its streams
+/// share one connection: requests at once, each answered in full and metered once.
+#[tokio::test]
+async fn an_http2_backend_serves_concurrent_streams_over_one_connection() {
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    let upstream = sim_replica().await;
+    let seen: Arc<Mutex<Vec<(SocketAddr, axum::http::Version)>>> = Arc::default();
+    let backend = {
+        let seen = seen.clone();
+        replica_models(upstream.clone()).route(
+            "/v1/chat/completions",
+            axum::routing::post(
+                move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+                      req: axum::extract::Request| {
+                    let (seen, up) = (seen.clone(), upstream.clone());
+                    async move {
+                        seen.lock().unwrap().push((peer, req.version()));
+                        let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+                        let r = upstream_chat(&up, body).await;
+                        axum::response::Response::builder()
+                            .status(r.status().as_u16())
+                            .header("content-type", r.headers()["content-type"].clone())
+                            .body(axum::body::Body::from_stream(r.bytes_stream()))
+                            .unwrap()
+                    }
+                },
+            ),
+        )
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, backend.into_make_service_with_connect_info::<SocketAddr>()).await });
+    let config = format!("url=http://{addr}/v1,model=llama-3-8b,slots=4,http2=true");
+    let backend = hcp_server::gateway::BackendConfig::parse(&config).unwrap();
+    assert!(backend.http2);
+    let p = Platform::start_with("gateway-http2", false, vec![backend]).await;
+    let all = (0..4).map(|i| p.infer("/v1/chat/completions", DEMO, chat(30, i % 2 == 0, true), &[("x-hcp-tag", "h2")]));
+    for r in futures::future::join_all(all).await {
+        assert_eq!(r.status(), StatusCode::OK);
+        let text = r.text().await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n") || text.contains("\"choices\""), "{text}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen.iter().all(|(_, v)| *v == axum::http::Version::HTTP_2), "{seen:?}");
+    let peers: HashSet<_> = seen.iter().map(|(peer, _)| *peer).collect();
+    assert_eq!(peers.len(), 1, "four requests at once share one connection: {seen:?}");
+    assert_eq!(p.usage("h2").await.len(), 4);
     p.stop().await;
 }
 
