@@ -308,8 +308,8 @@ pub struct Arms {
     /// LiteLLM's proxy binary, for a third arm.
     pub litellm: Option<String>,
     pub split_cores: bool,
-    /// The gateway calls the simulated backend over HTTP/1.1 instead of HTTP/2.
-    pub sim_backend_http1: bool,
+    /// The gateway calls the simulated backend over HTTP/2 (else HTTP/1.1).
+    pub backend_http2: bool,
 }
 
 pub fn gateway(
@@ -319,7 +319,7 @@ pub fn gateway(
     max_tokens: u32,
     arms: Arms,
 ) -> Result<std::process::ExitCode> {
-    let Arms { litellm, split_cores, sim_backend_http1 } = arms;
+    let Arms { litellm, split_cores, backend_http2 } = arms;
     if streams == 0 || secs.is_nan() || secs <= 0.0 {
         bail!("--streams and --seconds: must be > 0");
     }
@@ -341,7 +341,7 @@ pub fn gateway(
         account_rate_per_s: 1e6,
         sim_backend_listen: Some("127.0.0.1:0".parse()?),
         backends: vec![],
-        sim_backend_http1,
+        sim_backend_http2: backend_http2,
         backtest_fleets: vec![],
     };
     // The platform on a runtime of its own, the clients on another: a client task never waits in
@@ -412,7 +412,7 @@ pub fn gateway(
             "max_tokens": max_tokens,
             "replicas": replicas.len(),
             "split_cores": place.platform_cpus.as_ref().map(|c| json!({"platform_cpus": c})),
-            "gateway_to_backend": if sim_backend_http1 { "HTTP/1.1" } else { "HTTP/2 (h2c)" },
+            "gateway_to_backend": if backend_http2 { "HTTP/2 (h2c)" } else { "HTTP/1.1" },
             "router_slots": router["slots"],
             "router_bands": router["bands"],
             "fronts": results,

@@ -42,10 +42,9 @@ pub struct GatewayArgs {
     /// Do not start the simulated backend (route only to --backend servers).
     #[arg(long)]
     pub no_sim_backend: bool,
-    /// Call the simulated backend over HTTP/1.1, one connection per stream, instead of
-    /// multiplexing every stream over one HTTP/2 connection (for comparisons).
-    #[arg(long)]
-    pub sim_backend_http1: bool,
+    /// How the gateway calls the simulated backend.
+    #[arg(long, value_enum, default_value = "http2")]
+    pub sim_backend_protocol: Protocol,
     /// A real OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp):
     /// url=http://HOST:PORT/v1,model=NAME[,slots=N][,kv_tokens=N][,gpus=N][,site=ID][,http2=true]
     /// (http2: it speaks HTTP/2 without TLS; all streams to it share one connection). Repeatable.
@@ -173,9 +172,10 @@ enum BenchWhat {
         /// simulated backend on the other half: the gateway measured on cores of its own.
         #[arg(long)]
         split_cores: bool,
-        /// The gateway calls the simulated backend over HTTP/1.1 instead of HTTP/2.
-        #[arg(long)]
-        sim_backend_http1: bool,
+        /// How the gateway calls the simulated backend (HTTP/1.1: as vLLM, SGLang or TGI are
+        /// called).
+        #[arg(long, value_enum, default_value = "http1")]
+        backend_protocol: Protocol,
     },
     /// Simulator throughput: one hour of the reference fleet per device at 10 s steps, and one
     /// year per cohort at 15-minute steps.
@@ -243,6 +243,17 @@ enum BenchWhat {
         #[arg(long, default_value_t = 400)]
         events: usize,
     },
+}
+
+/// How the gateway calls the simulated backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// HTTP/1.1, a connection per stream in flight: each token is a write and a read of its own.
+    Http1,
+    /// HTTP/2 without TLS, every stream on one connection: one write and one read carry the
+    /// tokens of many streams (less CPU per request under load; at light load a stream's first
+    /// token passes two more tasks).
+    Http2,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -320,9 +331,10 @@ pub fn main() -> ExitCode {
             crate::bench_gateway::metering(json, events, writers)
         }
         Command::Bench {
-            what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm, split_cores, sim_backend_http1 },
+            what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm, split_cores, backend_protocol },
         } => {
-            let arms = crate::bench_gateway::Arms { litellm, split_cores, sim_backend_http1 };
+            let arms =
+                crate::bench_gateway::Arms { litellm, split_cores, backend_http2: backend_protocol == Protocol::Http2 };
             crate::bench_gateway::gateway(json, streams, seconds, max_tokens, arms)
         }
         Command::Bench { what: BenchWhat::Switching { json, fleet, events } } => {

@@ -113,7 +113,7 @@ fn serve_with(
         demo_tenant_key: secret_env("HCP_DEMO_TENANT_KEY"),
         account_rate_per_s: account_rate()?,
         sim_backend_listen: (!gateway.no_sim_backend).then_some(gateway.sim_backend_listen),
-        sim_backend_http1: gateway.sim_backend_http1,
+        sim_backend_http2: gateway.sim_backend_protocol == crate::cli::Protocol::Http2,
         backends: gateway.backends,
         backtest_fleets: vec![load_fleet(None, SMALL_FLEET)?, load_fleet(None, REFERENCE_FLEET)?],
     };

@@ -936,3 +936,31 @@ fn relay(
     };
     Box::pin(futures::stream::unfold(r, |mut r| async move { r.next().await.map(|b| (Ok(b), r)) }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BackendConfig;
+
+    /// A backend's configuration parses with its defaults, and each bad part is refused with
+    /// the field and the rule.
+    #[test]
+    fn backend_configs_parse_and_name_what_is_wrong() {
+        let b = BackendConfig::parse("url=http://10.0.0.5:8000/v1/,model=llama-3-8b").unwrap();
+        assert_eq!((b.url.as_str(), b.slots, b.gpus, b.http2), ("http://10.0.0.5:8000/v1", 64, 1, false));
+        let b = BackendConfig::parse("url=http://h:8000/v1,model=m,slots=8,site=tx-west,http2=true").unwrap();
+        assert_eq!((b.slots, b.site.as_str(), b.http2), (8, "tx-west", true));
+        for (bad, says) in [
+            ("model=m", "backend.url: must start with http:// or https://"),
+            ("url=http://h/v1", "backend.model: is required"),
+            ("url=http://h/v1,model=m,slots=0", "backend.slots, gpus, kv_tokens: must be >= 1"),
+            ("url=http://h/v1,model=m,slots=many", "backend.slots: must be a whole number"),
+            ("url=http://h/v1,model=m,http2=yes", "backend.http2: must be true or false"),
+            ("url=https://h/v1,model=m,http2=true", "backend.http2: is for http:// servers (HTTP/2 without TLS)"),
+            ("url=http://h/v1,model=m,colour=red", "backend.colour: unknown"),
+            ("url=http://h/v1,model", "backend: \"model\" must be key=value"),
+        ] {
+            let e = BackendConfig::parse(bad).unwrap_err();
+            assert!(e.starts_with(says), "{bad}: {e}");
+        }
+    }
+}

@@ -58,9 +58,10 @@ pub struct Config {
     pub account_rate_per_s: f64,
     /// Where the simulated GPU backend listens (API processes only); None: not started.
     pub sim_backend_listen: Option<SocketAddr>,
-    /// The gateway calls the simulated backend over HTTP/1.1 (a connection per stream, as most
-    /// OpenAI servers are called) instead of HTTP/2; for comparisons.
-    pub sim_backend_http1: bool,
+    /// The gateway calls the simulated backend over HTTP/2 without TLS, every stream on one
+    /// connection (less CPU per request under load); else over HTTP/1.1, a connection per stream
+    /// (as vLLM, SGLang or TGI are called).
+    pub sim_backend_http2: bool,
     /// Real OpenAI-compatible servers the gateway may route to, besides the simulated fleet.
     pub backends: Vec<gateway::BackendConfig>,
     /// Fleets a backtest from the API may run besides the platform's own.
@@ -451,7 +452,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         started_wall_ms: wall_ms(),
         reads: reads::ReadCache::default(),
         router: std::sync::Mutex::new(routing::RouterState::new(&cfg.fleet.served_model.id)),
-        gateway: gateway::Gateway::new(cfg.backends.clone(), !cfg.sim_backend_http1),
+        gateway: gateway::Gateway::new(cfg.backends.clone(), cfg.sim_backend_http2),
         meter: metering::Meter::start(store.clone()),
         sim: (cfg.api && cfg.sim_backend_listen.is_some())
             .then(|| Arc::new(simbackend::SimBackend::new(cfg.fleet.clone()))),

@@ -65,7 +65,7 @@ impl Platform {
             account_rate_per_s: 1_000.0,
             sim_backend_listen: sim.then(|| "127.0.0.1:0".parse().unwrap()),
             backends,
-            sim_backend_http1: false,
+            sim_backend_http2: true,
             backtest_fleets: vec![],
         };
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();

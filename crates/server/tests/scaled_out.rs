@@ -71,7 +71,8 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
         account_rate_per_s: 1_000.0,
         sim_backend_listen: Some("127.0.0.1:0".parse().unwrap()),
         backends: vec![],
-        sim_backend_http1: false,
+        // HTTP/1.1 here, HTTP/2 in the single-process tests: both ways to the backend are run.
+        sim_backend_http2: false,
         backtest_fleets: vec![],
     };
     // The API first, subscribed, then the dispatcher: its first intervals reach the stream.
