@@ -155,31 +155,42 @@ impl Gateway {
         }
     }
 
+    /// The server of a replica: a configured backend (None: an id past the last one), or the
+    /// simulated backend (fleet replicas).
+    fn server(&self, id: i64) -> Option<Option<&BackendConfig>> {
+        match u32::try_from(id) {
+            Ok(i) if i >= BACKEND_ID_BASE => Some(self.backends.get((i - BACKEND_ID_BASE) as usize)),
+            _ => None,
+        }
+    }
+
+    /// The simulated backend's base URL, once it listens.
+    fn sim(&self) -> Option<String> {
+        self.sim_base.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The client that calls a replica's server.
-    fn client(&self, r: i64) -> &reqwest::Client {
-        let http2 = match u32::try_from(r) {
-            Ok(i) if i >= BACKEND_ID_BASE => self.backends.get((i - BACKEND_ID_BASE) as usize).is_some_and(|b| b.http2),
-            _ => self.sim_http2,
+    fn client(&self, id: i64) -> &reqwest::Client {
+        let http2 = match self.server(id) {
+            Some(b) => b.is_some_and(|b| b.http2),
+            None => self.sim_http2,
         };
         if http2 { &self.h2c } else { &self.client }
     }
 
     /// The base URL of a replica's OpenAI API.
     fn base(&self, r: ReplicaId) -> Option<String> {
-        if r.0 >= BACKEND_ID_BASE {
-            return self.backends.get((r.0 - BACKEND_ID_BASE) as usize).map(|b| b.url.clone());
+        match self.server(i64::from(r.0)) {
+            Some(b) => b.map(|b| b.url.clone()),
+            None => self.sim().map(|s| format!("{s}/r/{}/v1", r.0)),
         }
-        let sim = self.sim_base.lock().unwrap_or_else(|e| e.into_inner());
-        sim.as_ref().map(|s| format!("{s}/r/{}/v1", r.0))
     }
 
     /// The URL a replica's health is checked at (one for all replicas of the simulated backend).
     fn health_url(&self, id: i64) -> Option<String> {
-        match u32::try_from(id) {
-            Ok(i) if i >= BACKEND_ID_BASE => {
-                self.backends.get((i - BACKEND_ID_BASE) as usize).map(|b| format!("{}/models", b.url))
-            }
-            _ => self.sim_base.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| format!("{s}/healthz")),
+        match self.server(id) {
+            Some(b) => b.map(|b| format!("{}/models", b.url)),
+            None => self.sim().map(|s| format!("{s}/healthz")),
         }
     }
 }

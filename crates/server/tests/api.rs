@@ -1130,6 +1130,16 @@ async fn upstream_chat(up: &str, body: axum::body::Bytes) -> reqwest::Response {
         .unwrap()
 }
 
+/// The replica at `up`'s answer to a chat completion request, relayed as it comes.
+async fn relay_chat(up: &str, body: axum::body::Bytes) -> axum::response::Response {
+    let r = upstream_chat(up, body).await;
+    axum::response::Response::builder()
+        .status(r.status().as_u16())
+        .header("content-type", r.headers()["content-type"].clone())
+        .body(axum::body::Body::from_stream(r.bytes_stream()))
+        .unwrap()
+}
+
 /// A test server's `/v1/models` (the gateway's health check), answered by the replica at `up`.
 fn replica_models(up: String) -> axum::Router {
     axum::Router::new().route(
@@ -1221,12 +1231,7 @@ async fn an_http2_backend_serves_concurrent_streams_over_one_connection() {
                     async move {
                         seen.lock().unwrap().push((peer, req.version()));
                         let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
-                        let r = upstream_chat(&up, body).await;
-                        axum::response::Response::builder()
-                            .status(r.status().as_u16())
-                            .header("content-type", r.headers()["content-type"].clone())
-                            .body(axum::body::Body::from_stream(r.bytes_stream()))
-                            .unwrap()
+                        relay_chat(&up, body).await
                     }
                 },
             ),
@@ -1275,12 +1280,7 @@ async fn a_failed_request_holds_its_replica_out_of_new_work_without_cutting_its_
                             .body(axum::body::Body::from("down"))
                             .unwrap();
                     }
-                    let r = upstream_chat(&up, body).await;
-                    axum::response::Response::builder()
-                        .status(r.status().as_u16())
-                        .header("content-type", r.headers()["content-type"].clone())
-                        .body(axum::body::Body::from_stream(r.bytes_stream()))
-                        .unwrap()
+                    relay_chat(&up, body).await
                 }
             }),
         )
