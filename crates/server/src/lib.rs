@@ -387,6 +387,7 @@ pub async fn serve_h1_h2c(
     router: axum::Router,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    use axum::serve::Listener;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
@@ -394,22 +395,14 @@ pub async fn serve_h1_h2c(
     builder.http2().max_concurrent_streams(H2_MAX_STREAMS);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
+    // Accepted as `axum::serve` accepts (errors such as running out of file descriptors are
+    // logged and waited out), with Nagle off.
+    let mut listener = nodelay(listener);
     loop {
-        let tcp = tokio::select! {
-            a = listener.accept() => match a {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    // Out of file descriptors and the like: the connections being served go on.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let (tcp, _) = tokio::select! {
+            c = listener.accept() => c,
             () = &mut stop => break,
         };
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
-        }
         let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone())).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
