@@ -99,6 +99,19 @@ pub struct Commitment {
     pub program: GridProgram,
     pub kind: ReduceKind,
     pub respond_by_ms: i64,
+    /// The version of the operator's grid-commitment policy this commitment comes from (`None`
+    /// when it comes from elsewhere, such as a backtest's assumed commitment).
+    pub policy_version: Option<u32>,
+}
+
+/// An operator's strike price holding one ASIC model of a site asleep: the price was above it for
+/// the policy's dwell.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StrikeHold {
+    pub strike_usd_per_mwh: f64,
+    /// The last known price the hold was decided on.
+    pub price_usd_per_mwh: f64,
+    pub policy_version: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -151,6 +164,15 @@ pub enum Reason {
         program: GridProgram,
         limit_mw: f64,
         respond_by_ms: i64,
+        policy_version: Option<u32>,
+    },
+    /// The operator's strike policy: the model sleeps while the price is above its strike.
+    Strike {
+        site: SiteIdx,
+        model: String,
+        price_usd_per_mwh: f64,
+        strike_usd_per_mwh: f64,
+        policy_version: u32,
     },
     /// The price feed is stale; the safe policy applies.
     StalePrice {
@@ -277,6 +299,8 @@ struct Group {
     local_feeder: usize,
     /// Bumped whenever `prefix_w` changes (invalidates cached cap counts).
     version: u64,
+    /// The operator's strike holds the group asleep.
+    strike: Option<StrikeHold>,
 }
 
 /// Cap counts of a site, kept while nothing they depend on changes.
@@ -494,6 +518,7 @@ impl Dispatcher {
                 irregular_w: None,
                 local_feeder: 0,
                 version: 0,
+                strike: None,
             });
             d.resort(gi);
         }
@@ -574,6 +599,20 @@ impl Dispatcher {
             self.efficiency[i] = e;
             self.resort(self.group_of[i] as usize);
         }
+    }
+
+    /// Holds (or, with `None`, frees) the ASICs of `model` at `site` asleep by the operator's
+    /// strike price. Returns how many groups it touched (0: the site has no such model).
+    pub fn hold_by_strike(&mut self, site: SiteIdx, model: &str, hold: Option<StrikeHold>) -> usize {
+        let mut n = 0;
+        for &gi in &self.site_groups[site.index()] {
+            let g = &mut self.groups[gi];
+            if g.model_id == model {
+                g.strike = hold;
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn set_maintenance(&mut self, device: DeviceIdx, on: bool) {
@@ -826,6 +865,7 @@ impl Dispatcher {
                     program: c.program,
                     limit_mw: limit / 1e6,
                     respond_by_ms: c.respond_by_ms,
+                    policy_version: c.policy_version,
                 });
                 site_reason = Some(plan.reasons.len() as u32 - 1);
             }
@@ -903,9 +943,22 @@ impl Dispatcher {
                     self.groups[gi].anchor_price = Some(decided);
                 }
                 let g = &self.groups[gi];
-                let econ = if stale { 0 } else { g.count_above(decided, scale[k]) };
+                let held = if stale { None } else { g.strike };
+                let econ = if stale || held.is_some() { 0 } else { g.count_above(decided, scale[k]) };
                 let n = econ.min(caps[k]);
                 let mut forced = if stale { site_reason } else { None };
+                if let Some(h) = held
+                    && (g.cut != n || g.irregular_w.is_some())
+                {
+                    plan.reasons.push(Reason::Strike {
+                        site,
+                        model: g.model_id.clone(),
+                        price_usd_per_mwh: h.price_usd_per_mwh,
+                        strike_usd_per_mwh: h.strike_usd_per_mwh,
+                        policy_version: h.policy_version,
+                    });
+                    forced = Some(plan.reasons.len() as u32 - 1);
+                }
                 if n < econ {
                     forced = cap_reason;
                     if hit[k] && site_reason.is_none() {

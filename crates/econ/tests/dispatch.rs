@@ -122,6 +122,7 @@ fn a_grid_commitment_is_met_at_once_with_its_reason() {
         program: GridProgram::Ers10,
         kind: ReduceKind::By { mw: 0.3, baseline_mw: before / 1e6 },
         respond_by_ms: 600_000,
+        policy_version: None,
     };
     let p = d.plan(1, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[c]);
     let after = site_w(&d, &f);
@@ -145,6 +146,7 @@ fn gpus_are_capped_only_when_the_asics_cannot_make_room() {
         program: GridProgram::Ers10,
         kind: ReduceKind::To { mw: 0.2 },
         respond_by_ms: 600_000,
+        policy_version: None,
     };
     let p = d.plan(1, &sig(20.0, 1), 50.0, &[gpu], &[ers]);
     assert!(levels(&d, 0..200).iter().all(|&l| l == 0));
@@ -259,6 +261,7 @@ fn minimum_on_time_underclocks_instead_of_stopping_unless_a_cap_forces_it() {
         program: GridProgram::Ers10,
         kind: ReduceKind::To { mw: 0.1 },
         respond_by_ms: 660_000,
+        policy_version: None,
     };
     for i in 0..200 {
         d.observe(DeviceIdx(i), 61_000, 1.0, false);
@@ -381,7 +384,7 @@ proptest! {
             d.set_maintenance(DeviceIdx(*m), true);
         }
         let commitments: Vec<Commitment> = reduce
-            .map(|mw| Commitment { site: SiteIdx(0), program: GridProgram::Ecrs, kind: ReduceKind::To { mw }, respond_by_ms: 0 })
+            .map(|mw| Commitment { site: SiteIdx(0), program: GridProgram::Ecrs, kind: ReduceKind::To { mw }, respond_by_ms: 0, policy_version: None })
             .into_iter()
             .collect();
         for (t, price) in prices.iter().enumerate() {
@@ -510,4 +513,28 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_strike_hold_sleeps_its_model_with_the_policy_named() {
+    let f = fleet(FLEET);
+    let mut d = Dispatcher::new(&f, cfg(), 0);
+    d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget::default()], &[]);
+    let model = f.catalogue.asics[0].id.clone();
+    let hold = hcp_econ::dispatch::StrikeHold { strike_usd_per_mwh: 15.0, price_usd_per_mwh: 20.0, policy_version: 3 };
+    assert!(d.hold_by_strike(SiteIdx(0), &model, Some(hold)) > 0);
+    assert_eq!(d.hold_by_strike(SiteIdx(0), "no-such-model", Some(hold)), 0);
+    // The price alone would keep every ASIC running; the strike sleeps them, and says so.
+    let p = d.plan(1, &sig(20.0, 1), 50.0, &[GpuBudget::default()], &[]);
+    assert!(!p.changes.is_empty());
+    for c in &p.changes {
+        assert_eq!(c.to_level, 0);
+        let r = &p.reasons[c.reason as usize];
+        assert!(matches!(r, Reason::Strike { policy_version: 3, .. }), "{r:?}");
+    }
+    // Freed: the next plan restores them on price.
+    d.hold_by_strike(SiteIdx(0), &model, None);
+    let p = d.plan(2, &sig(20.0, 2), 50.0, &[GpuBudget::default()], &[]);
+    assert!(p.changes.iter().all(|c| c.to_level > 0));
+    assert!(!p.changes.is_empty());
 }

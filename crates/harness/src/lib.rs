@@ -8,11 +8,12 @@
 //! parsed inputs and receives rows through a callback.
 
 pub mod backtest;
-pub mod capacity;
-pub mod controller;
+pub mod drive;
 pub mod plane;
-pub mod policies;
 pub mod replay;
+pub mod world;
+
+pub use hcp_engine::{capacity, controller, policies};
 pub mod run;
 
 pub use controller::{Baseline, BaselineMode, Controller, DecisionContext};

@@ -6,7 +6,8 @@ use std::fmt;
 macro_rules! dense_id {
     ($(#[$doc:meta])* $name:ident, $int:ty) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+        #[serde(transparent)]
         pub struct $name(pub $int);
         impl $name {
             pub fn index(self) -> usize {

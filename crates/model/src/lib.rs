@@ -15,5 +15,5 @@ pub mod units;
 pub use device::{AsicModel, Catalogue, Cooling, GpuForm, GpuModel, ModelRef, ServedModel};
 pub use fleet::{Fleet, FleetError, Group, Reliability};
 pub use ids::*;
-pub use time::SimTime;
+pub use time::{DemoClock, MarketClock, SimTime, WallTime};
 pub use units::MicroUsd;

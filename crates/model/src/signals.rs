@@ -33,7 +33,7 @@ pub struct GridSignal {
 }
 
 /// Grid programs a large flexible load can sell into (economics.md section 5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub enum GridProgram {
     /// Load resource on an under-frequency relay; trips near 59.7 Hz.
     ResponsiveReserve,

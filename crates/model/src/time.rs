@@ -8,8 +8,58 @@
 use std::fmt;
 
 /// A point in simulated (market-local) time, in milliseconds since 1970-01-01T00:00:00.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct SimTime(pub i64);
+
+/// Wall-clock time: milliseconds since 1970-01-01T00:00:00 UTC, as a real clock gives it. Its
+/// own type, so that nothing mixes it with [`SimTime`] by accident: [`MarketClock`] (live mode)
+/// and [`DemoClock`] (accelerated simulation) are the only conversions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WallTime(pub i64);
+
+/// Live mode: market time is wall-clock time at the market's fixed offset from UTC (ERCOT's
+/// Central Standard Time: -6 h; a market that shifts for daylight saving is given its standard
+/// offset, and its published local times carry the DST flag the feed adapter reads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarketClock {
+    pub utc_offset_ms: i64,
+}
+
+impl MarketClock {
+    pub const ERCOT: MarketClock = MarketClock { utc_offset_ms: -6 * 3_600_000 };
+
+    pub fn market_time(&self, w: WallTime) -> SimTime {
+        SimTime(w.0 + self.utc_offset_ms)
+    }
+
+    pub fn wall_time(&self, t: SimTime) -> WallTime {
+        WallTime(t.0 - self.utc_offset_ms)
+    }
+}
+
+/// Demo mode: simulated time starts at `sim_start` when the wall clock reads `wall_start` and runs
+/// `speed` times as fast.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DemoClock {
+    pub wall_start: WallTime,
+    pub sim_start: SimTime,
+    pub speed: f64,
+}
+
+impl DemoClock {
+    /// Simulated time at a wall-clock time (never before `sim_start`).
+    pub fn sim_time(&self, w: WallTime) -> SimTime {
+        let elapsed = (w.0 - self.wall_start.0).max(0) as f64;
+        SimTime(self.sim_start.0 + (elapsed * self.speed) as i64)
+    }
+
+    /// The wall-clock time at which simulated time reaches `t`.
+    pub fn wall_time(&self, t: SimTime) -> WallTime {
+        let sim = (t.0 - self.sim_start.0).max(0) as f64;
+        WallTime(self.wall_start.0 + (sim / self.speed.max(1e-9)).ceil() as i64)
+    }
+}
 
 /// Milliseconds per second, minute, hour, day.
 pub const MS_PER_S: i64 = 1_000;

@@ -192,6 +192,17 @@ impl Agents {
         self.agents.is_empty()
     }
 
+    /// What a device draws now, as its next report would say without noise (W).
+    pub fn power_w(&self, d: DeviceIdx) -> Option<f64> {
+        let a = self.agents.get(d.index())?;
+        Some(match (a.model, a.state) {
+            (ModelRef::Asic(_), Target::Run { power_w }) => power_w,
+            (ModelRef::Asic(m), Target::Sleep) => self.asic[m.index()].3,
+            (ModelRef::Gpu(_), Target::Run { power_w }) => power_w * 0.9,
+            (ModelRef::Gpu(m), Target::Sleep) => self.gpu_idle_w[m.index()],
+        })
+    }
+
     /// What a device is doing now (for tests and the API's simulated view).
     pub fn state(&self, d: DeviceIdx) -> Option<Target> {
         self.agents.get(d.index()).map(|a| a.state)

@@ -9,7 +9,9 @@
 //!   `curtail_after` intervals whose last known price is above the strike, resume after
 //!   `resume_after` intervals below; GPUs and caps as [`Baseline`].
 
-use hcp_econ::dispatch::{Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal};
+use hcp_econ::dispatch::{
+    Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal, StrikeHold,
+};
 use hcp_econ::plan::{PlanInput, PlannerConfig, Schedule};
 use hcp_model::fleet::{Fleet, Group};
 use hcp_model::{ModelRef, SimTime};
@@ -18,6 +20,7 @@ use hcp_sim::fleet::GroupTarget;
 use hcp_sim::gpu::GpuTarget;
 
 use crate::controller::{Baseline, BaselineMode, Controller, DecisionContext};
+use crate::io::{GridRule, StrikeRule};
 
 /// Online estimate of the coming interval's real-time price at one site: three simple
 /// predictors (persistence, persistence plus the day-ahead change, and the day-ahead price plus a
@@ -98,6 +101,22 @@ pub struct DispatchPolicy {
     idle_w: Vec<f64>,
     /// The last plan (changes and reasons), for inspection.
     pub last_plan: Option<Plan>,
+    /// The operator's strike policy, and its dwell state per (site, ASIC model).
+    pub strike: Option<StrikeRule>,
+    strike_state: std::collections::BTreeMap<(u16, String), StrikeParamsState>,
+    /// The operator's grid commitments: a deployment of a program at a site with a rule is
+    /// honoured by the rule's megawatts (and names its version).
+    pub grid_rules: Vec<GridRule>,
+    /// ASIC model ids present at each site.
+    site_models: Vec<Vec<String>>,
+}
+
+/// Dwell counters of one strike.
+#[derive(Clone, Debug, Default)]
+struct StrikeParamsState {
+    above: u32,
+    below: u32,
+    curtailed: bool,
 }
 
 /// Per site, the power its GPUs draw serving at their highest cap, and the least they draw serving
@@ -193,6 +212,23 @@ impl DispatchPolicy {
             peaks: vec![Default::default(); fleet.sites.len()],
             idle_w: fleet.asic_sleep_w_by_site(),
             last_plan: None,
+            strike: None,
+            strike_state: Default::default(),
+            grid_rules: vec![],
+            site_models: fleet
+                .sites
+                .iter()
+                .map(|site| {
+                    let mut m: Vec<String> = groups
+                        .iter()
+                        .filter(|g| g.site == site.idx && matches!(g.model, ModelRef::Asic(_)))
+                        .map(|g| fleet.model_id(g.model).to_string())
+                        .collect();
+                    m.sort();
+                    m.dedup();
+                    m
+                })
+                .collect(),
         }
     }
 
@@ -282,6 +318,53 @@ impl Controller for DispatchPolicy {
 }
 
 impl DispatchPolicy {
+    /// Advances the strike policy's dwell with each site's last known price and holds (or frees)
+    /// each site's ASIC models in the dispatcher.
+    fn apply_strike(&mut self, ctx: &DecisionContext) {
+        let Some(rule) = &self.strike else {
+            if !self.strike_state.is_empty() {
+                for ((s, m), _) in std::mem::take(&mut self.strike_state) {
+                    self.dispatcher.hold_by_strike(hcp_model::SiteIdx(s), &m, None);
+                }
+            }
+            return;
+        };
+        for (s, models) in self.site_models.iter().enumerate() {
+            let price = ctx.last_grid[s].rt_price_usd_per_mwh + ctx.energy_adder_usd_per_mwh;
+            for m in models {
+                let strike = rule.models.get(m).copied().or(rule.strike_usd_per_mwh);
+                let key = (s as u16, m.clone());
+                let Some(strike) = strike else {
+                    if self.strike_state.remove(&key).is_some() {
+                        self.dispatcher.hold_by_strike(hcp_model::SiteIdx(s as u16), m, None);
+                    }
+                    continue;
+                };
+                let st = self.strike_state.entry(key).or_default();
+                if price.is_finite() {
+                    if price > strike {
+                        st.above += 1;
+                        st.below = 0;
+                    } else {
+                        st.below += 1;
+                        st.above = 0;
+                    }
+                }
+                if !st.curtailed && st.above >= rule.curtail_after {
+                    st.curtailed = true;
+                } else if st.curtailed && st.below >= rule.resume_after {
+                    st.curtailed = false;
+                }
+                let hold = st.curtailed.then_some(StrikeHold {
+                    strike_usd_per_mwh: strike,
+                    price_usd_per_mwh: price,
+                    policy_version: rule.version,
+                });
+                self.dispatcher.hold_by_strike(hcp_model::SiteIdx(s as u16), m, hold);
+            }
+        }
+    }
+
     /// [`Controller::decide`], handing `on_first` the plan's first `first_changes` (or more) device
     /// changes, reductions first, before the rest of the plan exists: the engine sends the first
     /// command batch from them (see [`hcp_econ::dispatch::PlanRun`]).
@@ -298,16 +381,24 @@ impl DispatchPolicy {
         for s in 0..n_sites {
             let last = &ctx.last_grid[s];
             let next_da = ctx.day_ahead[s].first().copied().unwrap_or(f64::NAN);
-            let estimate =
-                self.estimators[s].update_and_estimate(last.rt_price_usd_per_mwh, last.da_price_usd_per_mwh, next_da);
-            let (price, ambient) = match ctx.actual {
-                Some(a) => (a[s].rt_price_usd_per_mwh, a[s].temperature_c),
-                None => (estimate, last.temperature_c),
+            // A price is published at the end of its interval; none known is as old as can be
+            // (the dispatcher's safe policy applies).
+            let known = last.rt_price_usd_per_mwh.is_finite();
+            let estimate = if known {
+                self.estimators[s].update_and_estimate(last.rt_price_usd_per_mwh, last.da_price_usd_per_mwh, next_da)
+            } else {
+                0.0
+            };
+            let published_ms = if known { last.at.0 + last.interval_ms } else { i64::MIN / 4 };
+            let (price, ambient, published_ms) = match ctx.actual {
+                Some(a) => (a[s].rt_price_usd_per_mwh, a[s].temperature_c, now),
+                None => (estimate, last.temperature_c, published_ms),
             };
             let ambient = if ambient.is_finite() { ambient } else { 25.0 };
             ambients.push(ambient);
-            signals.push(SiteSignal::new(price, now, ambient + ctx.fleet.sites[s].ambient_offset_c));
+            signals.push(SiteSignal::new(price, published_ms, ambient + ctx.fleet.sites[s].ambient_offset_c));
         }
+        self.apply_strike(ctx);
         // GPUs serve at their highest cap (their paying demand is worth far more than power) unless
         // an obligation needs more than the ASICs can give.
         let gpus = gpu_budgets(ctx.fleet, ctx.groups);
@@ -322,17 +413,24 @@ impl DispatchPolicy {
             };
         }
         let mut commitments = vec![];
-        if self.commit_mw > 0.0 {
-            for (s, deps) in ctx.deployments.iter().enumerate() {
-                for d in deps {
-                    let base = *self.baselines.entry((s as u16, d.notice_at.0)).or_insert(self.last_site_mw[s]);
-                    commitments.push(Commitment {
-                        site: hcp_model::SiteIdx(s as u16),
-                        program: d.program,
-                        kind: ReduceKind::By { mw: self.commit_mw * d.fraction, baseline_mw: base },
-                        respond_by_ms: d.respond_by.0,
-                    });
-                }
+        for (s, deps) in ctx.deployments.iter().enumerate() {
+            for d in deps {
+                // The operator's rule for this site and program, else the assumed commitment of a
+                // backtest; a deployment nobody committed to is not ours to answer.
+                let rule = self.grid_rules.iter().find(|r| r.site.index() == s && r.program == d.program);
+                let (mw, version) = match rule {
+                    Some(r) => (r.mw, Some(r.version)),
+                    None if self.commit_mw > 0.0 => (self.commit_mw, None),
+                    None => continue,
+                };
+                let base = *self.baselines.entry((s as u16, d.notice_at.0)).or_insert(self.last_site_mw[s]);
+                commitments.push(Commitment {
+                    site: hcp_model::SiteIdx(s as u16),
+                    program: d.program,
+                    kind: ReduceKind::By { mw: mw * d.fraction, baseline_mw: base },
+                    respond_by_ms: d.respond_by.0,
+                    policy_version: version,
+                });
             }
         }
         let mut run =
