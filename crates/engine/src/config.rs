@@ -298,7 +298,9 @@ mod tests {
         for (k, v) in table {
             let shown = match v {
                 toml::Value::String(s) => format!("`\"{s}\"`"),
-                other => format!("`{other}`"),
+                toml::Value::Integer(i) => format!("`{i}`"),
+                toml::Value::Float(f) => format!("`{f:?}`"),
+                other => format!("`{other:?}`"),
             };
             let row = doc.lines().find(|l| l.starts_with(&format!("| `{k}` |"))).unwrap_or_else(|| panic!("{k} missing"));
             assert!(row.contains(&shown), "{k}: default {shown} not in {row:?}");

@@ -336,6 +336,7 @@ pub fn gateway(
         seed: 1,
         // One interval at start, then quiet: the engine's work stays out of the measurement.
         speed: 1.0,
+        engine_config: Default::default(),
         admin_token: Some(ADMIN.into()),
         demo_tenant_key: Some(KEY.into()),
         account_rate_per_s: 1e6,

@@ -33,6 +33,35 @@ struct Cli {
     command: Command,
 }
 
+/// The control core's tunables (docs/engine-config.md): defaults, then the file, then each --engine-set.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct EngineArgs {
+    /// TOML file of engine settings (docs/engine-config.md lists every field, unit and default).
+    #[arg(long)]
+    pub engine_config: Option<PathBuf>,
+    /// One engine setting, NAME=VALUE, applied after the file (repeatable).
+    #[arg(long = "engine-set", value_name = "NAME=VALUE")]
+    pub engine_set: Vec<String>,
+}
+
+impl EngineArgs {
+    /// Resolves the engine's configuration once; a bad file or setting names the field.
+    pub fn resolve(&self) -> anyhow::Result<hcp_engine::EngineConfig> {
+        let mut cfg = match &self.engine_config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--engine-config {}: {e}", p.display()))?;
+                hcp_engine::EngineConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            }
+            None => hcp_engine::EngineConfig::default(),
+        };
+        for kv in &self.engine_set {
+            let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--engine-set {kv:?}: expected NAME=VALUE"))?;
+            cfg.set(k.trim(), v.trim()).map_err(|e| anyhow::anyhow!("--engine-set: {e}"))?;
+        }
+        Ok(cfg)
+    }
+}
+
 /// The inference gateway's backends.
 #[derive(clap::Args, Clone, Debug)]
 pub struct GatewayArgs {
@@ -74,6 +103,8 @@ enum Command {
         speed: f64,
         #[command(flatten)]
         gateway: GatewayArgs,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Run one role of the scaled-out platform against shared storage and bus.
     Serve {
@@ -95,6 +126,8 @@ enum Command {
         speed: f64,
         #[command(flatten)]
         gateway: GatewayArgs,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Apply storage migrations (the store of --data-dir, or --store URL) and exit.
     Migrate {
@@ -311,11 +344,13 @@ struct SimArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up { fleet, data_dir, listen, seed, speed, gateway } => {
-            crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed, gateway)
+        Command::Up { fleet, data_dir, listen, seed, speed, gateway, engine } => {
+            engine.resolve().and_then(|e| crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed, gateway, e))
         }
-        Command::Serve { role, store, bus, fleet, listen, seed, speed, gateway } => {
-            crate::serve::serve(fleet.as_deref(), role, &store, bus.as_deref(), listen, seed, speed, gateway)
+        Command::Serve { role, store, bus, fleet, listen, seed, speed, gateway, engine } => {
+            engine.resolve().and_then(|e| {
+                crate::serve::serve(fleet.as_deref(), role, &store, bus.as_deref(), listen, seed, speed, gateway, e)
+            })
         }
         Command::Migrate { store, data_dir } => crate::serve::migrate(store.as_deref(), &data_dir),
         Command::Health { url } => crate::serve::health(&url),

@@ -94,6 +94,7 @@ fn serve_with(
     speed: f64,
     gateway: GatewayArgs,
     print_credentials: bool,
+    engine_config: hcp_engine::EngineConfig,
 ) -> Result<ExitCode> {
     let traces = logging()?;
     if !(speed.is_finite() && speed > 0.0 && speed <= 1e6) {
@@ -109,6 +110,7 @@ fn serve_with(
         api: role != Role::Dispatcher,
         seed,
         speed,
+        engine_config,
         admin_token: secret_env("HCP_ADMIN_TOKEN"),
         demo_tenant_key: secret_env("HCP_DEMO_TENANT_KEY"),
         account_rate_per_s: account_rate()?,
@@ -174,6 +176,7 @@ fn redact(url: &str) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn up(
     fleet: Option<&Path>,
     data_dir: &Path,
@@ -181,9 +184,10 @@ pub fn up(
     seed: u64,
     speed: f64,
     gateway: GatewayArgs,
+    engine: hcp_engine::EngineConfig,
 ) -> Result<ExitCode> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("create data directory {}", data_dir.display()))?;
-    serve_with(fleet, Config::data_dir_store(data_dir), None, listen, Role::All, seed, speed, gateway, true)
+    serve_with(fleet, Config::data_dir_store(data_dir), None, listen, Role::All, seed, speed, gateway, true, engine)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -196,8 +200,9 @@ pub fn serve(
     seed: u64,
     speed: f64,
     gateway: GatewayArgs,
+    engine: hcp_engine::EngineConfig,
 ) -> Result<ExitCode> {
-    serve_with(fleet, store.to_string(), bus.map(str::to_string), listen, role, seed, speed, gateway, true)
+    serve_with(fleet, store.to_string(), bus.map(str::to_string), listen, role, seed, speed, gateway, true, engine)
 }
 
 pub fn migrate(store: Option<&str>, data_dir: &Path) -> Result<ExitCode> {

@@ -1,22 +1,27 @@
-//! The engine loop of `hcp up`: the simulated sites, market and grid (the seeded harness) with the
-//! economic dispatcher deciding every interval, run on a worker thread at `speed` simulated seconds
-//! per wall second. Each interval's plan, decisions with their reasons, site power split and signals
+//! The server's engine shell: it feeds the sans-IO control core (`hcp-engine`) and records what
+//! it decides. Demo mode (the only world the server drives today): the simulated world of
+//! `hcp-harness::world` (grid, market, deployments and the devices' agents) steps the core on
+//! simulated time paced by [`DemoClock`], `speed` simulated seconds per wall second, on a worker
+//! thread. Operator actions (maintenance, policies) reach the core from the bus and from storage at
+//! start. Each decision's plan, decisions with their reasons, site power split, signals and P&L
 //! are written to storage first and then announced on the bus (`hcp.interval.<site>`,
 //! `hcp.decision.<site>`, `hcp.plan`), so that what a subscriber sees is always in storage.
+//! Stopping stops: the worker checks the stop flag at least every 50 ms of wall time.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hcp_econ::dispatch::{DispatchConfig, Plan, Reason};
+use hcp_econ::dispatch::Reason;
+use hcp_engine::io::{Decided, Input, Output, PolicyUpdate, SiteInterval};
+use hcp_engine::EngineConfig;
 use hcp_fleet::{Event, Outcome, Scope, Target};
-use hcp_harness::controller::{Controller, DecisionContext};
-use hcp_harness::plane::{DeviceMinute, DevicePlane, PlaneConfig, PlaneOutput};
-use hcp_harness::policies::DispatchPolicy;
-use hcp_harness::run::{DemandSource, GridSource, Harness, MarketSource, Scenario, SiteRow};
-use hcp_model::SimTime;
-use hcp_sim::demand::DemandParams;
-use hcp_sim::fleet::{Fidelity, GroupTarget};
+use hcp_harness::drive::Driven;
+use hcp_harness::plane::DeviceMinute;
+use hcp_harness::world::SimWorld;
+use hcp_model::{DemoClock, SimTime, WallTime};
+use hcp_sim::agents::AgentParams;
+use hcp_sim::grid::GridParams;
 use hcp_sim::market::MarketParams;
 use hcp_store::{
     CommandRow, DecisionRow, DeviceFilter, DeviceMinuteRow, DeviceStatusRow, Page, SignalRow, SiteSecondRow,
@@ -29,156 +34,19 @@ use crate::{App, wall_ms};
 pub const SITE_RETENTION_MS: i64 = 7 * 86_400_000;
 pub const DEVICE_RETENTION_MS: i64 = 30 * 86_400_000;
 
-/// One interval's output, handed from the simulation thread to the writer.
-pub struct Interval {
-    pub at: SimTime,
-    pub rows: Vec<SiteRow>,
-    pub decided: Vec<Decided>,
-}
-
-/// What the engine decided at an interval's start and what the devices did before it.
-pub struct Decided {
-    pub plan: Option<Plan>,
-    pub plane: PlaneOutput,
-    /// (available, unknown, quarantined, in maintenance).
-    pub counts: (usize, usize, usize, usize),
-    /// Size of the first command batch after the plan, and the wall time from the signals
-    /// arriving (the decision starting) to that batch leaving.
-    pub first_batch: usize,
-    pub switch_s: f64,
-    /// Replicas whose capacity changed with this plan (all of them the first time).
-    pub replicas: Vec<hcp_harness::capacity::ReplicaCapacity>,
-    /// The day ahead as the engine sees it at this decision.
-    pub ahead: Ahead,
-}
-
-/// Intervals of the plan ahead the engine announces (24 hours of 15-minute intervals).
-pub const AHEAD_INTERVALS: usize = 96;
-
-/// The day ahead at one decision: per site, the day-ahead prices and the planning path's
-/// schedule from the interval starting `at_ms` (announced on `hcp.ahead`).
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Ahead {
-    pub at_ms: i64,
-    pub interval_ms: i64,
-    pub sites: Vec<SiteAhead>,
-}
-
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct SiteAhead {
-    pub site: String,
-    pub day_ahead_usd_per_mwh: Vec<f64>,
-    /// Planned ASIC draw above idle (MW); empty before the first plan.
-    pub planned_asic_mw: Vec<f64>,
-    /// Whether a non-price constraint (4CP, ramp) holds the site below what price alone gives.
-    pub held: Vec<bool>,
+/// What the worker hands the writer.
+enum Note {
+    /// A decision, the signals accepted since the one before, and the step's wall time.
+    Decided(Box<Decided>, Vec<SignalRow>, f64),
+    Alert(hcp_engine::io::Alert),
+    Refused(hcp_engine::Refused),
+    Policy { name: String, version: Option<u32> },
 }
 
 /// Operator actions that reach the engine thread.
 pub enum Control {
     Maintenance { scope: Scope, on: bool },
-}
-
-/// The dispatcher deciding, and the device plane between its plans and the simulated agents.
-struct Recording {
-    inner: DispatchPolicy,
-    plane: DevicePlane,
-    fleet: hcp_model::fleet::Fleet,
-    control: std::sync::mpsc::Receiver<Control>,
-    decided: std::sync::mpsc::Sender<Decided>,
-    /// The router's capacity as last announced.
-    replicas: Vec<hcp_harness::capacity::ReplicaCapacity>,
-}
-
-impl Controller for Recording {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn horizon_intervals(&self) -> usize {
-        self.inner.horizon_intervals()
-    }
-    fn foresight(&self) -> bool {
-        false
-    }
-    fn decide(&mut self, ctx: &DecisionContext) -> Vec<GroupTarget> {
-        // The devices live up to now: telemetry, answers, retries, quarantines.
-        for c in self.control.try_iter() {
-            let Control::Maintenance { scope, on } = c;
-            if let Err(e) = self.plane.set_maintenance(scope, on, self.inner.dispatcher_mut()) {
-                tracing::warn!(error = %e, "maintenance not applied");
-            }
-        }
-        self.plane.advance_to(ctx.now.0, self.inner.dispatcher_mut());
-        // Signals in: the plan's first changes become intents and the first batch leaves before
-        // the rest of the plan exists; then the rest, the GPU caps, and the rest of the batch.
-        let started = Instant::now();
-        let plane = &mut self.plane;
-        let mut first = (0, 0.0);
-        let t = self.inner.decide_with(ctx, plane.batch_max(), &mut |changes| {
-            plane.apply_changes(changes);
-            first = (plane.send_now(changes), started.elapsed().as_secs_f64());
-        });
-        metrics::histogram!("hcp_plan_seconds").record(started.elapsed().as_secs_f64());
-        if let Some(plan) = &self.inner.last_plan {
-            self.plane.apply_plan(plan);
-        }
-        for (g, target) in ctx.groups.iter().zip(&t) {
-            if let GroupTarget::Gpu(gt) = target {
-                for &d in &g.devices {
-                    if let Err(e) = self.plane.set_gpu_cap(d, gt.cap_w) {
-                        tracing::warn!(device = d.0, error = %e, "GPU cap not applied");
-                    }
-                }
-            }
-        }
-        let rest = self.plane.reconcile_now(self.inner.dispatcher_mut());
-        // When the plan's first changes needed no command, the first batch is the reconcile's.
-        let (first_batch, switch_s) = if first.0 > 0 { first } else { (rest, started.elapsed().as_secs_f64()) };
-        metrics::histogram!("hcp_switch_seconds").record(switch_s);
-        // The router's capacity: the plan's GPU caps on the GPUs that may carry load.
-        let serving: Vec<Option<(u32, f64)>> = t
-            .iter()
-            .map(|x| match x {
-                GroupTarget::Gpu(g) => Some((g.serving, g.cap_w)),
-                _ => None,
-            })
-            .collect();
-        let caps =
-            hcp_harness::capacity::replicas(&self.fleet, ctx.groups, &serving, &self.plane.manager().availability());
-        let replicas = hcp_harness::capacity::changed(&self.replicas, &caps).into_iter().cloned().collect();
-        self.replicas = caps;
-        let schedule = self.inner.schedule_ahead(ctx.now, AHEAD_INTERVALS);
-        let ahead = Ahead {
-            at_ms: ctx.now.0,
-            interval_ms: 15 * 60_000,
-            sites: self
-                .fleet
-                .sites
-                .iter()
-                .enumerate()
-                .map(|(i, site)| SiteAhead {
-                    site: site.id.clone(),
-                    day_ahead_usd_per_mwh: ctx
-                        .day_ahead
-                        .get(i)
-                        .map(|d| d.iter().take(AHEAD_INTERVALS).copied().collect())
-                        .unwrap_or_default(),
-                    planned_asic_mw: schedule.get(i).map(|s| s.0.iter().map(|w| w / 1e6).collect()).unwrap_or_default(),
-                    held: schedule.get(i).map(|s| s.1.clone()).unwrap_or_default(),
-                })
-                .collect(),
-        };
-        let _ = self.decided.send(Decided {
-            ahead,
-            plan: self.inner.last_plan.clone(),
-            plane: self.plane.take_output(),
-            counts: self.plane.manager().counts(),
-            first_batch,
-            switch_s,
-            replicas,
-        });
-        t
-    }
+    Policy(PolicyUpdate),
 }
 
 /// A stable name and a short text for a reason.
@@ -202,10 +70,24 @@ pub fn describe(r: &Reason, fleet: &hcp_model::fleet::Fleet) -> (String, String,
             let f = &fleet.feeders[feeder.index()];
             (site(f.site), "feeder_limit".into(), format!("feeder {} limit {limit_mw:.2} MW", f.id))
         }
-        Reason::GridCommitment { site: s, program, limit_mw, respond_by_ms } => (
+        Reason::GridCommitment { site: s, program, limit_mw, respond_by_ms, policy_version } => (
             site(*s),
             "grid_commitment".into(),
-            format!("{program:?}: at most {limit_mw:.2} MW within {:.0} s", *respond_by_ms as f64 / 1e3),
+            match policy_version {
+                Some(v) => format!(
+                    "{}: at most {limit_mw:.2} MW by {} (policy grid-commitment v{v})",
+                    program.name(),
+                    hcp_model::SimTime(*respond_by_ms)
+                ),
+                None => format!("{}: at most {limit_mw:.2} MW by {}", program.name(), hcp_model::SimTime(*respond_by_ms)),
+            },
+        ),
+        Reason::Strike { site: s, model, price_usd_per_mwh, strike_usd_per_mwh, policy_version } => (
+            site(*s),
+            "strike".into(),
+            format!(
+                "{model}: price {price_usd_per_mwh:.1} USD/MWh above its strike {strike_usd_per_mwh:.1} (policy strike v{policy_version})"
+            ),
         ),
         Reason::StalePrice { site: s, age_ms, policy } => {
             (site(*s), "stale_price".into(), format!("price {:.0} s old: {policy:?}", *age_ms as f64 / 1e3))
@@ -219,102 +101,167 @@ pub fn describe(r: &Reason, fleet: &hcp_model::fleet::Fleet) -> (String, String,
     }
 }
 
+/// A stored policy as the engine takes it. The body was validated by the API when it was saved;
+/// anything unreadable here is refused with the field named.
+pub fn policy_update(fleet: &hcp_model::fleet::Fleet, name: &str, version: i64, body: &str) -> anyhow::Result<PolicyUpdate> {
+    use hcp_engine::io::{GridRule, ReservedRule, StrikeRule};
+    let v: serde_json::Value = serde_json::from_str(body)?;
+    let version = u32::try_from(version).map_err(|_| anyhow::anyhow!("version: out of range"))?;
+    let num = |f: &str| v.get(f).and_then(serde_json::Value::as_f64).ok_or_else(|| anyhow::anyhow!("body.{f}: a number is required"));
+    Ok(match name {
+        "strike" => {
+            let models = match v.get("models") {
+                None => Default::default(),
+                Some(m) => serde_json::from_value(m.clone()).map_err(|e| anyhow::anyhow!("body.models: {e}"))?,
+            };
+            PolicyUpdate::Strike(StrikeRule {
+                version,
+                strike_usd_per_mwh: v.get("strike_usd_per_mwh").and_then(serde_json::Value::as_f64),
+                models,
+                curtail_after: num("curtail_after")? as u32,
+                resume_after: num("resume_after")? as u32,
+            })
+        }
+        "grid-commitment" => {
+            let site = v.get("site").and_then(serde_json::Value::as_str).unwrap_or_default();
+            let site = fleet.sites.iter().find(|s| s.id == site).ok_or_else(|| anyhow::anyhow!("body.site: no site {site}"))?.idx;
+            let program = v.get("program").and_then(serde_json::Value::as_str).unwrap_or_default();
+            let program = hcp_model::signals::GridProgram::ALL
+                .into_iter()
+                .find(|p| p.name() == program)
+                .ok_or_else(|| anyhow::anyhow!("body.program: unknown program {program}"))?;
+            PolicyUpdate::GridCommitment(GridRule { version, site, program, mw: num("mw")? })
+        }
+        "reserved-capacity" => PolicyUpdate::Reserved(ReservedRule {
+            version,
+            tenant: v.get("tenant").and_then(serde_json::Value::as_str).unwrap_or_default().to_string(),
+            gpus: num("gpus")? as u32,
+        }),
+        other => anyhow::bail!("name: no policy {other:?}"),
+    })
+}
+
 /// Runs the engine until `stop` turns true.
 pub async fn run(
     app: Arc<App>,
     seed: u64,
     speed: f64,
+    cfg: EngineConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let fleet = app.fleet.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Interval>(16);
-    let halt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Note>(64);
+    let halt = Arc::new(AtomicBool::new(false));
     let halt_sim = halt.clone();
-    // What storage already holds: devices in maintenance, command ids used.
-    let mut in_maintenance = vec![];
+    // What storage already holds: devices in maintenance, command ids used, policies in force.
+    let mut initial: Vec<Input> = vec![];
     let mut page = Page { after: None, limit: Some(hcp_store::MAX_PAGE) };
     loop {
         let rows = app.store.devices(&DeviceFilter { maintenance: Some(true), ..Default::default() }, &page).await?;
-        in_maintenance.extend(rows.iter().map(|d| hcp_model::ids::DeviceIdx(d.idx as u32)));
+        initial.extend(rows.iter().map(|d| Input::Maintenance {
+            scope: Scope::Device(hcp_model::ids::DeviceIdx(d.idx as u32)),
+            on: true,
+        }));
         match rows.last() {
             Some(last) if rows.len() == hcp_store::MAX_PAGE as usize => page.after = Some(last.idx),
             _ => break,
         }
     }
+    for p in app.store.policies().await? {
+        match policy_update(&fleet, &p.name, p.version, &p.body) {
+            Ok(u) => initial.push(Input::Policy(u)),
+            Err(e) => tracing::warn!(policy = %p.name, error = %e, "stored policy not applied"),
+        }
+    }
     let first_command_id = app.store.max_command_id().await? as u64 + 1;
-    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    let (control_tx, control_rx) = std::sync::mpsc::channel::<Control>();
     let mut maintenance_sub = app.bus.subscribe("hcp.maintenance", hcp_bus::From::New).await?;
-    // The simulation: a year from 2025-06-01 (restarted with the next seed when it ends).
+    let mut policy_sub = app.bus.subscribe("hcp.policy", hcp_bus::From::New).await?;
+    // The demo world: a simulated year from 2025-06-01.
     let sim_fleet = fleet.clone();
     let sim = std::thread::Builder::new().name("hcp-engine".into()).spawn(move || -> anyhow::Result<()> {
         let fleet = sim_fleet;
         let from = SimTime::parse("2025-06-01").expect("valid date");
-        let interval_ms = 15 * 60_000;
-        let scenario = Scenario {
-            from,
-            to: from.plus_ms(365 * 86_400_000),
-            interval_ms,
-            fidelity: Fidelity::Cohort,
-            seed,
-            energy_adder_usd_per_mwh: 0.0,
-        };
-        let mut h = Harness::new(
+        let to = from.plus_ms(365 * 86_400_000);
+        let world = SimWorld::new(
             &fleet,
-            scenario,
-            GridSource::Simulated(Box::default()),
-            MarketSource::Simulated(MarketParams::default()),
-            DemandSource::Simulated(DemandParams::default()),
+            from,
+            to,
+            seed,
+            &GridParams::default(),
+            &MarketParams::default(),
+            AgentParams::default(),
         )
         .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
-        let (dtx, drx) = std::sync::mpsc::channel();
-        let mut inner = DispatchPolicy::new(&fleet, DispatchConfig::default(), false, 0.0, from);
-        // Live telemetry comes from the device plane: a device that stops reporting turns stale.
-        inner.dispatcher_mut().cfg.stale_telemetry_ms = DispatchConfig::default().stale_telemetry_ms;
-        let mut plane =
-            DevicePlane::new(&fleet, PlaneConfig::default(), seed, from.0, inner.dispatcher(), first_command_id)
-                .map_err(|e| anyhow::anyhow!("device plane: {e}"))?;
-        for &d in &in_maintenance {
-            plane
-                .set_maintenance(Scope::Device(d), true, inner.dispatcher_mut())
-                .map_err(|e| anyhow::anyhow!("maintenance of device {}: {e}", d.0))?;
-        }
-        let mut ctl =
-            Recording { inner, plane, fleet: fleet.clone(), control: control_rx, decided: dtx, replicas: vec![] };
-        let n_sites = fleet.sites.len();
-        let mut rows = Vec::with_capacity(n_sites);
-        let started = Instant::now();
-        let mut done = 0u64;
-        let pace = Duration::from_secs_f64(interval_ms as f64 / 1e3 / speed.max(1e-6));
-        let result = h.run(
-            &mut ctl,
-            &mut |row| {
-                rows.push(row.clone());
-                if rows.len() == n_sites {
-                    if halt_sim.load(Ordering::Relaxed) {
-                        // The harness has no early exit: stop feeding the writer and run out fast.
-                        rows.clear();
-                        return;
-                    }
-                    let decided = drx.try_iter().collect();
-                    let at = rows[0].at;
-                    let _ = tx.blocking_send(Interval { at, rows: std::mem::take(&mut rows), decided });
-                    done += 1;
-                    let due = pace * done as u32;
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait.min(Duration::from_secs(5)));
-                    }
+        let mut driven = Driven::new(&fleet, cfg, world, from, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+        driven.engine = {
+            let mut e = hcp_engine::Engine::new(&fleet, driven.engine.config().clone(), from, first_command_id)
+                .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
+            for i in initial {
+                if let Err(r) = e.handle(i, from) {
+                    tracing::warn!(error = %r, "stored state not applied");
                 }
-            },
-            &mut |_, _| {},
-        );
-        result.map(|_| ()).map_err(|v| anyhow::anyhow!("invariant broken: {} at {} (seed={})", v.what, v.at, v.seed))
+            }
+            e
+        };
+        let clock = DemoClock { wall_start: WallTime(wall_ms()), sim_start: from, speed: speed.max(1e-6) };
+        let mut signals = vec![];
+        let mut notes = vec![];
+        loop {
+            if halt_sim.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let t = driven.next();
+            if t > to {
+                tracing::info!(at = %t, "the simulated year is over; the engine stops");
+                return Ok(());
+            }
+            let due = clock.wall_time(t).0 - wall_ms();
+            if due > 0 {
+                std::thread::sleep(Duration::from_millis(due.min(50) as u64));
+                continue;
+            }
+            for c in control_rx.try_iter() {
+                let input = match c {
+                    Control::Maintenance { scope, on } => Input::Maintenance { scope, on },
+                    Control::Policy(u) => Input::Policy(u),
+                };
+                if let Err(e) = driven.engine.handle(input, t) {
+                    tracing::warn!(error = %e, "operator action not applied");
+                }
+            }
+            let started = Instant::now();
+            let step = driven.step(t, &mut |o| match o {
+                Output::Signal { kind, key, at, value, .. } => {
+                    signals.push(SignalRow { kind: kind.into(), key, at_ms: at.0, value })
+                }
+                Output::Decided(d) => notes.push(Note::Decided(d, std::mem::take(&mut signals), 0.0)),
+                Output::Alert(a) => notes.push(Note::Alert(a)),
+                Output::Refused(r) => notes.push(Note::Refused(r)),
+                Output::PolicyApplied { name, version } => notes.push(Note::Policy { name, version }),
+                Output::Command(_) => {}
+            });
+            let took = started.elapsed().as_secs_f64();
+            if let Err(v) = step {
+                anyhow::bail!("invariant broken: {} at {} (seed={})", v.what, v.at, v.seed);
+            }
+            for mut n in notes.drain(..) {
+                if let Note::Decided(_, _, s) = &mut n {
+                    *s = took;
+                }
+                // The writer is gone: the process is stopping.
+                if tx.blocking_send(n).is_err() {
+                    return Ok(());
+                }
+            }
+        }
     })?;
-    loop {
+    let result = loop {
         if *stop.borrow() {
-            break;
+            break Ok(());
         }
         tokio::select! {
-            r = stop.changed() => if r.is_err() { break },
+            r = stop.changed() => if r.is_err() { break Ok(()) },
             m = maintenance_sub.next() => match m {
                 Ok(m) => match maintenance_scope(&fleet, &m.payload) {
                     Ok((scope, on)) => { let _ = control_tx.send(Control::Maintenance { scope, on }); }
@@ -325,24 +272,40 @@ pub async fn run(
                     maintenance_sub = app.bus.subscribe("hcp.maintenance", hcp_bus::From::New).await?;
                 }
             },
+            m = policy_sub.next() => match m {
+                Ok(m) => match serde_json::from_slice::<crate::events::PolicyNotice>(&m.payload) {
+                    Ok(n) => match policy_update(&fleet, &n.name, n.version, &n.body) {
+                        Ok(u) => { let _ = control_tx.send(Control::Policy(u)); }
+                        Err(e) => tracing::warn!(error = %e, "policy not applied"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "policy message ignored"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy subscription lost; resubscribing");
+                    policy_sub = app.bus.subscribe("hcp.policy", hcp_bus::From::New).await?;
+                }
+            },
             msg = rx.recv() => {
-                let Some(iv) = msg else {
-                    // The simulation thread ended: its period is over, or an invariant broke.
-                    let r = sim.join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
-                    if let Err(e) = &r {
-                        tracing::error!(error = %e, "engine stopped");
-                    }
-                    return r;
+                let Some(n) = msg else {
+                    // The worker ended: its period is over, or an invariant broke.
+                    break Ok(());
                 };
-                record(&app, iv).await?;
+                if let Err(e) = record(&app, n).await {
+                    break Err(e);
+                }
             }
         }
-    }
+    };
+    // Stopping stops: the worker sees the flag within 50 ms and its channel closed at once.
     halt.store(true, Ordering::Relaxed);
     rx.close();
-    // The simulation thread is left to run out; the process is stopping.
-    drop(sim);
-    Ok(())
+    let joined = tokio::task::spawn_blocking(move || sim.join()).await?;
+    let worker = joined.map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+    if let Err(e) = &worker {
+        tracing::error!(error = %e, "engine stopped");
+    }
+    app.engine_stopped.store(true, Ordering::Relaxed);
+    result.and(worker)
 }
 
 /// The scope of a `hcp.maintenance` message (as the API publishes it).
@@ -388,7 +351,7 @@ pub fn minute_row(m: &DeviceMinute) -> DeviceMinuteRow {
 /// Writes what the device plane did: commands, answers, status changes, minute rollups.
 async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
     if !d.replicas.is_empty() {
-        let at_ms = d.plan.as_ref().map_or(0, |p| p.at_ms);
+        let at_ms = d.at.0;
         let rows: Vec<hcp_store::ReplicaRow> = d
             .replicas
             .iter()
@@ -451,7 +414,7 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
         .iter()
         .map(|(t, dev, s, why)| DeviceStatusRow {
             idx: i64::from(dev.0),
-            status: (*s).into(),
+            status: s.as_str().into(),
             reason: why.clone(),
             at_ms: *t,
         })
@@ -481,63 +444,80 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes one interval, then announces it.
-#[tracing::instrument(name = "engine.interval", skip_all, fields(at_ms = iv.at.0, sites = iv.rows.len()))]
-async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
-    let at_ms = iv.at.0;
+/// Writes one note of the worker, then announces it.
+async fn record(app: &App, n: Note) -> anyhow::Result<()> {
+    match n {
+        Note::Decided(d, signals, took) => record_decided(app, *d, signals, took).await,
+        Note::Alert(a) => {
+            if a.raised {
+                tracing::warn!(key = %a.key, "{}", a.text);
+            } else {
+                tracing::info!(key = %a.key, "cleared: {}", a.text);
+            }
+            app.bus.publish("hcp.alert", &serde_json::to_vec(&a)?).await?;
+            Ok(())
+        }
+        Note::Refused(r) => {
+            tracing::warn!(input = r.input, field = %r.field, "refused: {}", r.rule);
+            metrics::counter!("hcp_engine_refused_total", "input" => r.input).increment(1);
+            Ok(())
+        }
+        Note::Policy { name, version } => {
+            tracing::info!(policy = %name, version = ?version, "policy in force");
+            Ok(())
+        }
+    }
+}
+
+/// The held-off power of a site as announced.
+fn held_json(r: &SiteInterval) -> serde_json::Value {
+    serde_json::to_value(r.held).unwrap_or_default()
+}
+
+/// Writes one decision and its closed interval, then announces them.
+#[tracing::instrument(name = "engine.interval", skip_all, fields(at_ms = d.at.0, sites = d.closed.len()))]
+async fn record_decided(app: &App, d: Decided, signals: Vec<SignalRow>, took: f64) -> anyhow::Result<()> {
+    let at_ms = d.at.0;
     let fleet = &app.fleet;
     let started = Instant::now();
-    let mut signals = vec![];
-    let mut seconds = vec![];
-    for r in &iv.rows {
-        let sp = fleet.sites.iter().find(|s| s.id == r.site).map_or("", |s| s.settlement_point.as_str());
-        signals.push(SignalRow { kind: "rt_price".into(), key: sp.into(), at_ms, value: r.rt_price_usd_per_mwh });
-        seconds.push(SiteSecondRow {
-            site_id: r.site.clone(),
-            at_ms,
-            power_w: r.total_mw() * 1e6,
-            mining_w: (r.asic_hashing_mw + r.asic_transition_mw + r.asic_idle_mw) * 1e6,
-            inference_w: (r.gpu_serving_mw + r.gpu_idle_mw) * 1e6,
-        });
-    }
-    if let Some(r) = iv.rows.first() {
-        signals.push(SignalRow {
-            kind: "hashprice".into(),
-            key: "network".into(),
-            at_ms,
-            value: r.hashprice_usd_per_ph_day,
-        });
-    }
+    metrics::histogram!("hcp_plan_seconds").record(took);
+    // The whole decision step (plan, first batch, the rest): an upper bound of the switching time.
+    metrics::histogram!("hcp_switch_seconds").record(took);
     app.store.add_signals(&signals).await?;
-    app.store.put_site_seconds(&seconds).await?;
-    // The engine sells into no grid program (it commits no MW), so it earns no credits.
-    let pnl: Vec<hcp_store::SitePnlRow> = iv
-        .rows
+    let rows = &d.closed;
+    let interval_ms = rows.first().map_or(15 * 60_000, |r| at_ms - r.at.0);
+    let hours = interval_ms as f64 / 3.6e6;
+    let seconds: Vec<SiteSecondRow> = rows
         .iter()
-        .map(|r| {
-            let p = hcp_harness::backtest::site_pnl(r, 0.25, 0.0, 0.0);
-            hcp_store::SitePnlRow {
-                site_id: p.site,
-                at_ms,
-                hours: p.hours,
-                mining_revenue: p.mining_revenue.0,
-                inference_revenue: p.inference_revenue.0,
-                energy_cost: p.energy_cost.0,
-                grid_credits: p.grid_credits.0,
-            }
+        .map(|r| SiteSecondRow {
+            site_id: fleet.sites[r.site.index()].id.clone(),
+            at_ms: r.at.0,
+            power_w: r.total_mw() * 1e6,
+            mining_w: r.mining_mw() * 1e6,
+            inference_w: r.inference_mw() * 1e6,
+        })
+        .collect();
+    app.store.put_site_seconds(&seconds).await?;
+    // The engine sells into no grid program's payments here, so it books no credits.
+    let usd = |x: f64| hcp_model::MicroUsd::from_usd_f64(x).0;
+    let pnl: Vec<hcp_store::SitePnlRow> = rows
+        .iter()
+        .map(|r| hcp_store::SitePnlRow {
+            site_id: fleet.sites[r.site.index()].id.clone(),
+            at_ms: r.at.0,
+            hours,
+            mining_revenue: usd(r.mining_revenue_usd),
+            inference_revenue: usd(r.inference_revenue_usd),
+            energy_cost: usd(r.energy_cost_usd),
+            grid_credits: 0,
         })
         .collect();
     app.store.put_site_pnl(&pnl).await?;
-    for d in &iv.decided {
-        record_plane(app, d).await?;
-    }
-    if let Some(d) = iv.decided.last() {
-        app.bus.publish("hcp.ahead", &serde_json::to_vec(&d.ahead)?).await?;
-    }
+    record_plane(app, &d).await?;
+    app.bus.publish("hcp.ahead", &serde_json::to_vec(&d.ahead)?).await?;
     let mut decisions = vec![];
-    if let Some(plan) = iv.decided.iter().rev().find_map(|d| d.plan.as_ref())
-        && !plan.changes.is_empty()
-    {
+    let plan = &d.plan;
+    if !plan.changes.is_empty() {
         let mut per_reason = vec![0u32; plan.reasons.len()];
         for c in &plan.changes {
             if let Some(n) = per_reason.get_mut(c.reason as usize) {
@@ -578,44 +558,50 @@ async fn record(app: &App, iv: Interval) -> anyhow::Result<()> {
         let ev = serde_json::json!({ "id": id, "at_ms": at_ms, "site": d.site_id, "kind": d.kind, "reason": d.reason });
         app.bus.publish(&format!("hcp.decision.{}", d.site_id), ev.to_string().as_bytes()).await?;
     }
-    for r in &iv.rows {
+    for r in rows {
+        let site = &fleet.sites[r.site.index()].id;
+        let margin = r.mining_revenue_usd + r.inference_revenue_usd - r.energy_cost_usd;
+        let held = r.held.total_mw();
         let ev = serde_json::json!({
-            "at_ms": at_ms,
-            "site": r.site,
-            "price_usd_per_mwh": r.rt_price_usd_per_mwh,
+            "at_ms": r.at.0,
+            "site": site,
+            "price_usd_per_mwh": r.price_usd_per_mwh,
+            "price_final": r.price_final,
             "hashprice_usd_per_ph_day": r.hashprice_usd_per_ph_day,
             "cap_mw": r.cap_mw,
-            "mining_mw": r.asic_hashing_mw + r.asic_transition_mw + r.asic_idle_mw,
-            "inference_mw": r.gpu_serving_mw + r.gpu_idle_mw,
-            "curtailed_mw": (r.cap_mw - r.total_mw()).max(0.0),
+            "mining_mw": r.mining_mw(),
+            "inference_mw": r.inference_mw(),
+            // Power the plan held off (economics, strike, grid, cap, stale price, devices out of
+            // service), by reason, and the cap nothing could use.
+            "curtailed_mw": held,
+            "held_off_mw": held_json(r),
+            "headroom_mw": r.headroom_mw,
             "hashrate_ph_s": r.hashrate_ph_s,
             "gpus_serving": r.gpus_serving,
-            "margin_usd": r.margin().0 as f64 / 1e6,
-            "interval_h": 0.25,
+            "margin_usd": margin,
+            "interval_h": hours,
         });
-        app.bus.publish(&format!("hcp.interval.{}", r.site), ev.to_string().as_bytes()).await?;
+        app.bus.publish(&format!("hcp.interval.{site}"), ev.to_string().as_bytes()).await?;
         let power = [
             ("hashing", r.asic_hashing_mw),
-            ("asic_transition", r.asic_transition_mw),
             ("asic_idle", r.asic_idle_mw),
             ("gpu_serving", r.gpu_serving_mw),
             ("gpu_idle", r.gpu_idle_mw),
-            ("curtailed", (r.cap_mw - r.total_mw()).max(0.0)),
+            ("held_economics", r.held.economics_mw),
+            ("held_strike", r.held.strike_mw),
+            ("held_grid", r.held.grid_mw),
+            ("held_cap", r.held.cap_mw),
+            ("held_stale", r.held.stale_mw),
+            ("unavailable", r.held.unavailable_mw),
+            ("headroom", r.headroom_mw),
         ];
         for (state, mw) in power {
-            metrics::gauge!("hcp_site_power_watts", "site" => r.site.clone(), "state" => state).set(mw * 1e6);
+            metrics::gauge!("hcp_site_power_watts", "site" => site.clone(), "state" => state).set(mw * 1e6);
         }
-        let devices = [
-            ("asic_hashing", r.asics_hashing),
-            ("asic_sleeping", r.asics_sleeping),
-            ("asic_off", r.asics_off),
-            ("asic_faulted", r.asics_faulted),
-            ("gpu_serving", r.gpus_serving),
-        ];
-        for (state, n) in devices {
-            metrics::gauge!("hcp_devices", "site" => r.site.clone(), "state" => state).set(n);
+        metrics::gauge!("hcp_devices", "site" => site.clone(), "state" => "gpu_serving").set(r.gpus_serving);
+        if r.price_usd_per_mwh.is_finite() {
+            metrics::gauge!("hcp_site_price_usd_per_mwh", "site" => site.clone()).set(r.price_usd_per_mwh);
         }
-        metrics::gauge!("hcp_site_price_usd_per_mwh", "site" => r.site.clone()).set(r.rt_price_usd_per_mwh);
     }
     if at_ms.rem_euclid(86_400_000) == 0 {
         let n = app.store.prune_telemetry(at_ms - DEVICE_RETENTION_MS, at_ms - SITE_RETENTION_MS).await?;

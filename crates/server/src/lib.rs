@@ -10,6 +10,7 @@ pub mod billing;
 pub mod dashboard;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod gateway;
 pub mod graphql;
 pub mod live;
@@ -51,6 +52,8 @@ pub struct Config {
     pub seed: u64,
     /// Simulated seconds per wall-clock second.
     pub speed: f64,
+    /// The control core's tunables (resolved once from the CLI and an optional file).
+    pub engine_config: hcp_engine::EngineConfig,
     /// Bootstrap credentials from the environment (HCP_ADMIN_TOKEN, HCP_DEMO_TENANT_KEY).
     pub admin_token: Option<String>,
     pub demo_tenant_key: Option<String>,
@@ -86,6 +89,8 @@ pub struct App {
     pub engine_at_ms: AtomicI64,
     /// Wall time (ms) when the engine last produced an interval; 0 when no engine runs here.
     pub engine_wall_ms: AtomicI64,
+    /// The engine's worker has ended (stopped, or its period is over).
+    pub engine_stopped: std::sync::atomic::AtomicBool,
     pub engine_expected: bool,
     pub started_wall_ms: i64,
     /// Hot list pages, kept until storage announces a change (see `reads`).
@@ -441,6 +446,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         metrics: metrics_handle(),
         engine_at_ms: AtomicI64::new(0),
         engine_wall_ms: AtomicI64::new(0),
+        engine_stopped: std::sync::atomic::AtomicBool::new(false),
         engine_expected: cfg.engine,
         started_wall_ms: wall_ms(),
         reads: reads::ReadCache::default(),
@@ -559,7 +565,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         tasks.push(tokio::spawn(serve_until(listener, router, rx.clone(), "serve HTTP")));
     }
     if cfg.engine {
-        tasks.push(tokio::spawn(engine::run(app.clone(), cfg.seed, cfg.speed, rx.clone())));
+        tasks.push(tokio::spawn(engine::run(app.clone(), cfg.seed, cfg.speed, cfg.engine_config.clone(), rx.clone())));
     }
     Ok(Running { addr, app, shutdown: tx, tasks })
 }

@@ -23,6 +23,8 @@ pub struct State {
     pub plan: Option<Value>,
     pub ahead: Option<Value>,
     pub devices: Option<Value>,
+    /// The engine's alerts in force (`hcp.alert`), by key.
+    pub alerts: BTreeMap<String, Value>,
     /// Wall time (ms) the latest interval arrived; 0 before the first.
     pub last_interval_wall_ms: i64,
 }
@@ -32,7 +34,7 @@ impl Live {
     /// JSON is an error and changes nothing.
     pub fn note(&self, subject: &str, payload: &[u8]) -> Result<(), serde_json::Error> {
         let slot = match subject {
-            "hcp.plan" | "hcp.ahead" | "hcp.devices" => subject,
+            "hcp.plan" | "hcp.ahead" | "hcp.devices" | "hcp.alert" => subject,
             s if s.starts_with("hcp.interval.") => s,
             _ => return Ok(()),
         };
@@ -42,6 +44,14 @@ impl Live {
             "hcp.plan" => st.plan = Some(v),
             "hcp.ahead" => st.ahead = Some(v),
             "hcp.devices" => st.devices = Some(v),
+            "hcp.alert" => {
+                let key = v["key"].as_str().unwrap_or_default().to_string();
+                if v["raised"].as_bool() == Some(true) {
+                    st.alerts.insert(key, v);
+                } else {
+                    st.alerts.remove(&key);
+                }
+            }
             s => {
                 st.last_interval_wall_ms = crate::wall_ms();
                 st.sites.insert(s["hcp.interval.".len()..].to_string(), v);

@@ -669,7 +669,7 @@ pub(crate) struct PolicyBody {
 }
 
 /// Policies the platform knows, and their rules.
-fn validate_policy(name: &str, body: &serde_json::Value) -> ApiResult<()> {
+fn validate_policy(fleet: &hcp_model::fleet::Fleet, name: &str, body: &serde_json::Value) -> ApiResult<()> {
     let num = |field: &str, lo: f64, hi: f64| -> ApiResult<()> {
         let v = body
             .get(field)
@@ -689,8 +689,23 @@ fn validate_policy(name: &str, body: &serde_json::Value) -> ApiResult<()> {
     };
     match name {
         "strike" => {
-            only(&["strike_usd_per_mwh", "curtail_after", "resume_after"])?;
-            num("strike_usd_per_mwh", -1_000.0, 10_000.0)?;
+            only(&["strike_usd_per_mwh", "models", "curtail_after", "resume_after"])?;
+            if body.get("strike_usd_per_mwh").is_some() || body.get("models").is_none() {
+                num("strike_usd_per_mwh", -1_000.0, 10_000.0)?;
+            }
+            if let Some(m) = body.get("models") {
+                let m = m.as_object().ok_or_else(|| ApiError::invalid("body.models", "must be an object of model id to strike"))?;
+                for (id, v) in m {
+                    let field = format!("body.models.{id}");
+                    let v = v.as_f64().ok_or_else(|| ApiError::invalid(field.clone(), "a number is required"))?;
+                    if !(-1_000.0..=10_000.0).contains(&v) {
+                        return Err(ApiError::invalid(field, "must be between -1000 and 10000"));
+                    }
+                    if !fleet.catalogue.asics.iter().any(|a| &a.id == id) {
+                        return Err(ApiError::invalid(field, "not an ASIC model of the catalogue"));
+                    }
+                }
+            }
             num("curtail_after", 1.0, 96.0)?;
             num("resume_after", 1.0, 96.0)
         }
@@ -724,7 +739,7 @@ pub(crate) async fn put_policy(
     Body(b): Body<PolicyBody>,
 ) -> ApiResult<impl IntoResponse> {
     p.require(Role::Operator)?;
-    validate_policy(&name, &b.body)?;
+    validate_policy(&app.fleet, &name, &b.body)?;
     if name == "grid-commitment" {
         let site = b.body["site"].as_str().unwrap_or_default();
         if !app.fleet.sites.iter().any(|s| s.id == site) {
@@ -749,6 +764,10 @@ pub(crate) async fn put_policy(
             Some(&b.body.to_string()),
         )
         .await?;
+    // The engine (in this process or another) applies it to its next plan.
+    let notice = crate::events::PolicyNotice { name: name.clone(), version, body: b.body.to_string() };
+    let payload = serde_json::to_vec(&notice).map_err(ApiError::internal)?;
+    app.bus.publish("hcp.policy", &payload).await.map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({ "name": name, "version": version })))
 }
 

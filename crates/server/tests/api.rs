@@ -60,6 +60,7 @@ impl Platform {
             api: true,
             seed: 3,
             speed: 900.0 * 50.0,
+            engine_config: Default::default(),
             admin_token: Some(ADMIN.into()),
             demo_tenant_key: Some(DEMO.into()),
             account_rate_per_s: 1_000.0,
