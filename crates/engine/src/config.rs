@@ -128,9 +128,9 @@ impl EngineConfig {
         let old = table.get(name).ok_or_else(|| bad(name, "no such engine setting"))?;
         let parsed: toml::Value = match old {
             toml::Value::String(_) => toml::Value::String(value.to_string()),
-            toml::Value::Integer(_) => {
-                toml::Value::Integer(value.parse().map_err(|_| bad(name, format!("must be an integer, not {value:?}")))?)
-            }
+            toml::Value::Integer(_) => toml::Value::Integer(
+                value.parse().map_err(|_| bad(name, format!("must be an integer, not {value:?}")))?,
+            ),
             toml::Value::Float(_) => {
                 toml::Value::Float(value.parse().map_err(|_| bad(name, format!("must be a number, not {value:?}")))?)
             }
@@ -302,7 +302,8 @@ mod tests {
                 toml::Value::Float(f) => format!("`{f:?}`"),
                 other => format!("`{other:?}`"),
             };
-            let row = doc.lines().find(|l| l.starts_with(&format!("| `{k}` |"))).unwrap_or_else(|| panic!("{k} missing"));
+            let row =
+                doc.lines().find(|l| l.starts_with(&format!("| `{k}` |"))).unwrap_or_else(|| panic!("{k} missing"));
             assert!(row.contains(&shown), "{k}: default {shown} not in {row:?}");
         }
     }

@@ -10,11 +10,11 @@ use std::collections::{BTreeMap, VecDeque};
 
 use hcp_econ::dispatch::{Plan, Reason};
 use hcp_fleet::{Command, Report, Scope, Target};
+use hcp_model::SimTime;
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::{Fleet, Group};
 use hcp_model::ids::{DeviceIdx, SiteIdx};
 use hcp_model::signals::{Deployment, GridSignal, MarketSignal};
-use hcp_model::SimTime;
 use hcp_sim::fleet::GroupTarget;
 
 use crate::capacity::{self, ReplicaCapacity};
@@ -240,13 +240,27 @@ impl Engine {
                 self.point(&settlement_point, "price")?;
                 let (lo, hi) = (self.cfg.price_min_usd_per_mwh, self.cfg.price_max_usd_per_mwh);
                 if !(usd_per_mwh.is_finite() && (lo..=hi).contains(&usd_per_mwh)) {
-                    return Err(Self::refuse("price", "usd_per_mwh", format!("must be between {lo} and {hi}, not {usd_per_mwh}")));
+                    return Err(Self::refuse(
+                        "price",
+                        "usd_per_mwh",
+                        format!("must be between {lo} and {hi}, not {usd_per_mwh}"),
+                    ));
                 }
-                if at.0.rem_euclid(market.interval_ms().min(self.cfg.interval_ms())) != 0 && market != PriceMarket::RealTime5 {
-                    return Err(Self::refuse("price", "at", format!("{at} is not the start of a {} interval", market.as_str())));
+                if at.0.rem_euclid(market.interval_ms().min(self.cfg.interval_ms())) != 0
+                    && market != PriceMarket::RealTime5
+                {
+                    return Err(Self::refuse(
+                        "price",
+                        "at",
+                        format!("{at} is not the start of a {} interval", market.as_str()),
+                    ));
                 }
                 if market != PriceMarket::DayAhead && at.plus_ms(market.interval_ms()) > now.plus_ms(60_000) {
-                    return Err(Self::refuse("price", "at", format!("a real-time price of {at} cannot be known at {now}")));
+                    return Err(Self::refuse(
+                        "price",
+                        "at",
+                        format!("a real-time price of {at} cannot be known at {now}"),
+                    ));
                 }
                 let p = self.points.entry(settlement_point.clone()).or_default();
                 // A day-ahead hour holds for each decision interval inside it.
@@ -260,8 +274,12 @@ impl Engine {
                 }
                 let n = p.prices.range((market, i64::MIN)..=(market, i64::MAX)).count();
                 if n > KEEP_PRICES * 4 {
-                    let oldest: Vec<_> =
-                        p.prices.range((market, i64::MIN)..=(market, i64::MAX)).take(n - KEEP_PRICES * 4).map(|(k, _)| *k).collect();
+                    let oldest: Vec<_> = p
+                        .prices
+                        .range((market, i64::MIN)..=(market, i64::MAX))
+                        .take(n - KEEP_PRICES * 4)
+                        .map(|(k, _)| *k)
+                        .collect();
                     for k in oldest {
                         p.prices.remove(&k);
                     }
@@ -289,14 +307,24 @@ impl Engine {
                 }
                 self.points.entry(settlement_point.clone()).or_default().temperature_c = Some(temperature_c);
                 let kind = "temperature_c";
-                self.out.push_back(Output::Signal { kind, key: settlement_point, at: now, value: temperature_c, source });
+                self.out.push_back(Output::Signal {
+                    kind,
+                    key: settlement_point,
+                    at: now,
+                    value: temperature_c,
+                    source,
+                });
                 Ok(())
             }
             Input::Market { signal, source } => {
                 let h = signal.hashprice_usd_per_ph_day;
                 let max = self.cfg.hashprice_max_usd_per_ph_day;
                 if !(h.is_finite() && h > 0.0 && h <= max) {
-                    return Err(Self::refuse("market", "hashprice_usd_per_ph_day", format!("must be above 0 and at most {max}, not {h}")));
+                    return Err(Self::refuse(
+                        "market",
+                        "hashprice_usd_per_ph_day",
+                        format!("must be above 0 and at most {max}, not {h}"),
+                    ));
                 }
                 if signal.at > now {
                     return Err(Self::refuse("market", "at", format!("{} is after now ({now})", signal.at)));
@@ -362,11 +390,16 @@ impl Engine {
             }
             Input::CommandResult { id, device, outcome } => {
                 let (plane, policy) = (&mut self.plane, &mut self.policy);
-                plane.answer(id, device, outcome, now.0, policy.dispatcher_mut()).map_err(|e| split("command_result", &e))
+                plane
+                    .answer(id, device, outcome, now.0, policy.dispatcher_mut())
+                    .map_err(|e| split("command_result", &e))
             }
             Input::Maintenance { scope, on } => {
                 let (plane, policy) = (&mut self.plane, &mut self.policy);
-                plane.set_maintenance(scope, on, policy.dispatcher_mut()).map(|_| ()).map_err(|e| split("maintenance", &e))
+                plane
+                    .set_maintenance(scope, on, policy.dispatcher_mut())
+                    .map(|_| ())
+                    .map_err(|e| split("maintenance", &e))
             }
             Input::Policy(update) => self.set_policy(update),
             Input::Demand { site, model, queued, running } => {
@@ -385,7 +418,11 @@ impl Engine {
                 let known: Vec<&str> = self.fleet.catalogue.asics.iter().map(|m| m.id.as_str()).collect();
                 for (m, v) in &rule.models {
                     if !known.contains(&m.as_str()) {
-                        return Err(Self::refuse("policy", &format!("strike.models.{m}"), "not an ASIC model of the catalogue"));
+                        return Err(Self::refuse(
+                            "policy",
+                            &format!("strike.models.{m}"),
+                            "not an ASIC model of the catalogue",
+                        ));
                     }
                     if !v.is_finite() {
                         return Err(Self::refuse("policy", &format!("strike.models.{m}"), "must be a finite price"));
@@ -519,32 +556,29 @@ impl Engine {
         for sp in points {
             let published = self.last_price(&sp).map(|(g, _)| g.at.0 + g.interval_ms);
             let key = format!("stale_price:{sp}");
+            // One alert per staleness episode (its text would change every tick).
+            let open = self.alerts.contains_key(&key);
             match published {
                 Some(p) if now.0 - p <= stale_ms => self.clear(&key, now),
-                Some(p) => {
-                    let text = format!("{sp}: last price published {} s ago; the safe policy applies", (now.0 - p) / 1000);
-                    // One alert per staleness episode (the text would change every tick).
-                    if !self.alerts.contains_key(&key) {
-                        self.raise(key, now, text);
-                    }
+                Some(p) if !open => {
+                    let text =
+                        format!("{sp}: last price published {} s ago; the safe policy applies", (now.0 - p) / 1000);
+                    self.raise(key, now, text);
                 }
-                None if now.0 >= self.next_decision.0 - self.cfg.interval_ms() && self.interval_start.is_some() => {
-                    if !self.alerts.contains_key(&key) {
-                        self.raise(key, now, format!("{sp}: no price received yet; the safe policy applies"));
-                    }
+                None if !open && self.interval_start.is_some() => {
+                    self.raise(key, now, format!("{sp}: no price received yet; the safe policy applies"));
                 }
-                None => {}
+                _ => {}
             }
         }
         let key = "stale_market".to_string();
-        match &self.market {
-            Some((m, _, _)) if now.0 - m.at.0 > self.cfg.stale_market_s * 1000 => {
-                if !self.alerts.contains_key(&key) {
-                    let text = format!("hashprice last set for {}; deciding with it", m.at);
-                    self.raise(key, now, text);
-                }
-            }
-            _ => {}
+        let open = self.alerts.contains_key(&key);
+        if let Some((m, _, _)) = &self.market
+            && now.0 - m.at.0 > self.cfg.stale_market_s * 1000
+            && !open
+        {
+            let text = format!("hashprice last set for {}; deciding with it", m.at);
+            self.raise(key, now, text);
         }
     }
 
@@ -553,7 +587,10 @@ impl Engine {
     fn last_price(&self, sp: &str) -> Option<(GridSignal, Source)> {
         let p = self.points.get(sp)?;
         let latest = |m: PriceMarket| {
-            p.prices.range((m, i64::MIN)..=(m, i64::MAX)).next_back().map(|((_, at), (v, src))| (*at, m.interval_ms(), *v, src.clone()))
+            p.prices
+                .range((m, i64::MIN)..=(m, i64::MAX))
+                .next_back()
+                .map(|((_, at), (v, src))| (*at, m.interval_ms(), *v, src.clone()))
         };
         let best = [latest(PriceMarket::RealTime15), latest(PriceMarket::RealTime5)]
             .into_iter()
@@ -579,8 +616,11 @@ impl Engine {
     fn day_ahead(&self, sp: &str, t0: SimTime, n: usize) -> Vec<f64> {
         let Some(p) = self.points.get(sp) else { return vec![] };
         let iv = self.cfg.interval_ms();
-        let known: BTreeMap<i64, f64> =
-            p.prices.range((PriceMarket::DayAhead, i64::MIN)..=(PriceMarket::DayAhead, i64::MAX)).map(|((_, at), (v, _))| (*at, *v)).collect();
+        let known: BTreeMap<i64, f64> = p
+            .prices
+            .range((PriceMarket::DayAhead, i64::MIN)..=(PriceMarket::DayAhead, i64::MAX))
+            .map(|((_, at), (v, _))| (*at, *v))
+            .collect();
         if known.is_empty() {
             return vec![];
         }
@@ -637,7 +677,9 @@ impl Engine {
             .iter()
             .map(|sp| {
                 let p = self.points.get(sp);
-                (0..horizon as i64).map(|k| p.and_then(|p| p.four_cp.get(&(t0.0 + k * interval)).copied()).unwrap_or(false)).collect()
+                (0..horizon as i64)
+                    .map(|k| p.and_then(|p| p.four_cp.get(&(t0.0 + k * interval)).copied()).unwrap_or(false))
+                    .collect()
             })
             .collect();
         let four_cp: Vec<bool> = four_cp_ahead.iter().map(|v| v.first().copied().unwrap_or(false)).collect();
@@ -645,7 +687,9 @@ impl Engine {
             .site_point
             .iter()
             .map(|sp| {
-                self.deployments.get(sp).map_or(vec![], |v| v.iter().filter(|d| d.notice_at <= t0 && d.end_at > t0).copied().collect())
+                self.deployments
+                    .get(sp)
+                    .map_or(vec![], |v| v.iter().filter(|d| d.notice_at <= t0 && d.end_at > t0).copied().collect())
             })
             .collect();
         let mut market = self.market.as_ref().map_or_else(fallback_market, |m| m.0);
@@ -810,7 +854,11 @@ impl Engine {
                     hashrate_ph_s,
                     gpus_serving: a.gpu_serving_s / dur_s,
                     energy_mwh,
-                    mining_revenue_usd: if hashprice.is_finite() { hashrate_ph_s * hashprice * hours / 24.0 } else { 0.0 },
+                    mining_revenue_usd: if hashprice.is_finite() {
+                        hashrate_ph_s * hashprice * hours / 24.0
+                    } else {
+                        0.0
+                    },
                     inference_revenue_usd: a.gpu_serving_s / 3_600.0 * gpu_price,
                     energy_cost_usd: energy_mwh * cost_price,
                     held,

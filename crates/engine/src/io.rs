@@ -91,23 +91,63 @@ pub type Source = String;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
     /// A price for the interval starting `at` at a settlement point.
-    Price { settlement_point: String, market: PriceMarket, at: SimTime, usd_per_mwh: f64, source: Source },
+    Price {
+        settlement_point: String,
+        market: PriceMarket,
+        at: SimTime,
+        usd_per_mwh: f64,
+        source: Source,
+    },
     /// A forecast 4CP peak (or its withdrawal) for the interval starting `at`.
-    FourCp { settlement_point: String, at: SimTime, alert: bool, source: Source },
+    FourCp {
+        settlement_point: String,
+        at: SimTime,
+        alert: bool,
+        source: Source,
+    },
     /// Air temperature at a settlement point's sites.
-    Weather { settlement_point: String, temperature_c: f64, source: Source },
+    Weather {
+        settlement_point: String,
+        temperature_c: f64,
+        source: Source,
+    },
     /// BTC market and hashprice.
-    Market { signal: MarketSignal, source: Source },
+    Market {
+        signal: MarketSignal,
+        source: Source,
+    },
     /// The GPU price in force (contract or spot), per GPU-hour.
-    GpuPrice { usd_per_gpu_hour: f64, source: Source },
+    GpuPrice {
+        usd_per_gpu_hour: f64,
+        source: Source,
+    },
     /// A grid program's deployment announced at a settlement point.
-    Deployment { settlement_point: String, deployment: Deployment, source: Source },
-    Telemetry { device: DeviceIdx, report: Report },
-    CommandResult { id: CommandId, device: DeviceIdx, outcome: Outcome },
+    Deployment {
+        settlement_point: String,
+        deployment: Deployment,
+        source: Source,
+    },
+    Telemetry {
+        device: DeviceIdx,
+        report: Report,
+    },
+    CommandResult {
+        id: CommandId,
+        device: DeviceIdx,
+        outcome: Outcome,
+    },
     Policy(PolicyUpdate),
-    Maintenance { scope: Scope, on: bool },
+    Maintenance {
+        scope: Scope,
+        on: bool,
+    },
     /// Inference demand at a site: requests waiting and running, by model.
-    Demand { site: SiteIdx, model: String, queued: u32, running: u32 },
+    Demand {
+        site: SiteIdx,
+        model: String,
+        queued: u32,
+        running: u32,
+    },
     /// Time passes: the engine does what is due (manager ticks, decisions).
     Tick,
 }
@@ -260,9 +300,18 @@ pub enum Output {
     /// A decision with its interval's rollup.
     Decided(Box<Decided>),
     /// A signal accepted (for storage and the signals view).
-    Signal { kind: &'static str, key: String, at: SimTime, value: f64, source: Source },
+    Signal {
+        kind: &'static str,
+        key: String,
+        at: SimTime,
+        value: f64,
+        source: Source,
+    },
     /// A policy now in force (or cleared): its name and version.
-    PolicyApplied { name: String, version: Option<u32> },
+    PolicyApplied {
+        name: String,
+        version: Option<u32>,
+    },
     Alert(Alert),
     Refused(Refused),
 }

@@ -83,7 +83,6 @@ struct Acc {
     errors: u64,
 }
 
-
 /// The manager side of the device plane (see the module docs).
 #[derive(Clone)]
 pub struct Plane {

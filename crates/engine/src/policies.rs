@@ -9,9 +9,7 @@
 //!   `curtail_after` intervals whose last known price is above the strike, resume after
 //!   `resume_after` intervals below; GPUs and caps as [`Baseline`].
 
-use hcp_econ::dispatch::{
-    Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal, StrikeHold,
-};
+use hcp_econ::dispatch::{Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal, StrikeHold};
 use hcp_econ::plan::{PlanInput, PlannerConfig, Schedule};
 use hcp_model::fleet::{Fleet, Group};
 use hcp_model::{ModelRef, SimTime};

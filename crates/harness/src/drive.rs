@@ -6,9 +6,9 @@
 
 use hcp_engine::io::{Decided, Input, Output};
 use hcp_engine::{Engine, EngineConfig};
+use hcp_model::SimTime;
 use hcp_model::fleet::Fleet;
 use hcp_model::ids::DeviceIdx;
-use hcp_model::SimTime;
 
 use crate::run::Violation;
 use crate::world::SimWorld;
@@ -31,8 +31,11 @@ pub struct Driven {
 
 impl Driven {
     pub fn new(fleet: &Fleet, cfg: EngineConfig, world: SimWorld, from: SimTime, seed: u64) -> Result<Self, Violation> {
-        let engine = Engine::new(fleet, cfg, from, 1)
-            .map_err(|e| Violation { seed, at: from, what: format!("engine setup: {e}") })?;
+        let engine = Engine::new(fleet, cfg, from, 1).map_err(|e| Violation {
+            seed,
+            at: from,
+            what: format!("engine setup: {e}"),
+        })?;
         let mut site_devices = vec![vec![]; fleet.sites.len()];
         let mut feeder_devices = vec![vec![]; fleet.feeders.len()];
         for (i, d) in fleet.devices.iter().enumerate() {

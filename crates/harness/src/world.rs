@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 
 use hcp_engine::io::{Input, PriceMarket};
 use hcp_fleet::Command;
+use hcp_model::SimTime;
 use hcp_model::fleet::Fleet;
 use hcp_model::ids::DeviceIdx;
 use hcp_model::signals::{Deployment, MarketSignal};
-use hcp_model::SimTime;
 use hcp_sim::agents::{AgentParams, Agents};
 use hcp_sim::grid::{self, GridParams, GridRun};
 use hcp_sim::market::{MarketParams, MarketSim};
@@ -71,8 +71,7 @@ impl SimWorld {
         });
         let mut deployments = BTreeMap::new();
         for (sp, x) in points.iter().zip(&sim) {
-            let stream =
-                hcp_sim::rng::mix64(sp.bytes().fold(seed, |h, b| hcp_sim::rng::mix64(h ^ u64::from(b))));
+            let stream = hcp_sim::rng::mix64(sp.bytes().fold(seed, |h, b| hcp_sim::rng::mix64(h ^ u64::from(b))));
             deployments.insert(sp.clone(), grid::deployments(x, grid_params, stream));
         }
         let market = MarketSim::simulate(market, from.plus_ms(-interval_ms), to, interval_ms, seed);
@@ -145,7 +144,12 @@ impl SimWorld {
                 for q in 0..(day / iv) {
                     let at = SimTime(d + q * iv);
                     if series.at(at).four_cp_alert {
-                        out.push(Input::FourCp { settlement_point: sp.clone(), at, alert: true, source: SOURCE.into() });
+                        out.push(Input::FourCp {
+                            settlement_point: sp.clone(),
+                            at,
+                            alert: true,
+                            source: SOURCE.into(),
+                        });
                     }
                 }
             }
@@ -163,8 +167,7 @@ impl SimWorld {
                         source: SOURCE.into(),
                     });
                     let t = series.at(SimTime(end)).temperature_c;
-                    let temperature_c =
-                        if t.is_finite() { t } else { GridParams::default().temp_mean(SimTime(end)) };
+                    let temperature_c = if t.is_finite() { t } else { GridParams::default().temp_mean(SimTime(end)) };
                     out.push(Input::Weather { settlement_point: sp.clone(), temperature_c, source: SOURCE.into() });
                 }
                 end += iv;

@@ -49,13 +49,15 @@ impl EngineArgs {
     pub fn resolve(&self) -> anyhow::Result<hcp_engine::EngineConfig> {
         let mut cfg = match &self.engine_config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--engine-config {}: {e}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--engine-config {}: {e}", p.display()))?;
                 hcp_engine::EngineConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
             }
             None => hcp_engine::EngineConfig::default(),
         };
         for kv in &self.engine_set {
-            let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--engine-set {kv:?}: expected NAME=VALUE"))?;
+            let (k, v) =
+                kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--engine-set {kv:?}: expected NAME=VALUE"))?;
             cfg.set(k.trim(), v.trim()).map_err(|e| anyhow::anyhow!("--engine-set: {e}"))?;
         }
         Ok(cfg)
@@ -344,9 +346,9 @@ struct SimArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up { fleet, data_dir, listen, seed, speed, gateway, engine } => {
-            engine.resolve().and_then(|e| crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed, gateway, e))
-        }
+        Command::Up { fleet, data_dir, listen, seed, speed, gateway, engine } => engine
+            .resolve()
+            .and_then(|e| crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed, gateway, e)),
         Command::Serve { role, store, bus, fleet, listen, seed, speed, gateway, engine } => {
             engine.resolve().and_then(|e| {
                 crate::serve::serve(fleet.as_deref(), role, &store, bus.as_deref(), listen, seed, speed, gateway, e)

@@ -97,6 +97,8 @@ pub(crate) fn fleet_now(app: &App) -> Value {
                 "mining_mw": row[1],
                 "inference_mw": row[2],
                 "curtailed_mw": row[3],
+                "held_off_mw": iv.get("held_off_mw"),
+                "headroom_mw": iv.get("headroom_mw"),
                 "held_for_grid_mw": row[4],
                 "hashrate_ph_s": row[5],
                 "gpus_serving": iv.get("gpus_serving"),

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hcp_econ::dispatch::Reason;
-use hcp_engine::io::{Decided, Input, Output, PolicyUpdate, SiteInterval};
 use hcp_engine::EngineConfig;
+use hcp_engine::io::{Decided, Input, Output, PolicyUpdate, SiteInterval};
 use hcp_fleet::{Event, Outcome, Scope, Target};
 use hcp_harness::drive::Driven;
 use hcp_harness::plane::DeviceMinute;
@@ -40,7 +40,10 @@ enum Note {
     Decided(Box<Decided>, Vec<SignalRow>, f64),
     Alert(hcp_engine::io::Alert),
     Refused(hcp_engine::Refused),
-    Policy { name: String, version: Option<u32> },
+    Policy {
+        name: String,
+        version: Option<u32>,
+    },
 }
 
 /// Operator actions that reach the engine thread.
@@ -79,7 +82,9 @@ pub fn describe(r: &Reason, fleet: &hcp_model::fleet::Fleet) -> (String, String,
                     program.name(),
                     hcp_model::SimTime(*respond_by_ms)
                 ),
-                None => format!("{}: at most {limit_mw:.2} MW by {}", program.name(), hcp_model::SimTime(*respond_by_ms)),
+                None => {
+                    format!("{}: at most {limit_mw:.2} MW by {}", program.name(), hcp_model::SimTime(*respond_by_ms))
+                }
             },
         ),
         Reason::Strike { site: s, model, price_usd_per_mwh, strike_usd_per_mwh, policy_version } => (
@@ -103,11 +108,18 @@ pub fn describe(r: &Reason, fleet: &hcp_model::fleet::Fleet) -> (String, String,
 
 /// A stored policy as the engine takes it. The body was validated by the API when it was saved;
 /// anything unreadable here is refused with the field named.
-pub fn policy_update(fleet: &hcp_model::fleet::Fleet, name: &str, version: i64, body: &str) -> anyhow::Result<PolicyUpdate> {
+pub fn policy_update(
+    fleet: &hcp_model::fleet::Fleet,
+    name: &str,
+    version: i64,
+    body: &str,
+) -> anyhow::Result<PolicyUpdate> {
     use hcp_engine::io::{GridRule, ReservedRule, StrikeRule};
     let v: serde_json::Value = serde_json::from_str(body)?;
     let version = u32::try_from(version).map_err(|_| anyhow::anyhow!("version: out of range"))?;
-    let num = |f: &str| v.get(f).and_then(serde_json::Value::as_f64).ok_or_else(|| anyhow::anyhow!("body.{f}: a number is required"));
+    let num = |f: &str| {
+        v.get(f).and_then(serde_json::Value::as_f64).ok_or_else(|| anyhow::anyhow!("body.{f}: a number is required"))
+    };
     Ok(match name {
         "strike" => {
             let models = match v.get("models") {
@@ -124,7 +136,12 @@ pub fn policy_update(fleet: &hcp_model::fleet::Fleet, name: &str, version: i64, 
         }
         "grid-commitment" => {
             let site = v.get("site").and_then(serde_json::Value::as_str).unwrap_or_default();
-            let site = fleet.sites.iter().find(|s| s.id == site).ok_or_else(|| anyhow::anyhow!("body.site: no site {site}"))?.idx;
+            let site = fleet
+                .sites
+                .iter()
+                .find(|s| s.id == site)
+                .ok_or_else(|| anyhow::anyhow!("body.site: no site {site}"))?
+                .idx;
             let program = v.get("program").and_then(serde_json::Value::as_str).unwrap_or_default();
             let program = hcp_model::signals::GridProgram::ALL
                 .into_iter()
@@ -158,10 +175,12 @@ pub async fn run(
     let mut page = Page { after: None, limit: Some(hcp_store::MAX_PAGE) };
     loop {
         let rows = app.store.devices(&DeviceFilter { maintenance: Some(true), ..Default::default() }, &page).await?;
-        initial.extend(rows.iter().map(|d| Input::Maintenance {
-            scope: Scope::Device(hcp_model::ids::DeviceIdx(d.idx as u32)),
-            on: true,
-        }));
+        initial.extend(
+            rows.iter().map(|d| Input::Maintenance {
+                scope: Scope::Device(hcp_model::ids::DeviceIdx(d.idx as u32)),
+                on: true,
+            }),
+        );
         match rows.last() {
             Some(last) if rows.len() == hcp_store::MAX_PAGE as usize => page.after = Some(last.idx),
             _ => break,

@@ -694,7 +694,9 @@ fn validate_policy(fleet: &hcp_model::fleet::Fleet, name: &str, body: &serde_jso
                 num("strike_usd_per_mwh", -1_000.0, 10_000.0)?;
             }
             if let Some(m) = body.get("models") {
-                let m = m.as_object().ok_or_else(|| ApiError::invalid("body.models", "must be an object of model id to strike"))?;
+                let m = m
+                    .as_object()
+                    .ok_or_else(|| ApiError::invalid("body.models", "must be an object of model id to strike"))?;
                 for (id, v) in m {
                     let field = format!("body.models.{id}");
                     let v = v.as_f64().ok_or_else(|| ApiError::invalid(field.clone(), "a number is required"))?;

@@ -563,6 +563,67 @@ async fn the_engine_is_deterministic_under_a_seed() {
     b.stop().await;
 }
 
+/// A strike policy saved through the REST API changes the next plan: the engine curtails with a
+/// reason that names the policy and its version.
+#[tokio::test]
+async fn a_strike_policy_saved_through_the_api_changes_the_next_plan() {
+    let p = Platform::start("strike").await;
+    let app = p.running.as_ref().unwrap().app.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.engine_at_ms.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the engine decided");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asic = app.fleet.devices.iter().find(|d| matches!(d.model, hcp_model::ModelRef::Asic(_))).unwrap();
+    let model = app.fleet.model_id(asic.model).to_string();
+    // A strike below any price ERCOT clears at: every ASIC of the model is above it.
+    let body = json!({"expected_version": 0, "body": {
+        "strike_usd_per_mwh": 9_000.0, "models": {model.clone(): -999.0}, "curtail_after": 1, "resume_after": 1}});
+    let (s, b) = p.call("PUT", "/api/v1/policies/strike", Some(ADMIN), Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["version"], 1);
+    let bad = json!({"expected_version": 1, "body": {"models": {"no-such-asic": 10.0}, "curtail_after": 1, "resume_after": 1}});
+    let (s, b) = p.call("PUT", "/api/v1/policies/strike", Some(ADMIN), Some(bad)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(b["error"]["field"], "body.models.no-such-asic", "{b}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, d) = p.call("GET", "/api/v1/decisions?limit=200", Some(ADMIN), None).await;
+        let items = d["items"].as_array().cloned().unwrap_or_default();
+        if let Some(x) = items.iter().find(|x| x["kind"] == "strike") {
+            let reason = x["reason"].as_str().unwrap();
+            assert!(reason.contains("policy strike v1") && reason.contains(&model), "{reason}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no strike decision: {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.stop().await;
+}
+
+/// Stopping stops: the engine's worker ends within one interval of simulated time and well within
+/// one interval of the default pace (1 s of wall time).
+#[tokio::test]
+async fn stop_ends_the_engine_within_one_interval() {
+    let p = Platform::start("stop").await;
+    let app = p.running.as_ref().unwrap().app.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.engine_at_ms.load(std::sync::atomic::Ordering::Relaxed)
+        < hcp_model::SimTime::parse("2025-06-01T06:00").unwrap().0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the engine ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let at = app.engine_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::Instant::now();
+    p.stop().await;
+    let took = t.elapsed();
+    assert!(app.engine_stopped.load(std::sync::atomic::Ordering::Relaxed), "the worker ended");
+    let after = app.engine_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(after - at <= 15 * 60_000, "{} ms of simulated time after stop", after - at);
+    assert!(took < Duration::from_secs(1), "stop took {took:?}");
+}
+
 // ---- the inference gateway and billing ----------------------------------------------------------
 
 impl Platform {
@@ -910,8 +971,11 @@ async fn the_dashboard_reads_backtests_and_session_login() {
     let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
     let mut cap = 0.0;
     for s in sites {
-        let split = num(s, "mining_mw") + num(s, "inference_mw") + num(s, "curtailed_mw");
+        // Drawn, held off by a decision (by reason), and headroom nothing could use: the cap at least.
+        let split = num(s, "mining_mw") + num(s, "inference_mw") + num(s, "curtailed_mw") + num(s, "headroom_mw");
         assert!((split - num(s, "cap_mw")).abs() < 1e-6 || split > num(s, "cap_mw"), "{s}");
+        let held: f64 = s["held_off_mw"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((held - num(s, "curtailed_mw")).abs() < 1e-9, "{s}");
         assert!(num(s, "hashrate_ph_s") >= 0.0 && s["gpus_serving"].is_number() && s["margin_usd_per_h"].is_f64());
         cap += num(s, "cap_mw");
     }
