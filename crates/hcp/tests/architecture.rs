@@ -8,7 +8,8 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Crates that hold the deterministic core.
-const CORE: &[&str] = &["hcp-model", "hcp-econ", "hcp-sim", "hcp-sched", "hcp-harness", "hcp-fleet", "hcp-billing"];
+const CORE: &[&str] =
+    &["hcp-model", "hcp-econ", "hcp-sim", "hcp-sched", "hcp-engine", "hcp-harness", "hcp-fleet", "hcp-billing"];
 
 /// Libraries that do IO or bring a runtime; none may be reachable from a core crate.
 const FORBIDDEN: &[&str] = &[
