@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use hcp_econ::dispatch::{Plan, Reason};
-use hcp_fleet::{Command, Report, Scope, Target};
+use hcp_fleet::{Command, Report, Target};
 use hcp_model::SimTime;
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::{Fleet, Group};
@@ -87,6 +87,8 @@ pub struct Engine {
     points: BTreeMap<String, PointSignals>,
     /// Settlement point of each site.
     site_point: Vec<String>,
+    /// The fleet's distinct settlement points, each with its stale-price alert key.
+    stale_keys: Vec<(String, String)>,
     deployments: BTreeMap<String, Vec<Deployment>>,
     market: Option<(MarketSignal, Source, SimTime)>,
     gpu_price: Option<(f64, Source)>,
@@ -129,6 +131,17 @@ impl Engine {
         Ok(Engine {
             groups: fleet.groups(),
             site_point: fleet.sites.iter().map(|s| s.settlement_point.clone()).collect(),
+            stale_keys: {
+                let mut p: Vec<String> = fleet.sites.iter().map(|s| s.settlement_point.clone()).collect();
+                p.sort();
+                p.dedup();
+                p.into_iter()
+                    .map(|sp| {
+                        let key = format!("stale_price:{sp}");
+                        (sp, key)
+                    })
+                    .collect()
+            },
             site_of: fleet.devices.iter().map(|d| d.site).collect(),
             acc: vec![SiteAcc::default(); fleet.sites.len()],
             held: vec![HeldOff::default(); fleet.sites.len()],
@@ -384,9 +397,11 @@ impl Engine {
                 Ok(())
             }
             Input::Telemetry { device, report } => {
-                self.meter(device, &report, now.0);
                 let (plane, policy) = (&mut self.plane, &mut self.policy);
-                plane.report(device, report, now.0, policy.dispatcher_mut()).map_err(|e| split("telemetry", &e))
+                // The plane checks the report first: a refused one is not metered either.
+                plane.report(device, report, now.0, policy.dispatcher_mut()).map_err(|e| split("telemetry", &e))?;
+                self.meter(device, &report, now.0);
+                Ok(())
             }
             Input::CommandResult { id, device, outcome } => {
                 let (plane, policy) = (&mut self.plane, &mut self.policy);
@@ -550,26 +565,29 @@ impl Engine {
     /// Stale prices and market raise alerts; fresh ones clear them.
     fn check_stale(&mut self, now: SimTime) {
         let stale_ms = self.cfg.stale_price_s * 1000;
-        let mut points: Vec<String> = self.site_point.clone();
-        points.sort();
-        points.dedup();
-        for sp in points {
-            let published = self.last_price(&sp).map(|(g, _)| g.at.0 + g.interval_ms);
-            let key = format!("stale_price:{sp}");
+        for k in 0..self.stale_keys.len() {
+            let (sp, key) = &self.stale_keys[k];
+            let published = self.last_price(sp).map(|(g, _)| g.at.0 + g.interval_ms);
             // One alert per staleness episode (its text would change every tick).
-            let open = self.alerts.contains_key(&key);
-            match published {
-                Some(p) if now.0 - p <= stale_ms => self.clear(&key, now),
+            let open = self.alerts.contains_key(key);
+            let text = match published {
+                Some(p) if now.0 - p <= stale_ms => {
+                    if open {
+                        let key = key.clone();
+                        self.clear(&key, now);
+                    }
+                    continue;
+                }
                 Some(p) if !open => {
-                    let text =
-                        format!("{sp}: last price published {} s ago; the safe policy applies", (now.0 - p) / 1000);
-                    self.raise(key, now, text);
+                    format!("{sp}: last price published {} s ago; the safe policy applies", (now.0 - p) / 1000)
                 }
                 None if !open && self.interval_start.is_some() => {
-                    self.raise(key, now, format!("{sp}: no price received yet; the safe policy applies"));
+                    format!("{sp}: no price received yet; the safe policy applies")
                 }
-                _ => {}
-            }
+                _ => continue,
+            };
+            let key = key.clone();
+            self.raise(key, now, text);
         }
         let key = "stale_market".to_string();
         let open = self.alerts.contains_key(&key);
@@ -615,27 +633,22 @@ impl Engine {
     /// price at the same time of day (persistence); empty when none is known.
     fn day_ahead(&self, sp: &str, t0: SimTime, n: usize) -> Vec<f64> {
         let Some(p) = self.points.get(sp) else { return vec![] };
+        let da = PriceMarket::DayAhead;
+        let mut known = p.prices.range((da, i64::MIN)..=(da, i64::MAX)).map(|((_, at), (v, _))| (*at, *v));
+        let Some(first) = known.next() else { return vec![] };
         let iv = self.cfg.interval_ms();
-        let known: BTreeMap<i64, f64> = p
-            .prices
-            .range((PriceMarket::DayAhead, i64::MIN)..=(PriceMarket::DayAhead, i64::MAX))
-            .map(|((_, at), (v, _))| (*at, *v))
-            .collect();
-        if known.is_empty() {
-            return vec![];
-        }
         (0..n as i64)
             .map(|k| {
                 let t = t0.0 + k * iv;
                 let mut back = t;
                 // The same time of day on the latest day known (at most 30 days back).
                 for _ in 0..=30 {
-                    if let Some(v) = known.get(&back) {
+                    if let Some((v, _)) = p.prices.get(&(da, back)) {
                         return *v;
                     }
                     back -= 86_400_000;
                 }
-                known.range(..=t).next_back().or_else(|| known.iter().next()).map_or(f64::NAN, |(_, v)| *v)
+                p.prices.range((da, i64::MIN)..=(da, t)).next_back().map_or(first.1, |(_, (v, _))| *v)
             })
             .collect()
     }
@@ -665,13 +678,16 @@ impl Engine {
         let last_grid: Vec<GridSignal> =
             self.site_point.iter().map(|sp| self.last_price(sp).map_or(unknown, |(g, _)| g)).collect();
         let horizon = self.cfg.horizon_intervals;
-        let day_ahead: Vec<Vec<f64>> = self.site_point.iter().map(|sp| self.day_ahead(sp, t0, horizon)).collect();
+        // One look-up per site serves the planning path's horizon and the day ahead announced.
+        let known: Vec<Vec<f64>> =
+            self.site_point.iter().map(|sp| self.day_ahead(sp, t0, horizon.max(self.cfg.ahead_intervals))).collect();
         // The planning path needs every site's prices over the whole horizon.
-        let day_ahead = if day_ahead.iter().all(|d| d.len() == horizon && d.iter().all(|x| x.is_finite())) {
-            day_ahead
-        } else {
-            vec![vec![]; n_sites]
-        };
+        let day_ahead: Vec<Vec<f64>> =
+            if known.iter().all(|d| d.len() >= horizon && d[..horizon].iter().all(|x| x.is_finite())) {
+                known.iter().map(|d| d[..horizon].to_vec()).collect()
+            } else {
+                vec![vec![]; n_sites]
+            };
         let four_cp_ahead: Vec<Vec<bool>> = self
             .site_point
             .iter()
@@ -740,10 +756,11 @@ impl Engine {
                 _ => None,
             })
             .collect();
-        let caps = capacity::replicas(&self.fleet, &self.groups, &serving, &self.plane.manager().availability());
+        let avail = self.plane.manager().availability();
+        let caps = capacity::replicas(&self.fleet, &self.groups, &serving, &avail);
         let replicas = capacity::changed(&self.replicas, &caps).into_iter().cloned().collect();
         self.replicas = caps;
-        self.note_holds(&plan);
+        self.note_holds(&plan, &avail);
         let schedule = self.policy.schedule_ahead(t0, self.cfg.ahead_intervals);
         let ahead = Ahead {
             at_ms: t0.0,
@@ -755,7 +772,7 @@ impl Engine {
                 .enumerate()
                 .map(|(i, site)| SiteAhead {
                     site: site.id.clone(),
-                    day_ahead_usd_per_mwh: self.day_ahead(&self.site_point[i], t0, self.cfg.ahead_intervals),
+                    day_ahead_usd_per_mwh: known[i].iter().take(self.cfg.ahead_intervals).copied().collect(),
                     planned_asic_mw: schedule.get(i).map(|s| s.0.iter().map(|w| w / 1e6).collect()).unwrap_or_default(),
                     held: schedule.get(i).map(|s| s.1.clone()).unwrap_or_default(),
                 })
@@ -774,14 +791,13 @@ impl Engine {
     }
 
     /// Records why each moved device now sits where it does, and what the plan holds off.
-    fn note_holds(&mut self, plan: &Plan) {
+    fn note_holds(&mut self, plan: &Plan, avail: &[bool]) {
         for c in &plan.changes {
             if let Some(r) = plan.reasons.get(c.reason as usize) {
                 self.hold[c.device.index()] = hold_why(r);
             }
         }
         let d = self.policy.dispatcher();
-        let avail = self.plane.manager().availability();
         let mut held = vec![HeldOff::default(); self.fleet.sites.len()];
         for (i, dev) in self.fleet.devices.iter().enumerate() {
             let ModelRef::Asic(m) = dev.model else { continue };
@@ -871,11 +887,6 @@ impl Engine {
     /// Inference demand as last reported, by (site, model): (queued, running).
     pub fn demand(&self) -> &BTreeMap<(u16, String), (u32, u32)> {
         &self.demand
-    }
-
-    /// Whether a scope names devices of the fleet (for drivers that check before sending).
-    pub fn scope_ok(&self, scope: Scope) -> bool {
-        self.plane.manager().members(scope).is_ok()
     }
 }
 

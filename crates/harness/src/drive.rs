@@ -30,30 +30,40 @@ pub struct Driven {
 }
 
 impl Driven {
+    /// The engine of `fleet` with `cfg` from `from` (command ids from 1), driven by `world`.
     pub fn new(fleet: &Fleet, cfg: EngineConfig, world: SimWorld, from: SimTime, seed: u64) -> Result<Self, Violation> {
         let engine = Engine::new(fleet, cfg, from, 1).map_err(|e| Violation {
             seed,
             at: from,
             what: format!("engine setup: {e}"),
         })?;
+        Ok(Self::with_engine(engine, world, seed))
+    }
+
+    /// An engine the caller built (with state restored from storage, say), driven by `world`.
+    pub fn with_engine(engine: Engine, world: SimWorld, seed: u64) -> Self {
+        let fleet = engine.fleet();
         let mut site_devices = vec![vec![]; fleet.sites.len()];
         let mut feeder_devices = vec![vec![]; fleet.feeders.len()];
         for (i, d) in fleet.devices.iter().enumerate() {
             site_devices[d.site.index()].push(DeviceIdx(i as u32));
             feeder_devices[d.feeder.index()].push(DeviceIdx(i as u32));
         }
-        Ok(Driven {
+        let site_cap_w = fleet.sites.iter().map(|s| s.power_cap_w).collect();
+        let feeder_limit_w = fleet.feeders.iter().map(|f| f.limit_w).collect();
+        let over_since = vec![None; fleet.sites.len() + fleet.feeders.len()];
+        Driven {
             engine,
             world,
             seed,
             site_devices,
             feeder_devices,
-            site_cap_w: fleet.sites.iter().map(|s| s.power_cap_w).collect(),
-            feeder_limit_w: fleet.feeders.iter().map(|f| f.limit_w).collect(),
+            site_cap_w,
+            feeder_limit_w,
             inputs: vec![],
             transient_ms: 10_000,
-            over_since: vec![None; fleet.sites.len() + fleet.feeders.len()],
-        })
+            over_since,
+        }
     }
 
     /// The time of the next step: when the engine next wants to be woken.
@@ -64,6 +74,18 @@ impl Driven {
     /// One step at `now`: the world's inputs, the engine's tick, its commands to the devices,
     /// everything else to `on_output`; then the invariants.
     pub fn step(&mut self, now: SimTime, on_output: &mut dyn FnMut(Output)) -> Result<(), Violation> {
+        self.step_with(now, &mut |_| {}, on_output)
+    }
+
+    /// [`Driven::step`], calling `first_batch` with a decision's first batch's size as soon as
+    /// those commands have reached the devices, before the rest of the plan is made (a driver
+    /// on the wall clock times the switching path from it).
+    pub fn step_with(
+        &mut self,
+        now: SimTime,
+        first_batch: &mut dyn FnMut(usize),
+        on_output: &mut dyn FnMut(Output),
+    ) -> Result<(), Violation> {
         self.world.inputs(now, &mut self.inputs);
         for i in self.inputs.drain(..) {
             // A refused input comes out as an output; the world's inputs are valid by construction.
@@ -74,6 +96,7 @@ impl Driven {
             for c in cmds {
                 world.command(c, now);
             }
+            first_batch(cmds.len());
         });
         while let Some(o) = self.engine.poll_output() {
             match o {

@@ -104,6 +104,8 @@ impl SimWorld {
     /// Everything the world tells the engine at `now` (what happened since the last call):
     /// signals first, then the devices' reports and answers.
     pub fn inputs(&mut self, now: SimTime, out: &mut Vec<Input>) {
+        // The first call also tells what was already known at the start.
+        let first = self.last.is_none();
         let prev = self.last.unwrap_or(SimTime(self.from.0 - 1));
         if now <= prev {
             return;
@@ -111,7 +113,6 @@ impl SimWorld {
         self.last = Some(now);
         let iv = self.interval_ms;
         let day = 86_400_000;
-        let first = self.last.is_some() && prev.0 == self.from.0 - 1;
         for (sp, series) in &self.points {
             // Day-ahead: at the start the day and the next, then each day at 13:00 the next day.
             let mut days = vec![];

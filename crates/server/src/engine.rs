@@ -36,14 +36,22 @@ pub const DEVICE_RETENTION_MS: i64 = 30 * 86_400_000;
 
 /// What the worker hands the writer.
 enum Note {
-    /// A decision, the signals accepted since the one before, and the step's wall time.
-    Decided(Box<Decided>, Vec<SignalRow>, f64),
+    /// A decision, the signals accepted since the one before, and its wall times.
+    Decided(Box<Decided>, Vec<SignalRow>, Timing),
     Alert(hcp_engine::io::Alert),
     Refused(hcp_engine::Refused),
     Policy {
         name: String,
         version: Option<u32>,
     },
+}
+
+/// Wall time of a decision step: the whole plan, and from the step's start to its first command
+/// batch reaching the devices (the whole step when the plan's first changes needed no command).
+#[derive(Clone, Copy, Debug, Default)]
+struct Timing {
+    plan_s: f64,
+    switch_s: f64,
 }
 
 /// Operator actions that reach the engine thread.
@@ -212,17 +220,14 @@ pub async fn run(
             AgentParams::default(),
         )
         .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
-        let mut driven = Driven::new(&fleet, cfg, world, from, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
-        driven.engine = {
-            let mut e = hcp_engine::Engine::new(&fleet, driven.engine.config().clone(), from, first_command_id)
-                .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
-            for i in initial {
-                if let Err(r) = e.handle(i, from) {
-                    tracing::warn!(error = %r, "stored state not applied");
-                }
+        let mut engine = hcp_engine::Engine::new(&fleet, cfg, from, first_command_id)
+            .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
+        for i in initial {
+            if let Err(r) = engine.handle(i, from) {
+                tracing::warn!(error = %r, "stored state not applied");
             }
-            e
-        };
+        }
+        let mut driven = Driven::with_engine(engine, world, seed);
         let clock = DemoClock { wall_start: WallTime(wall_ms()), sim_start: from, speed: speed.max(1e-6) };
         let mut signals = vec![];
         let mut notes = vec![];
@@ -250,23 +255,30 @@ pub async fn run(
                 }
             }
             let started = Instant::now();
-            let step = driven.step(t, &mut |o| match o {
+            let mut first_s = None;
+            let mut first_batch = |n: usize| {
+                if n > 0 && first_s.is_none() {
+                    first_s = Some(started.elapsed().as_secs_f64());
+                }
+            };
+            let step = driven.step_with(t, &mut first_batch, &mut |o| match o {
                 Output::Signal { kind, key, at, value, .. } => {
                     signals.push(SignalRow { kind: kind.into(), key, at_ms: at.0, value })
                 }
-                Output::Decided(d) => notes.push(Note::Decided(d, std::mem::take(&mut signals), 0.0)),
+                Output::Decided(d) => notes.push(Note::Decided(d, std::mem::take(&mut signals), Timing::default())),
                 Output::Alert(a) => notes.push(Note::Alert(a)),
                 Output::Refused(r) => notes.push(Note::Refused(r)),
                 Output::PolicyApplied { name, version } => notes.push(Note::Policy { name, version }),
                 Output::Command(_) => {}
             });
-            let took = started.elapsed().as_secs_f64();
+            let plan_s = started.elapsed().as_secs_f64();
+            let timing = Timing { plan_s, switch_s: first_s.unwrap_or(plan_s) };
             if let Err(v) = step {
                 anyhow::bail!("invariant broken: {} at {} (seed={})", v.what, v.at, v.seed);
             }
             for mut n in notes.drain(..) {
                 if let Note::Decided(_, _, s) = &mut n {
-                    *s = took;
+                    *s = timing;
                 }
                 // The writer is gone: the process is stopping.
                 if tx.blocking_send(n).is_err() {
@@ -466,7 +478,7 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
 /// Writes one note of the worker, then announces it.
 async fn record(app: &App, n: Note) -> anyhow::Result<()> {
     match n {
-        Note::Decided(d, signals, took) => record_decided(app, *d, signals, took).await,
+        Note::Decided(d, signals, timing) => record_decided(app, *d, signals, timing).await,
         Note::Alert(a) => {
             if a.raised {
                 tracing::warn!(key = %a.key, "{}", a.text);
@@ -495,13 +507,12 @@ fn held_json(r: &SiteInterval) -> serde_json::Value {
 
 /// Writes one decision and its closed interval, then announces them.
 #[tracing::instrument(name = "engine.interval", skip_all, fields(at_ms = d.at.0, sites = d.closed.len()))]
-async fn record_decided(app: &App, d: Decided, signals: Vec<SignalRow>, took: f64) -> anyhow::Result<()> {
+async fn record_decided(app: &App, d: Decided, signals: Vec<SignalRow>, timing: Timing) -> anyhow::Result<()> {
     let at_ms = d.at.0;
     let fleet = &app.fleet;
     let started = Instant::now();
-    metrics::histogram!("hcp_plan_seconds").record(took);
-    // The whole decision step (plan, first batch, the rest): an upper bound of the switching time.
-    metrics::histogram!("hcp_switch_seconds").record(took);
+    metrics::histogram!("hcp_plan_seconds").record(timing.plan_s);
+    metrics::histogram!("hcp_switch_seconds").record(timing.switch_s);
     app.store.add_signals(&signals).await?;
     let rows = &d.closed;
     let interval_ms = rows.first().map_or(15 * 60_000, |r| at_ms - r.at.0);

@@ -717,7 +717,7 @@ fn validate_policy(fleet: &hcp_model::fleet::Fleet, name: &str, body: &serde_jso
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| ApiError::invalid("body.site", "a site id is required"))?;
             let program = body.get("program").and_then(|v| v.as_str()).unwrap_or("");
-            if !["ERS-10", "ERS-30", "RRS", "CLR", "ECRS", "Non-Spin"].contains(&program) {
+            if !hcp_model::signals::GridProgram::ALL.iter().any(|p| p.name() == program) {
                 return Err(ApiError::invalid("body.program", "must be ERS-10, ERS-30, RRS, CLR, ECRS or Non-Spin"));
             }
             num("mw", 0.0, 10_000.0)
