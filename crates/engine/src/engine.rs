@@ -544,7 +544,7 @@ impl Engine {
     }
 
     fn drain_commands(&mut self) {
-        for c in self.plane.take_commands() {
+        for c in self.plane.drain_commands() {
             self.out.push_back(Output::Command(c));
         }
     }
@@ -731,8 +731,8 @@ impl Engine {
         let targets = self.policy.decide_with(&ctx, batch, &mut |changes| {
             plane.apply_changes(changes);
             first = plane.send_now(changes);
-            let cmds = plane.take_commands();
-            first_batch(&cmds);
+            first_batch(plane.pending_commands());
+            plane.drain_commands();
         });
         let plan = self.policy.last_plan.clone().unwrap_or_default();
         self.plane.apply_plan(&plan);

@@ -4,7 +4,7 @@
 //! Reports and command results come in ([`Plane::report`], [`Plane::answer`]); they go to the
 //! manager (liveness, health, settling commands) and to the dispatcher (fresh telemetry, measured
 //! efficiency, faults). The manager's tick ([`Plane::reconcile`]) emits the commands that bring
-//! devices to their intents; they wait in [`Plane::take_commands`] for the driver to deliver. A plan
+//! devices to their intents; they wait in [`Plane::drain_commands`] for the driver to deliver. A plan
 //! sets intents ([`Plane::apply_plan`]) and is followed at once by a reconcile, whose batch is the
 //! "first command batch" of the switching measurement. Quarantine and maintenance reach the
 //! dispatcher, so the next plan re-plans around them; a device the manager calls unknown turns
@@ -304,9 +304,15 @@ impl Plane {
         n
     }
 
-    /// Commands to deliver, in the order sent.
-    pub fn take_commands(&mut self) -> Vec<Command> {
-        std::mem::take(&mut self.outbox)
+    /// Commands waiting for delivery, in the order sent.
+    pub fn pending_commands(&self) -> &[Command] {
+        &self.outbox
+    }
+
+    /// Takes the commands waiting for delivery, in the order sent (the buffer keeps its capacity:
+    /// a plan's batch of thousands allocates once, not every time).
+    pub fn drain_commands(&mut self) -> std::vec::Drain<'_, Command> {
+        self.outbox.drain(..)
     }
 
     /// A plan's changes become intents. GPU caps come separately ([`Plane::set_gpu_cap`]).

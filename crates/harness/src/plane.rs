@@ -98,11 +98,12 @@ impl DevicePlane {
 
     fn deliver(&mut self) -> usize {
         let t = self.plane.now_ms();
-        let cmds = self.plane.take_commands();
-        for c in &cmds {
-            self.agents.command(c, t);
+        let mut n = 0;
+        for c in self.plane.drain_commands() {
+            self.agents.command(&c, t);
+            n += 1;
         }
-        cmds.len()
+        n
     }
 
     /// A plan's changes become intents. GPU caps come separately ([`DevicePlane::set_gpu_cap`]).
