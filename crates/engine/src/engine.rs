@@ -21,7 +21,8 @@ use crate::capacity::{self, ReplicaCapacity};
 use crate::config::EngineConfig;
 use crate::controller::DecisionContext;
 use crate::io::{
-    Ahead, Alert, Decided, HeldOff, Input, Output, PolicyUpdate, PriceMarket, Refused, SiteAhead, SiteInterval, Source,
+    Ahead, Alert, Decided, FeedHealth, HeldOff, Input, Output, PolicyUpdate, PriceMarket, Refused, SiteAhead,
+    SiteInterval, Source,
 };
 use crate::plane::Plane;
 use crate::policies::DispatchPolicy;
@@ -107,6 +108,8 @@ pub struct Engine {
     held: Vec<HeldOff>,
     site_of: Vec<SiteIdx>,
     alerts: BTreeMap<String, String>,
+    /// Input kinds whose `refused:<kind>` alert is raised.
+    refused_open: Vec<&'static str>,
     out: VecDeque<Output>,
 }
 
@@ -163,6 +166,7 @@ impl Engine {
             last: vec![None; n],
             hold: vec![HoldWhy::Economics; n],
             alerts: BTreeMap::new(),
+            refused_open: vec![],
             out: VecDeque::new(),
             cfg,
         })
@@ -191,6 +195,11 @@ impl Engine {
     }
 
     /// The version of each policy in force, by name.
+    /// The market signal in force, if any arrived.
+    pub fn market(&self) -> Option<&MarketSignal> {
+        self.market.as_ref().map(|(m, _, _)| m)
+    }
+
     pub fn policies(&self) -> &BTreeMap<String, u32> {
         &self.policy_versions
     }
@@ -224,9 +233,20 @@ impl Engine {
         self.now = now;
         let kind = input.kind();
         let r = self.take(input, now, first_batch);
-        if let Err(e) = &r {
-            self.raise(format!("refused:{kind}"), now, e.to_string());
-            self.out.push_back(Output::Refused(e.clone()));
+        match &r {
+            Err(e) => {
+                self.raise(format!("refused:{kind}"), now, e.to_string());
+                if !self.refused_open.contains(&kind) {
+                    self.refused_open.push(kind);
+                }
+                self.out.push_back(Output::Refused(e.clone()));
+            }
+            // An input of a kind refused before is accepted again: that alert is over.
+            Ok(()) if !self.refused_open.is_empty() && self.refused_open.contains(&kind) => {
+                self.refused_open.retain(|k| *k != kind);
+                self.clear(&format!("refused:{kind}"), now);
+            }
+            Ok(()) => {}
         }
         r
     }
@@ -268,7 +288,14 @@ impl Engine {
                         format!("{at} is not the start of a {} interval", market.as_str()),
                     ));
                 }
-                if market != PriceMarket::DayAhead && at.plus_ms(market.interval_ms()) > now.plus_ms(60_000) {
+                // A 15-minute settlement price is known when its interval ends; a 5-minute SCED
+                // price is set by the run that starts its interval (ex ante).
+                let known_at = match market {
+                    PriceMarket::RealTime15 => at.plus_ms(market.interval_ms()),
+                    PriceMarket::RealTime5 => at,
+                    PriceMarket::DayAhead => SimTime(i64::MIN),
+                };
+                if known_at > now.plus_ms(60_000) {
                     return Err(Self::refuse(
                         "price",
                         "at",
@@ -417,6 +444,19 @@ impl Engine {
                     .map_err(|e| split("maintenance", &e))
             }
             Input::Policy(update) => self.set_policy(update),
+            Input::Feed { feed, health } => {
+                let key = format!("feed:{feed}");
+                match health {
+                    FeedHealth::Ok => self.clear(&key, now),
+                    FeedHealth::Failed(why) => {
+                        let text = format!(
+                            "feed {feed}: {why}; its signals age and the safe policy applies when they are stale"
+                        );
+                        self.raise(key, now, text);
+                    }
+                }
+                Ok(())
+            }
             Input::Demand { site, model, queued, running } => {
                 if site.index() >= self.fleet.sites.len() {
                     return Err(Self::refuse("demand", "site", format!("{} is not a site of the fleet", site.0)));

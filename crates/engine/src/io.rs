@@ -148,8 +148,23 @@ pub enum Input {
         queued: u32,
         running: u32,
     },
+    /// A feed's health: a failed poll (timeout, HTTP error, malformed or out-of-range value)
+    /// raises the `feed:<name>` alert with the reason; the next good poll clears it. The
+    /// signals themselves age on their own (stale prices fall back to the safe policy).
+    Feed {
+        feed: String,
+        health: FeedHealth,
+    },
     /// Time passes: the engine does what is due (manager ticks, decisions).
     Tick,
+}
+
+/// How a feed's last poll went.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FeedHealth {
+    Ok,
+    /// Why it failed, as logged.
+    Failed(String),
 }
 
 impl Input {
@@ -167,6 +182,7 @@ impl Input {
             Input::Policy(_) => "policy",
             Input::Maintenance { .. } => "maintenance",
             Input::Demand { .. } => "demand",
+            Input::Feed { .. } => "feed",
             Input::Tick => "tick",
         }
     }

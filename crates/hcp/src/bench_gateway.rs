@@ -337,6 +337,7 @@ pub fn gateway(
         // One interval at start, then quiet: the engine's work stays out of the measurement.
         speed: 1.0,
         engine_config: Default::default(),
+        mode: Default::default(),
         admin_token: Some(ADMIN.into()),
         demo_tenant_key: Some(KEY.into()),
         account_rate_per_s: 1e6,

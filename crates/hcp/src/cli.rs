@@ -42,6 +42,17 @@ pub struct EngineArgs {
     /// One engine setting, NAME=VALUE, applied after the file (repeatable).
     #[arg(long = "engine-set", value_name = "NAME=VALUE")]
     pub engine_set: Vec<String>,
+    /// Live mode: signals from the feeds of --feeds (and manual values set through the API) on
+    /// the wall clock, instead of the simulated world (docs/feeds.md).
+    #[arg(long)]
+    pub live: bool,
+    /// TOML file of live mode's feeds: ERCOT, a BTC market API, CSV replay, a GPU contract price.
+    #[arg(long, requires = "live")]
+    pub feeds: Option<PathBuf>,
+    /// Rehearse live mode from this market time (2024-06-01T10:00) on an accelerated clock
+    /// (--speed), against feeds that answer for that period (recorded responses, CSV replay).
+    #[arg(long, requires = "live")]
+    pub rehearse_from: Option<String>,
 }
 
 impl EngineArgs {
@@ -61,6 +72,29 @@ impl EngineArgs {
             cfg.set(k.trim(), v.trim()).map_err(|e| anyhow::anyhow!("--engine-set: {e}"))?;
         }
         Ok(cfg)
+    }
+
+    /// Demo or live mode; a feeds file that does not parse names the field.
+    pub fn resolve_mode(&self) -> anyhow::Result<hcp_server::Mode> {
+        if !self.live {
+            return Ok(hcp_server::Mode::Demo);
+        }
+        let feeds = match &self.feeds {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--feeds {}: {e}", p.display()))?;
+                hcp_feeds::FeedsConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            }
+            None => hcp_feeds::FeedsConfig::default(),
+        };
+        if feeds.is_empty() {
+            tracing::warn!("live mode with no feed: only manual values set through the API will drive the engine");
+        }
+        let rehearse_from = self
+            .rehearse_from
+            .as_deref()
+            .map(|s| hcp_model::SimTime::parse(s).map_err(|e| anyhow::anyhow!("--rehearse-from: {e}")))
+            .transpose()?;
+        Ok(hcp_server::Mode::Live { feeds: Box::new(feeds), rehearse_from })
     }
 }
 
@@ -348,10 +382,22 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up { fleet, data_dir, listen, seed, speed, gateway, engine } => engine
             .resolve()
-            .and_then(|e| crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed, gateway, e)),
+            .and_then(|e| Ok((e, engine.resolve_mode()?)))
+            .and_then(|(e, mode)| crate::serve::up(fleet.as_deref(), &data_dir, listen, seed, speed, gateway, e, mode)),
         Command::Serve { role, store, bus, fleet, listen, seed, speed, gateway, engine } => {
-            engine.resolve().and_then(|e| {
-                crate::serve::serve(fleet.as_deref(), role, &store, bus.as_deref(), listen, seed, speed, gateway, e)
+            engine.resolve().and_then(|e| Ok((e, engine.resolve_mode()?))).and_then(|(e, mode)| {
+                crate::serve::serve(
+                    fleet.as_deref(),
+                    role,
+                    &store,
+                    bus.as_deref(),
+                    listen,
+                    seed,
+                    speed,
+                    gateway,
+                    e,
+                    mode,
+                )
             })
         }
         Command::Migrate { store, data_dir } => crate::serve::migrate(store.as_deref(), &data_dir),

@@ -95,6 +95,7 @@ fn serve_with(
     gateway: GatewayArgs,
     print_credentials: bool,
     engine_config: hcp_engine::EngineConfig,
+    mode: hcp_server::Mode,
 ) -> Result<ExitCode> {
     let traces = logging()?;
     if !(speed.is_finite() && speed > 0.0 && speed <= 1e6) {
@@ -111,6 +112,7 @@ fn serve_with(
         seed,
         speed,
         engine_config,
+        mode,
         admin_token: secret_env("HCP_ADMIN_TOKEN"),
         demo_tenant_key: secret_env("HCP_DEMO_TENANT_KEY"),
         account_rate_per_s: account_rate()?,
@@ -185,9 +187,22 @@ pub fn up(
     speed: f64,
     gateway: GatewayArgs,
     engine: hcp_engine::EngineConfig,
+    mode: hcp_server::Mode,
 ) -> Result<ExitCode> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("create data directory {}", data_dir.display()))?;
-    serve_with(fleet, Config::data_dir_store(data_dir), None, listen, Role::All, seed, speed, gateway, true, engine)
+    serve_with(
+        fleet,
+        Config::data_dir_store(data_dir),
+        None,
+        listen,
+        Role::All,
+        seed,
+        speed,
+        gateway,
+        true,
+        engine,
+        mode,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -201,8 +216,21 @@ pub fn serve(
     speed: f64,
     gateway: GatewayArgs,
     engine: hcp_engine::EngineConfig,
+    mode: hcp_server::Mode,
 ) -> Result<ExitCode> {
-    serve_with(fleet, store.to_string(), bus.map(str::to_string), listen, role, seed, speed, gateway, true, engine)
+    serve_with(
+        fleet,
+        store.to_string(),
+        bus.map(str::to_string),
+        listen,
+        role,
+        seed,
+        speed,
+        gateway,
+        true,
+        engine,
+        mode,
+    )
 }
 
 pub fn migrate(store: Option<&str>, data_dir: &Path) -> Result<ExitCode> {

@@ -231,6 +231,15 @@ pub(crate) fn alerts_now(app: &App, now_wall_ms: i64) -> Vec<Value> {
             }
         }
     }
+    // The engine's own alerts (stale price or market, a failing feed, a refused input), by key.
+    for (key, a) in &st.alerts {
+        let kind = key.split(':').next().unwrap_or(key);
+        let severity = if kind == "stale_price" || kind == "feed" { "critical" } else { "warning" };
+        let text = a.get("text").and_then(Value::as_str).unwrap_or_default().to_string();
+        let mut v = alert(severity, kind, None, text);
+        v["key"] = json!(key);
+        out.push(v);
+    }
     if let Some(d) = &st.devices {
         for (state, severity) in [("quarantined", "warning"), ("unknown", "info")] {
             let n = d.get(state).and_then(Value::as_u64).unwrap_or(0);
@@ -242,7 +251,7 @@ pub(crate) fn alerts_now(app: &App, now_wall_ms: i64) -> Vec<Value> {
     out
 }
 
-#[utoipa::path(get, path = "/api/v1/alerts", tag = "dashboard", security(("bearer" = [])), responses((status = 200, description = "Alerts now (severity critical, warning or info; kind stale_signals, near_cap, unhealthy_devices or missed_commitment; site where one applies)"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "dashboard", security(("bearer" = [])), responses((status = 200, description = "Alerts now (severity critical, warning or info; kind stale_signals, near_cap, unhealthy_devices or missed_commitment; site where one applies; and the engine's own, with their key: stale_price, stale_market, feed, refused)"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn alerts(State(app): AppState, Auth(p): Auth) -> ApiResult<Json<Value>> {
     p.require(Role::Viewer)?;
     Ok(Json(json!({ "items": alerts_now(&app, crate::wall_ms()) })))

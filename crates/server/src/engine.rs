@@ -1,12 +1,23 @@
 //! The server's engine shell: it feeds the sans-IO control core (`hcp-engine`) and records what
-//! it decides. Demo mode (the only world the server drives today): the simulated world of
-//! `hcp-harness::world` (grid, market, deployments and the devices' agents) steps the core on
-//! simulated time paced by [`DemoClock`], `speed` simulated seconds per wall second, on a worker
-//! thread. Operator actions (maintenance, policies) reach the core from the bus and from storage at
-//! start. Each decision's plan, decisions with their reasons, site power split, signals and P&L
-//! are written to storage first and then announced on the bus (`hcp.interval.<site>`,
-//! `hcp.decision.<site>`, `hcp.plan`), so that what a subscriber sees is always in storage.
-//! Stopping stops: the worker checks the stop flag at least every 50 ms of wall time.
+//! it decides. Three modes:
+//! - demo (the default): the simulated world of `hcp-harness::world` (grid, market, deployments
+//!   and the devices' agents) steps the core on simulated time paced by [`DemoClock`], `speed`
+//!   simulated seconds per wall second, from 2025-06-01;
+//! - live: wall-clock time at the market's offset ([`MarketClock`]); the signals come from the
+//!   configured feeds (`hcp-feeds`: ERCOT, a BTC market API, CSV replay, a GPU contract price)
+//!   and manual values set through the API; the devices are the simulated agents until a site
+//!   agent drives real ones;
+//! - rehearsal: live mode on an accelerated clock from a given market time (to replay recorded
+//!   feed responses, or a recorded period through the CSV replay feed).
+//!
+//! The core runs on a worker thread. Operator actions (maintenance, policies, manual values) and
+//! feed polls reach it through a channel; a feed's failed poll, or a value the core refuses, is the
+//! `feed:<name>` alert until a poll is good again, and stale prices fall back to the safe policy.
+//! Each decision's plan, decisions with their reasons, site power split and P&L, and the signals
+//! accepted, are written to storage first and then announced on the bus (`hcp.interval.<site>`,
+//! `hcp.decision.<site>`, `hcp.plan`, `hcp.signals`, `hcp.feed`), so that what a subscriber sees
+//! is always in storage. Stopping stops: the worker checks the stop flag at least every 50 ms of
+//! wall time, and the feeds' tasks end with it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,12 +25,13 @@ use std::time::{Duration, Instant};
 
 use hcp_econ::dispatch::Reason;
 use hcp_engine::EngineConfig;
-use hcp_engine::io::{Decided, Input, Output, PolicyUpdate, SiteInterval};
+use hcp_engine::io::{Decided, FeedHealth, Input, Output, PolicyUpdate, PriceMarket, SiteInterval};
 use hcp_fleet::{Event, Outcome, Scope, Target};
 use hcp_harness::drive::Driven;
 use hcp_harness::plane::DeviceMinute;
 use hcp_harness::world::SimWorld;
-use hcp_model::{DemoClock, SimTime, WallTime};
+use hcp_model::signals::MarketSignal;
+use hcp_model::{DemoClock, MarketClock, SimTime, WallTime};
 use hcp_sim::agents::AgentParams;
 use hcp_sim::grid::GridParams;
 use hcp_sim::market::MarketParams;
@@ -27,7 +39,7 @@ use hcp_store::{
     CommandRow, DecisionRow, DeviceFilter, DeviceMinuteRow, DeviceStatusRow, Page, SignalRow, SiteSecondRow,
 };
 
-use crate::{App, wall_ms};
+use crate::{App, Mode, wall_ms};
 
 /// Telemetry kept (in simulated time): per-site interval rows 7 days, per-device minutes 30 days;
 /// older rows are deleted once a simulated day.
@@ -36,8 +48,12 @@ pub const DEVICE_RETENTION_MS: i64 = 30 * 86_400_000;
 
 /// What the worker hands the writer.
 enum Note {
-    /// A decision, the signals accepted since the one before, and its wall times.
-    Decided(Box<Decided>, Vec<SignalRow>, Timing),
+    /// A decision and its wall times.
+    Decided(Box<Decided>, Timing),
+    /// Signals accepted since the last note of them.
+    Signals(crate::events::SignalsNotice),
+    /// How a feed's poll went.
+    Feed(crate::events::FeedNotice),
     Alert(hcp_engine::io::Alert),
     Refused(hcp_engine::Refused),
     Policy {
@@ -56,8 +72,35 @@ struct Timing {
 
 /// Operator actions that reach the engine thread.
 pub enum Control {
-    Maintenance { scope: Scope, on: bool },
+    Maintenance {
+        scope: Scope,
+        on: bool,
+    },
     Policy(PolicyUpdate),
+    /// A value an operator set through the API.
+    Manual(crate::events::ManualSignal),
+    /// A feed's poll (live mode).
+    Feed(hcp_feeds::FeedMsg),
+}
+
+/// Hands a feed's poll to the engine: its inputs, in order. The feed is healthy when the poll
+/// succeeded and the engine took every value; else failed, with the first reason.
+fn feed_inputs(engine: &mut hcp_engine::Engine, result: Result<Vec<Input>, String>, t: SimTime) -> (FeedHealth, u32) {
+    match result {
+        Err(why) => (FeedHealth::Failed(why), 0),
+        Ok(inputs) => {
+            let (mut accepted, mut refused) = (0, None);
+            for i in inputs {
+                match engine.handle(i, t) {
+                    Ok(()) => accepted += 1,
+                    Err(e) => {
+                        refused.get_or_insert_with(|| format!("value refused: {e}"));
+                    }
+                }
+            }
+            (refused.map_or(FeedHealth::Ok, FeedHealth::Failed), accepted)
+        }
+    }
 }
 
 /// A stable name and a short text for a reason.
@@ -166,12 +209,85 @@ pub fn policy_update(
     })
 }
 
+/// How the engine's time relates to the wall clock.
+#[derive(Clone, Copy, Debug)]
+enum EngineClock {
+    /// Accelerated: demo mode, or a rehearsal of live mode on a recorded period.
+    Demo(DemoClock),
+    /// Live: the wall clock at the market's offset.
+    Market(MarketClock),
+}
+
+impl EngineClock {
+    fn now(&self) -> SimTime {
+        match self {
+            EngineClock::Demo(c) => c.sim_time(WallTime(wall_ms())),
+            EngineClock::Market(c) => c.market_time(WallTime(wall_ms())),
+        }
+    }
+
+    fn wall_of(&self, t: SimTime) -> WallTime {
+        match self {
+            EngineClock::Demo(c) => c.wall_time(t),
+            EngineClock::Market(c) => c.wall_time(t),
+        }
+    }
+
+    fn speed(&self) -> f64 {
+        match self {
+            EngineClock::Demo(c) => c.speed,
+            EngineClock::Market(_) => 1.0,
+        }
+    }
+}
+
+/// The engine's input from a manual value, at `t`.
+fn manual_input(m: &crate::events::ManualSignal, t: SimTime, market: Option<&MarketSignal>) -> Input {
+    let source = "manual".to_string();
+    let sp = m.key.clone();
+    match m.kind.as_str() {
+        // The price in force now: the current 5-minute interval's.
+        "rt_price" => Input::Price {
+            settlement_point: sp,
+            market: PriceMarket::RealTime5,
+            at: SimTime(t.0.div_euclid(300_000) * 300_000),
+            usd_per_mwh: m.value,
+            source,
+        },
+        "da_price" => Input::Price {
+            settlement_point: sp,
+            market: PriceMarket::DayAhead,
+            at: SimTime(m.at_ms.unwrap_or(t.0)),
+            usd_per_mwh: m.value,
+            source,
+        },
+        "temperature_c" => Input::Weather { settlement_point: sp, temperature_c: m.value, source },
+        "hashprice" => {
+            // The network's other figures stay as last known.
+            let base = market.copied().unwrap_or(MarketSignal {
+                at: t,
+                btc_usd: 0.0,
+                difficulty: 0.0,
+                block_height: 0,
+                subsidy_btc: 0.0,
+                fees_btc_per_block: 0.0,
+                network_hashrate_ehs: 0.0,
+                hashprice_usd_per_ph_day: m.value,
+                gpu_rental_usd_per_gpu_hour: f64::NAN,
+            });
+            Input::Market { signal: MarketSignal { at: t, hashprice_usd_per_ph_day: m.value, ..base }, source }
+        }
+        _ => Input::GpuPrice { usd_per_gpu_hour: m.value, source },
+    }
+}
+
 /// Runs the engine until `stop` turns true.
 pub async fn run(
     app: Arc<App>,
     seed: u64,
     speed: f64,
     cfg: EngineConfig,
+    mode: Mode,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let fleet = app.fleet.clone();
@@ -204,21 +320,60 @@ pub async fn run(
     let (control_tx, control_rx) = std::sync::mpsc::channel::<Control>();
     let mut maintenance_sub = app.bus.subscribe("hcp.maintenance", hcp_bus::From::New).await?;
     let mut policy_sub = app.bus.subscribe("hcp.policy", hcp_bus::From::New).await?;
-    // The demo world: a simulated year from 2025-06-01.
+    let mut manual_sub = app.bus.subscribe("hcp.signal.manual", hcp_bus::From::New).await?;
+    // The clock, the start and the world: demo (a simulated year from 2025-06-01), live (the
+    // wall clock at the market's offset, from the current interval) or a rehearsal of live mode.
+    let speed = speed.max(1e-6);
+    let interval_ms = cfg.interval_ms();
+    let (mode_name, clock, from) = match &mode {
+        Mode::Demo => {
+            let from = SimTime::parse("2025-06-01").expect("valid date");
+            ("demo", EngineClock::Demo(DemoClock { wall_start: WallTime(wall_ms()), sim_start: from, speed }), from)
+        }
+        Mode::Live { rehearse_from: Some(from), .. } => {
+            let from = SimTime(from.0.div_euclid(interval_ms) * interval_ms);
+            (
+                "rehearsal",
+                EngineClock::Demo(DemoClock { wall_start: WallTime(wall_ms()), sim_start: from, speed }),
+                from,
+            )
+        }
+        Mode::Live { rehearse_from: None, .. } => {
+            let c = MarketClock::ERCOT;
+            let now = c.market_time(WallTime(wall_ms()));
+            ("live", EngineClock::Market(c), SimTime(now.0.div_euclid(interval_ms) * interval_ms))
+        }
+    };
+    tracing::info!(mode = mode_name, from = %from, "engine starts");
+    // Live mode's feeds, each on its own task, hand their polls to the engine thread.
+    let (feed_tx, mut feed_rx) = tokio::sync::mpsc::channel::<hcp_feeds::FeedMsg>(256);
+    let mut feed_tasks = vec![];
+    if let Mode::Live { feeds, .. } = &mode {
+        let mut points: Vec<String> = fleet.sites.iter().map(|s| s.settlement_point.clone()).collect();
+        points.sort();
+        points.dedup();
+        let clock_fn: hcp_feeds::Clock = Arc::new(move || clock.now());
+        feed_tasks = hcp_feeds::spawn(feeds, &points, clock_fn, feed_tx.clone(), stop.clone())
+            .map_err(|e| anyhow::anyhow!("feeds: {e}"))?;
+    }
+    drop(feed_tx);
+    let live = matches!(mode, Mode::Live { .. });
     let sim_fleet = fleet.clone();
     let sim = std::thread::Builder::new().name("hcp-engine".into()).spawn(move || -> anyhow::Result<()> {
         let fleet = sim_fleet;
-        let from = SimTime::parse("2025-06-01").expect("valid date");
-        let to = from.plus_ms(365 * 86_400_000);
-        let world = SimWorld::new(
-            &fleet,
-            from,
-            to,
-            seed,
-            &GridParams::default(),
-            &MarketParams::default(),
-            AgentParams::default(),
-        )
+        let world = if live {
+            SimWorld::devices_only(&fleet, from, seed, AgentParams::default())
+        } else {
+            SimWorld::new(
+                &fleet,
+                from,
+                from.plus_ms(365 * 86_400_000),
+                seed,
+                &GridParams::default(),
+                &MarketParams::default(),
+                AgentParams::default(),
+            )
+        }
         .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
         let mut engine = hcp_engine::Engine::new(&fleet, cfg, from, first_command_id)
             .map_err(|e| anyhow::anyhow!("engine setup: {e}"))?;
@@ -228,7 +383,12 @@ pub async fn run(
             }
         }
         let mut driven = Driven::with_engine(engine, world, seed);
-        let clock = DemoClock { wall_start: WallTime(wall_ms()), sim_start: from, speed: speed.max(1e-6) };
+        let clock_notice = |t: SimTime| crate::events::ClockNotice {
+            mode: mode_name.into(),
+            market_ms: clock.now().max(t).0,
+            wall_ms: wall_ms(),
+            speed: clock.speed(),
+        };
         let mut signals = vec![];
         let mut notes = vec![];
         loop {
@@ -236,22 +396,53 @@ pub async fn run(
                 return Ok(());
             }
             let t = driven.next();
-            if t > to {
+            if let Some(to) = driven.world.to()
+                && t > to
+            {
                 tracing::info!(at = %t, "the simulated year is over; the engine stops");
                 return Ok(());
             }
-            let due = clock.wall_time(t).0 - wall_ms();
+            let due = clock.wall_of(t).0 - wall_ms();
             if due > 0 {
                 std::thread::sleep(Duration::from_millis(due.min(50) as u64));
                 continue;
             }
+            // Operator actions and feed polls are taken at the clock's time (a feed stamps what
+            // it read with it), which may be a little past the step that is due.
+            let tc = clock.now().max(t);
             for c in control_rx.try_iter() {
-                let input = match c {
-                    Control::Maintenance { scope, on } => Input::Maintenance { scope, on },
-                    Control::Policy(u) => Input::Policy(u),
-                };
-                if let Err(e) = driven.engine.handle(input, t) {
-                    tracing::warn!(error = %e, "operator action not applied");
+                match c {
+                    Control::Maintenance { scope, on } => {
+                        if let Err(e) = driven.engine.handle(Input::Maintenance { scope, on }, tc) {
+                            tracing::warn!(error = %e, "operator action not applied");
+                        }
+                    }
+                    Control::Policy(u) => {
+                        if let Err(e) = driven.engine.handle(Input::Policy(u), tc) {
+                            tracing::warn!(error = %e, "operator action not applied");
+                        }
+                    }
+                    Control::Manual(m) => {
+                        let input = manual_input(&m, tc, driven.engine.market());
+                        if let Err(e) = driven.engine.handle(input, tc) {
+                            tracing::warn!(error = %e, "manual value refused");
+                        }
+                    }
+                    Control::Feed(msg) => {
+                        let (health, accepted) = feed_inputs(&mut driven.engine, msg.result, tc);
+                        notes.push(Note::Feed(crate::events::FeedNotice {
+                            feed: msg.feed.clone(),
+                            ok: health == FeedHealth::Ok,
+                            reason: match &health {
+                                FeedHealth::Failed(why) => Some(why.clone()),
+                                FeedHealth::Ok => None,
+                            },
+                            accepted,
+                            wall_ms: wall_ms(),
+                        }));
+                        // Never refused: a feed's health is always taken.
+                        let _ = driven.engine.handle(Input::Feed { feed: msg.feed, health }, tc);
+                    }
                 }
             }
             let started = Instant::now();
@@ -262,10 +453,23 @@ pub async fn run(
                 }
             };
             let step = driven.step_with(t, &mut first_batch, &mut |o| match o {
-                Output::Signal { kind, key, at, value, .. } => {
-                    signals.push(SignalRow { kind: kind.into(), key, at_ms: at.0, value })
+                Output::Signal { kind, key, at, value, source } => signals.push(crate::events::SignalNotice {
+                    kind: kind.into(),
+                    key,
+                    at_ms: at.0,
+                    value,
+                    source,
+                    received_ms: t.0,
+                }),
+                Output::Decided(d) => {
+                    if !signals.is_empty() {
+                        notes.push(Note::Signals(crate::events::SignalsNotice {
+                            clock: clock_notice(t),
+                            signals: std::mem::take(&mut signals),
+                        }));
+                    }
+                    notes.push(Note::Decided(d, Timing::default()))
                 }
-                Output::Decided(d) => notes.push(Note::Decided(d, std::mem::take(&mut signals), Timing::default())),
                 Output::Alert(a) => notes.push(Note::Alert(a)),
                 Output::Refused(r) => notes.push(Note::Refused(r)),
                 Output::PolicyApplied { name, version } => notes.push(Note::Policy { name, version }),
@@ -276,8 +480,15 @@ pub async fn run(
             if let Err(v) = step {
                 anyhow::bail!("invariant broken: {} at {} (seed={})", v.what, v.at, v.seed);
             }
+            // Signals between decisions reach the view at once (live mode decides every 15 min).
+            if !signals.is_empty() {
+                notes.push(Note::Signals(crate::events::SignalsNotice {
+                    clock: clock_notice(t),
+                    signals: std::mem::take(&mut signals),
+                }));
+            }
             for mut n in notes.drain(..) {
-                if let Note::Decided(_, _, s) = &mut n {
+                if let Note::Decided(_, s) = &mut n {
                     *s = timing;
                 }
                 // The writer is gone: the process is stopping.
@@ -316,6 +527,17 @@ pub async fn run(
                     policy_sub = app.bus.subscribe("hcp.policy", hcp_bus::From::New).await?;
                 }
             },
+            m = manual_sub.next() => match m {
+                Ok(m) => match serde_json::from_slice::<crate::events::ManualSignal>(&m.payload) {
+                    Ok(v) => { let _ = control_tx.send(Control::Manual(v)); }
+                    Err(e) => tracing::warn!(error = %e, "manual value message ignored"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "manual value subscription lost; resubscribing");
+                    manual_sub = app.bus.subscribe("hcp.signal.manual", hcp_bus::From::New).await?;
+                }
+            },
+            Some(f) = feed_rx.recv() => { let _ = control_tx.send(Control::Feed(f)); },
             msg = rx.recv() => {
                 let Some(n) = msg else {
                     // The worker ended: its period is over, or an invariant broke.
@@ -327,6 +549,9 @@ pub async fn run(
             }
         }
     };
+    for t in feed_tasks {
+        t.abort();
+    }
     // Stopping stops: the worker sees the flag within 50 ms and its channel closed at once.
     halt.store(true, Ordering::Relaxed);
     rx.close();
@@ -478,7 +703,23 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
 /// Writes one note of the worker, then announces it.
 async fn record(app: &App, n: Note) -> anyhow::Result<()> {
     match n {
-        Note::Decided(d, signals, timing) => record_decided(app, *d, signals, timing).await,
+        Note::Decided(d, timing) => record_decided(app, *d, timing).await,
+        Note::Signals(n) => {
+            let rows: Vec<SignalRow> = n
+                .signals
+                .iter()
+                .map(|s| SignalRow { kind: s.kind.clone(), key: s.key.clone(), at_ms: s.at_ms, value: s.value })
+                .collect();
+            app.store.add_signals(&rows).await?;
+            app.bus.publish("hcp.signals", &serde_json::to_vec(&n)?).await?;
+            Ok(())
+        }
+        Note::Feed(f) => {
+            metrics::counter!("hcp_feed_polls_total", "feed" => f.feed.clone(), "ok" => if f.ok { "true" } else { "false" })
+                .increment(1);
+            app.bus.publish("hcp.feed", &serde_json::to_vec(&f)?).await?;
+            Ok(())
+        }
         Note::Alert(a) => {
             if a.raised {
                 tracing::warn!(key = %a.key, "{}", a.text);
@@ -507,13 +748,12 @@ fn held_json(r: &SiteInterval) -> serde_json::Value {
 
 /// Writes one decision and its closed interval, then announces them.
 #[tracing::instrument(name = "engine.interval", skip_all, fields(at_ms = d.at.0, sites = d.closed.len()))]
-async fn record_decided(app: &App, d: Decided, signals: Vec<SignalRow>, timing: Timing) -> anyhow::Result<()> {
+async fn record_decided(app: &App, d: Decided, timing: Timing) -> anyhow::Result<()> {
     let at_ms = d.at.0;
     let fleet = &app.fleet;
     let started = Instant::now();
     metrics::histogram!("hcp_plan_seconds").record(timing.plan_s);
     metrics::histogram!("hcp_switch_seconds").record(timing.switch_s);
-    app.store.add_signals(&signals).await?;
     let rows = &d.closed;
     let interval_ms = rows.first().map_or(15 * 60_000, |r| at_ms - r.at.0);
     let hours = interval_ms as f64 / 3.6e6;

@@ -54,6 +54,8 @@ pub struct Config {
     pub speed: f64,
     /// The control core's tunables (resolved once from the CLI and an optional file).
     pub engine_config: hcp_engine::EngineConfig,
+    /// Where the engine's signals and time come from.
+    pub mode: Mode,
     /// Bootstrap credentials from the environment (HCP_ADMIN_TOKEN, HCP_DEMO_TENANT_KEY).
     pub admin_token: Option<String>,
     pub demo_tenant_key: Option<String>,
@@ -69,6 +71,27 @@ pub struct Config {
     pub backends: Vec<gateway::BackendConfig>,
     /// Fleets a backtest from the API may run besides the platform's own.
     pub backtest_fleets: Vec<Fleet>,
+}
+
+/// Where the engine's signals and time come from.
+#[derive(Clone, Debug, Default)]
+pub enum Mode {
+    /// A simulated world on accelerated time (`speed`), from 2025-06-01.
+    #[default]
+    Demo,
+    /// Signals from feeds (and manual values), on the wall clock at the market's offset; or,
+    /// with `rehearse_from`, on an accelerated clock (`speed`) from that market time.
+    Live { feeds: Box<hcp_feeds::FeedsConfig>, rehearse_from: Option<hcp_model::SimTime> },
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Demo => "demo",
+            Mode::Live { rehearse_from: None, .. } => "live",
+            Mode::Live { rehearse_from: Some(_), .. } => "rehearsal",
+        }
+    }
 }
 
 impl Config {
@@ -112,6 +135,10 @@ pub struct App {
     pub backtest_slot: tokio::sync::Semaphore,
     /// The read-only GraphQL schema (see `graphql`).
     pub graphql: graphql::HcpSchema,
+    /// The engine's bounds (manual values are checked against them before they are accepted).
+    pub engine_config: hcp_engine::EngineConfig,
+    /// The engine's mode as configured for this process (`demo`, `live`, `rehearsal`).
+    pub mode: &'static str,
 }
 
 /// The router's tenants and capacity from storage.
@@ -183,6 +210,7 @@ pub struct Bootstrap {
 /// Opens storage and migrates it, writes the fleet's topology, and on the first start creates the
 /// admin account and the demo tenant with a key.
 pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Bootstrap)> {
+    hcp_feeds::install_tls();
     let t = std::time::Instant::now();
     let store = Store::open(&cfg.store_url).await.with_context(|| "open the store")?;
     let version = store.migrate().await.context("migrate the store")?;
@@ -437,6 +465,7 @@ async fn serve_until(
 
 /// Starts the roles the config names; returns once listening.
 pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
+    hcp_feeds::install_tls();
     let bus = Bus::connect(cfg.bus_url.as_deref(), Limits::default()).await.context("connect the event bus")?;
     let app = Arc::new(App {
         store: store.clone(),
@@ -460,6 +489,8 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         device_models: dashboard::device_models(&cfg.fleet),
         backtest_slot: tokio::sync::Semaphore::new(1),
         graphql: graphql::schema(),
+        engine_config: cfg.engine_config.clone(),
+        mode: cfg.mode.name(),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
@@ -565,7 +596,14 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         tasks.push(tokio::spawn(serve_until(listener, router, rx.clone(), "serve HTTP")));
     }
     if cfg.engine {
-        tasks.push(tokio::spawn(engine::run(app.clone(), cfg.seed, cfg.speed, cfg.engine_config.clone(), rx.clone())));
+        tasks.push(tokio::spawn(engine::run(
+            app.clone(),
+            cfg.seed,
+            cfg.speed,
+            cfg.engine_config.clone(),
+            cfg.mode.clone(),
+            rx.clone(),
+        )));
     }
     Ok(Running { addr, app, shutdown: tx, tasks })
 }

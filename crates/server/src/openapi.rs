@@ -101,7 +101,7 @@ impl Modify for Bearer {
     info(title = "HCP, the Hybrid Compute Platform", description = "Fleet, plans, decisions, signals, policies, tenants and keys. Every list is paged; every change is audited."),
     paths(
         routes::healthz, routes::readyz, routes::metrics_text, routes::me, routes::sites, routes::devices,
-        routes::device, routes::device_telemetry, routes::commands, routes::maintenance, routes::plans, routes::decisions, routes::router_state, routes::signals,
+        routes::device, routes::device_telemetry, routes::commands, routes::maintenance, routes::plans, routes::decisions, routes::router_state, routes::signals, routes::put_manual_signal,
         routes::site_power, routes::policies, routes::policy, routes::put_policy, routes::tenants,
         routes::create_tenant, routes::tenant, routes::keys, routes::create_key, routes::revoke_key,
         routes::audit, routes::accounts, routes::create_account, routes::events,

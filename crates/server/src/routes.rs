@@ -45,6 +45,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/decisions", get(decisions))
         .route("/router", get(router_state))
         .route("/signals", get(signals))
+        .route("/signals/manual", axum::routing::put(put_manual_signal))
         .route("/sites/{id}/power", get(site_power))
         .route("/policies", get(policies))
         .route("/policies/{name}", get(policy).put(put_policy))
@@ -437,25 +438,98 @@ pub(crate) async fn router_state(State(app): AppState, Auth(p): Auth) -> ApiResu
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SignalQuery {
-    kind: String,
-    key: String,
+    /// With `key`: the history of one signal (`rt_price`, `da_price`, `hashprice`, ...).
+    /// Without both: every signal now, with the mode, sources, ages and feeds' health.
+    kind: Option<String>,
+    key: Option<String>,
     from_ms: Option<i64>,
     to_ms: Option<i64>,
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/api/v1/signals", tag = "signals", security(("bearer" = [])), params(SignalQuery), responses((status = 200, body = crate::openapi::SignalsPage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/signals", tag = "signals", security(("bearer" = [])), params(SignalQuery), responses((status = 200, description = "Without kind and key: the signals now (crate::live::SignalsNow: mode, market time, each signal's value, source and age, each feed's health). With both: that signal's history (items).", body = crate::live::SignalsNow), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn signals(
     State(app): AppState,
     Auth(p): Auth,
     Params(q): Params<SignalQuery>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::response::Response> {
     p.require(Role::Viewer)?;
+    let (kind, key) = match (q.kind, q.key) {
+        (None, None) => {
+            let mode = app.engine_expected.then_some(app.mode);
+            return Ok(Json(app.live.signals_now(mode)).into_response());
+        }
+        (Some(k), Some(v)) => (k, v),
+        (None, Some(_)) => return Err(ApiError::invalid("kind", "required with key")),
+        (Some(_), None) => return Err(ApiError::invalid("key", "required with kind")),
+    };
     let items = app
         .store
-        .signals(&q.kind, &q.key, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX), q.limit.unwrap_or(100))
+        .signals(&kind, &key, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX), q.limit.unwrap_or(100))
         .await?;
-    Ok(Json(serde_json::json!({ "items": items })))
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+#[utoipa::path(put, path = "/api/v1/signals/manual", tag = "signals", security(("bearer" = [])), request_body = crate::events::ManualSignal, responses((status = 202, description = "Accepted: the engine takes it at its next step, with source manual"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn put_manual_signal(
+    State(app): AppState,
+    Auth(p): Auth,
+    Body(m): Body<crate::events::ManualSignal>,
+) -> ApiResult<impl IntoResponse> {
+    p.require(Role::Operator)?;
+    validate_manual(&app, &m)?;
+    let body = serde_json::to_string(&m).map_err(ApiError::internal)?;
+    app.store.audit(crate::wall_ms(), &p.actor(), "signal.manual", &m.kind, None, Some(&body)).await?;
+    app.bus.publish("hcp.signal.manual", body.as_bytes()).await.map_err(ApiError::internal)?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "accepted": m, "source": "manual" }))))
+}
+
+/// A manual value is checked here against the engine's own bounds, so that one it would refuse
+/// is refused to the operator instead.
+fn validate_manual(app: &App, m: &crate::events::ManualSignal) -> Result<(), ApiError> {
+    let c = &app.engine_config;
+    let points = || app.fleet.sites.iter().any(|s| s.settlement_point == m.key);
+    let range = |lo: f64, hi: f64, unit: &str| {
+        if m.value.is_finite() && (lo..=hi).contains(&m.value) {
+            Ok(())
+        } else {
+            Err(ApiError::invalid("value", format!("must be {lo} to {hi} {unit}, not {}", m.value)))
+        }
+    };
+    match m.kind.as_str() {
+        "rt_price" | "da_price" | "temperature_c" if !points() => {
+            return Err(ApiError::invalid("key", format!("{:?} is not a settlement point of the fleet", m.key)));
+        }
+        "rt_price" => range(c.price_min_usd_per_mwh, c.price_max_usd_per_mwh, "USD/MWh")?,
+        "da_price" => {
+            range(c.price_min_usd_per_mwh, c.price_max_usd_per_mwh, "USD/MWh")?;
+            match m.at_ms {
+                Some(t) if t.rem_euclid(3_600_000) == 0 => {}
+                Some(_) => return Err(ApiError::invalid("at_ms", "must be the start of an hour")),
+                None => return Err(ApiError::invalid("at_ms", "required for da_price (the hour's start)")),
+            }
+        }
+        "temperature_c" => range(-60.0, 70.0, "C")?,
+        "hashprice" => {
+            if !(m.value.is_finite() && m.value > 0.0 && m.value <= c.hashprice_max_usd_per_ph_day) {
+                return Err(ApiError::invalid(
+                    "value",
+                    format!("must be above 0 and at most {} USD/PH/day", c.hashprice_max_usd_per_ph_day),
+                ));
+            }
+        }
+        "gpu_price" => range(0.0, c.gpu_price_max_usd_per_gpu_hour, "USD/GPU-hour")?,
+        other => {
+            return Err(ApiError::invalid(
+                "kind",
+                format!("{other:?} is not rt_price, da_price, temperature_c, hashprice or gpu_price"),
+            ));
+        }
+    }
+    if m.at_ms.is_some() && m.kind != "da_price" {
+        return Err(ApiError::invalid("at_ms", "only for da_price"));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

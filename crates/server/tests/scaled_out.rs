@@ -67,6 +67,7 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
         seed: 11,
         speed: 900.0 * 20.0,
         engine_config: Default::default(),
+        mode: Default::default(),
         admin_token: Some(ADMIN.into()),
         demo_tenant_key: None,
         account_rate_per_s: 1_000.0,

@@ -280,9 +280,25 @@ views.fleet = {
         kpi('fleet-inference', 'inference (MW)', '—'), kpi('fleet-curtailed', 'curtailed (MW)', '—'),
         kpi('fleet-held', 'held for grid (MW)', '—'), kpi('fleet-hashrate', 'hashrate (PH/s)', '—'),
         kpi('fleet-margin', 'margin (USD/h)', '—')),
-      h('div', { class: 'grid', id: 'fleet-sites' }));
+      h('div', { class: 'grid', id: 'fleet-sites' }),
+      h('h2', {}, 'Signals ', h('span', { class: 'badge', id: 'signals-mode' }, '—')),
+      h('div', { id: 'signals-table' }));
   },
   async refresh() {
+    const sig = await api('/api/v1/signals');
+    setText('#signals-mode', sig.mode ? `${sig.mode} mode` : 'no engine');
+    const age = (s) => (s == null ? '—' : Math.abs(s) < 120 ? `${fmt(s, 0)} s` : Math.abs(s) < 7200 ? `${fmt(s / 60, 0)} min` : `${fmt(s / 3600, 1)} h`);
+    const feeds = new Map(sig.feeds.map((x) => [x.feed, x]));
+    const srcCell = (src) => {
+      const f = feeds.get(src);
+      return f && !f.ok ? `${src} (failing: ${f.reason})` : src;
+    };
+    const st = $('#signals-table');
+    if (st) {
+      replace(st, table(['signal', 'where', { label: 'value', n: true }, 'for (market time)', 'source', { label: 'age', n: true }],
+        sig.signals.map((x) => ({ cells: [x.kind, x.key, fmt(x.value, 2), fmtTime(x.at_ms).replace(' UTC', ''), srcCell(x.source), age(x.age_s)] })),
+        { label: 'signals now' }));
+    }
     const f = await api('/api/v1/fleet');
     const t = f.totals;
     const at = Math.max(0, ...f.sites.map((s) => s.at_ms || 0));

@@ -319,10 +319,13 @@ pub fn load_trace_csv(file: &str, input: impl Read) -> Result<Vec<Request>, Repl
 pub fn load_market_csv(file: &str, input: impl Read) -> Result<Vec<MarketSignal>, ReplayError> {
     let mut csv = Csv::open(file, input)?;
     let c_at = csv.column(&["timestamp", "time", "date"])?;
-    let c_hp = csv.find(&["hashprice_usd_per_ph_day"]);
-    let (c_btc, c_diff) = match c_hp {
-        Some(_) => (csv.find(&["btc_usd"]), csv.find(&["difficulty"])),
-        None => (Some(csv.column(&["btc_usd"])?), Some(csv.column(&["difficulty"])?)),
+    // A hashprice column (the recorded daily file has one with fees, empty where fees are
+    // unknown, and one from the subsidy alone, used where the first is empty).
+    let c_hp = csv.find(&["hashprice_usd_per_ph_day", "hashprice_incl_fees_usd_per_ph_day"]);
+    let c_hp_subsidy = csv.find(&["hashprice_subsidy_usd_per_ph_day"]);
+    let (c_btc, c_diff) = match c_hp.or(c_hp_subsidy) {
+        Some(_) => (csv.find(&["btc_usd", "btc_close_usd"]), csv.find(&["difficulty"])),
+        None => (Some(csv.column(&["btc_usd", "btc_close_usd"])?), Some(csv.column(&["difficulty"])?)),
     };
     let c_fee = csv.find(&["fees_btc_per_block"]);
     let c_gpu = csv.find(&["gpu_rental_usd_per_gpu_hour"]);
@@ -344,9 +347,11 @@ pub fn load_market_csv(file: &str, input: impl Read) -> Result<Vec<MarketSignal>
             None => height_at(at),
         };
         let subsidy = hcp_econ::subsidy_btc(height);
-        let hp = match c_hp {
-            Some(c) => row.num(c, 0.0, 1e6)?,
-            None => hcp_econ::hashprice_usd_per_ph_day(diff, subsidy, fees, btc),
+        let hp = match (c_hp, c_hp_subsidy) {
+            (Some(c), Some(s)) if row.text(c).trim().is_empty() => row.num(s, 0.0, 1e6)?,
+            (Some(c), _) => row.num(c, 0.0, 1e6)?,
+            (None, Some(s)) => row.num(s, 0.0, 1e6)?,
+            (None, None) => hcp_econ::hashprice_usd_per_ph_day(diff, subsidy, fees, btc),
         };
         let gpu = c_gpu.map(|c| row.num(c, 0.0, 1_000.0)).transpose()?.unwrap_or(f64::NAN);
         out.push(MarketSignal {
