@@ -191,6 +191,24 @@ pub enum Reason {
         planned_mw: f64,
         capped_mw: f64,
     },
+    /// The limit binds and GPUs have no work: they idle, and their headroom goes to the ASICs
+    /// until demand comes back.
+    GpusIdle {
+        site: SiteIdx,
+        idle_gpus: u32,
+        freed_mw: f64,
+    },
+    /// The price is above what the GPUs' work earns (the GPU price in force over their draw):
+    /// they stop serving, except those reserved for tenants (`shed` false: serving again).
+    GpusShed {
+        site: SiteIdx,
+        shed: bool,
+        price_usd_per_mwh: f64,
+        value_usd_per_mwh: f64,
+        serving_gpus: u32,
+        /// The reserved-capacity policy's version when it kept GPUs serving.
+        policy_version: Option<u32>,
+    },
 }
 
 /// One device's new target.
@@ -212,6 +230,8 @@ pub struct TargetChange {
 pub struct SitePlan {
     pub asic_mw: f64,
     pub gpu_mw: f64,
+    /// GPU power given to the ASICs by GPUs with no work (their planned draw is `gpu_mw`).
+    pub gpu_idle_mw: f64,
     pub held_for_grid_mw: f64,
     pub limit_mw: f64,
     pub price_usd_per_mwh: f64,
@@ -255,6 +275,10 @@ impl SiteSignal {
 pub struct GpuBudget {
     pub planned_w: f64,
     pub min_w: f64,
+    /// What the GPUs with no work give back when they idle instead of serving (W), and how many
+    /// they are: handed to the ASICs only when the limit binds.
+    pub idle_flex_w: f64,
+    pub idle_gpus: u32,
 }
 
 #[derive(Clone)]
@@ -842,6 +866,30 @@ impl Dispatcher {
         }
     }
 
+    /// How many members of each group the budget holds (cached while its inputs stay the same).
+    fn site_caps(
+        &mut self,
+        s: usize,
+        gs: &[usize],
+        budget: f64,
+        feeder_budget: &[f64],
+        scale: &[f64],
+    ) -> (Vec<usize>, Vec<bool>, bool) {
+        let mut key = Vec::with_capacity(1 + feeder_budget.len() + 2 * gs.len());
+        key.push(budget);
+        key.extend_from_slice(feeder_budget);
+        key.extend_from_slice(scale);
+        key.extend(gs.iter().map(|&gi| self.groups[gi].version as f64));
+        match &self.cap_cache[s] {
+            Some(c) if c.key == key => (c.caps.clone(), c.hit.clone(), c.bound),
+            _ => {
+                let (caps, hit, bound) = self.cap_counts(gs, budget, feeder_budget, scale);
+                self.cap_cache[s] = Some(CapCache { key, caps: caps.clone(), hit: hit.clone(), bound });
+                (caps, hit, bound)
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn plan_site(
         &mut self,
@@ -884,6 +932,7 @@ impl Dispatcher {
         let price = sig.price_usd_per_mwh + self.cfg.energy_adder_usd_per_mwh;
         plan.sites[s] = SitePlan {
             gpu_mw: gpu.planned_w / 1e6,
+            gpu_idle_mw: 0.0,
             held_for_grid_mw: (self.site_cap_w[s] - limit) / 1e6,
             limit_mw: limit / 1e6,
             price_usd_per_mwh: sig.price_usd_per_mwh,
@@ -908,21 +957,19 @@ impl Dispatcher {
                 plan.reasons.push(Reason::GpusCapped { site, planned_mw: gpu.planned_w / 1e6, capped_mw: gpu_w / 1e6 });
                 plan.sites[s].gpu_mw = gpu_w / 1e6;
             }
-            let budget = (budget - gpu_w).max(0.0);
             let scale: Vec<f64> = gs.iter().map(|&gi| self.groups[gi].scale(hashprice, sig.ambient_c)).collect();
-            let mut key = Vec::with_capacity(1 + feeder_budget.len() + 2 * gs.len());
-            key.push(budget);
-            key.extend_from_slice(&feeder_budget);
-            key.extend_from_slice(&scale);
-            key.extend(gs.iter().map(|&gi| self.groups[gi].version as f64));
-            let (caps, hit, bound) = match &self.cap_cache[s] {
-                Some(c) if c.key == key => (c.caps.clone(), c.hit.clone(), c.bound),
-                _ => {
-                    let (caps, hit, bound) = self.cap_counts(&gs, budget, &feeder_budget, &scale);
-                    self.cap_cache[s] = Some(CapCache { key, caps: caps.clone(), hit: hit.clone(), bound });
-                    (caps, hit, bound)
-                }
-            };
+            let (mut caps, mut hit, mut bound) =
+                self.site_caps(s, &gs, (budget - gpu_w).max(0.0), &feeder_budget, &scale);
+            let mut budget = (budget - gpu_w).max(0.0);
+            // The limit binds with every GPU serving: the GPUs with no work idle and give their
+            // headroom to the ASICs (it comes back when demand does, see `GpusIdle`).
+            if bound && gpu.idle_flex_w > 0.0 && gpu_w >= gpu.planned_w - 1e-6 {
+                budget += gpu.idle_flex_w;
+                (caps, hit, bound) = self.site_caps(s, &gs, budget, &feeder_budget, &scale);
+                plan.reasons.push(Reason::GpusIdle { site, idle_gpus: gpu.idle_gpus, freed_mw: gpu.idle_flex_w / 1e6 });
+                plan.sites[s].gpu_mw = (gpu_w - gpu.idle_flex_w) / 1e6;
+                plan.sites[s].gpu_idle_mw = gpu.idle_flex_w / 1e6;
+            }
             let mut cap_reason = site_reason;
             if bound && cap_reason.is_none() {
                 plan.reasons.push(Reason::SiteCap {

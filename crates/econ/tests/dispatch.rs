@@ -86,7 +86,13 @@ fn golden_merit_order_and_breakevens() {
 fn the_site_cap_curtails_the_least_valuable_segments_first() {
     let f = fleet(&FLEET.replace("power_cap_mw = 2.0", "power_cap_mw = 0.5"));
     let mut d = Dispatcher::new(&f, cfg(), 0);
-    let p = d.plan(0, &sig(20.0, 0), 50.0, &[GpuBudget { planned_w: 50_000.0, min_w: 50_000.0 }], &[]);
+    let p = d.plan(
+        0,
+        &sig(20.0, 0),
+        50.0,
+        &[GpuBudget { planned_w: 50_000.0, min_w: 50_000.0, ..Default::default() }],
+        &[],
+    );
     let w = site_w(&d, &f);
     assert!(w + 50_000.0 <= 500_000.0 + 1e-6, "{w}");
     assert!(w + 50_000.0 > 500_000.0 - 3_700.0, "the cap is used up to one segment: {w}");
@@ -137,7 +143,7 @@ fn a_grid_commitment_is_met_at_once_with_its_reason() {
 fn gpus_are_capped_only_when_the_asics_cannot_make_room() {
     let f = fleet(FLEET);
     let mut d = Dispatcher::new(&f, cfg(), 0);
-    let gpu = GpuBudget { planned_w: 300_000.0, min_w: 120_000.0 };
+    let gpu = GpuBudget { planned_w: 300_000.0, min_w: 120_000.0, ..Default::default() };
     let p = d.plan(0, &sig(20.0, 0), 50.0, &[gpu], &[]);
     assert_eq!(p.sites[0].gpu_mw, 0.3, "no obligation: GPUs keep their budget");
     // An ERS deployment to 0.2 MW: every ASIC sleeps (5 kW idle) and the GPUs give the rest.
@@ -393,7 +399,7 @@ proptest! {
                 d.observe(DeviceIdx(i), t, 1.0, false);
             }
             let mut power: Vec<f64> = (0..n).map(|i| d.power_w(DeviceIdx(i)).unwrap()).collect();
-            let gpu = GpuBudget { planned_w: gpu_kw * 1e3, min_w: gpu_kw * 0.5e3 };
+            let gpu = GpuBudget { planned_w: gpu_kw * 1e3, min_w: gpu_kw * 0.5e3, ..Default::default() };
             let p = d.plan(t, &sig(*price, t), hp, &[gpu], &commitments);
             let gpu_w = p.sites[0].gpu_mw * 1e6;
             prop_assert!(gpu_w >= gpu.min_w - 1e-6 && gpu_w <= gpu.planned_w + 1e-6);

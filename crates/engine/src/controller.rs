@@ -32,6 +32,9 @@ pub struct DecisionContext<'a> {
     /// The interval's actual grid signal by site, given only to a controller whose
     /// [`Controller::foresight`] is true (the perfect-foresight bound).
     pub actual: Option<&'a [GridSignal]>,
+    /// GPUs with work (running or queued) by site, when the router's demand is known; empty or
+    /// `None` for a site: all of its GPUs count as busy.
+    pub gpu_busy: &'a [Option<u32>],
 }
 
 pub trait Controller {

@@ -55,6 +55,7 @@ fn hold_why(r: &Reason) -> HoldWhy {
         Reason::GridCommitment { .. } | Reason::Scheduled { .. } => HoldWhy::Grid,
         Reason::SiteCap { .. } | Reason::FeederLimit { .. } | Reason::GpusCapped { .. } => HoldWhy::Cap,
         Reason::StalePrice { .. } => HoldWhy::Stale,
+        Reason::GpusIdle { .. } | Reason::GpusShed { .. } => HoldWhy::Economics,
     }
 }
 
@@ -462,6 +463,20 @@ impl Engine {
                     return Err(Self::refuse("demand", "site", format!("{} is not a site of the fleet", site.0)));
                 }
                 self.demand.insert((site.0, model), (queued, running));
+                // Work arrived where idle GPUs gave their headroom to the ASICs: the site is
+                // re-planned now (the ASICs make room, the GPUs serve again), not at the next
+                // interval.
+                let s = site.index();
+                if let Some(busy) = self.gpu_busy()[s]
+                    && busy > self.policy.gpu_serving[s]
+                    && let Some((plan, targets)) = self.policy.reclaim_gpus(now, &self.fleet, &self.groups, s, busy)
+                {
+                    self.plane.set_time(now.0);
+                    self.plane.apply_plan(&plan);
+                    self.apply_gpu_targets(&targets);
+                    self.plane.reconcile_now(self.policy.dispatcher_mut());
+                    self.drain_commands();
+                }
                 Ok(())
             }
         }
@@ -505,6 +520,7 @@ impl Engine {
             }
             PolicyUpdate::Reserved(rule) => {
                 let v = rule.version;
+                self.policy.reserved = Some(rule.clone());
                 self.reserved = Some(rule);
                 ("reserved-capacity".to_string(), Some(v))
             }
@@ -512,7 +528,10 @@ impl Engine {
                 match name.as_str() {
                     "strike" => self.policy.strike = None,
                     "grid-commitment" => self.policy.grid_rules.clear(),
-                    "reserved-capacity" => self.reserved = None,
+                    "reserved-capacity" => {
+                        self.reserved = None;
+                        self.policy.reserved = None;
+                    }
                     other => return Err(Self::refuse("policy", "name", format!("no policy {other:?}"))),
                 }
                 (name, None)
@@ -581,6 +600,54 @@ impl Engine {
             }
         }
         self.check_stale(now);
+    }
+
+    /// GPU targets to the devices: the first `serving` GPUs of each group run at the cap, the
+    /// others idle (asleep, model unloaded).
+    fn apply_gpu_targets(&mut self, targets: &[GroupTarget]) {
+        for (g, target) in self.groups.iter().zip(targets) {
+            if let GroupTarget::Gpu(gt) = target {
+                for (k, &d) in g.devices.iter().enumerate() {
+                    // A GPU's cap within its model's range never fails; recorded if it does.
+                    let r = if (k as u32) < gt.serving {
+                        self.plane.set_gpu_cap(d, gt.cap_w)
+                    } else {
+                        self.plane.set_gpu_idle(d)
+                    };
+                    if let Err(e) = r {
+                        self.out.push_back(Output::Refused(Self::refuse("plan", "gpu_cap", e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// GPUs with work per site, from the router's demand (requests running and queued) and the
+    /// replicas' slots: any request waiting keeps every GPU of its site busy; else the replicas
+    /// the running requests fill. None where no demand was reported.
+    fn gpu_busy(&self) -> Vec<Option<u32>> {
+        let per = self.fleet.served_model.gpus_per_replica.max(1);
+        let mut out = vec![None; self.fleet.sites.len()];
+        let mut slots = vec![0u32; self.fleet.sites.len()];
+        let mut gpus = vec![0u32; self.fleet.sites.len()];
+        for r in &self.replicas {
+            let s = r.site.index();
+            slots[s] = slots[s].max(r.slots);
+            gpus[s] += r.gpus;
+        }
+        for ((site, _), (queued, running)) in &self.demand {
+            let s = usize::from(*site);
+            let Some(o) = out.get_mut(s) else { continue };
+            let need = if *queued > 0 {
+                gpus[s]
+            } else if slots[s] > 0 {
+                running.div_ceil(slots[s]) * per
+            } else {
+                gpus[s]
+            };
+            *o = Some(o.unwrap_or(0u32).saturating_add(need).min(gpus[s].max(need)));
+        }
+        out
     }
 
     fn drain_commands(&mut self) {
@@ -752,6 +819,7 @@ impl Engine {
         if let Some((p, _)) = &self.gpu_price {
             market.gpu_rental_usd_per_gpu_hour = *p;
         }
+        let gpu_busy = self.gpu_busy();
         let ctx = DecisionContext {
             now: t0,
             fleet: &self.fleet,
@@ -764,6 +832,7 @@ impl Engine {
             day_ahead: &day_ahead,
             four_cp_ahead: &four_cp_ahead,
             actual: None,
+            gpu_busy: &gpu_busy,
         };
         let plane = &mut self.plane;
         let mut first = 0;
@@ -776,16 +845,7 @@ impl Engine {
         });
         let plan = self.policy.last_plan.clone().unwrap_or_default();
         self.plane.apply_plan(&plan);
-        for (g, target) in self.groups.iter().zip(&targets) {
-            if let GroupTarget::Gpu(gt) = target {
-                for &d in &g.devices {
-                    // A GPU's cap within its model's range never fails; recorded if it does.
-                    if let Err(e) = self.plane.set_gpu_cap(d, gt.cap_w) {
-                        self.out.push_back(Output::Refused(Self::refuse("plan", "gpu_cap", e)));
-                    }
-                }
-            }
-        }
+        self.apply_gpu_targets(&targets);
         let rest = self.plane.reconcile_now(self.policy.dispatcher_mut());
         self.drain_commands();
         let first_batch = if first > 0 { first } else { rest };

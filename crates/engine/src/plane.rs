@@ -339,6 +339,11 @@ impl Plane {
         self.manager.set_intent(device, Target::Run { power_w: cap_w })
     }
 
+    /// A GPU with no work, or shed: it idles (asleep, drawing its idle power).
+    pub fn set_gpu_idle(&mut self, device: DeviceIdx) -> Result<(), String> {
+        self.manager.set_intent(device, Target::Sleep)
+    }
+
     /// Reconciles now (after a plan): the first command batch. Returns its size.
     pub fn reconcile_now(&mut self, dispatcher: &mut Dispatcher) -> usize {
         self.reconcile(self.now_ms, dispatcher)

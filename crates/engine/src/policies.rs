@@ -9,7 +9,9 @@
 //!   `curtail_after` intervals whose last known price is above the strike, resume after
 //!   `resume_after` intervals below; GPUs and caps as [`Baseline`].
 
-use hcp_econ::dispatch::{Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, ReduceKind, SiteSignal, StrikeHold};
+use hcp_econ::dispatch::{
+    Commitment, DispatchConfig, Dispatcher, GpuBudget, Plan, Reason, ReduceKind, SiteSignal, StrikeHold,
+};
 use hcp_econ::plan::{PlanInput, PlannerConfig, Schedule};
 use hcp_model::fleet::{Fleet, Group};
 use hcp_model::{ModelRef, SimTime};
@@ -18,7 +20,7 @@ use hcp_sim::fleet::GroupTarget;
 use hcp_sim::gpu::GpuTarget;
 
 use crate::controller::{Baseline, BaselineMode, Controller, DecisionContext};
-use crate::io::{GridRule, StrikeRule};
+use crate::io::{GridRule, ReservedRule, StrikeRule};
 
 /// Online estimate of the coming interval's real-time price at one site: three simple
 /// predictors (persistence, persistence plus the day-ahead change, and the day-ahead price plus a
@@ -107,6 +109,52 @@ pub struct DispatchPolicy {
     pub grid_rules: Vec<GridRule>,
     /// ASIC model ids present at each site.
     site_models: Vec<Vec<String>>,
+    /// GPUs reserved for tenants (the reserved-capacity policy): they serve whatever the price.
+    pub reserved: Option<ReservedRule>,
+    /// Per site, whether the GPUs are shed (the price above what their work earns).
+    gpu_shed: Vec<bool>,
+    /// GPUs planned to serve per site at the last decision or reclaim.
+    pub gpu_serving: Vec<u32>,
+    /// The last decision's signals, hashprice, GPU budgets and commitments: a GPU reclaim
+    /// between decisions re-plans one site with them.
+    last_inputs: Option<LastInputs>,
+}
+
+/// A decision's signals, hashprice, GPU budgets and commitments.
+type LastInputs = (Vec<SiteSignal>, f64, Vec<GpuBudget>, Vec<Commitment>);
+
+/// Per site, the GPUs and their draws: serving at the highest cap, at the lowest, idle (W per
+/// GPU, host share included; averaged over the site's GPU models).
+#[derive(Clone, Copy, Debug, Default)]
+struct SiteGpus {
+    count: u32,
+    full_w: f64,
+    min_w: f64,
+    idle_w: f64,
+}
+
+fn site_gpus(fleet: &Fleet, groups: &[Group]) -> Vec<SiteGpus> {
+    let mut out = vec![SiteGpus::default(); fleet.sites.len()];
+    for g in groups {
+        if let ModelRef::Gpu(m) = g.model {
+            let m = fleet.catalogue.gpu(m);
+            let o = &mut out[g.site.index()];
+            let n = f64::from(g.count());
+            let total = f64::from(o.count) + n;
+            let mix = |old: f64, new: f64| if total > 0.0 { (old * f64::from(o.count) + new * n) / total } else { 0.0 };
+            o.full_w = mix(o.full_w, m.max_power_w + m.host_idle_w + m.host_load_w);
+            o.min_w = mix(o.min_w, m.min_cap_w + m.host_idle_w + m.host_load_w);
+            o.idle_w = mix(o.idle_w, m.idle_w + m.host_idle_w);
+            o.count += g.count();
+        }
+    }
+    out
+}
+
+/// GPUs rounded up to whole replicas, at most `count`.
+fn whole_replicas(gpus: u32, per: u32, count: u32) -> u32 {
+    let per = per.max(1);
+    gpus.div_ceil(per).saturating_mul(per).min(count)
 }
 
 /// Dwell counters of one strike.
@@ -212,6 +260,10 @@ impl DispatchPolicy {
             last_plan: None,
             strike: None,
             strike_state: Default::default(),
+            reserved: None,
+            gpu_shed: vec![false; fleet.sites.len()],
+            gpu_serving: vec![0; fleet.sites.len()],
+            last_inputs: None,
             grid_rules: vec![],
             site_models: fleet
                 .sites
@@ -397,9 +449,11 @@ impl DispatchPolicy {
             signals.push(SiteSignal::new(price, published_ms, ambient + ctx.fleet.sites[s].ambient_offset_c));
         }
         self.apply_strike(ctx);
-        // GPUs serve at their highest cap (their paying demand is worth far more than power) unless
-        // an obligation needs more than the ASICs can give.
-        let gpus = gpu_budgets(ctx.fleet, ctx.groups);
+        // GPUs serve at their highest cap while their work earns more than the power costs, unless
+        // an obligation needs more than the ASICs can give; those with no work give their
+        // headroom to the ASICs when the limit binds.
+        let mut gpu_reasons = vec![];
+        let gpus = self.gpu_budgets(ctx, &signals, &mut gpu_reasons);
         if !self.foresight {
             self.replan(ctx, &gpus, &ambients);
         }
@@ -436,7 +490,9 @@ impl DispatchPolicy {
         if first_changes > 0 {
             on_first(run.step(first_changes));
         }
-        let plan = run.finish();
+        let mut plan = run.finish();
+        plan.reasons.extend(gpu_reasons);
+        self.last_inputs = Some((signals, ctx.market.hashprice_usd_per_ph_day, gpus.clone(), commitments));
         for c in &plan.changes {
             let gi = self.group_of[c.device.index()] as usize;
             self.hist[gi][c.from_level as usize] -= 1;
@@ -445,30 +501,163 @@ impl DispatchPolicy {
         for (s, p) in plan.sites.iter().enumerate() {
             self.last_site_mw[s] = p.asic_mw + p.gpu_mw;
         }
-        // GPU caps: the highest, unless the plan capped the site's GPUs (then the same share of
-        // the range between the lowest and the highest cap on every serving GPU).
-        let targets = ctx
-            .groups
+        let targets = self.targets(ctx.fleet, ctx.groups, &plan, &gpus);
+        self.last_plan = Some(plan);
+        targets
+    }
+
+    /// Each group's target from a plan. GPU caps: the highest, unless the plan capped the site's
+    /// GPUs (then the same share of the range between the lowest and the highest cap on every
+    /// serving GPU). GPUs serving: all, those reserved while the site's GPUs are shed, those with
+    /// work while the others' headroom went to the ASICs; the first of each group serve.
+    fn targets(&mut self, fleet: &Fleet, groups: &[Group], plan: &Plan, gpus: &[GpuBudget]) -> Vec<GroupTarget> {
+        let mut left: Vec<u32> = (0..fleet.sites.len())
+            .map(|s| {
+                let b = gpus[s];
+                if plan.sites.get(s).is_some_and(|p| p.gpu_idle_mw > 0.0) {
+                    self.gpu_serving[s].saturating_sub(b.idle_gpus)
+                } else {
+                    self.gpu_serving[s]
+                }
+            })
+            .collect();
+        self.gpu_serving.clone_from(&left);
+        groups
             .iter()
             .enumerate()
             .map(|(gi, g)| match g.model {
                 ModelRef::Asic(_) => GroupTarget::Asic(self.target(gi)),
                 ModelRef::Gpu(m) => {
-                    let m = ctx.fleet.catalogue.gpu(m);
-                    let b = gpus[g.site.index()];
-                    let got = plan.sites[g.site.index()].gpu_mw * 1e6;
+                    let s = g.site.index();
+                    let m = fleet.catalogue.gpu(m);
+                    let b = gpus[s];
+                    let got = plan.sites.get(s).map_or(b.planned_w, |p| (p.gpu_mw + p.gpu_idle_mw) * 1e6);
                     let share = if b.planned_w > b.min_w {
                         ((got - b.min_w) / (b.planned_w - b.min_w)).clamp(0.0, 1.0)
                     } else {
                         1.0
                     };
                     let cap_w = m.min_cap_w + share * (m.max_power_w - m.min_cap_w);
-                    GroupTarget::Gpu(GpuTarget { serving: g.count(), cap_w, idle_off: false })
+                    let serving = left[s].min(g.count());
+                    left[s] -= serving;
+                    GroupTarget::Gpu(GpuTarget { serving, cap_w, idle_off: false })
                 }
             })
-            .collect();
-        self.last_plan = Some(plan);
-        targets
+            .collect()
+    }
+
+    /// Per site, the GPUs' budget for the dispatcher: serving (all, or while shed only those
+    /// reserved) at their highest and lowest caps, the rest idle, and what the ones with no work
+    /// could give back. Records the GPUs planned to serve, and a reason when a site's GPUs are
+    /// shed or serve again.
+    fn gpu_budgets(
+        &mut self,
+        ctx: &DecisionContext,
+        signals: &[SiteSignal],
+        reasons: &mut Vec<Reason>,
+    ) -> Vec<GpuBudget> {
+        let per = ctx.fleet.served_model.gpus_per_replica;
+        let gpu_price = ctx.market.gpu_rental_usd_per_gpu_hour;
+        let stale_ms = self.dispatcher.cfg.stale_price_ms;
+        let mut reserved_left = self.reserved.as_ref().map_or(0, |r| r.gpus);
+        let sites = site_gpus(ctx.fleet, ctx.groups);
+        let mut out = vec![GpuBudget::default(); sites.len()];
+        for (s, g) in sites.iter().enumerate() {
+            if g.count == 0 {
+                continue;
+            }
+            let reserve_here = whole_replicas(reserved_left.min(g.count), per, g.count);
+            reserved_left = reserved_left.saturating_sub(reserve_here);
+            let value = gpu_price / (g.full_w / 1e6);
+            let price = signals[s].price_usd_per_mwh + ctx.energy_adder_usd_per_mwh;
+            let fresh = ctx.now.0 - signals[s].price_at_ms <= stale_ms;
+            // Shed only on a known, fresh price above a known value; otherwise as before.
+            let shed = if value.is_finite() && value > 0.0 && price.is_finite() && fresh {
+                price > value
+            } else {
+                self.gpu_shed[s]
+            };
+            let serving = if shed { reserve_here } else { g.count };
+            if shed != self.gpu_shed[s] {
+                reasons.push(Reason::GpusShed {
+                    site: hcp_model::SiteIdx(s as u16),
+                    shed,
+                    price_usd_per_mwh: price,
+                    value_usd_per_mwh: value,
+                    serving_gpus: serving,
+                    policy_version: self.reserved.as_ref().filter(|_| shed && reserve_here > 0).map(|r| r.version),
+                });
+                self.gpu_shed[s] = shed;
+            }
+            let idle = f64::from(g.count - serving);
+            // The GPUs with work (or reserved) keep serving; the others may idle for the ASICs.
+            let (idle_gpus, idle_flex_w) = match ctx.gpu_busy.get(s).copied().flatten() {
+                Some(busy) if !shed => {
+                    let keep = whole_replicas(busy.max(reserve_here), per, g.count);
+                    let n = g.count - keep;
+                    (n, f64::from(n) * (g.full_w - g.idle_w))
+                }
+                _ => (0, 0.0),
+            };
+            out[s] = GpuBudget {
+                planned_w: f64::from(serving) * g.full_w + idle * g.idle_w,
+                min_w: f64::from(serving) * g.min_w + idle * g.idle_w,
+                idle_flex_w,
+                idle_gpus,
+            };
+            self.gpu_serving[s] = serving;
+        }
+        out
+    }
+
+    /// Demand came back to a site whose idle GPUs gave their headroom to the ASICs: re-plans that
+    /// site at once with the last decision's signals and `busy` GPUs with work (the ASICs make
+    /// room first). The plan, and the groups' targets; None when nothing is to be reclaimed.
+    pub fn reclaim_gpus(
+        &mut self,
+        now: SimTime,
+        fleet: &Fleet,
+        groups: &[Group],
+        site: usize,
+        busy: u32,
+    ) -> Option<(Plan, Vec<GroupTarget>)> {
+        let last = self.last_plan.as_ref()?;
+        if last.sites.get(site).is_none_or(|p| p.gpu_idle_mw <= 0.0) {
+            return None;
+        }
+        let (signals, hashprice, mut gpus, commitments) = self.last_inputs.clone()?;
+        let per = fleet.served_model.gpus_per_replica;
+        let g = site_gpus(fleet, groups)[site];
+        let serving_now = self.gpu_serving[site];
+        let keep = whole_replicas(busy, per, g.count);
+        if keep <= serving_now {
+            return None;
+        }
+        // The GPUs planned to serve before the idle ones gave way; fewer of them idle now.
+        let base = serving_now + gpus[site].idle_gpus;
+        let n = base.saturating_sub(keep);
+        gpus[site].idle_gpus = n;
+        gpus[site].idle_flex_w = f64::from(n) * (g.full_w - g.idle_w);
+        self.gpu_serving[site] = base;
+        let plan = self
+            .dispatcher
+            .start_plan_sites(now.0, &[hcp_model::SiteIdx(site as u16)], &signals, hashprice, &gpus, &commitments)
+            .finish();
+        for c in &plan.changes {
+            let gi = self.group_of[c.device.index()] as usize;
+            self.hist[gi][c.from_level as usize] -= 1;
+            self.hist[gi][c.to_level as usize] += 1;
+        }
+        let mut merged = last.clone();
+        merged.sites[site] = plan.sites[site];
+        merged.changes = plan.changes.clone();
+        merged.reasons = plan.reasons.clone();
+        if let Some((_, _, g, _)) = &mut self.last_inputs {
+            g[site] = gpus[site];
+        }
+        let targets = self.targets(fleet, groups, &merged, &gpus);
+        self.last_plan = Some(merged);
+        Some((plan, targets))
     }
 }
 

@@ -244,4 +244,133 @@ mod tests {
         let key = |v: &[Box<Decided>]| v.iter().map(|d| (d.at, d.plan.changes.clone())).collect::<Vec<_>>();
         assert_eq!(key(&a), key(&b), "one seed, one history");
     }
+
+    /// Runs to `until`, returning the decisions.
+    fn decisions(d: &mut Driven, until: SimTime) -> Vec<Decided> {
+        let mut out = vec![];
+        d.run_until(until, &mut |o| {
+            if let Output::Decided(x) = o {
+                out.push(*x);
+            }
+        })
+        .unwrap_or_else(|v| panic!("{v}"));
+        out
+    }
+
+    fn gpu_draw_w(d: &Driven, site: usize) -> Vec<f64> {
+        let f = d.engine.fleet();
+        (0..f.devices.len())
+            .filter(|&i| f.devices[i].site.index() == site && matches!(f.devices[i].model, hcp_model::ModelRef::Gpu(_)))
+            .filter_map(|i| d.world.agents().power_w(DeviceIdx(i as u32)))
+            .collect()
+    }
+
+    /// GPUs are valued at the GPU price in force: when the price is above what their work earns
+    /// they stop serving, except those the reserved-capacity policy keeps (named with its
+    /// version), and serve again when the GPU price makes them worth it.
+    #[test]
+    fn gpus_stop_serving_above_their_value_except_the_reserved() {
+        use hcp_econ::dispatch::Reason;
+        let mut d = driven(5, 12);
+        let t0 = SimTime::parse("2025-07-01").unwrap();
+        decisions(&mut d, t0.plus_ms(3_600_000));
+        let now = d.engine.now();
+        let reserved = hcp_engine::io::ReservedRule { version: 3, tenant: "t".into(), gpus: 8 };
+        d.engine.handle(Input::Policy(hcp_engine::io::PolicyUpdate::Reserved(reserved)), now).unwrap();
+        // A GPU-hour worth 0.01 USD: every price is above the GPUs' value (about 8 USD/MWh).
+        d.engine.handle(Input::GpuPrice { usd_per_gpu_hour: 0.01, source: "test".into() }, now).unwrap();
+        let shed = decisions(&mut d, now.plus_ms(16 * 60_000));
+        let reasons: Vec<&Reason> = shed.iter().flat_map(|x| &x.plan.reasons).collect();
+        let site0 = reasons.iter().find_map(|r| match r {
+            Reason::GpusShed { site, shed: true, serving_gpus, policy_version, .. } if site.0 == 0 => {
+                Some((*serving_gpus, *policy_version))
+            }
+            _ => None,
+        });
+        assert_eq!(site0, Some((8, Some(3))), "the reserved GPUs serve, named by the policy: {reasons:?}");
+        // Each site's GPUs are shed only on a price above their value (tx-west's may be lower).
+        for r in &reasons {
+            if let Reason::GpusShed { shed: true, price_usd_per_mwh, value_usd_per_mwh, .. } = r {
+                assert!(price_usd_per_mwh > value_usd_per_mwh, "{r:?}");
+            }
+        }
+        // The devices did it: at tx-south 8 GPUs draw serving power, 24 their idle power.
+        let draws = gpu_draw_w(&d, 0);
+        let idle = d.engine.fleet().catalogue.gpus.iter().map(|m| m.idle_w).fold(f64::INFINITY, f64::min);
+        let serving = draws.iter().filter(|w| **w > idle * 1.5).count();
+        assert_eq!((serving, draws.len()), (8, 32), "{draws:?}");
+        // Worth far more than the power: they all serve again.
+        let now = d.engine.now();
+        d.engine.handle(Input::GpuPrice { usd_per_gpu_hour: 5.0, source: "test".into() }, now).unwrap();
+        let back = decisions(&mut d, now.plus_ms(16 * 60_000));
+        assert!(
+            back.iter()
+                .flat_map(|x| &x.plan.reasons)
+                .any(|r| matches!(r, Reason::GpusShed { shed: false, serving_gpus: 32, .. }))
+        );
+        decisions(&mut d, now.plus_ms(17 * 60_000));
+        assert!(gpu_draw_w(&d, 0).iter().all(|w| *w > idle * 1.5));
+    }
+
+    /// Where the site cap binds, GPUs with no work (the router's demand says none is running or
+    /// queued) idle and give their headroom to the ASICs; when work arrives, the site is re-planned
+    /// at once and the GPUs serve again, the site's draw within its cap throughout (checked by the
+    /// driver every step).
+    #[test]
+    fn idle_gpus_lend_their_headroom_to_asics_and_get_it_back_when_work_arrives() {
+        use hcp_econ::dispatch::Reason;
+        let text =
+            include_str!("../../../examples/fleets/small.toml").replace("power_cap_mw = 0.85", "power_cap_mw = 0.5");
+        let f = Fleet::from_toml("tight.toml", &text).unwrap();
+        let from = SimTime::parse("2025-07-01").unwrap();
+        let world = SimWorld::new(
+            &f,
+            from,
+            from.plus_ms(12 * 3_600_000),
+            5,
+            &GridParams::default(),
+            &MarketParams::default(),
+            AgentParams::default(),
+        )
+        .unwrap();
+        let mut d = Driven::new(&f, EngineConfig::default(), world, from, 5).unwrap();
+        // The agents start at full power, above this cap: the first plan's commands take longer
+        // than a command's transient to bring it down. From the first hour on, 10 s.
+        d.transient_ms = 60_000;
+        decisions(&mut d, from.plus_ms(3_600_000));
+        d.transient_ms = 10_000;
+        let model = f.served_model.id.clone();
+        let site = hcp_model::ids::SiteIdx(0);
+        let now = d.engine.now();
+        d.engine.handle(Input::Demand { site, model: model.clone(), queued: 0, running: 0 }, now).unwrap();
+        let idle = decisions(&mut d, now.plus_ms(16 * 60_000));
+        let freed = idle.iter().flat_map(|x| &x.plan.reasons).find_map(|r| match r {
+            Reason::GpusIdle { site, idle_gpus, freed_mw } if site.0 == 0 => Some((*idle_gpus, *freed_mw)),
+            _ => None,
+        });
+        let (n, mw) = freed.expect("the cap binds and the idle GPUs give way");
+        assert_eq!(n, 32);
+        assert!(mw > 0.02, "{mw} MW");
+        let last = idle.last().unwrap();
+        assert!(last.plan.sites[0].gpu_idle_mw > 0.02);
+        let later = d.engine.now().plus_ms(30_000);
+        decisions(&mut d, later);
+        let gpu_idle = d.engine.fleet().catalogue.gpus.iter().map(|m| m.idle_w).fold(f64::INFINITY, f64::min);
+        assert!(gpu_draw_w(&d, 0).iter().all(|w| *w <= gpu_idle * 1.01), "GPUs idle");
+        // Work arrives: the GPUs serve again within the switching budget (seconds, not the next
+        // interval), the ASICs having made room.
+        let now = d.engine.now();
+        d.engine.handle(Input::Demand { site, model, queued: 40, running: 200 }, now).unwrap();
+        let mut commands = 0;
+        while let Some(o) = d.engine.poll_output() {
+            if let Output::Command(c) = o {
+                d.world.command(&c, now);
+                commands += 1;
+            }
+        }
+        assert!(commands > 0, "the reclaim sends commands at once");
+        decisions(&mut d, now.plus_ms(20_000));
+        let serving = gpu_draw_w(&d, 0).iter().filter(|w| **w > gpu_idle * 1.5).count();
+        assert_eq!(serving, 32, "within 20 s every GPU serves again");
+    }
 }

@@ -537,6 +537,7 @@ impl Harness<'_> {
                 day_ahead: &day_ahead,
                 four_cp_ahead: &four_cp_ahead,
                 actual: controller.foresight().then_some(&now_grid[..]),
+                gpu_busy: &[],
             };
             let targets = controller.decide(&ctx);
             if targets.len() != self.groups.len() {

@@ -106,8 +106,16 @@ fn on_the_ercot_file_the_optimizer_beats_the_tuned_strike_with_fewer_switches() 
     assert!(opt.switches_per_device_day <= strike.switches_per_device_day);
     assert_eq!(on.uplift_captured, 0.0);
     assert_eq!(bound.uplift_captured, 1.0);
-    // Every policy serves the same inference.
-    assert!(o.iter().all(|x| x.inference_revenue == on.inference_revenue));
+    // The dispatcher stops serving in the intervals it expects the price above what the GPUs'
+    // work earns (the GPU price over their draw, about 1,700 USD/MWh here); the always-on
+    // baseline and the strike policy serve throughout.
+    eprintln!(
+        "inference revenue: optimizer {}, bound {}, always-on {}",
+        opt.inference_revenue, bound.inference_revenue, on.inference_revenue
+    );
+    assert!(opt.inference_revenue < on.inference_revenue);
+    assert!(bound.inference_revenue < on.inference_revenue);
+    assert_eq!(strike.inference_revenue, on.inference_revenue);
 }
 
 #[test]

@@ -142,7 +142,7 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
                 .iter()
                 .filter(|d| d.site == s.idx && matches!(d.model, hcp_model::ModelRef::Gpu(_)))
                 .count();
-            GpuBudget { planned_w: n as f64 * 1_275.0, min_w: n as f64 * 775.0 }
+            GpuBudget { planned_w: n as f64 * 1_275.0, min_w: n as f64 * 775.0, ..Default::default() }
         })
         .collect();
     let t_build = Instant::now();

@@ -151,6 +151,26 @@ pub fn describe(r: &Reason, fleet: &hcp_model::fleet::Fleet) -> (String, String,
         Reason::Scheduled { site: s, limit_mw } => {
             (site(*s), "scheduled".into(), format!("planning path holds the site at {limit_mw:.2} MW"))
         }
+        Reason::GpusIdle { site: s, idle_gpus, freed_mw } => (
+            site(*s),
+            "gpus_idle".into(),
+            format!("{idle_gpus} GPUs with no work idle: {freed_mw:.2} MW to the ASICs until demand returns"),
+        ),
+        Reason::GpusShed { site: s, shed, price_usd_per_mwh, value_usd_per_mwh, serving_gpus, policy_version } => (
+            site(*s),
+            "gpus_shed".into(),
+            match (shed, policy_version) {
+                (true, Some(v)) => format!(
+                    "price {price_usd_per_mwh:.1} USD/MWh above the GPUs' work at {value_usd_per_mwh:.1}: {serving_gpus} reserved GPUs serve (policy reserved-capacity v{v})"
+                ),
+                (true, None) => format!(
+                    "price {price_usd_per_mwh:.1} USD/MWh above the GPUs' work at {value_usd_per_mwh:.1}: GPUs stop serving"
+                ),
+                (false, _) => format!(
+                    "price {price_usd_per_mwh:.1} USD/MWh below the GPUs' work at {value_usd_per_mwh:.1}: {serving_gpus} GPUs serve again"
+                ),
+            },
+        ),
         Reason::GpusCapped { site: s, planned_mw, capped_mw } => {
             (site(*s), "gpus_capped".into(), format!("GPUs capped from {planned_mw:.2} MW to {capped_mw:.2} MW"))
         }
@@ -787,7 +807,10 @@ async fn record_decided(app: &App, d: Decided, timing: Timing) -> anyhow::Result
     app.bus.publish("hcp.ahead", &serde_json::to_vec(&d.ahead)?).await?;
     let mut decisions = vec![];
     let plan = &d.plan;
-    if !plan.changes.is_empty() {
+    // A plan is recorded when it changes devices, or GPUs are shed or serve again (GPU targets
+    // are not device changes of the plan).
+    let gpus_changed = plan.reasons.iter().any(|r| matches!(r, Reason::GpusShed { .. }));
+    if !plan.changes.is_empty() || gpus_changed {
         let mut per_reason = vec![0u32; plan.reasons.len()];
         for c in &plan.changes {
             if let Some(n) = per_reason.get_mut(c.reason as usize) {
