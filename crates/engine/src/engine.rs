@@ -471,11 +471,24 @@ impl Engine {
                     && busy > self.policy.gpu_serving[s]
                     && let Some((plan, targets)) = self.policy.reclaim_gpus(now, &self.fleet, &self.groups, s, busy)
                 {
+                    // A decision between intervals: commands now, the router's capacity with them.
                     self.plane.set_time(now.0);
                     self.plane.apply_plan(&plan);
                     self.apply_gpu_targets(&targets);
-                    self.plane.reconcile_now(self.policy.dispatcher_mut());
+                    let first_batch = self.plane.reconcile_now(self.policy.dispatcher_mut());
                     self.drain_commands();
+                    let (replicas, avail) = self.capacity(&targets);
+                    self.note_holds(&plan, &avail);
+                    self.out.push_back(Output::Decided(Box::new(Decided {
+                        at: now,
+                        plan,
+                        plane: self.plane.take_output(),
+                        counts: self.plane.manager().counts(),
+                        first_batch,
+                        replicas,
+                        ahead: Ahead::default(),
+                        closed: vec![],
+                    })));
                 }
                 Ok(())
             }
@@ -849,17 +862,7 @@ impl Engine {
         let rest = self.plane.reconcile_now(self.policy.dispatcher_mut());
         self.drain_commands();
         let first_batch = if first > 0 { first } else { rest };
-        let serving: Vec<Option<(u32, f64)>> = targets
-            .iter()
-            .map(|x| match x {
-                GroupTarget::Gpu(g) => Some((g.serving, g.cap_w)),
-                _ => None,
-            })
-            .collect();
-        let avail = self.plane.manager().availability();
-        let caps = capacity::replicas(&self.fleet, &self.groups, &serving, &avail);
-        let replicas = capacity::changed(&self.replicas, &caps).into_iter().cloned().collect();
-        self.replicas = caps;
+        let (replicas, avail) = self.capacity(&targets);
         self.note_holds(&plan, &avail);
         let schedule = self.policy.schedule_ahead(t0, self.cfg.ahead_intervals);
         let ahead = Ahead {
@@ -888,6 +891,23 @@ impl Engine {
             ahead,
             closed,
         })));
+    }
+
+    /// The replicas' capacity after the groups' targets: those that changed (all the first
+    /// time), and the devices' availability it was computed with.
+    fn capacity(&mut self, targets: &[GroupTarget]) -> (Vec<ReplicaCapacity>, Vec<bool>) {
+        let serving: Vec<Option<(u32, f64)>> = targets
+            .iter()
+            .map(|x| match x {
+                GroupTarget::Gpu(g) => Some((g.serving, g.cap_w)),
+                _ => None,
+            })
+            .collect();
+        let avail = self.plane.manager().availability();
+        let caps = capacity::replicas(&self.fleet, &self.groups, &serving, &avail);
+        let replicas = capacity::changed(&self.replicas, &caps).into_iter().cloned().collect();
+        self.replicas = caps;
+        (replicas, avail)
     }
 
     /// Records why each moved device now sits where it does, and what the plan holds off.

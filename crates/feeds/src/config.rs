@@ -231,6 +231,19 @@ impl FeedsConfig {
         Ok(())
     }
 
+    /// What can be checked before the start: the replay files load (their errors name the file,
+    /// line and column), and each ERCOT credential is set with the others or not at all.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for (i, r) in self.replay.iter().enumerate() {
+            crate::replay::ReplayFeed::new(r, hcp_model::SimTime(0))
+                .map_err(|e| err(&format!("replay[{i}]"), e.to_string()))?;
+        }
+        if let Some(e) = &self.ercot {
+            e.credentials().map_err(|x| err("ercot", x.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Whether any feed is configured.
     pub fn is_empty(&self) -> bool {
         self.ercot.is_none() && self.market.is_none() && self.replay.is_empty() && self.gpu_price.is_none()

@@ -68,18 +68,9 @@ impl FeedError {
     }
 }
 
-/// Makes rustls's ring provider the process's default. reqwest is built with TLS but without a
-/// provider of its own (ring is already built for the NATS client; aws-lc would add minutes of C
-/// to every clean build), so every process that builds an HTTP client calls this first: `hcp`'s
-/// `main`, `hcp_server::prepare` and `start`, and the feeds. Calling it again does nothing.
-pub fn install_tls() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The HTTP client every feed uses: rustls with the ring provider and the system's root
+/// The HTTP client every feed uses: rustls (reqwest's own provider) with the system's root
 /// certificates; a timeout per request.
 pub fn http_client(timeout_s: u64) -> Result<reqwest::Client, FeedError> {
-    install_tls();
     reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(timeout_s.max(1)))
         .user_agent(concat!("hcp/", env!("CARGO_PKG_VERSION")))

@@ -82,7 +82,10 @@ impl EngineArgs {
         let feeds = match &self.feeds {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--feeds {}: {e}", p.display()))?;
-                hcp_feeds::FeedsConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+                let feeds =
+                    hcp_feeds::FeedsConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                feeds.check().map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                feeds
             }
             None => hcp_feeds::FeedsConfig::default(),
         };

@@ -18,7 +18,5 @@ mod serve;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    // Every HTTP client of the process (gateway, feeds, load tests, trace export) uses rustls with ring.
-    hcp_feeds::install_tls();
     cli::main()
 }

@@ -78,6 +78,35 @@ fn up_serves_prints_credentials_once_and_stops_on_sigterm() {
     assert!(m.status.success() && text(&m).contains("schema version 5"), "{}", text(&m));
 }
 
+/// Live mode with a feeds file that does not hold: the start stops with the file, the field and
+/// the rule, before anything listens.
+#[test]
+fn live_mode_refuses_a_bad_feeds_file_naming_the_field() {
+    let feeds = tmp("bad-feeds.toml");
+    for (body, field) in [
+        ("[ercot]\npoll_s = 0\n", "ercot.poll_s: must be 1 to 3600 seconds, not 0"),
+        ("[market]\nbase_url = \"mempool.space\"\n", "market.base_url: must be an http:// or https:// URL"),
+        ("[[replay]]\ngrid = \"/nonexistent/prices.csv\"\n", "replay[0]"),
+    ] {
+        std::fs::write(&feeds, body).unwrap();
+        let dir = tmp("live-data");
+        let o = hcp(&[
+            "up",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--live",
+            "--feeds",
+            feeds.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success(), "{body}: {}", text(&o));
+        assert!(text(&o).contains(field), "{body}: {}", text(&o));
+    }
+    let o = hcp(&["up", "--feeds", feeds.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("--live"), "--feeds needs --live: {}", text(&o));
+}
+
 #[test]
 fn a_killed_platform_keeps_every_acknowledged_write() {
     let dir = tmp("crash-data");

@@ -81,6 +81,11 @@ pub enum Control {
     Manual(crate::events::ManualSignal),
     /// A feed's poll (live mode).
     Feed(hcp_feeds::FeedMsg),
+    /// The routers' demand, summed over the API processes: requests waiting, and running per site.
+    Demand {
+        queued: u32,
+        running: Vec<u32>,
+    },
 }
 
 /// Hands a feed's poll to the engine: its inputs, in order. The feed is healthy when the poll
@@ -90,7 +95,11 @@ fn feed_inputs(engine: &mut hcp_engine::Engine, result: Result<Vec<Input>, Strin
         Err(why) => (FeedHealth::Failed(why), 0),
         Ok(inputs) => {
             let (mut accepted, mut refused) = (0, None);
-            for i in inputs {
+            for mut i in inputs {
+                // A feed stamps the market with its own clock's time, a step ahead at most.
+                if let Input::Market { signal, .. } = &mut i {
+                    signal.at = signal.at.min(t);
+                }
                 match engine.handle(i, t) {
                     Ok(()) => accepted += 1,
                     Err(e) => {
@@ -341,6 +350,9 @@ pub async fn run(
     let mut maintenance_sub = app.bus.subscribe("hcp.maintenance", hcp_bus::From::New).await?;
     let mut policy_sub = app.bus.subscribe("hcp.policy", hcp_bus::From::New).await?;
     let mut manual_sub = app.bus.subscribe("hcp.signal.manual", hcp_bus::From::New).await?;
+    let mut demand_sub = app.bus.subscribe("hcp.demand", hcp_bus::From::New).await?;
+    // Each API process's latest demand (a process silent for a minute no longer counts).
+    let mut demand: std::collections::BTreeMap<String, (crate::events::DemandNotice, Instant)> = Default::default();
     // The clock, the start and the world: demo (a simulated year from 2025-06-01), live (the
     // wall clock at the market's offset, from the current interval) or a rehearsal of live mode.
     let speed = speed.max(1e-6);
@@ -427,29 +439,41 @@ pub async fn run(
                 std::thread::sleep(Duration::from_millis(due.min(50) as u64));
                 continue;
             }
-            // Operator actions and feed polls are taken at the clock's time (a feed stamps what
-            // it read with it), which may be a little past the step that is due.
-            let tc = clock.now().max(t);
+            // Operator actions, demand and feed polls are taken at the step's time: the engine's
+            // time never runs ahead of the world's (a demo's results stay the same under a seed).
             for c in control_rx.try_iter() {
                 match c {
                     Control::Maintenance { scope, on } => {
-                        if let Err(e) = driven.engine.handle(Input::Maintenance { scope, on }, tc) {
+                        if let Err(e) = driven.engine.handle(Input::Maintenance { scope, on }, t) {
                             tracing::warn!(error = %e, "operator action not applied");
                         }
                     }
                     Control::Policy(u) => {
-                        if let Err(e) = driven.engine.handle(Input::Policy(u), tc) {
+                        if let Err(e) = driven.engine.handle(Input::Policy(u), t) {
                             tracing::warn!(error = %e, "operator action not applied");
                         }
                     }
+                    Control::Demand { queued, running } => {
+                        for (s, run) in running.iter().enumerate() {
+                            let input = Input::Demand {
+                                site: hcp_model::ids::SiteIdx(s as u16),
+                                model: fleet.served_model.id.clone(),
+                                queued,
+                                running: *run,
+                            };
+                            if let Err(e) = driven.engine.handle(input, t) {
+                                tracing::warn!(error = %e, "demand not taken");
+                            }
+                        }
+                    }
                     Control::Manual(m) => {
-                        let input = manual_input(&m, tc, driven.engine.market());
-                        if let Err(e) = driven.engine.handle(input, tc) {
+                        let input = manual_input(&m, t, driven.engine.market());
+                        if let Err(e) = driven.engine.handle(input, t) {
                             tracing::warn!(error = %e, "manual value refused");
                         }
                     }
                     Control::Feed(msg) => {
-                        let (health, accepted) = feed_inputs(&mut driven.engine, msg.result, tc);
+                        let (health, accepted) = feed_inputs(&mut driven.engine, msg.result, t);
                         notes.push(Note::Feed(crate::events::FeedNotice {
                             feed: msg.feed.clone(),
                             ok: health == FeedHealth::Ok,
@@ -461,7 +485,7 @@ pub async fn run(
                             wall_ms: wall_ms(),
                         }));
                         // Never refused: a feed's health is always taken.
-                        let _ = driven.engine.handle(Input::Feed { feed: msg.feed, health }, tc);
+                        let _ = driven.engine.handle(Input::Feed { feed: msg.feed, health }, t);
                     }
                 }
             }
@@ -558,6 +582,30 @@ pub async fn run(
                 }
             },
             Some(f) = feed_rx.recv() => { let _ = control_tx.send(Control::Feed(f)); },
+            m = demand_sub.next() => match m {
+                Ok(m) => match serde_json::from_slice::<crate::events::DemandNotice>(&m.payload) {
+                    Ok(n) => {
+                        demand.insert(n.instance.clone(), (n, Instant::now()));
+                        demand.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+                        let mut running = vec![0u32; fleet.sites.len()];
+                        let mut queued = 0u32;
+                        for (n, _) in demand.values() {
+                            queued = queued.saturating_add(n.queued);
+                            for (site, r) in &n.running {
+                                if let Some(i) = fleet.sites.iter().position(|s| &s.id == site) {
+                                    running[i] = running[i].saturating_add(*r);
+                                }
+                            }
+                        }
+                        let _ = control_tx.send(Control::Demand { queued, running });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "demand message ignored"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "demand subscription lost; resubscribing");
+                    demand_sub = app.bus.subscribe("hcp.demand", hcp_bus::From::New).await?;
+                }
+            },
             msg = rx.recv() => {
                 let Some(n) = msg else {
                     // The worker ended: its period is over, or an invariant broke.
@@ -804,7 +852,10 @@ async fn record_decided(app: &App, d: Decided, timing: Timing) -> anyhow::Result
         .collect();
     app.store.put_site_pnl(&pnl).await?;
     record_plane(app, &d).await?;
-    app.bus.publish("hcp.ahead", &serde_json::to_vec(&d.ahead)?).await?;
+    // A decision between intervals (GPUs reclaimed) has no day ahead of its own.
+    if !d.ahead.sites.is_empty() {
+        app.bus.publish("hcp.ahead", &serde_json::to_vec(&d.ahead)?).await?;
+    }
     let mut decisions = vec![];
     let plan = &d.plan;
     // A plan is recorded when it changes devices, or GPUs are shed or serve again (GPU targets

@@ -86,3 +86,14 @@ pub struct ManualSignal {
     #[serde(default)]
     pub at_ms: Option<i64>,
 }
+
+/// `hcp.demand`: an API process's router: requests waiting and, per site, sequences running.
+/// Published when it changes (and every 30 s); the engine sums the processes' latest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemandNotice {
+    /// The publishing process (random per start).
+    pub instance: String,
+    pub queued: u32,
+    pub running: std::collections::BTreeMap<String, u32>,
+}

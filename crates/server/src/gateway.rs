@@ -239,12 +239,39 @@ pub async fn health_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
 
 /// Expires queued work past its time-to-live, four times a second.
 pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    // The router's demand goes to the engine (`hcp.demand`) when it changes, and every 30 s.
+    let mut instance = [0u8; 8];
+    getrandom::fill(&mut instance).map_err(|e| anyhow::anyhow!("random instance id: {e}"))?;
+    let instance: String = instance.iter().map(|b| format!("{b:02x}")).collect();
+    let mut last: Option<(crate::events::DemandNotice, i64)> = None;
     loop {
         tokio::select! {
             r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        app.router.lock().unwrap_or_else(|e| e.into_inner()).tick(wall_ms());
+        let now = wall_ms();
+        let (queued, running) = {
+            let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+            r.tick(now);
+            r.demand()
+        };
+        let notice = crate::events::DemandNotice { instance: instance.clone(), queued, running };
+        let due = match &last {
+            Some((n, at)) => *n != notice || now - at >= 30_000,
+            None => true,
+        };
+        if due {
+            match serde_json::to_vec(&notice) {
+                Ok(body) => {
+                    if let Err(e) = app.bus.publish("hcp.demand", &body).await {
+                        tracing::warn!(error = %e, "demand not announced");
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "demand not announced"),
+            }
+            last = Some((notice, now));
+        }
     }
 }
 

@@ -210,7 +210,6 @@ pub struct Bootstrap {
 /// Opens storage and migrates it, writes the fleet's topology, and on the first start creates the
 /// admin account and the demo tenant with a key.
 pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Bootstrap)> {
-    hcp_feeds::install_tls();
     let t = std::time::Instant::now();
     let store = Store::open(&cfg.store_url).await.with_context(|| "open the store")?;
     let version = store.migrate().await.context("migrate the store")?;
@@ -465,7 +464,6 @@ async fn serve_until(
 
 /// Starts the roles the config names; returns once listening.
 pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
-    hcp_feeds::install_tls();
     let bus = Bus::connect(cfg.bus_url.as_deref(), Limits::default()).await.context("connect the event bus")?;
     let app = Arc::new(App {
         store: store.clone(),

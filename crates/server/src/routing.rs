@@ -225,6 +225,20 @@ impl RouterState {
             && (self.serve_fleet || self.replica_model.contains_key(&r.id))
     }
 
+    /// The work of the fleet's replicas, for the engine: requests waiting (the router's queue is
+    /// the fleet's, not a site's) and, per site, sequences running.
+    pub fn demand(&self) -> (u32, std::collections::BTreeMap<String, u32>) {
+        let mut running = std::collections::BTreeMap::new();
+        for r in self.replicas.values().filter(|r| !self.replica_model.contains_key(&r.id)) {
+            let used = u32::try_from(r.id)
+                .ok()
+                .and_then(|id| self.router.replica_load(ReplicaId(id)))
+                .map_or(0, |(used, _)| used);
+            *running.entry(r.site_id.clone()).or_insert(0) += used;
+        }
+        (u32::try_from(self.router.queued_len()).unwrap_or(u32::MAX), running)
+    }
+
     /// Ids of the replicas that take work now.
     pub fn in_service_ids(&self) -> Vec<i64> {
         self.replicas.values().filter(|r| self.takes_work(r)).map(|r| r.id).collect()
