@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use hcp_econ::dispatch::Reason;
 use hcp_engine::EngineConfig;
-use hcp_engine::io::{Decided, FeedHealth, Input, Output, PolicyUpdate, PriceMarket, SiteInterval};
+use hcp_engine::io::{Decided, FeedHealth, Input, Output, PolicyUpdate, PriceMarket};
 use hcp_fleet::{Event, Outcome, Scope, Target};
 use hcp_harness::drive::Driven;
 use hcp_harness::plane::DeviceMinute;
@@ -634,13 +634,7 @@ pub async fn run(
 
 /// The scope of a `hcp.maintenance` message (as the API publishes it).
 fn maintenance_scope(fleet: &hcp_model::fleet::Fleet, payload: &[u8]) -> anyhow::Result<(Scope, bool)> {
-    #[derive(serde::Deserialize)]
-    struct M {
-        scope: String,
-        id: String,
-        on: bool,
-    }
-    let m: M = serde_json::from_slice(payload)?;
+    let m: crate::events::MaintenanceNotice = serde_json::from_slice(payload)?;
     let scope = match m.scope.as_str() {
         "device" => Scope::Device(hcp_model::ids::DeviceIdx(m.id.parse()?)),
         "rack" => Scope::Rack(hcp_model::ids::RackIdx(m.id.parse()?)),
@@ -693,8 +687,8 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
         // In notices of 2,000 replicas (~200 kB, under the bus's 1 MiB message limit): a whole
         // reference fleet's first announcement is 50,000.
         for chunk in rows.chunks(2_000) {
-            let ev = serde_json::json!({ "at_ms": at_ms, "replicas": chunk });
-            app.bus.publish("hcp.capacity", ev.to_string().as_bytes()).await?;
+            let ev = crate::events::CapacityNotice { at_ms, replicas: chunk.to_vec() };
+            app.bus.publish("hcp.capacity", &serde_json::to_vec(&ev)?).await?;
         }
     }
     let out = &d.plane;
@@ -762,8 +756,8 @@ async fn record_plane(app: &App, d: &Decided) -> anyhow::Result<()> {
     }
     metrics::gauge!("hcp_first_batch_commands").set(d.first_batch as f64);
     if !out.status.is_empty() {
-        let ev = serde_json::json!({ "changes": out.status.len(), "available": available, "unknown": unknown, "quarantined": quarantined });
-        app.bus.publish("hcp.devices", ev.to_string().as_bytes()).await?;
+        let ev = crate::events::DevicesNotice { changes: out.status.len(), available, unknown, quarantined };
+        app.bus.publish("hcp.devices", &serde_json::to_vec(&ev)?).await?;
     }
     Ok(())
 }
@@ -807,11 +801,6 @@ async fn record(app: &App, n: Note) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// The held-off power of a site as announced.
-fn held_json(r: &SiteInterval) -> serde_json::Value {
-    serde_json::to_value(r.held).unwrap_or_default()
 }
 
 /// Writes one decision and its closed interval, then announces them.
@@ -879,53 +868,63 @@ async fn record_decided(app: &App, d: Decided, timing: Timing) -> anyhow::Result
                 body: serde_json::json!({ "devices_changed": per_reason[k] }).to_string(),
             });
         }
-        let summary = serde_json::json!({
-            "at_ms": at_ms,
-            "changes": plan.changes.len(),
-            "blocked": plan.blocked,
-            "sites": plan.sites.iter().enumerate().map(|(i, s)| serde_json::json!({
-                "site": fleet.sites[i].id,
-                "asic_mw": s.asic_mw,
-                "gpu_mw": s.gpu_mw,
-                "held_for_grid_mw": s.held_for_grid_mw,
-                "limit_mw": s.limit_mw,
-                "price_usd_per_mwh": s.price_usd_per_mwh,
-                "stale": s.stale,
-            })).collect::<Vec<_>>(),
-        });
-        app.store.add_plan(at_ms, &summary.to_string()).await?;
-        app.bus.publish("hcp.plan", summary.to_string().as_bytes()).await?;
+        let summary = crate::events::PlanNotice {
+            at_ms,
+            changes: plan.changes.len(),
+            blocked: plan.blocked,
+            sites: plan
+                .sites
+                .iter()
+                .enumerate()
+                .map(|(i, s)| crate::events::PlanSiteNotice {
+                    site: fleet.sites[i].id.clone(),
+                    asic_mw: s.asic_mw,
+                    gpu_mw: s.gpu_mw,
+                    held_for_grid_mw: s.held_for_grid_mw,
+                    limit_mw: s.limit_mw,
+                    price_usd_per_mwh: crate::events::finite(s.price_usd_per_mwh),
+                    stale: s.stale,
+                })
+                .collect(),
+        };
+        let summary = serde_json::to_string(&summary)?;
+        app.store.add_plan(at_ms, &summary).await?;
+        app.bus.publish("hcp.plan", summary.as_bytes()).await?;
     }
     let ids = app.store.add_decisions(&decisions).await?;
     metrics::histogram!("hcp_engine_record_seconds").record(started.elapsed().as_secs_f64());
     for (d, id) in decisions.iter().zip(ids) {
-        let ev = serde_json::json!({ "id": id, "at_ms": at_ms, "site": d.site_id, "kind": d.kind, "reason": d.reason });
-        app.bus.publish(&format!("hcp.decision.{}", d.site_id), ev.to_string().as_bytes()).await?;
+        let ev = crate::events::DecisionNotice {
+            id,
+            at_ms,
+            site: d.site_id.clone(),
+            kind: d.kind.clone(),
+            reason: d.reason.clone(),
+        };
+        app.bus.publish(&format!("hcp.decision.{}", d.site_id), &serde_json::to_vec(&ev)?).await?;
     }
     for r in rows {
         let site = &fleet.sites[r.site.index()].id;
         let margin = r.mining_revenue_usd + r.inference_revenue_usd - r.energy_cost_usd;
         let held = r.held.total_mw();
-        let ev = serde_json::json!({
-            "at_ms": r.at.0,
-            "site": site,
-            "price_usd_per_mwh": r.price_usd_per_mwh,
-            "price_final": r.price_final,
-            "hashprice_usd_per_ph_day": r.hashprice_usd_per_ph_day,
-            "cap_mw": r.cap_mw,
-            "mining_mw": r.mining_mw(),
-            "inference_mw": r.inference_mw(),
-            // Power the plan held off (economics, strike, grid, cap, stale price, devices out of
-            // service), by reason, and the cap nothing could use.
-            "curtailed_mw": held,
-            "held_off_mw": held_json(r),
-            "headroom_mw": r.headroom_mw,
-            "hashrate_ph_s": r.hashrate_ph_s,
-            "gpus_serving": r.gpus_serving,
-            "margin_usd": margin,
-            "interval_h": hours,
-        });
-        app.bus.publish(&format!("hcp.interval.{site}"), ev.to_string().as_bytes()).await?;
+        let ev = crate::events::IntervalNotice {
+            at_ms: r.at.0,
+            site: site.clone(),
+            price_usd_per_mwh: crate::events::finite(r.price_usd_per_mwh),
+            price_final: r.price_final,
+            hashprice_usd_per_ph_day: crate::events::finite(r.hashprice_usd_per_ph_day),
+            cap_mw: r.cap_mw,
+            mining_mw: r.mining_mw(),
+            inference_mw: r.inference_mw(),
+            curtailed_mw: held,
+            held_off_mw: r.held,
+            headroom_mw: r.headroom_mw,
+            hashrate_ph_s: r.hashrate_ph_s,
+            gpus_serving: r.gpus_serving,
+            margin_usd: crate::events::finite(margin),
+            interval_h: hours,
+        };
+        app.bus.publish(&format!("hcp.interval.{site}"), &serde_json::to_vec(&ev)?).await?;
         let power = [
             ("hashing", r.asic_hashing_mw),
             ("asic_idle", r.asic_idle_mw),

@@ -1,6 +1,9 @@
-//! Typed payloads of bus subjects, one type per subject, used by the producer and every consumer.
-//! (Subjects announced before this module existed still carry `json!` payloads; they move here as
-//! they are touched.)
+//! Typed payloads of bus subjects, one type per subject, used by the producer and every consumer:
+//! `hcp.policy`, `hcp.alert`, `hcp.signals`, `hcp.feed`, `hcp.signal.manual`, `hcp.demand`,
+//! `hcp.interval.<site>`, `hcp.plan`, `hcp.decision.<site>`, `hcp.devices`, `hcp.capacity`,
+//! `hcp.maintenance`; `hcp.ahead` is `hcp_engine::io::Ahead` and `hcp.tenants` a
+//! `hcp_store::TenantRow`. (`hcp.job.cancel` carries a job id as text.) A float that may be
+//! unknown is an `Option` (JSON null), never a 0 read by default.
 
 use serde::{Deserialize, Serialize};
 
@@ -96,4 +99,95 @@ pub struct DemandNotice {
     pub instance: String,
     pub queued: u32,
     pub running: std::collections::BTreeMap<String, u32>,
+}
+
+/// A float as announced: `None` where it is not a number (a price not known yet).
+pub fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// `hcp.interval.<site>`: one site's closed interval, metered from telemetry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntervalNotice {
+    pub at_ms: i64,
+    pub site: String,
+    pub price_usd_per_mwh: Option<f64>,
+    pub price_final: bool,
+    pub hashprice_usd_per_ph_day: Option<f64>,
+    pub cap_mw: f64,
+    pub mining_mw: f64,
+    pub inference_mw: f64,
+    /// Power the plan held off (economics, strike, grid, cap, stale price, devices out of
+    /// service), in all and by reason, and the cap nothing could use.
+    pub curtailed_mw: f64,
+    pub held_off_mw: hcp_engine::io::HeldOff,
+    pub headroom_mw: f64,
+    pub hashrate_ph_s: f64,
+    pub gpus_serving: f64,
+    pub margin_usd: Option<f64>,
+    pub interval_h: f64,
+}
+
+/// One site of `hcp.plan`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSiteNotice {
+    pub site: String,
+    pub asic_mw: f64,
+    pub gpu_mw: f64,
+    pub held_for_grid_mw: f64,
+    pub limit_mw: f64,
+    pub price_usd_per_mwh: Option<f64>,
+    pub stale: bool,
+}
+
+/// `hcp.plan` (and the stored plan's body): a plan that changed something.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanNotice {
+    pub at_ms: i64,
+    pub changes: usize,
+    pub blocked: u32,
+    pub sites: Vec<PlanSiteNotice>,
+}
+
+/// `hcp.decision.<site>`: a decision as stored, with its id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionNotice {
+    pub id: i64,
+    pub at_ms: i64,
+    pub site: String,
+    pub kind: String,
+    pub reason: String,
+}
+
+/// `hcp.devices`: device statuses changed; the fleet's counts after.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesNotice {
+    pub changes: usize,
+    pub available: usize,
+    pub unknown: usize,
+    pub quarantined: usize,
+}
+
+/// `hcp.capacity`: replicas whose capacity changed with a plan (in notices of at most 2,000).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityNotice {
+    pub at_ms: i64,
+    pub replicas: Vec<hcp_store::ReplicaRow>,
+}
+
+/// `hcp.maintenance`: devices put into or out of maintenance through the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceNotice {
+    /// `device`, `rack` or `site`.
+    pub scope: String,
+    pub id: String,
+    pub on: bool,
+    pub devices: usize,
 }

@@ -175,11 +175,7 @@ async fn load_router(app: &App) -> anyhow::Result<()> {
 fn routing_notice(app: &App, subject: &str, payload: &[u8]) -> anyhow::Result<()> {
     match subject {
         "hcp.capacity" => {
-            #[derive(serde::Deserialize)]
-            struct Capacity {
-                replicas: Vec<hcp_store::ReplicaRow>,
-            }
-            let c: Capacity = serde_json::from_slice(payload)?;
+            let c: events::CapacityNotice = serde_json::from_slice(payload)?;
             if let Some(sim) = &app.sim {
                 sim.set_caps(&c.replicas);
             }

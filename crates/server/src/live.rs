@@ -69,7 +69,16 @@ impl Live {
             s if s.starts_with("hcp.interval.") => s,
             _ => return Ok(()),
         };
-        let v: Value = serde_json::from_slice(payload)?;
+        // Each subject's payload is read as its type (a payload that is not is refused), then kept
+        // as the JSON the dashboard reads.
+        let v: Value = match slot {
+            "hcp.plan" => serde_json::to_value(serde_json::from_slice::<crate::events::PlanNotice>(payload)?)?,
+            // `hcp_engine::io::Ahead` as published; read as JSON (a price not known is null).
+            "hcp.ahead" => serde_json::from_slice(payload)?,
+            "hcp.devices" => serde_json::to_value(serde_json::from_slice::<crate::events::DevicesNotice>(payload)?)?,
+            "hcp.alert" => serde_json::to_value(serde_json::from_slice::<crate::events::AlertNotice>(payload)?)?,
+            _ => serde_json::to_value(serde_json::from_slice::<crate::events::IntervalNotice>(payload)?)?,
+        };
         let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match slot {
             "hcp.plan" => st.plan = Some(v),
@@ -199,21 +208,44 @@ pub struct FeedNow {
 mod tests {
     use super::*;
 
+    fn interval(at_ms: i64) -> Vec<u8> {
+        let n = crate::events::IntervalNotice {
+            at_ms,
+            site: "a".into(),
+            price_usd_per_mwh: None,
+            price_final: false,
+            hashprice_usd_per_ph_day: Some(50.0),
+            cap_mw: 1.0,
+            mining_mw: 0.5,
+            inference_mw: 0.1,
+            curtailed_mw: 0.0,
+            held_off_mw: Default::default(),
+            headroom_mw: 0.4,
+            hashrate_ph_s: 10.0,
+            gpus_serving: 8.0,
+            margin_usd: None,
+            interval_h: 0.25,
+        };
+        serde_json::to_vec(&n).unwrap()
+    }
+
     #[test]
     fn keeps_the_latest_of_each_and_ignores_other_subjects() {
         let l = Live::default();
-        l.note("hcp.interval.a", br#"{"at_ms":1}"#).unwrap();
-        l.note("hcp.interval.a", br#"{"at_ms":2}"#).unwrap();
-        l.note("hcp.interval.b", br#"{"at_ms":2}"#).unwrap();
+        l.note("hcp.interval.a", &interval(1)).unwrap();
+        l.note("hcp.interval.a", &interval(2)).unwrap();
+        l.note("hcp.interval.b", &interval(2)).unwrap();
         l.note("hcp.decision.a", b"not json but not ours").unwrap();
         assert!(l.note("hcp.plan", b"{broken").is_err());
+        // A payload of the wrong shape for its subject is refused too.
+        assert!(l.note("hcp.interval.c", br#"{"at_ms":1}"#).is_err());
         let s = l.snapshot();
         assert_eq!(s.sites.len(), 2);
         assert_eq!(s.sites["a"]["at_ms"], 2);
         assert!(s.plan.is_none(), "a bad payload changes nothing");
         l.seed_plan(serde_json::json!({"from":"storage"}));
-        l.note("hcp.plan", br#"{"from":"bus"}"#).unwrap();
+        l.note("hcp.plan", br#"{"at_ms":5,"changes":1,"blocked":0,"sites":[]}"#).unwrap();
         l.seed_plan(serde_json::json!({"from":"storage again"}));
-        assert_eq!(l.snapshot().plan.unwrap()["from"], "bus");
+        assert_eq!(l.snapshot().plan.unwrap()["at_ms"], 5);
     }
 }

@@ -719,7 +719,9 @@ pub(crate) async fn maintenance(
     };
     let changed = app.store.set_maintenance(&idxs, b.on).await?;
     app.reads.bump(Table::Devices);
-    let after = serde_json::json!({ "scope": b.scope, "id": b.id, "on": b.on, "devices": idxs.len() });
+    let after =
+        crate::events::MaintenanceNotice { scope: b.scope.clone(), id: b.id.clone(), on: b.on, devices: idxs.len() };
+    let after = serde_json::to_value(&after).map_err(ApiError::internal)?;
     app.store
         .audit(
             crate::wall_ms(),
