@@ -473,7 +473,11 @@ pub async fn run(
                         }
                     }
                     Control::Feed(msg) => {
-                        let (health, accepted) = feed_inputs(&mut driven.engine, msg.result, t);
+                        // A feed reads the outside world on the clock: its values are taken at the
+                        // clock's time, even when the worker runs behind (a price it hands on as
+                        // known must not be refused as early). Only live mode has feeds.
+                        let tc = clock.now().max(t);
+                        let (health, accepted) = feed_inputs(&mut driven.engine, msg.result, tc);
                         notes.push(Note::Feed(crate::events::FeedNotice {
                             feed: msg.feed.clone(),
                             ok: health == FeedHealth::Ok,
@@ -485,7 +489,7 @@ pub async fn run(
                             wall_ms: wall_ms(),
                         }));
                         // Never refused: a feed's health is always taken.
-                        let _ = driven.engine.handle(Input::Feed { feed: msg.feed, health }, t);
+                        let _ = driven.engine.handle(Input::Feed { feed: msg.feed, health }, tc);
                     }
                 }
             }

@@ -5,7 +5,8 @@
 //! the mode, each signal's source and age; a feed that fails (HTTP error, malformed answer) is an
 //! alert naming the reason, its prices go stale and the safe policy applies; when it answers again
 //! the alert clears and the prices are fresh; a manual value is taken with source `manual` and a
-//! bad one is refused naming the field; a saved policy changes the next plan.
+//! bad one is refused naming the field; a saved strike policy and a GPU reservation change the
+//! next plan, each named with its version.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -190,9 +191,10 @@ usd_per_gpu_hour = 2.4
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
     )
     .unwrap();
-    let mut engine_config = hcp_engine::EngineConfig::default();
-    // Ten market minutes without a price is stale (five wall seconds at this speed).
-    engine_config.set("stale_price_s", "600").unwrap();
+    // The default staleness: a price older than 20 market minutes (ten wall seconds at this
+    // speed) is stale. (Any less and a feed of 15-minute prices alone is stale at every decision,
+    // whose interval's price arrives just after it.)
+    let engine_config = hcp_engine::EngineConfig::default();
     let cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         store_url: Config::data_dir_store(&dir),
@@ -322,6 +324,37 @@ usd_per_gpu_hour = 2.4
         })
     })
     .await;
+
+    // A reservation keeps its GPUs serving when the price is above what their work earns (a GPU
+    // price set by hand far below the power's cost), the decision naming the policy's version.
+    let (s, b) = call(
+        &http,
+        &base,
+        "PUT",
+        "/api/v1/policies/reserved-capacity",
+        Some(json!({"expected_version": 0, "body": {"tenant": "demo", "gpus": 8}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) =
+        call(&http, &base, "PUT", "/api/v1/signals/manual", Some(json!({"kind": "gpu_price", "value": 0.01}))).await;
+    assert_eq!(s, 202, "{b}");
+    let v = wait_for(&http, &base, "/api/v1/decisions?limit=50", 60, "GPUs shed but the reserved", |v| {
+        v["items"].as_array().is_some_and(|d| {
+            d.iter().any(|d| {
+                d["kind"] == "gpus_shed" && d["reason"].as_str().unwrap_or("").contains("policy reserved-capacity v1")
+            })
+        })
+    })
+    .await;
+    let d = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "gpus_shed" && d["site_id"] == "tx-south")
+        .unwrap()
+        .clone();
+    assert!(d["reason"].as_str().unwrap().contains("8 reserved GPUs serve"), "{d}");
 
     let stopped = Instant::now();
     running.stop().await.unwrap();
