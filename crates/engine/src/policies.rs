@@ -612,7 +612,8 @@ impl DispatchPolicy {
 
     /// Demand came back to a site whose idle GPUs gave their headroom to the ASICs: re-plans that
     /// site at once with the last decision's signals and `busy` GPUs with work (the ASICs make
-    /// room first). The plan, and the groups' targets; None when nothing is to be reclaimed.
+    /// room first). The plan (every site as last planned, this one's changes and reasons), and
+    /// the groups' targets; None when nothing is to be reclaimed.
     pub fn reclaim_gpus(
         &mut self,
         now: SimTime,
@@ -652,12 +653,15 @@ impl DispatchPolicy {
         merged.sites[site] = plan.sites[site];
         merged.changes = plan.changes.clone();
         merged.reasons = plan.reasons.clone();
+        merged.at_ms = plan.at_ms;
+        merged.blocked = plan.blocked;
         if let Some((_, _, g, _)) = &mut self.last_inputs {
             g[site] = gpus[site];
         }
         let targets = self.targets(fleet, groups, &merged, &gpus);
-        self.last_plan = Some(merged);
-        Some((plan, targets))
+        // The other sites as the last decision planned them, this site's changes and reasons.
+        self.last_plan = Some(merged.clone());
+        Some((merged, targets))
     }
 }
 
