@@ -196,9 +196,9 @@ impl Engine {
     }
 
     /// The version of each policy in force, by name.
-    /// The market signal in force, if any arrived.
-    pub fn market(&self) -> Option<&MarketSignal> {
-        self.market.as_ref().map(|(m, _, _)| m)
+    /// The market signal in force (before any arrived: no hashprice, no GPU price).
+    pub fn market(&self) -> MarketSignal {
+        self.market.as_ref().map_or_else(fallback_market, |m| m.0)
     }
 
     pub fn policies(&self) -> &BTreeMap<String, u32> {
@@ -468,7 +468,7 @@ impl Engine {
                 // interval.
                 let s = site.index();
                 if let Some(busy) = self.gpu_busy()[s]
-                    && busy > self.policy.gpu_serving[s]
+                    && busy > self.policy.gpus_serving_now(s)
                     && let Some((plan, targets)) = self.policy.reclaim_gpus(now, &self.fleet, &self.groups, s, busy)
                 {
                     // A decision between intervals: commands now, the router's capacity with them.
@@ -828,7 +828,7 @@ impl Engine {
                     .map_or(vec![], |v| v.iter().filter(|d| d.notice_at <= t0 && d.end_at > t0).copied().collect())
             })
             .collect();
-        let mut market = self.market.as_ref().map_or_else(fallback_market, |m| m.0);
+        let mut market = self.market();
         if let Some((p, _)) = &self.gpu_price {
             market.gpu_rental_usd_per_gpu_hour = *p;
         }

@@ -113,8 +113,9 @@ pub struct DispatchPolicy {
     pub reserved: Option<ReservedRule>,
     /// Per site, whether the GPUs are shed (the price above what their work earns).
     gpu_shed: Vec<bool>,
-    /// GPUs planned to serve per site at the last decision or reclaim.
-    pub gpu_serving: Vec<u32>,
+    /// GPUs planned to serve per site at the last decision, before any with no work idled for
+    /// the ASICs (see [`DispatchPolicy::gpus_serving_now`]).
+    gpu_serving: Vec<u32>,
     /// The last decision's signals, hashprice, GPU budgets and commitments: a GPU reclaim
     /// between decisions re-plans one site with them.
     last_inputs: Option<LastInputs>,
@@ -123,14 +124,22 @@ pub struct DispatchPolicy {
 /// A decision's signals, hashprice, GPU budgets and commitments.
 type LastInputs = (Vec<SiteSignal>, f64, Vec<GpuBudget>, Vec<Commitment>);
 
-/// Per site, the GPUs and their draws: serving at the highest cap, at the lowest, idle (W per
-/// GPU, host share included; averaged over the site's GPU models).
+/// Per site, the GPUs and what they all draw (W, host share included): serving at the highest
+/// cap, at the lowest, idle.
 #[derive(Clone, Copy, Debug, Default)]
 struct SiteGpus {
     count: u32,
     full_w: f64,
     min_w: f64,
     idle_w: f64,
+}
+
+impl SiteGpus {
+    /// The draws of one GPU (averaged over the site's GPU models).
+    fn per_gpu(&self) -> (f64, f64, f64) {
+        let n = f64::from(self.count.max(1));
+        (self.full_w / n, self.min_w / n, self.idle_w / n)
+    }
 }
 
 fn site_gpus(fleet: &Fleet, groups: &[Group]) -> Vec<SiteGpus> {
@@ -140,11 +149,9 @@ fn site_gpus(fleet: &Fleet, groups: &[Group]) -> Vec<SiteGpus> {
             let m = fleet.catalogue.gpu(m);
             let o = &mut out[g.site.index()];
             let n = f64::from(g.count());
-            let total = f64::from(o.count) + n;
-            let mix = |old: f64, new: f64| if total > 0.0 { (old * f64::from(o.count) + new * n) / total } else { 0.0 };
-            o.full_w = mix(o.full_w, m.max_power_w + m.host_idle_w + m.host_load_w);
-            o.min_w = mix(o.min_w, m.min_cap_w + m.host_idle_w + m.host_load_w);
-            o.idle_w = mix(o.idle_w, m.idle_w + m.host_idle_w);
+            o.full_w += n * (m.max_power_w + m.host_idle_w + m.host_load_w);
+            o.min_w += n * (m.min_cap_w + m.host_idle_w + m.host_load_w);
+            o.idle_w += n * (m.idle_w + m.host_idle_w);
             o.count += g.count();
         }
     }
@@ -168,16 +175,10 @@ struct StrikeParamsState {
 /// Per site, the power its GPUs draw serving at their highest cap, and the least they draw serving
 /// at their lowest (host draw included).
 pub fn gpu_budgets(fleet: &Fleet, groups: &[Group]) -> Vec<GpuBudget> {
-    let mut gpus = vec![GpuBudget::default(); fleet.sites.len()];
-    for g in groups {
-        if let ModelRef::Gpu(m) = g.model {
-            let m = fleet.catalogue.gpu(m);
-            let n = f64::from(g.count());
-            gpus[g.site.index()].planned_w += n * (m.max_power_w + m.host_idle_w + m.host_load_w);
-            gpus[g.site.index()].min_w += n * (m.min_cap_w + m.host_idle_w + m.host_load_w);
-        }
-    }
-    gpus
+    site_gpus(fleet, groups)
+        .iter()
+        .map(|g| GpuBudget { planned_w: g.full_w, min_w: g.min_w, ..Default::default() })
+        .collect()
 }
 
 impl DispatchPolicy {
@@ -493,11 +494,7 @@ impl DispatchPolicy {
         let mut plan = run.finish();
         plan.reasons.extend(gpu_reasons);
         self.last_inputs = Some((signals, ctx.market.hashprice_usd_per_ph_day, gpus.clone(), commitments));
-        for c in &plan.changes {
-            let gi = self.group_of[c.device.index()] as usize;
-            self.hist[gi][c.from_level as usize] -= 1;
-            self.hist[gi][c.to_level as usize] += 1;
-        }
+        self.count_changes(&plan.changes);
         for (s, p) in plan.sites.iter().enumerate() {
             self.last_site_mw[s] = p.asic_mw + p.gpu_mw;
         }
@@ -510,18 +507,8 @@ impl DispatchPolicy {
     /// GPUs (then the same share of the range between the lowest and the highest cap on every
     /// serving GPU). GPUs serving: all, those reserved while the site's GPUs are shed, those with
     /// work while the others' headroom went to the ASICs; the first of each group serve.
-    fn targets(&mut self, fleet: &Fleet, groups: &[Group], plan: &Plan, gpus: &[GpuBudget]) -> Vec<GroupTarget> {
-        let mut left: Vec<u32> = (0..fleet.sites.len())
-            .map(|s| {
-                let b = gpus[s];
-                if plan.sites.get(s).is_some_and(|p| p.gpu_idle_mw > 0.0) {
-                    self.gpu_serving[s].saturating_sub(b.idle_gpus)
-                } else {
-                    self.gpu_serving[s]
-                }
-            })
-            .collect();
-        self.gpu_serving.clone_from(&left);
+    fn targets(&self, fleet: &Fleet, groups: &[Group], plan: &Plan, gpus: &[GpuBudget]) -> Vec<GroupTarget> {
+        let mut left: Vec<u32> = (0..fleet.sites.len()).map(|s| self.serving(s, plan, gpus)).collect();
         groups
             .iter()
             .enumerate()
@@ -546,6 +533,31 @@ impl DispatchPolicy {
             .collect()
     }
 
+    /// GPUs serving at a site under a plan made with `gpus`: those planned, less the ones with no
+    /// work when their headroom went to the ASICs.
+    fn serving(&self, site: usize, plan: &Plan, gpus: &[GpuBudget]) -> u32 {
+        let idle = plan.sites.get(site).is_some_and(|p| p.gpu_idle_mw > 0.0);
+        let planned = self.gpu_serving[site];
+        if idle { planned.saturating_sub(gpus[site].idle_gpus) } else { planned }
+    }
+
+    /// GPUs serving at a site now (after the last decision or reclaim).
+    pub fn gpus_serving_now(&self, site: usize) -> u32 {
+        match (&self.last_plan, &self.last_inputs) {
+            (Some(plan), Some((_, _, gpus, _))) => self.serving(site, plan, gpus),
+            _ => self.gpu_serving[site],
+        }
+    }
+
+    /// Each changed device's level moves in its group's histogram.
+    fn count_changes(&mut self, changes: &[hcp_econ::dispatch::TargetChange]) {
+        for c in changes {
+            let gi = self.group_of[c.device.index()] as usize;
+            self.hist[gi][c.from_level as usize] -= 1;
+            self.hist[gi][c.to_level as usize] += 1;
+        }
+    }
+
     /// Per site, the GPUs' budget for the dispatcher: serving (all, or while shed only those
     /// reserved) at their highest and lowest caps, the rest idle, and what the ones with no work
     /// could give back. Records the GPUs planned to serve, and a reason when a site's GPUs are
@@ -566,9 +578,10 @@ impl DispatchPolicy {
             if g.count == 0 {
                 continue;
             }
+            let (full_w, min_w, idle_w) = g.per_gpu();
             let reserve_here = whole_replicas(reserved_left.min(g.count), per, g.count);
             reserved_left = reserved_left.saturating_sub(reserve_here);
-            let value = gpu_price / (g.full_w / 1e6);
+            let value = gpu_price / (full_w / 1e6);
             let price = signals[s].price_usd_per_mwh + ctx.energy_adder_usd_per_mwh;
             let fresh = ctx.now.0 - signals[s].price_at_ms <= stale_ms;
             // Shed only on a known, fresh price above a known value; otherwise as before.
@@ -595,13 +608,13 @@ impl DispatchPolicy {
                 Some(busy) if !shed => {
                     let keep = whole_replicas(busy.max(reserve_here), per, g.count);
                     let n = g.count - keep;
-                    (n, f64::from(n) * (g.full_w - g.idle_w))
+                    (n, f64::from(n) * (full_w - idle_w))
                 }
                 _ => (0, 0.0),
             };
             out[s] = GpuBudget {
-                planned_w: f64::from(serving) * g.full_w + idle * g.idle_w,
-                min_w: f64::from(serving) * g.min_w + idle * g.idle_w,
+                planned_w: f64::from(serving) * full_w + idle * idle_w,
+                min_w: f64::from(serving) * min_w + idle * idle_w,
                 idle_flex_w,
                 idle_gpus,
             };
@@ -629,27 +642,21 @@ impl DispatchPolicy {
         let (signals, hashprice, mut gpus, commitments) = self.last_inputs.clone()?;
         let per = fleet.served_model.gpus_per_replica;
         let g = site_gpus(fleet, groups)[site];
-        let serving_now = self.gpu_serving[site];
+        let (full_w, _, idle_w) = g.per_gpu();
         let keep = whole_replicas(busy, per, g.count);
-        if keep <= serving_now {
+        if keep <= self.serving(site, last, &gpus) {
             return None;
         }
-        // The GPUs planned to serve before the idle ones gave way; fewer of them idle now.
-        let base = serving_now + gpus[site].idle_gpus;
-        let n = base.saturating_sub(keep);
+        // Fewer of the GPUs planned to serve idle now.
+        let n = self.gpu_serving[site].saturating_sub(keep);
         gpus[site].idle_gpus = n;
-        gpus[site].idle_flex_w = f64::from(n) * (g.full_w - g.idle_w);
-        self.gpu_serving[site] = base;
+        gpus[site].idle_flex_w = f64::from(n) * (full_w - idle_w);
         let plan = self
             .dispatcher
             .start_plan_sites(now.0, &[hcp_model::SiteIdx(site as u16)], &signals, hashprice, &gpus, &commitments)
             .finish();
-        for c in &plan.changes {
-            let gi = self.group_of[c.device.index()] as usize;
-            self.hist[gi][c.from_level as usize] -= 1;
-            self.hist[gi][c.to_level as usize] += 1;
-        }
         let mut merged = last.clone();
+        self.count_changes(&plan.changes);
         merged.sites[site] = plan.sites[site];
         merged.changes = plan.changes.clone();
         merged.reasons = plan.reasons.clone();

@@ -271,7 +271,7 @@ impl EngineClock {
 }
 
 /// The engine's input from a manual value, at `t`.
-fn manual_input(m: &crate::events::ManualSignal, t: SimTime, market: Option<&MarketSignal>) -> Input {
+fn manual_input(m: &crate::events::ManualSignal, t: SimTime, market: MarketSignal) -> Input {
     let source = "manual".to_string();
     let sp = m.key.clone();
     match m.kind.as_str() {
@@ -291,20 +291,9 @@ fn manual_input(m: &crate::events::ManualSignal, t: SimTime, market: Option<&Mar
             source,
         },
         "temperature_c" => Input::Weather { settlement_point: sp, temperature_c: m.value, source },
+        // The network's other figures stay as last known.
         "hashprice" => {
-            // The network's other figures stay as last known.
-            let base = market.copied().unwrap_or(MarketSignal {
-                at: t,
-                btc_usd: 0.0,
-                difficulty: 0.0,
-                block_height: 0,
-                subsidy_btc: 0.0,
-                fees_btc_per_block: 0.0,
-                network_hashrate_ehs: 0.0,
-                hashprice_usd_per_ph_day: m.value,
-                gpu_rental_usd_per_gpu_hour: f64::NAN,
-            });
-            Input::Market { signal: MarketSignal { at: t, hashprice_usd_per_ph_day: m.value, ..base }, source }
+            Input::Market { signal: MarketSignal { at: t, hashprice_usd_per_ph_day: m.value, ..market }, source }
         }
         _ => Input::GpuPrice { usd_per_gpu_hour: m.value, source },
     }
