@@ -3,6 +3,7 @@
 //!
 //! Architecture invariant: pure functions and plain structs. No IO, no clock, no threads.
 
+pub mod batch;
 pub mod dispatch;
 pub mod hashprice;
 pub mod plan;

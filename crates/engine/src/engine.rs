@@ -18,11 +18,14 @@ use hcp_model::signals::{Deployment, GridSignal, MarketSignal};
 use hcp_sim::fleet::GroupTarget;
 
 use crate::capacity::{self, ReplicaCapacity};
+
+/// Intervals the batch planner looks ahead at most (a week of 15-minute intervals).
+const BATCH_MAX_INTERVALS: usize = 672;
 use crate::config::EngineConfig;
 use crate::controller::DecisionContext;
 use crate::io::{
-    Ahead, Alert, Decided, FeedHealth, HeldOff, Input, Output, PolicyUpdate, PriceMarket, Refused, SiteAhead,
-    SiteInterval, Source,
+    Ahead, Alert, BatchPlan, Decided, FeedHealth, HeldOff, Input, Output, PolicyUpdate, PriceMarket, Refused,
+    SiteAhead, SiteInterval, Source,
 };
 use crate::plane::Plane;
 use crate::policies::DispatchPolicy;
@@ -109,6 +112,10 @@ pub struct Engine {
     held: Vec<HeldOff>,
     site_of: Vec<SiteIdx>,
     alerts: BTreeMap<String, String>,
+    /// Batch jobs waiting for the planner, and the price path they were last placed on (its
+    /// start, the prices, the GPUs free).
+    batch_waiting: Vec<hcp_econ::batch::BatchJob>,
+    batch_path: Option<(SimTime, Vec<f64>, u32)>,
     /// Input kinds whose `refused:<kind>` alert is raised.
     refused_open: Vec<&'static str>,
     out: VecDeque<Output>,
@@ -167,6 +174,8 @@ impl Engine {
             last: vec![None; n],
             hold: vec![HoldWhy::Economics; n],
             alerts: BTreeMap::new(),
+            batch_waiting: vec![],
+            batch_path: None,
             refused_open: vec![],
             out: VecDeque::new(),
             cfg,
@@ -458,6 +467,23 @@ impl Engine {
                 }
                 Ok(())
             }
+            Input::Jobs { waiting } => {
+                let mut ids = std::collections::BTreeSet::new();
+                for (i, j) in waiting.iter().enumerate() {
+                    if j.id.is_empty() || !ids.insert(j.id.as_str()) {
+                        return Err(Self::refuse("jobs", &format!("waiting[{i}].id"), "must be non-empty and unique"));
+                    }
+                    if j.gpus == 0 {
+                        return Err(Self::refuse("jobs", &format!("waiting[{i}].gpus"), "must be at least 1"));
+                    }
+                    if j.remaining_ms <= 0 {
+                        return Err(Self::refuse("jobs", &format!("waiting[{i}].remaining_ms"), "must be above 0"));
+                    }
+                }
+                self.batch_waiting = waiting;
+                self.place_batch(now);
+                Ok(())
+            }
             Input::Demand { site, model, queued, running } => {
                 if site.index() >= self.fleet.sites.len() {
                     return Err(Self::refuse("demand", "site", format!("{} is not a site of the fleet", site.0)));
@@ -663,6 +689,71 @@ impl Engine {
         out
     }
 
+    /// Places the waiting batch jobs on the last price path (shifted to `now`) and says where
+    /// ([`Output::Batch`]); nothing when none waits.
+    fn place_batch(&mut self, now: SimTime) {
+        if self.batch_waiting.is_empty() {
+            return;
+        }
+        let iv = self.cfg.interval_ms();
+        let start = SimTime(now.0.div_euclid(iv) * iv);
+        let (prices, free) = match &self.batch_path {
+            Some((t0, p, free)) if *t0 <= start => {
+                let skip = ((start.0 - t0.0) / iv) as usize;
+                (p.get(skip..).map(<[f64]>::to_vec).unwrap_or_default(), *free)
+            }
+            _ => (vec![], 0),
+        };
+        let gpus = crate::policies::site_gpus(&self.fleet, &self.groups);
+        let (n, w) = gpus.iter().fold((0u32, 0.0), |(n, w), g| (n + g.count, w + g.full_w));
+        let path = hcp_econ::batch::PricePath {
+            start,
+            interval_ms: iv,
+            usd_per_mwh: &prices,
+            gpu_draw_w: if n > 0 { w / f64::from(n) } else { 0.0 },
+            free_gpus: free,
+            max_intervals: BATCH_MAX_INTERVALS,
+        };
+        let placements = hcp_econ::batch::schedule(now, &path, &self.batch_waiting);
+        self.out.push_back(Output::Batch(BatchPlan {
+            at: now,
+            path_start: start,
+            path_usd_per_mwh: prices,
+            free_gpus: free,
+            placements,
+        }));
+    }
+
+    /// The batch planner's price path from `t0`: per interval, the GPU-weighted mean over the
+    /// sites of the price in force now (the last real-time price; the day-ahead price where none
+    /// is known) and then the day-ahead prices; and the GPUs the demand leaves free. Empty when
+    /// a site with GPUs has no prices.
+    fn set_batch_path(&mut self, t0: SimTime, last_grid: &[GridSignal], known: &[Vec<f64>], busy: &[Option<u32>]) {
+        let gpus = crate::policies::site_gpus(&self.fleet, &self.groups);
+        let with_gpus: Vec<usize> = (0..gpus.len()).filter(|&s| gpus[s].count > 0).collect();
+        let total: u32 = with_gpus.iter().map(|&s| gpus[s].count).sum();
+        let held: u32 = with_gpus.iter().map(|&s| busy[s].unwrap_or(0).min(gpus[s].count)).sum();
+        let len = with_gpus.iter().map(|&s| known[s].len()).min().unwrap_or(0);
+        let price = |s: usize, k: usize| -> f64 {
+            if k == 0 && last_grid[s].rt_price_usd_per_mwh.is_finite() {
+                last_grid[s].rt_price_usd_per_mwh
+            } else {
+                known[s][k]
+            }
+        };
+        let path: Vec<f64> = if total == 0 || len == 0 {
+            vec![]
+        } else {
+            (0..len)
+                .map(|k| {
+                    with_gpus.iter().map(|&s| f64::from(gpus[s].count) * price(s, k)).sum::<f64>() / f64::from(total)
+                })
+                .collect()
+        };
+        let path = if path.iter().all(|p| p.is_finite()) { path } else { vec![] };
+        self.batch_path = Some((t0, path, total - held));
+    }
+
     fn drain_commands(&mut self) {
         for c in self.plane.drain_commands() {
             self.out.push_back(Output::Command(c));
@@ -864,6 +955,8 @@ impl Engine {
         let first_batch = if first > 0 { first } else { rest };
         let (replicas, avail) = self.capacity(&targets);
         self.note_holds(&plan, &avail);
+        self.set_batch_path(t0, &last_grid, &known, &gpu_busy);
+        self.place_batch(t0);
         let schedule = self.policy.schedule_ahead(t0, self.cfg.ahead_intervals);
         let ahead = Ahead {
             at_ms: t0.0,

@@ -148,6 +148,12 @@ pub enum Input {
         queued: u32,
         running: u32,
     },
+    /// The batch jobs that wait for the planner (submitted with a deadline, not yet started, or
+    /// preempted): the whole set, replacing the one before. The engine places them on the prices
+    /// ahead at once and at every decision ([`Output::Batch`]).
+    Jobs {
+        waiting: Vec<hcp_econ::batch::BatchJob>,
+    },
     /// A feed's health: a failed poll (timeout, HTTP error, malformed or out-of-range value)
     /// raises the `feed:<name>` alert with the reason; the next good poll clears it. The
     /// signals themselves age on their own (stale prices fall back to the safe policy).
@@ -183,6 +189,7 @@ impl Input {
             Input::Maintenance { .. } => "maintenance",
             Input::Demand { .. } => "demand",
             Input::Feed { .. } => "feed",
+            Input::Jobs { .. } => "jobs",
             Input::Tick => "tick",
         }
     }
@@ -330,4 +337,19 @@ pub enum Output {
     },
     Alert(Alert),
     Refused(Refused),
+    /// Where the waiting batch jobs are placed: those that start now, and when the others will.
+    Batch(BatchPlan),
+}
+
+/// The planner's placement of the waiting batch jobs, on the prices ahead at `at`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BatchPlan {
+    pub at: SimTime,
+    /// The price path the jobs were placed on (USD/MWh per interval from `path_start`): the price
+    /// in force for the current interval, then the day-ahead prices, GPU-weighted over the sites.
+    pub path_start: SimTime,
+    pub path_usd_per_mwh: Vec<f64>,
+    /// GPUs free for batch work (the fleet's GPUs less those the demand holds).
+    pub free_gpus: u32,
+    pub placements: Vec<hcp_econ::batch::Placement>,
 }

@@ -127,9 +127,9 @@ type LastInputs = (Vec<SiteSignal>, f64, Vec<GpuBudget>, Vec<Commitment>);
 /// Per site, the GPUs and what they all draw (W, host share included): serving at the highest
 /// cap, at the lowest, idle.
 #[derive(Clone, Copy, Debug, Default)]
-struct SiteGpus {
-    count: u32,
-    full_w: f64,
+pub(crate) struct SiteGpus {
+    pub(crate) count: u32,
+    pub(crate) full_w: f64,
     min_w: f64,
     idle_w: f64,
 }
@@ -142,7 +142,7 @@ impl SiteGpus {
     }
 }
 
-fn site_gpus(fleet: &Fleet, groups: &[Group]) -> Vec<SiteGpus> {
+pub(crate) fn site_gpus(fleet: &Fleet, groups: &[Group]) -> Vec<SiteGpus> {
     let mut out = vec![SiteGpus::default(); fleet.sites.len()];
     for g in groups {
         if let ModelRef::Gpu(m) = g.model {

@@ -265,6 +265,65 @@ mod tests {
             .collect()
     }
 
+    /// A batch job with a deadline waits for cheaper power: handed to the engine in the summer
+    /// afternoon's high prices, it is placed in the cheapest stretch before its deadline (on the
+    /// prices the plan is announced with), costs less there than at once, and finishes in time;
+    /// a set with two jobs of one id is refused, naming the field, and changes nothing.
+    #[test]
+    fn a_batch_job_with_a_deadline_waits_for_the_cheapest_stretch() {
+        use hcp_econ::batch::{BatchJob, Why};
+        let mut d = driven(5, 40);
+        let t0 = SimTime::parse("2025-07-01T16:00").unwrap();
+        decisions(&mut d, t0);
+        let now = d.engine.now();
+        let job = BatchJob {
+            id: "job-1".into(),
+            gpus: 8,
+            remaining_ms: 2 * 3_600_000,
+            deadline: now.plus_ms(20 * 3_600_000),
+            preemptible: false,
+        };
+        let twice = vec![job.clone(), job.clone()];
+        let e = d.engine.handle(Input::Jobs { waiting: twice }, now).unwrap_err();
+        assert_eq!(e.field, "waiting[1].id", "{e}");
+        d.engine.handle(Input::Jobs { waiting: vec![job.clone()] }, now).unwrap();
+        let mut plans = vec![];
+        while let Some(o) = d.engine.poll_output() {
+            if let Output::Batch(b) = o {
+                plans.push(b);
+            }
+        }
+        assert_eq!(plans.len(), 1, "placed at once");
+        let b = &plans[0];
+        assert!(b.path_usd_per_mwh.len() >= 80, "prices ahead known: {}", b.path_usd_per_mwh.len());
+        let p = &b.placements[0];
+        assert_eq!(p.id, "job-1");
+        assert!(!p.run_now, "the afternoon is not the cheapest stretch: {p:?} on {:?}", b.path_usd_per_mwh);
+        assert_eq!(p.why, Why::CheaperLater);
+        assert!(p.start > now && p.finish <= job.deadline, "{p:?}");
+        assert!(p.planned_usd < p.now_usd, "{p:?}");
+        // The stretch chosen is the cheapest of the eight intervals that start where it starts.
+        let iv = d.engine.config().interval_ms();
+        let k = ((p.start.0 - b.path_start.0) / iv) as usize;
+        let mean = |k: usize| b.path_usd_per_mwh[k..k + 8].iter().sum::<f64>() / 8.0;
+        let latest = ((job.deadline.0 - b.path_start.0) / iv) as usize - 8;
+        assert!((0..=latest).all(|j| mean(k) <= mean(j) + 1e-9), "stretch at {k} is not the cheapest");
+        // At each decision the job is placed again, on the prices then; when its start comes it
+        // is told to run.
+        let mut started = None;
+        d.run_until(job.deadline, &mut |o| {
+            if let Output::Batch(b) = o
+                && started.is_none()
+                && b.placements[0].run_now
+            {
+                started = Some(b.at);
+            }
+        })
+        .unwrap_or_else(|v| panic!("{v}"));
+        let started = started.expect("told to start before the deadline");
+        assert!(started > now && started.plus_ms(job.remaining_ms) <= job.deadline, "started {started}");
+    }
+
     /// GPUs are valued at the GPU price in force: when the price is above what their work earns
     /// they stop serving, except those the reserved-capacity policy keeps (named with its
     /// version), and serve again when the GPU price makes them worth it.

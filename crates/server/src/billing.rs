@@ -299,6 +299,11 @@ pub struct JobBody {
     /// Admins submit for a tenant; a tenant key submits for its own.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Seconds from now by which the job must have finished. With it, the job may wait: the
+    /// engine's planner starts it in the intervals where its energy is cheapest that still meet
+    /// the deadline (state `deferred` until then). Without it, the job queues at once.
+    #[serde(default)]
+    pub deadline_s: Option<f64>,
 }
 
 fn batch_tier() -> u8 {
@@ -321,6 +326,12 @@ struct JobState {
     site: Option<String>,
     preemptions: u32,
     reason: Option<String>,
+    /// When it must have finished (wall clock), for a job that may wait for cheaper power.
+    #[serde(default)]
+    deadline_ms: Option<i64>,
+    /// The planner's latest placement of a deferred job.
+    #[serde(default)]
+    planned: Option<crate::events::BatchPlacement>,
 }
 
 /// Slots a job of `gpus` GPUs takes: the GPUs' worth of sequences on the fleet's replicas now.
@@ -350,6 +361,11 @@ pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Bod
     if !(b.duration_s.is_finite() && b.duration_s > 0.0 && b.duration_s <= 30.0 * 86_400.0) {
         return Err(ApiError::invalid("duration_s", "must be > 0 and at most 30 days"));
     }
+    if let Some(d) = b.deadline_s
+        && !(d.is_finite() && d >= b.duration_s && d <= 30.0 * 86_400.0)
+    {
+        return Err(ApiError::invalid("deadline_s", "must be at least duration_s and at most 30 days"));
+    }
     if b.priority > 2 {
         return Err(ApiError::invalid("priority", "must be 0, 1 or 2"));
     }
@@ -377,12 +393,14 @@ pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Bod
         site: None,
         preemptions: 0,
         reason: None,
+        deadline_ms: b.deadline_s.map(|d| now + (d * 1000.0).floor() as i64),
+        planned: None,
     };
     let row = WorkloadRow {
         id: id.clone(),
         tenant_id: tenant.clone(),
         kind: "job".into(),
-        state: "queued".into(),
+        state: if st.deadline_ms.is_some() { "deferred" } else { "queued" }.into(),
         body: serde_json::to_string(&st).expect("serialises"),
         created_ms: now,
         updated_ms: now,
@@ -401,6 +419,7 @@ fn job_json(w: &WorkloadRow) -> serde_json::Value {
         "gpus": body["gpus"], "duration_s": body["duration_s"], "priority": body["priority"],
         "preemptible": body["preemptible"], "ran_ms": body["ran_ms"], "site": body["site"],
         "preemptions": body["preemptions"], "reason": body["reason"],
+        "deadline_ms": body["deadline_ms"], "planned": body["planned"],
     })
 }
 
@@ -420,24 +439,48 @@ pub enum JobSignal {
     Release,
 }
 
-/// Places a job with the router and starts its task.
+/// A job's task as the process sees it: its switch, the planner's placements for it, and, while
+/// it waits for the planner, what the planner needs.
+pub struct JobHandle {
+    signal: tokio::sync::watch::Sender<JobSignal>,
+    placement: tokio::sync::watch::Sender<Option<crate::events::BatchPlacement>>,
+    pub waiting: Option<crate::events::WaitingJob>,
+}
+
+impl JobHandle {
+    pub fn send(&self, s: JobSignal) {
+        let _ = self.signal.send(s);
+    }
+}
+
+/// Starts a job's task: it waits for the planner first when it is deferred, then is placed by
+/// the router.
 fn spawn_job(app: &Arc<App>, row: WorkloadRow, st: JobState, tix: hcp_model::TenantId) {
-    let work = Work {
-        id: 0,
-        tenant: tix,
-        band: st.priority,
-        model: crate::routing::SERVED_MODEL,
-        prompt_tokens: 1,
-        max_output_tokens: 1,
-        deadline_ms: None,
-        gang: st.gang,
-        preemptible: st.preemptible,
-        restart_cost: st.duration_s,
-    };
-    let (rid, rx) = app.router.lock().unwrap_or_else(|e| e.into_inner()).arrive(work, wall_ms());
-    let (tx, signal) = tokio::sync::watch::channel(JobSignal::Run);
-    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(row.id.clone(), tx);
-    tokio::spawn(run_job(app.clone(), row, st, rid, rx, signal));
+    let (signal_tx, signal) = tokio::sync::watch::channel(JobSignal::Run);
+    let (placement_tx, placement) = tokio::sync::watch::channel(None);
+    let handle = JobHandle { signal: signal_tx, placement: placement_tx, waiting: None };
+    app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(row.id.clone(), handle);
+    tokio::spawn(run_job(app.clone(), row, st, tix, signal, placement));
+}
+
+/// The planner's placements announced on the bus (`hcp.batch`): each job waiting here is told its own.
+pub fn batch_notice(app: &App, n: &crate::events::BatchNotice) {
+    let jobs = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    for p in &n.placements {
+        if let Some(h) = jobs.get(&p.id)
+            && h.waiting.is_some()
+        {
+            let _ = h.placement.send(Some(p.clone()));
+        }
+    }
+}
+
+/// The jobs waiting for the planner here (announced on `hcp.jobs.waiting`).
+pub fn waiting_jobs(app: &App) -> Vec<crate::events::WaitingJob> {
+    let jobs = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let mut w: Vec<_> = jobs.values().filter_map(|h| h.waiting.clone()).collect();
+    w.sort_by(|a, b| a.id.cmp(&b.id));
+    w
 }
 
 /// Claims the jobs whose process stopped renewing them and resumes them here. Returns how many.
@@ -455,7 +498,9 @@ pub async fn resume_jobs(app: &Arc<App>) -> anyhow::Result<usize> {
         // Time since the last renewal is not known to have run: it is neither billed nor
         // counted towards the job (at most one heartbeat's worth, run again).
         st.started_ms = None;
-        let row = next_row(&w, &st, "queued");
+        // A job that waited for the planner waits again; any other queues.
+        let state = if w.state == "deferred" { "deferred" } else { "queued" };
+        let row = next_row(&w, &st, state);
         if !app.store.update_workload_if(&row, w.updated_ms).await? {
             continue; // another process claimed it first
         }
@@ -482,8 +527,8 @@ pub async fn resume_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
 /// Hands every job this process runs back (for the next start or another process), and waits
 /// (up to 5 s) until their rows say so.
 pub async fn release_jobs(app: &App) {
-    for tx in app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).values() {
-        let _ = tx.send(JobSignal::Release);
+    for h in app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        h.send(JobSignal::Release);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
@@ -597,8 +642,8 @@ async fn cancel_elsewhere(app: &App, w: &WorkloadRow) -> ApiResult<()> {
 /// A cancel announced on the bus: the job's task here, if it runs here, is told.
 pub fn cancel_notice(app: &App, id: &[u8]) {
     let id = String::from_utf8_lossy(id);
-    if let Some(tx) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(id.as_ref()) {
-        let _ = tx.send(JobSignal::Cancel);
+    if let Some(h) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(id.as_ref()) {
+        h.send(JobSignal::Cancel);
     }
 }
 
@@ -611,23 +656,101 @@ fn accrue(st: &mut JobState) {
     }
 }
 
-/// A job's life: waits for placement, runs until its time is served (preemption sends it back to
-/// the queue, keeping what it ran), is cancelled, or is rejected; renews its row every heartbeat
-/// (with the time run so far) and stops if another process took it over. The GPU time it ran is
-/// metered once when it ends (the job id is the usage record's id, so a job resumed elsewhere is
-/// still billed once).
+/// A job's life: a job with a deadline first waits for the planner (state `deferred`) until its
+/// placement says start, or until its latest start (deadline less the time it still needs: the
+/// planner's silence never makes it late); then it waits for the router's placement, runs until
+/// its time is served (preemption sends it back to the queue, keeping what it ran), is cancelled,
+/// or is rejected; it renews its row every heartbeat (with the time run so far) and stops if
+/// another process took it over. The GPU time it ran is metered once when it ends (the job id is
+/// the usage record's id, so a job resumed elsewhere is still billed once).
 async fn run_job(
     app: Arc<App>,
     row: WorkloadRow,
     mut st: JobState,
-    rid: hcp_sched::ReqId,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Placement>,
+    tix: hcp_model::TenantId,
     mut signal: tokio::sync::watch::Receiver<JobSignal>,
+    mut placement: tokio::sync::watch::Receiver<Option<crate::events::BatchPlacement>>,
 ) {
     let need_ms = (st.duration_s * 1000.0).ceil() as i64;
+    let deferred = row.state == "deferred";
     let mut lease = Lease { app: &app, row };
     let mut beat = tokio::time::interval(JOB_HEARTBEAT);
     beat.tick().await;
+    let forget = |app: &App, id: &str| {
+        app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    };
+    if deferred && let Some(deadline) = st.deadline_ms {
+        let waiting = crate::events::WaitingJob {
+            id: lease.row.id.clone(),
+            gpus: st.gpus,
+            remaining_ms: (need_ms - st.ran_ms).max(1),
+            deadline_ms: deadline,
+            preemptible: st.preemptible,
+        };
+        let latest = deadline - waiting.remaining_ms;
+        if let Some(h) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&lease.row.id) {
+            h.waiting = Some(waiting);
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis((latest - wall_ms()).max(0) as u64);
+        // Deferred: until the planner says start, the latest start comes, or a signal.
+        let end = loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {
+                    tracing::info!(job = %lease.row.id, "latest start reached with no placement from the planner; the job queues");
+                    break None;
+                }
+                r = placement.changed() => {
+                    if r.is_err() {
+                        break None;
+                    }
+                    let p = placement.borrow_and_update().clone();
+                    if let Some(p) = p {
+                        let start = p.run_now;
+                        st.planned = Some(p);
+                        if start {
+                            break None;
+                        }
+                    }
+                }
+                r = signal.changed() => match if r.is_err() { JobSignal::Release } else { *signal.borrow() } {
+                    JobSignal::Run => {}
+                    JobSignal::Cancel => break Some("cancelled"),
+                    JobSignal::Release => {
+                        lease.write(&st, "deferred", true).await;
+                        return forget(&app, &lease.row.id);
+                    }
+                },
+                _ = beat.tick() => {
+                    if !lease.write(&st, "deferred", false).await {
+                        return forget(&app, &lease.row.id);
+                    }
+                }
+            }
+        };
+        if let Some(h) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&lease.row.id) {
+            h.waiting = None;
+        }
+        if let Some(state) = end {
+            lease.write(&st, state, false).await;
+            return forget(&app, &lease.row.id);
+        }
+        if !lease.write(&st, "queued", false).await {
+            return forget(&app, &lease.row.id);
+        }
+    }
+    let work = Work {
+        id: 0,
+        tenant: tix,
+        band: st.priority,
+        model: crate::routing::SERVED_MODEL,
+        prompt_tokens: 1,
+        max_output_tokens: 1,
+        deadline_ms: None,
+        gang: st.gang,
+        preemptible: st.preemptible,
+        restart_cost: st.duration_s,
+    };
+    let (rid, mut rx) = app.router.lock().unwrap_or_else(|e| e.into_inner()).arrive(work, wall_ms());
     let leave = |app: &App, id: &str| {
         app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(rid, None, wall_ms());
         app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
@@ -747,13 +870,17 @@ pub(crate) async fn job(State(app): AppState, Auth(p): Auth, Path(id): Path<Stri
 #[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "billing", security(("bearer" = [])), params(("id" = String, Path)), responses((status = 202, description = "Cancelling"), (status = 404, description = "No such job", body = crate::openapi::ErrorBody), (status = 409, description = "Already ended", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn cancel_job(State(app): AppState, Auth(p): Auth, Path(id): Path<String>) -> ApiResult<Response> {
     let w = own_job(&app, &p, &id).await?;
-    let tx = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
-    match tx {
-        Some(tx) => {
-            let _ = tx.send(JobSignal::Cancel);
+    let here = match app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        Some(h) => {
+            h.send(JobSignal::Cancel);
+            true
         }
-        None if w.state == "queued" || w.state == "running" => cancel_elsewhere(&app, &w).await?,
-        None => {
+        None => false,
+    };
+    match here {
+        true => {}
+        false if matches!(w.state.as_str(), "deferred" | "queued" | "running") => cancel_elsewhere(&app, &w).await?,
+        false => {
             return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("job {id} has ended ({})", w.state)));
         }
     }

@@ -60,6 +60,8 @@ enum Note {
         name: String,
         version: Option<u32>,
     },
+    /// The planner's placement of the waiting batch jobs.
+    Batch(crate::events::BatchNotice),
 }
 
 /// Wall time of a decision step: the whole plan, and from the step's start to its first command
@@ -86,6 +88,8 @@ pub enum Control {
         queued: u32,
         running: Vec<u32>,
     },
+    /// The batch jobs waiting for the planner, over the API processes.
+    Jobs(Vec<crate::events::WaitingJob>),
 }
 
 /// Hands a feed's poll to the engine: its inputs, in order. The feed is healthy when the poll
@@ -262,6 +266,14 @@ impl EngineClock {
         }
     }
 
+    /// Engine time at a wall-clock time (a demo's deadlines move with its clock).
+    fn time_of(&self, w: WallTime) -> SimTime {
+        match self {
+            EngineClock::Demo(c) => c.sim_time(w),
+            EngineClock::Market(c) => c.market_time(w),
+        }
+    }
+
     fn speed(&self) -> f64 {
         match self {
             EngineClock::Demo(c) => c.speed,
@@ -340,6 +352,10 @@ pub async fn run(
     let mut policy_sub = app.bus.subscribe("hcp.policy", hcp_bus::From::New).await?;
     let mut manual_sub = app.bus.subscribe("hcp.signal.manual", hcp_bus::From::New).await?;
     let mut demand_sub = app.bus.subscribe("hcp.demand", hcp_bus::From::New).await?;
+    let mut waiting_sub = app.bus.subscribe("hcp.jobs.waiting", hcp_bus::From::New).await?;
+    // Each API process's batch jobs waiting for the planner (a process silent for a minute no
+    // longer counts).
+    let mut waiting: std::collections::BTreeMap<String, (Vec<crate::events::WaitingJob>, Instant)> = Default::default();
     // Each API process's latest demand (a process silent for a minute no longer counts).
     let mut demand: std::collections::BTreeMap<String, (crate::events::DemandNotice, Instant)> = Default::default();
     // The clock, the start and the world: demo (a simulated year from 2025-06-01), live (the
@@ -455,6 +471,23 @@ pub async fn run(
                             }
                         }
                     }
+                    Control::Jobs(jobs) => {
+                        // Wall-clock run times and deadlines in the engine's time: a demo's
+                        // clock runs `speed` times as fast.
+                        let waiting = jobs
+                            .into_iter()
+                            .map(|j| hcp_econ::batch::BatchJob {
+                                id: j.id,
+                                gpus: j.gpus,
+                                remaining_ms: ((j.remaining_ms as f64 * clock.speed()).ceil() as i64).max(1),
+                                deadline: clock.time_of(WallTime(j.deadline_ms)),
+                                preemptible: j.preemptible,
+                            })
+                            .collect();
+                        if let Err(e) = driven.engine.handle(Input::Jobs { waiting }, t) {
+                            tracing::warn!(error = %e, "waiting jobs not taken");
+                        }
+                    }
                     Control::Manual(m) => {
                         let input = manual_input(&m, t, driven.engine.market());
                         if let Err(e) = driven.engine.handle(input, t) {
@@ -510,6 +543,22 @@ pub async fn run(
                 Output::Alert(a) => notes.push(Note::Alert(a)),
                 Output::Refused(r) => notes.push(Note::Refused(r)),
                 Output::PolicyApplied { name, version } => notes.push(Note::Policy { name, version }),
+                Output::Batch(b) => notes.push(Note::Batch(crate::events::BatchNotice {
+                    wall_ms: wall_ms(),
+                    placements: b
+                        .placements
+                        .into_iter()
+                        .map(|p| crate::events::BatchPlacement {
+                            id: p.id,
+                            run_now: p.run_now,
+                            start_ms: clock.wall_of(p.start).0,
+                            finish_ms: clock.wall_of(p.finish).0,
+                            why: p.why,
+                            planned_usd: p.planned_usd,
+                            now_usd: p.now_usd,
+                        })
+                        .collect(),
+                })),
                 Output::Command(_) => {}
             });
             let plan_s = started.elapsed().as_secs_f64();
@@ -597,6 +646,21 @@ pub async fn run(
                 Err(e) => {
                     tracing::warn!(error = %e, "demand subscription lost; resubscribing");
                     demand_sub = app.bus.subscribe("hcp.demand", hcp_bus::From::New).await?;
+                }
+            },
+            m = waiting_sub.next() => match m {
+                Ok(m) => match serde_json::from_slice::<crate::events::WaitingNotice>(&m.payload) {
+                    Ok(n) => {
+                        waiting.insert(n.instance, (n.jobs, Instant::now()));
+                        waiting.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+                        let jobs = waiting.values().flat_map(|(j, _)| j.iter().cloned()).collect();
+                        let _ = control_tx.send(Control::Jobs(jobs));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "waiting jobs message ignored"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting jobs subscription lost; resubscribing");
+                    waiting_sub = app.bus.subscribe("hcp.jobs.waiting", hcp_bus::From::New).await?;
                 }
             },
             msg = rx.recv() => {
@@ -791,6 +855,12 @@ async fn record(app: &App, n: Note) -> anyhow::Result<()> {
         }
         Note::Policy { name, version } => {
             tracing::info!(policy = %name, version = ?version, "policy in force");
+            Ok(())
+        }
+        Note::Batch(b) => {
+            let waiting = b.placements.iter().filter(|p| !p.run_now).count();
+            metrics::gauge!("hcp_batch_jobs_deferred").set(waiting as f64);
+            app.bus.publish("hcp.batch", &serde_json::to_vec(&b)?).await?;
             Ok(())
         }
     }

@@ -1,7 +1,7 @@
 //! Typed payloads of bus subjects, one type per subject, used by the producer and every consumer:
 //! `hcp.policy`, `hcp.alert`, `hcp.signals`, `hcp.feed`, `hcp.signal.manual`, `hcp.demand`,
 //! `hcp.interval.<site>`, `hcp.plan`, `hcp.decision.<site>`, `hcp.devices`, `hcp.capacity`,
-//! `hcp.maintenance`; `hcp.ahead` is `hcp_engine::io::Ahead` and `hcp.tenants` a
+//! `hcp.maintenance`, `hcp.jobs.waiting`, `hcp.batch`; `hcp.ahead` is `hcp_engine::io::Ahead` and `hcp.tenants` a
 //! `hcp_store::TenantRow`. (`hcp.job.cancel` carries a job id as text.) A float that may be
 //! unknown is an `Option` (JSON null), never a 0 read by default.
 
@@ -99,6 +99,52 @@ pub struct DemandNotice {
     pub instance: String,
     pub queued: u32,
     pub running: std::collections::BTreeMap<String, u32>,
+}
+
+/// `hcp.jobs.waiting`: an API process's batch jobs that wait for the planner (submitted with a
+/// deadline, not started yet). Published when the set changes (and every 30 s); the engine
+/// places the union of the processes' latest sets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitingNotice {
+    /// The publishing process (random per start).
+    pub instance: String,
+    pub jobs: Vec<WaitingJob>,
+}
+
+/// A batch job waiting for the planner, in wall-clock time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitingJob {
+    pub id: String,
+    pub gpus: u32,
+    /// Run time it still needs (ms of wall clock).
+    pub remaining_ms: i64,
+    /// When it must have finished (wall clock, ms since the epoch).
+    pub deadline_ms: i64,
+    pub preemptible: bool,
+}
+
+/// `hcp.batch`: where the engine's planner placed the waiting batch jobs (wall-clock times).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchNotice {
+    pub wall_ms: i64,
+    pub placements: Vec<BatchPlacement>,
+}
+
+/// One job's place: start now, or the time it is planned to start, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchPlacement {
+    pub id: String,
+    pub run_now: bool,
+    pub start_ms: i64,
+    pub finish_ms: i64,
+    pub why: hcp_econ::batch::Why,
+    /// Energy cost of the placement and of running at once (USD).
+    pub planned_usd: f64,
+    pub now_usd: f64,
 }
 
 /// A float as announced: `None` where it is not a number (a price not known yet).

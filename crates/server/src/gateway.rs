@@ -126,8 +126,8 @@ pub struct Gateway {
     pub backends: Vec<BackendConfig>,
     /// Idempotency keys of requests in flight.
     idem: Mutex<HashSet<String>>,
-    /// Batch jobs in flight: their cancel switches.
-    pub jobs: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<crate::billing::JobSignal>>>,
+    /// Batch jobs in flight here: their switches, and what those waiting for the planner need.
+    pub jobs: Mutex<std::collections::HashMap<String, crate::billing::JobHandle>>,
 }
 
 impl Gateway {
@@ -244,6 +244,7 @@ pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<boo
     getrandom::fill(&mut instance).map_err(|e| anyhow::anyhow!("random instance id: {e}"))?;
     let instance: String = instance.iter().map(|b| format!("{b:02x}")).collect();
     let mut last: Option<(crate::events::DemandNotice, i64)> = None;
+    let mut last_waiting: Option<(crate::events::WaitingNotice, i64)> = None;
     loop {
         tokio::select! {
             r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
@@ -271,6 +272,25 @@ pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<boo
                 Err(e) => tracing::warn!(error = %e, "demand not announced"),
             }
             last = Some((notice, now));
+        }
+        // The batch jobs waiting here for the planner (`hcp.jobs.waiting`), the same way.
+        let waiting =
+            crate::events::WaitingNotice { instance: instance.clone(), jobs: crate::billing::waiting_jobs(&app) };
+        let due = match &last_waiting {
+            Some((n, at)) => *n != waiting || now - at >= 30_000,
+            None => !waiting.jobs.is_empty(),
+        };
+        if due {
+            match serde_json::to_vec(&waiting) {
+                Ok(body) => {
+                    if let Err(e) = app.bus.publish("hcp.jobs.waiting", &body).await {
+                        tracing::warn!(error = %e, "waiting jobs not announced");
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "waiting jobs not announced"),
+            }
+            last_waiting = Some((waiting, now));
         }
     }
 }

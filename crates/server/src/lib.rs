@@ -183,6 +183,7 @@ fn routing_notice(app: &App, subject: &str, payload: &[u8]) -> anyhow::Result<()
             r.apply(&c.replicas, wall_ms()).map_err(|e| anyhow::anyhow!(e))?;
         }
         "hcp.job.cancel" => billing::cancel_notice(app, payload),
+        "hcp.batch" => billing::batch_notice(app, &serde_json::from_slice(payload)?),
         "hcp.tenants" => {
             let t: hcp_store::TenantRow = serde_json::from_slice(payload)?;
             app.router.lock().unwrap_or_else(|e| e.into_inner()).add_tenant(&t).map_err(|e| anyhow::anyhow!(e))?;
