@@ -8,14 +8,7 @@ use crate::period::Period;
 use crate::plan::PricePlan;
 use crate::round_div;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UsageKind {
-    /// Inference requests: input and output tokens.
-    Tokens,
-    /// Batch jobs: GPU-milliseconds.
-    Gpu,
-}
+pub use hcp_model::UsageKind;
 
 /// Usage summed over a period for one kind, tier, model and spot flag (what storage aggregates).
 #[derive(Clone, Debug, PartialEq, Serialize)]

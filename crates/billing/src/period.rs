@@ -1,5 +1,6 @@
 //! Billing periods: calendar months in UTC, named `YYYY-MM`.
 
+use hcp_model::Invalid;
 use hcp_model::SimTime;
 use serde::Serialize;
 
@@ -22,8 +23,8 @@ impl Period {
     }
 
     /// `YYYY-MM`, years 2000 to 2999.
-    pub fn parse(s: &str) -> Result<Period, String> {
-        let bad = || format!("period: {s:?} must be a month as YYYY-MM");
+    pub fn parse(s: &str) -> Result<Period, Invalid> {
+        let bad = || Invalid::new("period", format!("{s:?} must be a month as YYYY-MM"));
         let (y, m) = s.split_once('-').ok_or_else(bad)?;
         if y.len() != 4 || m.len() != 2 {
             return Err(bad());

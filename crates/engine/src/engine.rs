@@ -133,7 +133,7 @@ impl Engine {
         // Live telemetry comes from the devices: a device that stops reporting turns stale.
         policy.dispatcher_mut().cfg.stale_telemetry_ms = cfg.stale_telemetry_s * 1000;
         let plane = Plane::new(fleet, cfg.manager(), start.0, policy.dispatcher(), first_command_id)
-            .map_err(|e| Refused { input: "config", field: "manager".into(), rule: e })?;
+            .map_err(|e| refused("config", e.within("manager")))?;
         let n = fleet.devices.len();
         let interval = cfg.interval_ms();
         // Decisions fall on whole intervals of market time.
@@ -436,7 +436,7 @@ impl Engine {
             Input::Telemetry { device, report } => {
                 let (plane, policy) = (&mut self.plane, &mut self.policy);
                 // The plane checks the report first: a refused one is not metered either.
-                plane.report(device, report, now.0, policy.dispatcher_mut()).map_err(|e| split("telemetry", &e))?;
+                plane.report(device, report, now.0, policy.dispatcher_mut()).map_err(|e| refused("telemetry", e))?;
                 self.meter(device, &report, now.0);
                 Ok(())
             }
@@ -444,14 +444,14 @@ impl Engine {
                 let (plane, policy) = (&mut self.plane, &mut self.policy);
                 plane
                     .answer(id, device, outcome, now.0, policy.dispatcher_mut())
-                    .map_err(|e| split("command_result", &e))
+                    .map_err(|e| refused("command_result", e))
             }
             Input::Maintenance { scope, on } => {
                 let (plane, policy) = (&mut self.plane, &mut self.policy);
                 plane
                     .set_maintenance(scope, on, policy.dispatcher_mut())
                     .map(|_| ())
-                    .map_err(|e| split("maintenance", &e))
+                    .map_err(|e| refused("maintenance", e))
             }
             Input::Policy(update) => self.set_policy(update),
             Input::Feed { feed, health } => {
@@ -654,7 +654,7 @@ impl Engine {
                         self.plane.set_gpu_idle(d)
                     };
                     if let Err(e) = r {
-                        self.out.push_back(Output::Refused(Self::refuse("plan", "gpu_cap", e)));
+                        self.out.push_back(Output::Refused(refused("plan", e)));
                     }
                 }
             }
@@ -1103,12 +1103,9 @@ impl Engine {
     }
 }
 
-/// A manager error (`field: rule`) as a refusal.
-fn split(input: &'static str, e: &str) -> Refused {
-    match e.split_once(": ") {
-        Some((f, r)) => Refused { input, field: f.into(), rule: r.into() },
-        None => Refused { input, field: input.into(), rule: e.into() },
-    }
+/// A value the manager or the plane refused, as the engine's refusal of `input`.
+fn refused(input: &'static str, e: hcp_model::Invalid) -> Refused {
+    Refused { input, field: e.field, rule: e.rule }
 }
 
 /// Before any market signal: no hashprice known, so nothing is worth mining (the dispatcher sleeps

@@ -17,6 +17,7 @@
 
 use hcp_econ::dispatch::{Dispatcher, Plan, TargetChange};
 use hcp_fleet::{Command, CommandId, Event, Manager, ManagerConfig, Outcome, Report, Scope, Target};
+use hcp_model::Invalid;
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::Fleet;
 use hcp_model::ids::DeviceIdx;
@@ -116,7 +117,7 @@ impl Plane {
         now_ms: i64,
         dispatcher: &Dispatcher,
         first_command_id: CommandId,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Invalid> {
         let mut manager = Manager::new(fleet, cfg)?;
         manager.start_ids_at(first_command_id);
         let models: Vec<ModelRef> = fleet.devices.iter().map(|d| d.model).collect();
@@ -183,18 +184,18 @@ impl Plane {
     }
 
     /// A device's report at `t`. A report of a device outside the fleet is refused.
-    pub fn report(&mut self, d: DeviceIdx, r: Report, t: i64, dispatcher: &mut Dispatcher) -> Result<(), String> {
+    pub fn report(&mut self, d: DeviceIdx, r: Report, t: i64, dispatcher: &mut Dispatcher) -> Result<(), Invalid> {
         if d.index() >= self.models.len() {
-            return Err(format!("device: {} is not a device of the fleet", d.0));
+            return Err(Invalid::new("device", format!("{} is not a device of the fleet", d.0)));
         }
         if !(r.power_w.is_finite() && r.power_w >= 0.0) {
-            return Err(format!("power_w: must be a finite number >= 0, not {}", r.power_w));
+            return Err(Invalid::new("power_w", format!("must be a finite number >= 0, not {}", r.power_w)));
         }
         if !r.temp_c.is_finite() {
-            return Err("temp_c: must be a finite number".into());
+            return Err(Invalid::new("temp_c", "must be a finite number"));
         }
         if r.hashrate_ths.is_some_and(|h| !(h.is_finite() && h >= 0.0)) {
-            return Err("hashrate_ths: must be a finite number >= 0".into());
+            return Err(Invalid::new("hashrate_ths", "must be a finite number >= 0"));
         }
         self.set_time(t);
         self.out.reports += 1;
@@ -242,9 +243,9 @@ impl Plane {
         outcome: Outcome,
         t: i64,
         dispatcher: &mut Dispatcher,
-    ) -> Result<(), String> {
+    ) -> Result<(), Invalid> {
         if d.index() >= self.models.len() {
-            return Err(format!("device: {} is not a device of the fleet", d.0));
+            return Err(Invalid::new("device", format!("{} is not a device of the fleet", d.0)));
         }
         self.set_time(t);
         let ev = self.manager.command_result(id, d, outcome.clone(), t);
@@ -335,12 +336,12 @@ impl Plane {
     }
 
     /// A GPU's power cap from the plan.
-    pub fn set_gpu_cap(&mut self, device: DeviceIdx, cap_w: f64) -> Result<(), String> {
+    pub fn set_gpu_cap(&mut self, device: DeviceIdx, cap_w: f64) -> Result<(), Invalid> {
         self.manager.set_intent(device, Target::Run { power_w: cap_w })
     }
 
     /// A GPU with no work, or shed: it idles (asleep, drawing its idle power).
-    pub fn set_gpu_idle(&mut self, device: DeviceIdx) -> Result<(), String> {
+    pub fn set_gpu_idle(&mut self, device: DeviceIdx) -> Result<(), Invalid> {
         self.manager.set_intent(device, Target::Sleep)
     }
 
@@ -365,7 +366,7 @@ impl Plane {
     }
 
     /// Maintenance on or off; the dispatcher holds the devices where they are.
-    pub fn set_maintenance(&mut self, scope: Scope, on: bool, dispatcher: &mut Dispatcher) -> Result<usize, String> {
+    pub fn set_maintenance(&mut self, scope: Scope, on: bool, dispatcher: &mut Dispatcher) -> Result<usize, Invalid> {
         let members = self.manager.members(scope)?;
         let n = self.manager.set_maintenance(scope, on)?;
         for d in members {

@@ -31,6 +31,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
+use hcp_model::Invalid;
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::Fleet;
 use hcp_model::ids::{DeviceIdx, FeederIdx, RackIdx, SiteIdx};
@@ -163,7 +164,7 @@ impl Default for ManagerConfig {
 }
 
 impl ManagerConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         let positive = [
             ("heartbeat_timeout_ms", self.heartbeat_timeout_ms),
             ("command_timeout_ms", self.command_timeout_ms),
@@ -173,17 +174,26 @@ impl ManagerConfig {
         ];
         for (name, v) in positive {
             if v <= 0 {
-                return Err(format!("{name}: must be > 0"));
+                return Err(Invalid::new(name, "must be > 0"));
             }
         }
-        if self.max_attempts == 0 || self.batch_max == 0 || self.per_feeder_per_tick == 0 {
-            return Err("max_attempts, batch_max, per_feeder_per_tick: must be >= 1".into());
+        for (name, zero) in [
+            ("max_attempts", self.max_attempts == 0),
+            ("batch_max", self.batch_max == 0),
+            ("per_feeder_per_tick", self.per_feeder_per_tick == 0),
+        ] {
+            if zero {
+                return Err(Invalid::new(name, "must be >= 1"));
+            }
         }
-        if !(0.0..=1.0).contains(&self.hashrate_ratio_min) || !(0.0..1.0).contains(&self.power_tolerance) {
-            return Err("hashrate_ratio_min: must be in [0, 1]; power_tolerance: in [0, 1)".into());
+        if !(0.0..=1.0).contains(&self.hashrate_ratio_min) {
+            return Err(Invalid::new("hashrate_ratio_min", "must be in [0, 1]"));
+        }
+        if !(0.0..1.0).contains(&self.power_tolerance) {
+            return Err(Invalid::new("power_tolerance", "must be in [0, 1)"));
         }
         if self.bad_reports_to_quarantine == 0 {
-            return Err("bad_reports_to_quarantine: must be >= 1".into());
+            return Err(Invalid::new("bad_reports_to_quarantine", "must be >= 1"));
         }
         Ok(())
     }
@@ -277,7 +287,7 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(fleet: &Fleet, cfg: ManagerConfig) -> Result<Self, String> {
+    pub fn new(fleet: &Fleet, cfg: ManagerConfig) -> Result<Self, Invalid> {
         cfg.validate()?;
         let devices: Vec<DeviceState> = fleet
             .devices
@@ -340,16 +350,16 @@ impl Manager {
         set_bit(&mut self.dirty, i);
     }
 
-    fn device(&self, d: DeviceIdx) -> Result<&DeviceState, String> {
-        self.devices.get(d.index()).ok_or_else(|| format!("device: index {} is not in the fleet", d.0))
+    fn device(&self, d: DeviceIdx) -> Result<&DeviceState, Invalid> {
+        self.devices.get(d.index()).ok_or_else(|| Invalid::new("device", format!("index {} is not in the fleet", d.0)))
     }
 
     /// The plan's target for a device. A pending command for an older target is replaced.
-    pub fn set_intent(&mut self, d: DeviceIdx, target: Target) -> Result<(), String> {
+    pub fn set_intent(&mut self, d: DeviceIdx, target: Target) -> Result<(), Invalid> {
         if let Target::Run { power_w } = target
             && !(power_w.is_finite() && power_w > 0.0)
         {
-            return Err("target.power_w: must be a finite number > 0".into());
+            return Err(Invalid::new("target.power_w", "must be a finite number > 0"));
         }
         self.device(d)?;
         let st = &mut self.devices[d.index()];
@@ -367,15 +377,15 @@ impl Manager {
     }
 
     /// A device's report. Returns events (back, quarantined, applied).
-    pub fn telemetry(&mut self, d: DeviceIdx, r: Report, now_ms: i64) -> Result<Vec<Event>, String> {
+    pub fn telemetry(&mut self, d: DeviceIdx, r: Report, now_ms: i64) -> Result<Vec<Event>, Invalid> {
         if !(r.power_w.is_finite() && r.power_w >= 0.0) {
-            return Err("power_w: must be a finite number >= 0".into());
+            return Err(Invalid::new("power_w", "must be a finite number >= 0"));
         }
         if !r.temp_c.is_finite() {
-            return Err("temp_c: must be a finite number".into());
+            return Err(Invalid::new("temp_c", "must be a finite number"));
         }
         if r.hashrate_ths.is_some_and(|h| !(h.is_finite() && h >= 0.0)) {
-            return Err("hashrate_ths: must be a finite number >= 0".into());
+            return Err(Invalid::new("hashrate_ths", "must be a finite number >= 0"));
         }
         self.device(d)?;
         let mut events = vec![];
@@ -474,7 +484,7 @@ impl Manager {
     }
 
     /// The devices of a device, rack or site scope, in device order; an error when there are none.
-    pub fn members(&self, scope: Scope) -> Result<Vec<DeviceIdx>, String> {
+    pub fn members(&self, scope: Scope) -> Result<Vec<DeviceIdx>, Invalid> {
         let list: Vec<DeviceIdx> = match scope {
             Scope::Device(d) => {
                 self.device(d)?;
@@ -484,7 +494,7 @@ impl Manager {
             Scope::Site(s) => self.matching(|st| st.site == s),
         };
         if list.is_empty() {
-            return Err("scope: no device in it".into());
+            return Err(Invalid::new("scope", "no device in it"));
         }
         Ok(list)
     }
@@ -494,7 +504,7 @@ impl Manager {
     }
 
     /// Maintenance on or off for a device, rack or site. Returns how many devices changed.
-    pub fn set_maintenance(&mut self, scope: Scope, on: bool) -> Result<usize, String> {
+    pub fn set_maintenance(&mut self, scope: Scope, on: bool) -> Result<usize, Invalid> {
         let mut n = 0;
         for d in self.members(scope)? {
             let st = &mut self.devices[d.index()];
@@ -506,7 +516,7 @@ impl Manager {
     }
 
     /// Ends a quarantine now (an operator's decision).
-    pub fn release_quarantine(&mut self, d: DeviceIdx) -> Result<bool, String> {
+    pub fn release_quarantine(&mut self, d: DeviceIdx) -> Result<bool, Invalid> {
         self.device(d)?;
         let st = &mut self.devices[d.index()];
         let was = matches!(st.health, Health::Quarantined { .. });

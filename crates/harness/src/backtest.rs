@@ -55,12 +55,14 @@ impl PolicyKind {
 }
 
 impl std::str::FromStr for PolicyKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        PolicyKind::ALL
-            .into_iter()
-            .find(|p| p.name() == s)
-            .ok_or_else(|| format!("policy must be one of optimizer, strike, always-on, perfect-foresight; got {s:?}"))
+    type Err = hcp_model::Invalid;
+    fn from_str(s: &str) -> Result<Self, hcp_model::Invalid> {
+        PolicyKind::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            hcp_model::Invalid::new(
+                "policy",
+                format!("must be one of optimizer, strike, always-on, perfect-foresight; got {s:?}"),
+            )
+        })
     }
 }
 

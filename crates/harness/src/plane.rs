@@ -11,6 +11,7 @@ use hcp_econ::dispatch::{Dispatcher, Plan, TargetChange};
 use hcp_engine::plane::Plane;
 pub use hcp_engine::plane::{DeviceMinute, DeviceStatus, PlaneOutput};
 use hcp_fleet::{CommandId, Manager, ManagerConfig, Outcome, Report, Scope};
+use hcp_model::Invalid;
 use hcp_model::fleet::Fleet;
 use hcp_model::ids::DeviceIdx;
 use hcp_sim::agents::{AgentParams, Agents};
@@ -53,9 +54,9 @@ impl DevicePlane {
         now_ms: i64,
         dispatcher: &Dispatcher,
         first_command_id: CommandId,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Invalid> {
         if cfg.step_ms <= 0 {
-            return Err("step_ms: must be > 0".into());
+            return Err(Invalid::new("step_ms", "must be > 0"));
         }
         let plane = Plane::new(fleet, cfg.manager, now_ms, dispatcher, first_command_id)?;
         let agents = Agents::new(fleet, cfg.agents, seed, now_ms)?;
@@ -117,7 +118,7 @@ impl DevicePlane {
     }
 
     /// A GPU's power cap from the plan.
-    pub fn set_gpu_cap(&mut self, device: DeviceIdx, cap_w: f64) -> Result<(), String> {
+    pub fn set_gpu_cap(&mut self, device: DeviceIdx, cap_w: f64) -> Result<(), Invalid> {
         self.plane.set_gpu_cap(device, cap_w)
     }
 
@@ -139,7 +140,7 @@ impl DevicePlane {
     }
 
     /// Maintenance on or off; the dispatcher holds the devices where they are.
-    pub fn set_maintenance(&mut self, scope: Scope, on: bool, dispatcher: &mut Dispatcher) -> Result<usize, String> {
+    pub fn set_maintenance(&mut self, scope: Scope, on: bool, dispatcher: &mut Dispatcher) -> Result<usize, Invalid> {
         self.plane.set_maintenance(scope, on, dispatcher)
     }
 

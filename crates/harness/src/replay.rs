@@ -13,6 +13,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+use hcp_model::Invalid;
 use hcp_model::TenantId;
 use hcp_model::signals::Request;
 use hcp_sched::metrics::{Histogram, jain};
@@ -105,15 +106,24 @@ enum Ev {
     Tick,
 }
 
-pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, String> {
+/// Why a replay did not run: a bad spec, or the router's state out of step (a bug).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    Router(#[from] hcp_sched::OutOfStep),
+}
+
+pub fn replay(trace: &[Request], spec: &ReplaySpec) -> Result<ReplayReport, ReplayError> {
     if trace.is_empty() {
-        return Err("trace: no requests".into());
+        return Err(ReplayError::Invalid(Invalid::new("trace", "no requests")));
     }
     if !(1..=100_000).contains(&spec.tenants) {
-        return Err("tenants: must be between 1 and 100000".into());
+        return Err(ReplayError::Invalid(Invalid::new("tenants", "must be between 1 and 100000")));
     }
     if !(0.0..1.0).contains(&spec.shrink_fraction) {
-        return Err("shrink: the fraction must be in [0, 1)".into());
+        return Err(ReplayError::Invalid(Invalid::new("shrink", "the fraction must be in [0, 1)")));
     }
     let t0 = trace[0].at.0;
     let prefill = |prompt: u32| -> i64 { ((f64::from(prompt) / spec.prefill_tokens_per_s) * 1e3).ceil() as i64 };

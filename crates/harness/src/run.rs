@@ -70,6 +70,13 @@ pub struct SetupError {
     pub rule: String,
 }
 
+impl SetupError {
+    /// A parameter set's refusal, its field under `parent`.
+    pub fn within(parent: &str, e: hcp_model::Invalid) -> Self {
+        SetupError { field: format!("{parent}.{}", e.field), rule: e.rule }
+    }
+}
+
 /// An invariant broke: where, what, and the seed that replays it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub struct Violation {
@@ -261,7 +268,7 @@ impl<'f> Harness<'f> {
         unique.dedup();
         let (series, grid_params): (Vec<GridSeries>, Option<GridParams>) = match grid {
             GridSource::Simulated(p) => {
-                p.validate().map_err(|r| err("grid", r))?;
+                p.validate().map_err(|e| SetupError::within("grid", e))?;
                 // One interval before the run, so the first decision has a last known price.
                 let sim = grid::simulate(&GridRun {
                     params: &p,

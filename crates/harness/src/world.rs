@@ -193,7 +193,7 @@ impl SimWorld {
         if to <= from {
             return Err(err("to", format!("must be after from ({to} is not after {from})")));
         }
-        grid_params.validate().map_err(|r| err("grid", r))?;
+        grid_params.validate().map_err(|e| SetupError::within("grid", e))?;
         let interval_ms = 15 * 60_000;
         let mut points: Vec<String> = fleet.sites.iter().map(|s| s.settlement_point.clone()).collect();
         points.sort();
@@ -213,7 +213,7 @@ impl SimWorld {
             deployments.insert(sp.clone(), grid::deployments(x, grid_params, stream));
         }
         let market = MarketSim::simulate(market, from.plus_ms(-interval_ms), to, interval_ms, seed);
-        let agents = Agents::new(fleet, agents, seed, from.0).map_err(|e| err("agents", e))?;
+        let agents = Agents::new(fleet, agents, seed, from.0).map_err(|e| SetupError::within("agents", e))?;
         let points = points.into_iter().zip(sim).collect();
         Ok(SimWorld { signals: Some(Publisher::new(points, deployments, market, from, to, 0, SOURCE)), agents })
     }
@@ -221,8 +221,7 @@ impl SimWorld {
     /// Only the devices (seeded agents from `from`): the signals come from elsewhere (live
     /// mode's feeds). The devices stay simulated until a site agent drives real ones.
     pub fn devices_only(fleet: &Fleet, from: SimTime, seed: u64, agents: AgentParams) -> Result<Self, SetupError> {
-        let agents =
-            Agents::new(fleet, agents, seed, from.0).map_err(|e| SetupError { field: "agents".into(), rule: e })?;
+        let agents = Agents::new(fleet, agents, seed, from.0).map_err(|e| SetupError::within("agents", e))?;
         Ok(SimWorld { signals: None, agents })
     }
 

@@ -68,7 +68,7 @@ pub struct BacktestArgs {
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
-    s.parse()
+    s.parse().map_err(|e: hcp_model::Invalid| e.rule)
 }
 
 pub fn run(a: &BacktestArgs) -> Result<ExitCode> {

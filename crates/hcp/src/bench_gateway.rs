@@ -49,7 +49,7 @@ pub fn metering(json_out: bool, events: u64, writers: usize) -> Result<std::proc
                         id: format!("chatcmpl-bench-{i:012}"),
                         tenant_id: format!("tenant-{}", w % 50),
                         key_id: "key".into(),
-                        kind: "tokens".into(),
+                        kind: hcp_model::UsageKind::Tokens,
                         tier: (i % 3) as i64,
                         model: "llama-3-8b".into(),
                         site_id: "tx-west".into(),
@@ -57,7 +57,7 @@ pub fn metering(json_out: bool, events: u64, writers: usize) -> Result<std::proc
                         output_tokens: 400,
                         gpu_ms: 0,
                         spot: false,
-                        status: "completed".into(),
+                        status: hcp_model::UsageStatus::Completed,
                         tag: None,
                         at_ms: 1_795_000_000_000 + i as i64,
                     };

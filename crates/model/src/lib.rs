@@ -7,13 +7,17 @@
 pub mod device;
 pub mod fleet;
 pub mod ids;
+pub mod invalid;
 pub mod signals;
 pub mod tenant;
 pub mod time;
 pub mod units;
+pub mod work;
 
 pub use device::{AsicModel, Catalogue, Cooling, GpuForm, GpuModel, ModelRef, ServedModel};
 pub use fleet::{Fleet, FleetError, Group, Reliability};
 pub use ids::*;
+pub use invalid::Invalid;
 pub use time::{DemoClock, MarketClock, SimTime, WallTime};
 pub use units::MicroUsd;
+pub use work::{JobState, UsageKind, UsageStatus};

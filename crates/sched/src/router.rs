@@ -33,7 +33,7 @@ use smallvec::SmallVec;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use hcp_model::TenantId;
+use hcp_model::{Invalid, TenantId};
 
 use crate::metrics::Metrics;
 
@@ -83,18 +83,20 @@ impl RouterConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if !(1..=MAX_BANDS).contains(&self.bands) {
-            return Err(format!("bands: must be 1..={MAX_BANDS}"));
+            return Err(Invalid::new("bands", format!("must be 1..={MAX_BANDS}")));
         }
         if self.queue_cap.len() != self.bands || self.ttl_ms.len() != self.bands {
-            return Err("queue_cap, ttl_ms: one value per band".into());
+            let field = if self.queue_cap.len() != self.bands { "queue_cap" } else { "ttl_ms" };
+            return Err(Invalid::new(field, "one value per band"));
         }
         if self.floor_every < 2 {
-            return Err("floor_every: must be >= 2".into());
+            return Err(Invalid::new("floor_every", "must be >= 2"));
         }
         if !(self.input_weight > 0.0 && self.output_weight > 0.0) {
-            return Err("input_weight, output_weight: must be > 0".into());
+            let field = if self.input_weight > 0.0 { "output_weight" } else { "input_weight" };
+            return Err(Invalid::new(field, "must be > 0"));
         }
         Ok(())
     }
@@ -388,6 +390,11 @@ pub struct TenantShare {
 /// on free capacity (see `dispatch_one`).
 const BORROW_LOOKAHEAD: u32 = 8;
 
+/// An invariant of the router's own state that does not hold (a bug, never a bad input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("router state out of step: {0}")]
+pub struct OutOfStep(pub String);
+
 /// The router.
 pub struct Router {
     cfg: RouterConfig,
@@ -462,7 +469,7 @@ fn key(c: f64) -> u64 {
 }
 
 impl Router {
-    pub fn new(cfg: RouterConfig) -> Result<Self, String> {
+    pub fn new(cfg: RouterConfig) -> Result<Self, Invalid> {
         cfg.validate()?;
         // Room for a large backlog up front, so a burst of re-queued work does not rehash.
         let reserve = cfg.queue_cap_total.min(1 << 16);
@@ -508,12 +515,13 @@ impl Router {
         self.now
     }
 
-    pub fn add_tenant(&mut self, spec: TenantSpec) -> Result<(), String> {
+    pub fn add_tenant(&mut self, spec: TenantSpec) -> Result<(), Invalid> {
         if !(spec.weight.is_finite() && spec.weight > 0.0) {
-            return Err("weight: must be a finite number > 0".into());
+            return Err(Invalid::new("weight", "must be a finite number > 0"));
         }
         if !(spec.guaranteed_gpus >= 0.0 && spec.borrow_limit_gpus >= 0.0) {
-            return Err("guaranteed_gpus, borrow_limit_gpus: must be >= 0".into());
+            let field = if spec.guaranteed_gpus >= 0.0 { "borrow_limit_gpus" } else { "guaranteed_gpus" };
+            return Err(Invalid::new(field, "must be >= 0"));
         }
         if let Some(&t) = self.tenant_ix.get(&spec.id) {
             self.any_guarantee |= spec.guaranteed_gpus > 0.0;
@@ -521,7 +529,7 @@ impl Router {
             return Ok(());
         }
         if self.tenants.len() >= MAX_TENANTS {
-            return Err(format!("at most {MAX_TENANTS} tenants"));
+            return Err(Invalid::new("id", format!("at most {MAX_TENANTS} tenants")));
         }
         self.any_guarantee |= spec.guaranteed_gpus > 0.0;
         let bands = self.cfg.bands;
@@ -605,22 +613,26 @@ impl Router {
     }
 
     /// Adds or resizes a replica. Shrinking below its running work preempts victims.
-    pub fn set_replica(&mut self, spec: ReplicaSpec, now_ms: i64, out: &mut Vec<Decision>) -> Result<(), String> {
+    pub fn set_replica(&mut self, spec: ReplicaSpec, now_ms: i64, out: &mut Vec<Decision>) -> Result<(), Invalid> {
         self.set_replicas(&[spec], now_ms, out)
     }
 
     /// Adds or resizes many replicas at once (a plan's new capacity): each is fitted, then every
     /// affected model's capacity is recounted and its queue served once. A bad spec is named and
     /// nothing changes.
-    pub fn set_replicas(&mut self, specs: &[ReplicaSpec], now_ms: i64, out: &mut Vec<Decision>) -> Result<(), String> {
+    pub fn set_replicas(&mut self, specs: &[ReplicaSpec], now_ms: i64, out: &mut Vec<Decision>) -> Result<(), Invalid> {
         for spec in specs {
             if spec.gpus == 0 || spec.kv_tokens == 0 {
-                return Err(format!("replica {}: gpus, kv_tokens: must be > 0", spec.id.0));
+                let field = if spec.gpus == 0 { "gpus" } else { "kv_tokens" };
+                return Err(Invalid::new(format!("replica[{}].{field}", spec.id.0), "must be > 0"));
             }
             if let Some(old) = self.replica(spec.id)
                 && old.spec.model != spec.model
             {
-                return Err(format!("replica {}: cannot change model; remove it first", spec.id.0));
+                return Err(Invalid::new(
+                    format!("replica[{}].model", spec.id.0),
+                    "cannot change; remove the replica first",
+                ));
             }
         }
         let now = self.advance(now_ms);
@@ -1565,7 +1577,7 @@ impl Router {
 
     /// Check used by tests and the harness: no replica runs beyond its slots or KV capacity, usage
     /// adds up, and every index agrees with the items.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), OutOfStep> {
         let mut slots = vec![0u32; self.reps.len()];
         let mut usage = vec![0.0f64; self.tenants.len()];
         let (mut queued, mut running) = (0, 0);
@@ -1579,36 +1591,39 @@ impl Router {
                     for &r in it.slot_list() {
                         slots[r as usize] += 1;
                         if !self.reps[r as usize].run_ix.contains(&(ix as u32)) {
-                            return Err(format!("request {} runs on a replica that does not list it", it.id));
+                            return Err(OutOfStep(format!(
+                                "request {} runs on a replica that does not list it",
+                                it.id
+                            )));
                         }
                     }
                 }
             }
             if self.ids.get(&it.id) != Some(&(ix as u32)) {
-                return Err(format!("request {}: id index out of step", it.id));
+                return Err(OutOfStep(format!("request {}: id index out of step", it.id)));
             }
         }
         if queued != self.queued || running != self.running || self.ids.len() != queued + running {
-            return Err("queued/running counts out of step".into());
+            return Err(OutOfStep("queued/running counts out of step".into()));
         }
         for (rix, r) in self.reps.iter().enumerate() {
             if r.used_slots > r.spec.slots || r.kv_used > r.spec.kv_tokens {
-                return Err(format!(
+                return Err(OutOfStep(format!(
                     "replica {} over capacity: {}/{} slots, {}/{} kv",
                     r.spec.id.0, r.used_slots, r.spec.slots, r.kv_used, r.spec.kv_tokens
-                ));
+                )));
             }
             if slots[rix] != r.used_slots || r.run_ix.len() != r.run_meta.len() {
-                return Err(format!("replica {}: slots in use out of step", r.spec.id.0));
+                return Err(OutOfStep(format!("replica {}: slots in use out of step", r.spec.id.0)));
             }
         }
         for (t, u) in self.tenants.iter().zip(&usage) {
             if (u - t.usage_gpus).abs() > 1e-6 {
-                return Err(format!("tenant {} usage {} != {}", t.spec.id.0, t.usage_gpus, u));
+                return Err(OutOfStep(format!("tenant {} usage {} != {}", t.spec.id.0, t.usage_gpus, u)));
             }
         }
         if self.band_len.iter().sum::<usize>() != self.queued {
-            return Err("band lengths do not add up".into());
+            return Err(OutOfStep("band lengths do not add up".into()));
         }
         for m in &self.models {
             for (b, bq) in m.bands.iter().enumerate() {
@@ -1623,7 +1638,7 @@ impl Router {
                     }
                 }
                 if expect != bq.order || bq.len != len || (bq.len > 0) != (m.nonempty & (1 << b) != 0) {
-                    return Err(format!("model {} band {b}: backlog order out of step", m.id.0));
+                    return Err(OutOfStep(format!("model {} band {b}: backlog order out of step", m.id.0)));
                 }
             }
         }

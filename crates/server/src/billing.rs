@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use hcp_billing::{Period, PricePlan, UsageAgg, UsageKind};
+use hcp_model::{JobState, UsageStatus};
 use hcp_sched::Work;
 use hcp_store::{Page, PricePlanRow, UsageFilter, UsageRow, WorkloadRow};
 use serde::{Deserialize, Serialize};
@@ -140,7 +141,7 @@ async fn build_invoice(app: &App, tenant: &str, period: &Period) -> ApiResult<hc
     let usage: Vec<UsageAgg> = sums
         .into_iter()
         .map(|s| UsageAgg {
-            kind: if s.kind == "gpu" { UsageKind::Gpu } else { UsageKind::Tokens },
+            kind: s.kind,
             tier: u8::try_from(s.tier.clamp(0, 255)).unwrap_or(0),
             model: s.model,
             spot: s.spot,
@@ -190,7 +191,7 @@ pub(crate) async fn invoice(
 ) -> ApiResult<Response> {
     p.require_tenant(&id)?;
     let csv = wants_csv(&q)?;
-    let period = Period::parse(&period).map_err(|e| ApiError::invalid("period", e))?;
+    let period = Period::parse(&period).map_err(|e| ApiError::invalid(e.field, e.rule))?;
     app.store.tenant(&id).await?;
     let inv = build_invoice(&app, &id, &period).await?;
     if csv {
@@ -212,7 +213,7 @@ pub(crate) async fn invoices(
 ) -> ApiResult<Response> {
     p.require(Role::Admin)?;
     let csv = wants_csv(&q)?;
-    let period = Period::parse(&period).map_err(|e| ApiError::invalid("period", e))?;
+    let period = Period::parse(&period).map_err(|e| ApiError::invalid(e.field, e.rule))?;
     let mut rows = vec![];
     let mut ledger = hcp_billing::Ledger::default();
     for t in app.store.usage_tenants(period.start_ms, period.end_ms).await? {
@@ -314,7 +315,7 @@ fn yes() -> bool {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-struct JobState {
+struct JobRecord {
     gpus: u32,
     duration_s: f64,
     priority: u8,
@@ -382,7 +383,7 @@ pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Bod
         .ok_or_else(|| ApiError::not_found(format!("tenant {tenant} not found")))?;
     let now = wall_ms();
     let id = format!("job-{}", crate::auth::short_id());
-    let st = JobState {
+    let st = JobRecord {
         gpus: b.gpus,
         duration_s: b.duration_s,
         priority: b.priority,
@@ -400,7 +401,7 @@ pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Bod
         id: id.clone(),
         tenant_id: tenant.clone(),
         kind: "job".into(),
-        state: if st.deadline_ms.is_some() { "deferred" } else { "queued" }.into(),
+        state: if st.deadline_ms.is_some() { JobState::Deferred } else { JobState::Queued },
         body: serde_json::to_string(&st).expect("serialises"),
         created_ms: now,
         updated_ms: now,
@@ -455,7 +456,7 @@ impl JobHandle {
 
 /// Starts a job's task: it waits for the planner first when it is deferred, then is placed by
 /// the router.
-fn spawn_job(app: &Arc<App>, row: WorkloadRow, st: JobState, tix: hcp_model::TenantId) {
+fn spawn_job(app: &Arc<App>, row: WorkloadRow, st: JobRecord, tix: hcp_model::TenantId) {
     let (signal_tx, signal) = tokio::sync::watch::channel(JobSignal::Run);
     let (placement_tx, placement) = tokio::sync::watch::channel(None);
     let handle = JobHandle { signal: signal_tx, placement: placement_tx, waiting: None };
@@ -487,7 +488,7 @@ pub fn waiting_jobs(app: &App) -> Vec<crate::events::WaitingJob> {
 pub async fn resume_jobs(app: &Arc<App>) -> anyhow::Result<usize> {
     let mut n = 0;
     for w in app.store.stale_workloads("job", wall_ms() - JOB_LEASE_MS, hcp_store::MAX_PAGE).await? {
-        let Ok(mut st) = serde_json::from_str::<JobState>(&w.body) else {
+        let Ok(mut st) = serde_json::from_str::<JobRecord>(&w.body) else {
             tracing::warn!(job = %w.id, "stored job state unreadable; left as it is");
             continue;
         };
@@ -499,7 +500,7 @@ pub async fn resume_jobs(app: &Arc<App>) -> anyhow::Result<usize> {
         // counted towards the job (at most one heartbeat's worth, run again).
         st.started_ms = None;
         // A job that waited for the planner waits again; any other queues.
-        let state = if w.state == "deferred" { "deferred" } else { "queued" };
+        let state = if w.state == JobState::Deferred { JobState::Deferred } else { JobState::Queued };
         let row = next_row(&w, &st, state);
         if !app.store.update_workload_if(&row, w.updated_ms).await? {
             continue; // another process claimed it first
@@ -542,9 +543,9 @@ pub async fn release_jobs(app: &App) {
 
 /// The row that follows `row` with the job's state: written at a later `updated_ms` than `row`'s
 /// (the lease compares it), so a write conditional on `row` succeeds only once.
-fn next_row(row: &WorkloadRow, st: &JobState, state: &str) -> WorkloadRow {
+fn next_row(row: &WorkloadRow, st: &JobRecord, state: JobState) -> WorkloadRow {
     WorkloadRow {
-        state: state.into(),
+        state,
         body: serde_json::to_string(st).expect("serialises"),
         updated_ms: wall_ms().max(row.updated_ms + 1),
         ..row.clone()
@@ -560,7 +561,7 @@ struct Lease<'a> {
 impl Lease<'_> {
     /// Writes the state; false when another process took the job over (this one must stop).
     /// A storage error keeps the job running here (the next heartbeat tries again).
-    async fn write(&mut self, st: &JobState, state: &str, release: bool) -> bool {
+    async fn write(&mut self, st: &JobRecord, state: JobState, release: bool) -> bool {
         let expect = self.row.updated_ms;
         let mut next = next_row(&self.row, st, state);
         if release {
@@ -593,7 +594,7 @@ enum Wake {
 }
 
 /// The job's one usage record: the GPU time it ran, GPUs x milliseconds (none if it never ran).
-async fn meter_job(app: &App, row: &WorkloadRow, st: &JobState, status: &str) {
+async fn meter_job(app: &App, row: &WorkloadRow, st: &JobRecord, status: UsageStatus) {
     if st.ran_ms <= 0 {
         return;
     }
@@ -602,7 +603,7 @@ async fn meter_job(app: &App, row: &WorkloadRow, st: &JobState, status: &str) {
         id: row.id.clone(),
         tenant_id: row.tenant_id.clone(),
         key_id: String::new(),
-        kind: "gpu".into(),
+        kind: UsageKind::Gpu,
         tier: i64::from(st.priority),
         model: app.fleet.served_model.id.clone(),
         site_id: st.site.clone().unwrap_or_default(),
@@ -610,7 +611,7 @@ async fn meter_job(app: &App, row: &WorkloadRow, st: &JobState, status: &str) {
         output_tokens: 0,
         gpu_ms: st.ran_ms * i64::from(st.gpus),
         spot: st.preemptible,
-        status: status.into(),
+        status,
         tag: None,
         at_ms: wall_ms(),
     };
@@ -627,11 +628,11 @@ async fn cancel_elsewhere(app: &App, w: &WorkloadRow) -> ApiResult<()> {
         app.bus.publish("hcp.job.cancel", w.id.as_bytes()).await.map_err(ApiError::internal)?;
         return Ok(());
     }
-    let mut st: JobState = serde_json::from_str(&w.body).map_err(ApiError::internal)?;
+    let mut st: JobRecord = serde_json::from_str(&w.body).map_err(ApiError::internal)?;
     st.started_ms = None;
-    let row = next_row(w, &st, "cancelled");
+    let row = next_row(w, &st, JobState::Cancelled);
     if app.store.update_workload_if(&row, w.updated_ms).await? {
-        meter_job(app, &row, &st, "cancelled").await;
+        meter_job(app, &row, &st, UsageStatus::Cancelled).await;
     } else {
         // Claimed meanwhile by a process that resumes it: that one hears the bus.
         app.bus.publish("hcp.job.cancel", w.id.as_bytes()).await.map_err(ApiError::internal)?;
@@ -648,7 +649,7 @@ pub fn cancel_notice(app: &App, id: &[u8]) {
 }
 
 /// Adds the time run since `started_ms` to `ran_ms` (and restarts the count from now).
-fn accrue(st: &mut JobState) {
+fn accrue(st: &mut JobRecord) {
     if let Some(t) = st.started_ms {
         let now = wall_ms();
         st.ran_ms += (now - t).max(0);
@@ -666,13 +667,13 @@ fn accrue(st: &mut JobState) {
 async fn run_job(
     app: Arc<App>,
     row: WorkloadRow,
-    mut st: JobState,
+    mut st: JobRecord,
     tix: hcp_model::TenantId,
     mut signal: tokio::sync::watch::Receiver<JobSignal>,
     mut placement: tokio::sync::watch::Receiver<Option<crate::events::BatchPlacement>>,
 ) {
     let need_ms = (st.duration_s * 1000.0).ceil() as i64;
-    let deferred = row.state == "deferred";
+    let deferred = row.state == JobState::Deferred;
     let mut lease = Lease { app: &app, row };
     let mut beat = tokio::time::interval(JOB_HEARTBEAT);
     beat.tick().await;
@@ -714,14 +715,14 @@ async fn run_job(
                 }
                 r = signal.changed() => match if r.is_err() { JobSignal::Release } else { *signal.borrow() } {
                     JobSignal::Run => {}
-                    JobSignal::Cancel => break Some("cancelled"),
+                    JobSignal::Cancel => break Some(JobState::Cancelled),
                     JobSignal::Release => {
-                        lease.write(&st, "deferred", true).await;
+                        lease.write(&st, JobState::Deferred, true).await;
                         return forget(&app, &lease.row.id);
                     }
                 },
                 _ = beat.tick() => {
-                    if !lease.write(&st, "deferred", false).await {
+                    if !lease.write(&st, JobState::Deferred, false).await {
                         return forget(&app, &lease.row.id);
                     }
                 }
@@ -734,7 +735,7 @@ async fn run_job(
             lease.write(&st, state, false).await;
             return forget(&app, &lease.row.id);
         }
-        if !lease.write(&st, "queued", false).await {
+        if !lease.write(&st, JobState::Queued, false).await {
             return forget(&app, &lease.row.id);
         }
     }
@@ -767,16 +768,16 @@ async fn run_job(
             Wake::Placement(Some(Placement::Preempted)) | Wake::Signal(JobSignal::Run) | Wake::Served => continue,
             Wake::Placement(Some(Placement::Rejected(why))) => {
                 st.reason = Some(format!("{why:?}"));
-                break "rejected";
+                break JobState::Rejected;
             }
-            Wake::Placement(None) => break "failed",
-            Wake::Signal(JobSignal::Cancel) => break "cancelled",
+            Wake::Placement(None) => break JobState::Failed,
+            Wake::Signal(JobSignal::Cancel) => break JobState::Cancelled,
             Wake::Signal(JobSignal::Release) => {
-                lease.write(&st, "queued", true).await;
+                lease.write(&st, JobState::Queued, true).await;
                 return leave(&app, &lease.row.id);
             }
             Wake::Beat => {
-                if !lease.write(&st, "queued", false).await {
+                if !lease.write(&st, JobState::Queued, false).await {
                     return leave(&app, &lease.row.id);
                 }
                 continue;
@@ -784,7 +785,7 @@ async fn run_job(
         };
         st.started_ms = Some(wall_ms());
         st.site = app.router.lock().unwrap_or_else(|e| e.into_inner()).site_of(replica).map(str::to_string);
-        if !lease.write(&st, "running", false).await {
+        if !lease.write(&st, JobState::Running, false).await {
             return leave(&app, &lease.row.id);
         }
         let until = tokio::time::Instant::now() + Duration::from_millis((need_ms - st.ran_ms).max(0) as u64);
@@ -798,25 +799,25 @@ async fn run_job(
             };
             accrue(&mut st);
             match wake {
-                Wake::Served => break 'job "completed",
-                Wake::Signal(JobSignal::Cancel) => break 'job "cancelled",
+                Wake::Served => break 'job JobState::Completed,
+                Wake::Signal(JobSignal::Cancel) => break 'job JobState::Cancelled,
                 Wake::Signal(JobSignal::Run) | Wake::Placement(Some(Placement::Dispatched(_))) => {}
                 Wake::Placement(Some(Placement::Rejected(_))) => {}
                 Wake::Placement(Some(Placement::Preempted)) | Wake::Placement(None) => {
                     st.started_ms = None;
                     st.preemptions += 1;
-                    if !lease.write(&st, "queued", false).await {
+                    if !lease.write(&st, JobState::Queued, false).await {
                         return leave(&app, &lease.row.id);
                     }
                     continue 'job;
                 }
                 Wake::Signal(JobSignal::Release) => {
                     st.started_ms = None;
-                    lease.write(&st, "queued", true).await;
+                    lease.write(&st, JobState::Queued, true).await;
                     return leave(&app, &lease.row.id);
                 }
                 Wake::Beat => {
-                    if !lease.write(&st, "running", false).await {
+                    if !lease.write(&st, JobState::Running, false).await {
                         return leave(&app, &lease.row.id);
                     }
                 }
@@ -824,9 +825,9 @@ async fn run_job(
         }
     };
     st.started_ms = None;
-    let served = end_state == "completed";
+    let served = end_state == JobState::Completed;
     app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(rid, served.then_some(1), wall_ms());
-    meter_job(&app, &lease.row, &st, end_state).await;
+    meter_job(&app, &lease.row, &st, end_state.into()).await;
     lease.write(&st, end_state, false).await;
     app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&lease.row.id);
 }
@@ -879,7 +880,7 @@ pub(crate) async fn cancel_job(State(app): AppState, Auth(p): Auth, Path(id): Pa
     };
     match here {
         true => {}
-        false if matches!(w.state.as_str(), "deferred" | "queued" | "running") => cancel_elsewhere(&app, &w).await?,
+        false if !w.state.ended() => cancel_elsewhere(&app, &w).await?,
         false => {
             return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("job {id} has ended ({})", w.state)));
         }

@@ -366,9 +366,11 @@ pub(crate) async fn run_backtest(
     let policies: Vec<PolicyKind> = match &b.policies {
         None => PolicyKind::ALL.to_vec(),
         Some(v) if v.is_empty() || v.len() > 4 => return Err(ApiError::invalid("policies", "one to four policies")),
-        Some(v) => {
-            v.iter().map(|s| s.parse()).collect::<Result<_, String>>().map_err(|e| ApiError::invalid("policies", e))?
-        }
+        Some(v) => v
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, hcp_model::Invalid>>()
+            .map_err(|e| ApiError::invalid("policies", e.rule))?,
     };
     if let Some(h) = b.hashprice_usd_per_ph_day
         && !(h.is_finite() && h > 0.0 && h < 10_000.0)

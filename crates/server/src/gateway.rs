@@ -24,6 +24,7 @@
 //! preempted) is recorded with what was delivered. A second request with a used idempotency key
 //! is refused (409), so a client retry is never counted twice.
 
+use hcp_model::{UsageKind, UsageStatus};
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -417,10 +418,10 @@ impl Flight {
     }
 
     /// The record of a request cut short: its prompt and the output delivered.
-    fn cut_short(&mut self, status: &str) -> UsageRow {
+    fn cut_short(&mut self, status: UsageStatus) -> UsageRow {
         let mut u = self.usage.clone();
         u.output_tokens = i64::from(estimate_bytes(self.relayed_bytes));
-        u.status = status.into();
+        u.status = status;
         u.at_ms = wall_ms();
         u
     }
@@ -440,7 +441,7 @@ impl Flight {
     }
 
     /// Ended early after the backend started (failed or preempted): recorded, router freed.
-    async fn end(&mut self, status: &str) {
+    async fn end(&mut self, status: UsageStatus) {
         let u = self.cut_short(status);
         self.done = true;
         self.release_router(None);
@@ -460,7 +461,7 @@ impl Drop for Flight {
         }
         self.release_router(None);
         if self.started {
-            let u = self.cut_short("cancelled");
+            let u = self.cut_short(UsageStatus::Cancelled);
             self.app.meter.record_detached(u);
         }
         metrics::counter!("hcp_gateway_cancelled_total").increment(1);
@@ -599,7 +600,7 @@ async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> 
             id: usage_id,
             tenant_id: tenant,
             key_id: key,
-            kind: "tokens".into(),
+            kind: UsageKind::Tokens,
             tier: i64::from(tier),
             model: req.model.clone(),
             site_id: String::new(),
@@ -607,7 +608,7 @@ async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> 
             output_tokens: 0,
             gpu_ms: 0,
             spot: false,
-            status: "completed".into(),
+            status: UsageStatus::Completed,
             tag,
             at_ms: 0,
         },
@@ -772,7 +773,7 @@ async fn whole(
     let bytes = tokio::select! {
         b = resp.bytes() => b,
         _ = rx.recv() => {
-            flight.end("preempted").await;
+            flight.end(UsageStatus::Preempted).await;
             return Err(OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("preempted"),
                 "the request was preempted by a capacity change; retry"));
         }
@@ -780,14 +781,14 @@ async fn whole(
     let bytes = match bytes {
         Ok(b) => b,
         Err(e) => {
-            flight.end("failed").await;
+            flight.end(UsageStatus::Failed).await;
             return Err(OaiError::new(StatusCode::BAD_GATEWAY, "server_error", Some("backend_failed"), e.to_string()));
         }
     };
     let mut v: serde_json::Value = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
         Err(e) => {
-            flight.end("failed").await;
+            flight.end(UsageStatus::Failed).await;
             return Err(OaiError::new(
                 StatusCode::BAD_GATEWAY,
                 "server_error",
@@ -901,7 +902,7 @@ impl Relay {
             out.extend_from_slice(&self.buf[from..to]);
             if error {
                 // The backend reports a failure in the stream: pass it on and end.
-                self.flight.end("failed").await;
+                self.flight.end(UsageStatus::Failed).await;
                 self.over = true;
                 return out;
             }
@@ -940,7 +941,7 @@ impl Relay {
                 c = self.resp.chunk() => c,
                 p = self.rx.recv() => {
                     if matches!(p, Some(Placement::Preempted)) {
-                        self.flight.end("preempted").await;
+                        self.flight.end(UsageStatus::Preempted).await;
                         self.over = true;
                         return Some(Bytes::from(error_event("preempted",
                             "the request was preempted by a capacity change after it started")));
@@ -962,7 +963,7 @@ impl Relay {
                     }
                 }
                 Ok(None) | Err(_) => {
-                    self.flight.end("failed").await;
+                    self.flight.end(UsageStatus::Failed).await;
                     self.over = true;
                     return Some(Bytes::from(error_event("backend_failed", "the backend stopped mid-stream")));
                 }

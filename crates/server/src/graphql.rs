@@ -263,7 +263,7 @@ impl Query {
                 id: u.id,
                 tenant_id: u.tenant_id,
                 key_id: u.key_id,
-                kind: u.kind,
+                kind: u.kind.to_string(),
                 tier: u.tier,
                 model: u.model,
                 site_id: u.site_id,
@@ -271,7 +271,7 @@ impl Query {
                 output_tokens: u.output_tokens,
                 gpu_ms: u.gpu_ms,
                 spot: u.spot,
-                status: u.status,
+                status: u.status.to_string(),
                 tag: u.tag,
                 at_ms: u.at_ms,
             })

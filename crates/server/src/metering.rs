@@ -138,7 +138,7 @@ mod tests {
             id: format!("r{id}"),
             tenant_id: "demo".into(),
             key_id: "k".into(),
-            kind: "tokens".into(),
+            kind: hcp_model::UsageKind::Tokens,
             tier: 1,
             model: "m".into(),
             site_id: "s".into(),
@@ -146,7 +146,7 @@ mod tests {
             output_tokens: 20,
             gpu_ms: 0,
             spot: false,
-            status: "completed".into(),
+            status: hcp_model::UsageStatus::Completed,
             tag: None,
             at_ms: 1,
         }

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use hcp_model::TenantId;
+use hcp_model::{Invalid, TenantId};
 use hcp_sched::{
     Decision, ModelId, RejectReason, ReplicaId, ReplicaSpec, ReqId, Router, RouterConfig, TenantSpec, Work,
 };
@@ -97,7 +97,7 @@ impl RouterState {
     }
 
     /// A replica that is not part of the fleet (a configured backend) serving `model`.
-    pub fn add_backend(&mut self, row: ReplicaRow, model: &str, now_ms: i64) -> Result<(), String> {
+    pub fn add_backend(&mut self, row: ReplicaRow, model: &str, now_ms: i64) -> Result<(), Invalid> {
         let n = self.models.len() as u32;
         let m = *self.models.entry(model.to_string()).or_insert(ModelId(n));
         self.replica_model.insert(row.id, m);
@@ -108,8 +108,8 @@ impl RouterState {
         self.replicas.get(&i64::from(replica.0)).map(|r| r.site_id.as_str())
     }
 
-    fn spec(&self, r: &ReplicaRow) -> Result<ReplicaSpec, String> {
-        let bad = |field: &str| format!("replicas: replica {}: {field} out of range", r.id);
+    fn spec(&self, r: &ReplicaRow) -> Result<ReplicaSpec, Invalid> {
+        let bad = |field: &str| Invalid::new(format!("replicas[{}].{field}", r.id), "out of range");
         let kv_tokens = u64::try_from(r.kv_tokens).map_err(|_| bad("kv_tokens"))?;
         let fleet = !self.replica_model.contains_key(&r.id);
         let out = kv_tokens == 0 || self.down.contains(&r.id) || (fleet && !self.serve_fleet);
@@ -245,7 +245,7 @@ impl RouterState {
     }
 
     /// A tenant known to storage (a known id keeps its router identity).
-    pub fn add_tenant(&mut self, t: &TenantRow) -> Result<(), String> {
+    pub fn add_tenant(&mut self, t: &TenantRow) -> Result<(), Invalid> {
         if self.tenants.contains_key(&t.id) {
             return Ok(());
         }
@@ -268,8 +268,8 @@ impl RouterState {
     /// preempted back to its queue). Returns the decisions the change caused.
     /// A bad row is named and nothing is applied. A replica whose model leaves no KV cache is
     /// out of service.
-    pub fn apply(&mut self, rows: &[ReplicaRow], now_ms: i64) -> Result<Vec<Decision>, String> {
-        let specs = rows.iter().map(|r| self.spec(r)).collect::<Result<Vec<_>, String>>()?;
+    pub fn apply(&mut self, rows: &[ReplicaRow], now_ms: i64) -> Result<Vec<Decision>, Invalid> {
+        let specs = rows.iter().map(|r| self.spec(r)).collect::<Result<Vec<_>, Invalid>>()?;
         let mut out = vec![];
         self.router.set_replicas(&specs, now_ms, &mut out)?;
         self.deliver(&out);
@@ -438,7 +438,7 @@ mod tests {
         s.apply(&[row(2, 4)], 3).unwrap();
         assert_eq!(s.router.running_len(), 3);
         let e = s.apply(&[row(3, 5), row(-1, 1)], 4).unwrap_err();
-        assert!(e.contains("replica -1: id"), "{e}");
+        assert_eq!(e.field, "replicas[-1].id", "{e}");
         assert_eq!(s.summary()["replicas"].as_i64(), Some(2), "a bad batch changes nothing");
     }
 }

@@ -13,6 +13,7 @@
 //! index order, so one seed gives one history.
 
 use hcp_fleet::{Command, CommandId, Outcome, Report, Target};
+use hcp_model::Invalid;
 use hcp_model::device::ModelRef;
 use hcp_model::fleet::Fleet;
 use hcp_model::ids::DeviceIdx;
@@ -79,9 +80,9 @@ impl AgentParams {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.telemetry_every_ms <= 0 {
-            return Err("telemetry_every_ms: must be > 0".into());
+            return Err(Invalid::new("telemetry_every_ms", "must be > 0"));
         }
         for (name, (lo, hi)) in [
             ("asic_sleep_ms", self.asic_sleep_ms),
@@ -91,7 +92,7 @@ impl AgentParams {
             ("repair_ms", self.repair_ms),
         ] {
             if lo < 0 || hi < lo {
-                return Err(format!("{name}: must be a range 0 <= low <= high"));
+                return Err(Invalid::new(name, "must be a range 0 <= low <= high"));
             }
         }
         for (name, p) in [
@@ -102,7 +103,7 @@ impl AgentParams {
             ("board_failure_per_hour", self.board_failure_per_hour),
         ] {
             if !(0.0..=1.0).contains(&p) {
-                return Err(format!("{name}: must be a probability in [0, 1]"));
+                return Err(Invalid::new(name, "must be a probability in [0, 1]"));
             }
         }
         Ok(())
@@ -149,7 +150,7 @@ pub struct Agents {
 
 impl Agents {
     /// Every device starts running at its highest power (what an unmanaged site does).
-    pub fn new(fleet: &Fleet, params: AgentParams, seed: u64, now_ms: i64) -> Result<Self, String> {
+    pub fn new(fleet: &Fleet, params: AgentParams, seed: u64, now_ms: i64) -> Result<Self, Invalid> {
         params.validate()?;
         let mut rng = rng::stream(seed, "agents", 0);
         let every = params.telemetry_every_ms;
@@ -407,8 +408,11 @@ mod tests {
     fn bad_params_name_the_field() {
         let f = fleet();
         let p = AgentParams { fail_prob: 1.5, ..Default::default() };
-        assert_eq!(Agents::new(&f, p, 0, 0).err().unwrap(), "fail_prob: must be a probability in [0, 1]");
+        assert_eq!(
+            Agents::new(&f, p, 0, 0).err().unwrap(),
+            Invalid::new("fail_prob", "must be a probability in [0, 1]")
+        );
         let p = AgentParams { gpu_cap_ms: (5, 1), ..Default::default() };
-        assert!(Agents::new(&f, p, 0, 0).err().unwrap().starts_with("gpu_cap_ms:"));
+        assert_eq!(Agents::new(&f, p, 0, 0).err().unwrap().field, "gpu_cap_ms");
     }
 }

@@ -16,12 +16,12 @@ pub enum Fidelity {
 }
 
 impl std::str::FromStr for Fidelity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = hcp_model::Invalid;
+    fn from_str(s: &str) -> Result<Self, hcp_model::Invalid> {
         match s {
             "device" => Ok(Fidelity::Device),
             "cohort" => Ok(Fidelity::Cohort),
-            _ => Err(format!("fidelity must be device or cohort, got {s:?}")),
+            _ => Err(hcp_model::Invalid::new("fidelity", format!("must be device or cohort, got {s:?}"))),
         }
     }
 }

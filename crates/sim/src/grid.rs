@@ -14,6 +14,7 @@
 //! economics.md section 5. Several settlement points share one system price and weather and differ
 //! by an AR(1) basis.
 
+use hcp_model::Invalid;
 use hcp_model::signals::{Deployment, GridProgram, GridSignal};
 use hcp_model::time::{MS_PER_DAY, MS_PER_HOUR, SimTime};
 
@@ -327,18 +328,18 @@ impl GridParams {
     }
 
     /// Checks ranges; the error names the field and the rule.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         let pos = |name: &str, v: f64| {
-            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(format!("{name}: must be a finite number >= 0")) }
+            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(Invalid::new(name, "must be a finite number >= 0")) }
         };
         pos("ar_phi", self.ar_phi)?;
         if self.ar_phi >= 1.0 {
-            return Err("ar_phi: must be < 1".into());
+            return Err(Invalid::new("ar_phi", "must be < 1"));
         }
         if self.log_dev_quantiles.len() < 2
             || self.log_dev_quantiles.windows(2).any(|w| w[0].is_nan() || w[1].is_nan() || w[0] > w[1])
         {
-            return Err("log_dev_quantiles: need at least 2 finite values in increasing order".into());
+            return Err(Invalid::new("log_dev_quantiles", "need at least 2 finite values in increasing order"));
         }
         for (n, v) in [
             ("spike_threshold", self.spike_threshold),
@@ -352,7 +353,7 @@ impl GridParams {
             pos(n, v)?;
         }
         if self.spike_mean_len < 1.0 || self.negative_mean_len < 1.0 {
-            return Err("spike_mean_len/negative_mean_len: must be >= 1 interval".into());
+            return Err(Invalid::new("spike_mean_len/negative_mean_len", "must be >= 1 interval"));
         }
         Ok(())
     }

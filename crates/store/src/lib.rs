@@ -37,6 +37,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// A stored value that is none of its type's (a row written by something else).
+    #[error("stored row: {0}")]
+    Stored(#[from] hcp_model::Invalid),
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -233,7 +236,8 @@ pub struct WorkloadRow {
     pub id: String,
     pub tenant_id: String,
     pub kind: String,
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: hcp_model::JobState,
     pub body: String,
     pub created_ms: i64,
     pub updated_ms: i64,
@@ -248,7 +252,8 @@ pub struct UsageRow {
     pub id: String,
     pub tenant_id: String,
     pub key_id: String,
-    pub kind: String,
+    #[schema(value_type = String)]
+    pub kind: hcp_model::UsageKind,
     pub tier: i64,
     pub model: String,
     pub site_id: String,
@@ -257,8 +262,9 @@ pub struct UsageRow {
     pub gpu_ms: i64,
     pub spot: bool,
     /// `completed`, `cancelled` (client went away or cancelled), `failed` (backend failed after
-    /// the first byte) or `preempted`.
-    pub status: String,
+    /// the first byte), `preempted`, or `rejected` (a job the router refused after it ran).
+    #[schema(value_type = String)]
+    pub status: hcp_model::UsageStatus,
     pub tag: Option<String>,
     pub at_ms: i64,
 }
@@ -266,7 +272,7 @@ pub struct UsageRow {
 /// Usage summed by kind, tier, model and spot flag.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UsageSum {
-    pub kind: String,
+    pub kind: hcp_model::UsageKind,
     pub tier: i64,
     pub model: String,
     pub spot: bool,
@@ -1268,7 +1274,7 @@ impl Store {
             q = q.bind(v);
         }
         let rows = q.fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(usage_row).collect())
+        rows.iter().map(usage_row).collect()
     }
 
     /// One usage record by its id (idempotency key).
@@ -1280,7 +1286,7 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(r.as_ref().map(usage_row))
+        r.as_ref().map(usage_row).transpose()
     }
 
     /// A tenant's usage in `[from_ms, to_ms)`, summed by kind, tier, model and spot flag.
@@ -1296,19 +1302,20 @@ impl Store {
         .bind(to_ms)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| UsageSum {
-                kind: r.get(0),
-                tier: r.get(1),
-                model: r.get(2),
-                spot: r.get::<i64, _>(3) != 0,
-                records: r.get(4),
-                input_tokens: sum_col(r, 5),
-                output_tokens: sum_col(r, 6),
-                gpu_ms: sum_col(r, 7),
+        rows.iter()
+            .map(|r| {
+                Ok(UsageSum {
+                    kind: r.get::<String, _>(0).parse()?,
+                    tier: r.get(1),
+                    model: r.get(2),
+                    spot: r.get::<i64, _>(3) != 0,
+                    records: r.get(4),
+                    input_tokens: sum_col(r, 5),
+                    output_tokens: sum_col(r, 6),
+                    gpu_ms: sum_col(r, 7),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// A tenant's usage in `[from_ms, to_ms)` by UTC day, kind, tier and model, oldest day first
@@ -1459,7 +1466,7 @@ impl Store {
         .bind(&w.id)
         .bind(&w.tenant_id)
         .bind(&w.kind)
-        .bind(&w.state)
+        .bind(w.state.as_str())
         .bind(&w.body)
         .bind(w.created_ms)
         .bind(w.updated_ms)
@@ -1481,7 +1488,7 @@ impl Store {
         let r = sqlx::query(
             "UPDATE workloads SET state = $1, body = $2, updated_ms = $3 WHERE id = $4 AND updated_ms = $5",
         )
-        .bind(&w.state)
+        .bind(w.state.as_str())
         .bind(&w.body)
         .bind(w.updated_ms)
         .bind(&w.id)
@@ -1503,7 +1510,7 @@ impl Store {
         .bind(before_ms)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(workload_row).collect())
+        rows.iter().map(workload_row).collect()
     }
 
     pub async fn workload(&self, id: &str) -> Result<WorkloadRow> {
@@ -1512,7 +1519,7 @@ impl Store {
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
-        r.as_ref().map(workload_row).ok_or_else(|| StoreError::NotFound(format!("workload {id}")))
+        r.as_ref().map(workload_row).transpose()?.ok_or_else(|| StoreError::NotFound(format!("workload {id}")))
     }
 
     pub async fn workloads_of(&self, tenant: &str, page: &Page) -> Result<Vec<WorkloadRow>> {
@@ -1525,7 +1532,7 @@ impl Store {
         .bind(page.after.unwrap_or(i64::MIN))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(workload_row).collect())
+        rows.iter().map(workload_row).collect()
     }
 
     /// Appends an audit record; returns its id.
@@ -1637,13 +1644,13 @@ fn key_row(r: &AnyRow) -> ApiKeyRow {
     }
 }
 
-fn usage_row(r: &AnyRow) -> UsageRow {
-    UsageRow {
+fn usage_row(r: &AnyRow) -> Result<UsageRow> {
+    Ok(UsageRow {
         seq: r.get(0),
         id: r.get(1),
         tenant_id: r.get(2),
         key_id: r.get(3),
-        kind: r.get(4),
+        kind: r.get::<String, _>(4).parse()?,
         tier: r.get(5),
         model: r.get(6),
         site_id: r.get(7),
@@ -1651,10 +1658,10 @@ fn usage_row(r: &AnyRow) -> UsageRow {
         output_tokens: r.get(9),
         gpu_ms: r.get(10),
         spot: r.get::<i64, _>(11) != 0,
-        status: r.get(12),
+        status: r.get::<String, _>(12).parse()?,
         tag: r.get(13),
         at_ms: r.get(14),
-    }
+    })
 }
 
 /// A SUM column (cast to BIGINT: PostgreSQL sums BIGINT as NUMERIC); NULL over no rows.
@@ -1662,14 +1669,14 @@ fn sum_col(r: &AnyRow, i: usize) -> i64 {
     r.get::<Option<i64>, _>(i).unwrap_or(0)
 }
 
-fn workload_row(r: &AnyRow) -> WorkloadRow {
-    WorkloadRow {
+fn workload_row(r: &AnyRow) -> Result<WorkloadRow> {
+    Ok(WorkloadRow {
         id: r.get(0),
         tenant_id: r.get(1),
         kind: r.get(2),
-        state: r.get(3),
+        state: r.get::<String, _>(3).parse()?,
         body: r.get(4),
         created_ms: r.get(5),
         updated_ms: r.get(6),
-    }
+    })
 }

@@ -270,18 +270,18 @@ async fn contract(s: &Store) {
         id: "job-1".into(),
         tenant_id: "acme".into(),
         kind: "batch".into(),
-        state: "queued".into(),
+        state: hcp_model::JobState::Queued,
         body: "{}".into(),
         created_ms: 10,
         updated_ms: 10,
     };
     s.put_workload(&w).await.unwrap();
-    s.put_workload(&WorkloadRow { state: "running".into(), updated_ms: 11, ..w.clone() }).await.unwrap();
-    assert_eq!(s.workload("job-1").await.unwrap().state, "running");
+    s.put_workload(&WorkloadRow { state: hcp_model::JobState::Running, updated_ms: 11, ..w.clone() }).await.unwrap();
+    assert_eq!(s.workload("job-1").await.unwrap().state, hcp_model::JobState::Running);
     assert_eq!(s.workloads_of("acme", &page(10)).await.unwrap().len(), 1);
     assert!(s.put_workload(&WorkloadRow { tenant_id: "nobody".into(), ..w.clone() }).await.is_err());
     // Leases: a write succeeds only from the row's last write; stale rows are found by age.
-    let next = WorkloadRow { state: "queued".into(), updated_ms: 20, ..w.clone() };
+    let next = WorkloadRow { state: hcp_model::JobState::Queued, updated_ms: 20, ..w.clone() };
     assert!(!s.update_workload_if(&next, 10).await.unwrap(), "the row moved on to 11");
     assert!(s.update_workload_if(&next, 11).await.unwrap());
     assert!(!s.update_workload_if(&WorkloadRow { updated_ms: 21, ..next.clone() }, 11).await.unwrap(), "lost");
@@ -289,7 +289,7 @@ async fn contract(s: &Store) {
     assert_eq!(s.stale_workloads("batch", 20, 10).await.unwrap().len(), 0, "written at 20");
     assert_eq!(s.stale_workloads("batch", 21, 10).await.unwrap()[0].id, "job-1");
     assert_eq!(s.stale_workloads("job", 21, 10).await.unwrap().len(), 0, "another kind");
-    s.put_workload(&WorkloadRow { state: "completed".into(), updated_ms: 22, ..w }).await.unwrap();
+    s.put_workload(&WorkloadRow { state: hcp_model::JobState::Completed, updated_ms: 22, ..w }).await.unwrap();
     assert_eq!(s.stale_workloads("batch", 1_000, 10).await.unwrap().len(), 0, "finished work is not stale");
     let id1 = s.audit(1, "root", "tenant.create", "acme", None, Some("{}")).await.unwrap();
     let id2 = s.audit(2, "root", "key.revoke", "k1", Some("{}"), Some("{}")).await.unwrap();
@@ -303,7 +303,7 @@ async fn contract(s: &Store) {
         id: id.into(),
         tenant_id: "acme".into(),
         key_id: "k1".into(),
-        kind: "tokens".into(),
+        kind: hcp_model::UsageKind::Tokens,
         tier,
         model: "llama".into(),
         site_id: "s1".into(),
@@ -311,14 +311,14 @@ async fn contract(s: &Store) {
         output_tokens: output,
         gpu_ms: 0,
         spot: false,
-        status: "completed".into(),
+        status: hcp_model::UsageStatus::Completed,
         tag: Some("run1".into()),
         at_ms,
     };
     assert_eq!(s.put_usage(&[u("r1", 1, 10, 20, 100), u("r2", 1, 5, 5, 200), u("r3", 0, 1, 1, 300)]).await.unwrap(), 3);
     assert_eq!(s.put_usage(&[u("r2", 1, 999, 999, 200), u("r4", 1, 1, 1, 5_000)]).await.unwrap(), 1, "r2 counts once");
     let mut job = u("job-1", 2, 0, 0, 400);
-    job.kind = "gpu".into();
+    job.kind = hcp_model::UsageKind::Gpu;
     job.gpu_ms = 7_200_000;
     job.spot = true;
     job.tag = None;
