@@ -686,7 +686,6 @@ async fn run_job(
             gpus: st.gpus,
             remaining_ms: (need_ms - st.ran_ms).max(1),
             deadline_ms: deadline,
-            preemptible: st.preemptible,
         };
         let latest = deadline - waiting.remaining_ms;
         if let Some(h) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&lease.row.id) {

@@ -481,7 +481,9 @@ pub async fn run(
                                 gpus: j.gpus,
                                 remaining_ms: ((j.remaining_ms as f64 * clock.speed()).ceil() as i64).max(1),
                                 deadline: clock.time_of(WallTime(j.deadline_ms)),
-                                preemptible: j.preemptible,
+                                // A job, once started, runs to its end here (a preemptible one
+                                // stops only when its GPUs are taken): one stretch.
+                                preemptible: false,
                             })
                             .collect();
                         if let Err(e) = driven.engine.handle(Input::Jobs { waiting }, t) {

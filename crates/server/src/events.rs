@@ -122,7 +122,6 @@ pub struct WaitingJob {
     pub remaining_ms: i64,
     /// When it must have finished (wall clock, ms since the epoch).
     pub deadline_ms: i64,
-    pub preemptible: bool,
 }
 
 /// `hcp.batch`: where the engine's planner placed the waiting batch jobs (wall-clock times).

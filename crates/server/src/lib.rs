@@ -158,8 +158,20 @@ async fn load_router(app: &App) -> anyhow::Result<()> {
     if let Some(sim) = &app.sim {
         sim.set_caps(&replicas);
     }
+    let mut reserved = None;
+    for p in app.store.policies().await? {
+        if p.name == "reserved-capacity" {
+            match reserved_of(app, &p.name, p.version, &p.body) {
+                Ok(r) => reserved = r,
+                Err(e) => tracing::warn!(error = %e, "stored reserved-capacity policy not applied to the router"),
+            }
+        }
+    }
     // A stored row the router refuses is logged and left out: it must not keep the API down.
     let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = r.set_reserved(reserved) {
+        tracing::warn!(error = %e, "reserved-capacity policy not applied to the router");
+    }
     for t in &tenants {
         if let Err(e) = r.add_tenant(t) {
             tracing::warn!(tenant = %t.id, error = %e, "tenant left out of the router");
@@ -169,6 +181,14 @@ async fn load_router(app: &App) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "stored capacity refused; the router waits for the next notice");
     }
     Ok(())
+}
+
+/// The tenant and GPUs of a stored reserved-capacity policy.
+fn reserved_of(app: &App, name: &str, version: i64, body: &str) -> anyhow::Result<Option<(String, u32)>> {
+    match engine::policy_update(&app.fleet, name, version, body)? {
+        hcp_engine::io::PolicyUpdate::Reserved(r) => Ok(Some((r.tenant, r.gpus))),
+        _ => Ok(None),
+    }
 }
 
 /// A bus notice the router follows: capacity from the engine, tenants from the API.
@@ -181,6 +201,14 @@ fn routing_notice(app: &App, subject: &str, payload: &[u8]) -> anyhow::Result<()
             }
             let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
             r.apply(&c.replicas, wall_ms()).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        "hcp.policy" => {
+            let n: events::PolicyNotice = serde_json::from_slice(payload)?;
+            if n.name == "reserved-capacity" {
+                let reserved = reserved_of(app, &n.name, n.version, &n.body)?;
+                let mut r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+                r.set_reserved(reserved).map_err(|e| anyhow::anyhow!(e))?;
+            }
         }
         "hcp.job.cancel" => billing::cancel_notice(app, payload),
         "hcp.batch" => billing::batch_notice(app, &serde_json::from_slice(payload)?),

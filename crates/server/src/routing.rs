@@ -30,6 +30,10 @@ pub enum Placement {
 pub struct RouterState {
     pub router: Router,
     tenants: HashMap<String, TenantId>,
+    /// Each tenant's row as last known (its share and quota).
+    tenant_rows: HashMap<String, TenantRow>,
+    /// The reserved-capacity policy in force: its tenant is guaranteed at least that many GPUs.
+    reserved: Option<(String, u32)>,
     replicas: HashMap<i64, ReplicaRow>,
     /// Model served by each replica not of the fleet (configured backends).
     replica_model: HashMap<i64, ModelId>,
@@ -60,6 +64,8 @@ impl RouterState {
         RouterState {
             router: Router::new(RouterConfig::three_bands()).expect("the three-band configuration is valid"),
             tenants: HashMap::new(),
+            tenant_rows: HashMap::new(),
+            reserved: None,
             replicas: HashMap::new(),
             replica_model: HashMap::new(),
             models: HashMap::from([(served_model.to_string(), SERVED_MODEL)]),
@@ -244,20 +250,43 @@ impl RouterState {
         self.replicas.values().filter(|r| self.takes_work(r)).map(|r| r.id).collect()
     }
 
-    /// A tenant known to storage (a known id keeps its router identity).
+    /// A tenant known to storage, new or changed (a known id keeps its router identity and the
+    /// work it runs; its share and quota are the row's). The tenant of the reserved-capacity
+    /// policy is guaranteed at least the GPUs reserved for it.
     pub fn add_tenant(&mut self, t: &TenantRow) -> Result<(), Invalid> {
-        if self.tenants.contains_key(&t.id) {
-            return Ok(());
-        }
-        let id = TenantId(self.tenants.len() as u32);
+        let id = self.tenants.get(&t.id).copied().unwrap_or(TenantId(self.tenants.len() as u32));
+        let reserved = match &self.reserved {
+            Some((tenant, gpus)) if *tenant == t.id => f64::from(*gpus),
+            _ => 0.0,
+        };
         self.router.add_tenant(TenantSpec {
             id,
             weight: t.weight,
-            guaranteed_gpus: t.guaranteed_gpus,
+            guaranteed_gpus: t.guaranteed_gpus.max(reserved),
             borrow_limit_gpus: t.borrow_limit_gpus,
         })?;
         self.tenants.insert(t.id.clone(), id);
+        self.tenant_rows.insert(t.id.clone(), t.clone());
         Ok(())
+    }
+
+    /// The reserved-capacity policy in force (tenant, GPUs), or none: the router holds those GPUs
+    /// for the tenant (its guarantee is at least them) as the plan keeps them serving.
+    pub fn set_reserved(&mut self, reserved: Option<(String, u32)>) -> Result<(), Invalid> {
+        let old = std::mem::replace(&mut self.reserved, reserved);
+        let touched = [old.map(|o| o.0), self.reserved.as_ref().map(|r| r.0.clone())];
+        for name in touched.into_iter().flatten() {
+            if let Some(row) = self.tenant_rows.get(&name).cloned() {
+                self.add_tenant(&row)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The guarantee the router holds for a tenant now (GPUs).
+    pub fn guaranteed_gpus(&self, tenant: &str) -> Option<f64> {
+        let id = self.tenants.get(tenant)?;
+        self.router.shares().into_iter().find(|s| s.tenant == *id).map(|s| s.guaranteed_gpus)
     }
 
     pub fn tenant(&self, id: &str) -> Option<TenantId> {
@@ -391,6 +420,36 @@ mod tests {
 
     fn row(id: i64, slots: i64) -> ReplicaRow {
         ReplicaRow { id, site_id: "s".into(), gpus: 1, slots, kv_tokens: 400_000, cap_w: 700.0, updated_ms: 0 }
+    }
+
+    /// A changed tenant row reaches the router (same identity, new share and quota), and the
+    /// reserved-capacity policy raises its tenant's guarantee to the GPUs reserved, and only
+    /// while it is in force.
+    #[test]
+    fn tenant_changes_and_the_reserved_capacity_policy_reach_the_router() {
+        let mut s = RouterState::default();
+        let mut t = TenantRow {
+            id: "demo".into(),
+            name: "Demo".into(),
+            weight: 1.0,
+            guaranteed_gpus: 2.0,
+            borrow_limit_gpus: 1e9,
+            created_ms: 0,
+        };
+        s.add_tenant(&t).unwrap();
+        assert_eq!(s.guaranteed_gpus("demo"), Some(2.0));
+        t.guaranteed_gpus = 4.0;
+        s.add_tenant(&t).unwrap();
+        assert_eq!(s.tenant("demo"), Some(TenantId(0)), "same identity");
+        assert_eq!(s.guaranteed_gpus("demo"), Some(4.0), "the new quota");
+        s.set_reserved(Some(("demo".into(), 16))).unwrap();
+        assert_eq!(s.guaranteed_gpus("demo"), Some(16.0));
+        s.set_reserved(Some(("other".into(), 16))).unwrap();
+        assert_eq!(s.guaranteed_gpus("demo"), Some(4.0), "the reservation moved away");
+        s.set_reserved(Some(("demo".into(), 1))).unwrap();
+        assert_eq!(s.guaranteed_gpus("demo"), Some(4.0), "the tenant's own guarantee is larger");
+        s.set_reserved(None).unwrap();
+        assert_eq!(s.guaranteed_gpus("demo"), Some(4.0));
     }
 
     #[test]

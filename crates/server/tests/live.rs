@@ -336,6 +336,13 @@ usd_per_gpu_hour = 2.4
     )
     .await;
     assert_eq!(s, 200, "{b}");
+    // The router holds the reserved GPUs for the tenant: its guarantee is at least them.
+    wait_for(&http, &base, "/api/v1/workloads", 10, "the router's guarantee for demo", |v| {
+        v["tenants"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["tenant"] == "demo" && t["guaranteed_gpus"].as_f64() == Some(8.0)))
+    })
+    .await;
     let (s, b) =
         call(&http, &base, "PUT", "/api/v1/signals/manual", Some(json!({"kind": "gpu_price", "value": 0.01}))).await;
     assert_eq!(s, 202, "{b}");
