@@ -42,8 +42,9 @@ pub struct PricePath<'a> {
     pub usd_per_mwh: &'a [f64],
     /// One GPU's draw at full load, host share included (W).
     pub gpu_draw_w: f64,
-    /// GPUs free for batch work in every interval.
-    pub free_gpus: u32,
+    /// GPUs free for batch work in each interval from `start` (past the end, the last; none when
+    /// empty).
+    pub free_gpus: &'a [u32],
     /// Intervals looked at, at most (bounds the work for a far deadline).
     pub max_intervals: usize,
 }
@@ -100,7 +101,8 @@ pub fn schedule(now: SimTime, path: &PricePath<'_>, jobs: &[BatchJob]) -> Vec<Pl
     };
     let prices: Vec<f64> = (0..n).map(price).collect();
     let known = !path.usd_per_mwh.is_empty() && prices.iter().all(|p| p.is_finite());
-    let mut free = vec![path.free_gpus; n];
+    let mut free: Vec<u32> =
+        (0..n).map(|k| path.free_gpus.get(k).or(path.free_gpus.last()).copied().unwrap_or(0)).collect();
     // Usable run time of interval k before `deadline` (not before now).
     let usable = |k: usize, deadline: i64| -> i64 {
         let a = (path.start.0 + k as i64 * iv).max(now.0);
@@ -164,23 +166,47 @@ pub fn schedule(now: SimTime, path: &PricePath<'_>, jobs: &[BatchJob]) -> Vec<Pl
                 best = Some((taken, cost));
             }
         } else {
+            // One stretch from interval s: interval 0 holds only what is left of it after now,
+            // every other is whole. Prefix sums make each start O(1): the price x ms of the
+            // whole intervals, and how many intervals have no room.
+            let mut pre = vec![0.0; n + 1];
+            let mut blocked = vec![0usize; n + 1];
+            for k in 0..n {
+                pre[k + 1] = pre[k] + prices[k];
+                blocked[k + 1] = blocked[k] + usize::from(free[k] < j.gpus);
+            }
             for s in 0..n {
-                let mut left = j.remaining_ms;
-                let mut taken = vec![];
-                let mut cost = 0.0;
-                let mut k = s;
-                while left > 0 && k < n && fits(k, &free) {
-                    // A stretch has no gaps: every interval but its last is used to its end.
-                    let ms = usable(k, j.deadline.0).min(left);
-                    if ms < usable(k, i64::MAX).min(left) {
-                        break; // the deadline cuts it
-                    }
-                    taken.push((k, ms));
-                    cost += usd(j.gpus, ms, prices[k]);
-                    left -= ms;
-                    k += 1;
+                let first = usable(s, i64::MAX);
+                if first <= 0 {
+                    continue;
                 }
-                if left <= 0 && best.as_ref().is_none_or(|(_, c)| cost < *c - 1e-9) {
+                // Intervals s..e-1 run to their end; e (if `rest` > 0) runs `rest` ms.
+                let (e, rest) = if j.remaining_ms <= first {
+                    (s, j.remaining_ms)
+                } else {
+                    let after = j.remaining_ms - first;
+                    (s + 1 + (after / iv) as usize, after % iv)
+                };
+                let last = if rest > 0 { e } else { e - 1 };
+                if last >= n || blocked[last + 1] > blocked[s] {
+                    continue; // past the path's end, or no room somewhere in it
+                }
+                let finish = path.start.0 + last as i64 * iv + if rest > 0 { rest } else { iv };
+                let finish =
+                    if s == last { (path.start.0 + s as i64 * iv).max(now.0) + j.remaining_ms } else { finish };
+                if finish > j.deadline.0 {
+                    break; // later starts finish later still
+                }
+                let whole = if e > s { (pre[e] - pre[s + 1]) * iv as f64 + prices[s] * first as f64 } else { 0.0 };
+                let part = if rest > 0 { prices[e] * rest as f64 } else { 0.0 };
+                let ms_price = if s == last { prices[s] * j.remaining_ms as f64 } else { whole + part };
+                let cost = f64::from(j.gpus) * path.gpu_draw_w * ms_price / 3.6e12;
+                if best.as_ref().is_none_or(|(_, c)| cost < *c - 1e-9) {
+                    let mut taken = vec![(s, first.min(j.remaining_ms))];
+                    taken.extend((s + 1..e).map(|k| (k, iv)));
+                    if e > s && rest > 0 {
+                        taken.push((e, rest));
+                    }
                     best = Some((taken, cost));
                 }
             }
@@ -219,7 +245,7 @@ mod tests {
         BatchJob { id: id.into(), gpus, remaining_ms: intervals * IV, deadline: SimTime(deadline_iv * IV), preemptible }
     }
 
-    fn path(prices: &[f64], free: u32) -> PricePath<'_> {
+    fn path<'a>(prices: &'a [f64], free: &'a [u32]) -> PricePath<'a> {
         PricePath {
             start: SimTime(0),
             interval_ms: IV,
@@ -233,7 +259,7 @@ mod tests {
     #[test]
     fn a_job_waits_for_the_cheap_hours_and_still_meets_its_deadline() {
         let prices = [80.0, 90.0, 20.0, 10.0, 15.0, 200.0];
-        let p = schedule(SimTime(0), &path(&prices, 100), &[job("a", 8, 2, 6, true)]);
+        let p = schedule(SimTime(0), &path(&prices, &[100]), &[job("a", 8, 2, 6, true)]);
         assert!(!p[0].run_now);
         assert_eq!(p[0].why, Why::CheaperLater);
         assert_eq!(p[0].start, SimTime(3 * IV), "the two cheapest intervals are 3 and 4");
@@ -248,19 +274,19 @@ mod tests {
     fn a_job_that_may_not_stop_takes_the_cheapest_stretch() {
         // The two cheapest intervals (1 and 4) are apart; the cheapest stretch of two is 3-4.
         let prices = [50.0, 5.0, 90.0, 12.0, 6.0, 95.0];
-        let p = schedule(SimTime(0), &path(&prices, 100), &[job("a", 1, 2, 6, false)]);
+        let p = schedule(SimTime(0), &path(&prices, &[100]), &[job("a", 1, 2, 6, false)]);
         assert_eq!(p[0].start, SimTime(3 * IV));
-        let q = schedule(SimTime(0), &path(&prices, 100), &[job("a", 1, 2, 6, true)]);
+        let q = schedule(SimTime(0), &path(&prices, &[100]), &[job("a", 1, 2, 6, true)]);
         assert_eq!(q[0].start, SimTime(IV), "a preemptible one takes 1 and 4");
         assert_eq!(q[0].finish, SimTime(5 * IV));
     }
 
     #[test]
     fn a_flat_path_or_no_path_runs_at_once() {
-        let p = schedule(SimTime(0), &path(&[40.0; 8], 100), &[job("a", 1, 2, 8, true)]);
+        let p = schedule(SimTime(0), &path(&[40.0; 8], &[100]), &[job("a", 1, 2, 8, true)]);
         assert!(p[0].run_now);
         assert_eq!(p[0].why, Why::CheapestNow);
-        let q = schedule(SimTime(0), &path(&[], 100), &[job("a", 1, 2, 8, true)]);
+        let q = schedule(SimTime(0), &path(&[], &[100]), &[job("a", 1, 2, 8, true)]);
         assert!(q[0].run_now);
         assert_eq!(q[0].why, Why::NoPrices);
     }
@@ -268,10 +294,10 @@ mod tests {
     #[test]
     fn a_tight_deadline_runs_now_and_a_missed_one_is_late() {
         let prices = [90.0, 10.0, 10.0, 10.0];
-        let p = schedule(SimTime(0), &path(&prices, 100), &[job("a", 1, 2, 2, true)]);
+        let p = schedule(SimTime(0), &path(&prices, &[100]), &[job("a", 1, 2, 2, true)]);
         assert!(p[0].run_now, "needs both intervals before its deadline");
         assert_eq!(p[0].why, Why::CheapestNow);
-        let q = schedule(SimTime(0), &path(&prices, 100), &[job("a", 1, 3, 2, true)]);
+        let q = schedule(SimTime(0), &path(&prices, &[100]), &[job("a", 1, 3, 2, true)]);
         assert!(q[0].run_now);
         assert_eq!(q[0].why, Why::Late);
     }
@@ -281,17 +307,20 @@ mod tests {
         // One cheap interval with room for one job of 8: the tighter job gets it.
         let prices = [100.0, 10.0, 100.0, 100.0];
         let jobs = [job("loose", 8, 1, 4, true), job("tight", 8, 1, 2, true)];
-        let p = schedule(SimTime(0), &path(&prices, 8), &jobs);
+        let p = schedule(SimTime(0), &path(&prices, &[8]), &jobs);
         assert_eq!(p[1].start, SimTime(IV), "tight takes interval 1");
         assert_eq!(p[0].start, SimTime(0), "loose takes the next cheapest with room: 0 (ties go early)");
         assert!(p[0].run_now && !p[1].run_now);
+        // Room that varies by interval: the cheap interval is full, the next cheapest is taken.
+        let q = schedule(SimTime(0), &path(&prices, &[8, 0, 8, 8]), &jobs[1..]);
+        assert_eq!(q[0].start, SimTime(0));
     }
 
     #[test]
     fn now_inside_an_interval_counts_only_what_is_left_of_it() {
         // Half of interval 0 is left: a job of one interval needs half of interval 1 too.
         let prices = [10.0, 10.0, 500.0];
-        let p = schedule(SimTime(IV / 2), &path(&prices, 10), &[job("a", 1, 1, 3, false)]);
+        let p = schedule(SimTime(IV / 2), &path(&prices, &[10]), &[job("a", 1, 1, 3, false)]);
         assert!(p[0].run_now);
         assert_eq!(p[0].start, SimTime(IV / 2));
         assert_eq!(p[0].finish, SimTime(IV + IV / 2));

@@ -711,7 +711,7 @@ impl Engine {
             interval_ms: iv,
             usd_per_mwh: &prices,
             gpu_draw_w: if n > 0 { w / f64::from(n) } else { 0.0 },
-            free_gpus: free,
+            free_gpus: &[free],
             max_intervals: BATCH_MAX_INTERVALS,
         };
         let placements = hcp_econ::batch::schedule(now, &path, &self.batch_waiting);

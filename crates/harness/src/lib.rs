@@ -8,6 +8,7 @@
 //! parsed inputs and receives rows through a callback.
 
 pub mod backtest;
+pub mod batchtest;
 pub mod drive;
 pub mod plane;
 pub mod replay;

@@ -68,7 +68,7 @@ pub struct BacktestArgs {
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
-    s.parse().map_err(|e: hcp_model::Invalid| e.rule)
+    s.parse().map_err(|e: hcp_model::Invalid| e.to_string())
 }
 
 pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
@@ -145,12 +145,65 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         );
     } else {
         print!("{}", table(&fleet.name, from, to, &outcomes));
+        print!("{}", batch_table(&input.prices, from, to, a.seed));
     }
     if let Some(path) = &a.chart {
         let o = outcomes.iter().find(|o| o.policy == PolicyKind::Optimizer).unwrap_or(&outcomes[0]);
         write_chart(path, &format!("{} — {} ({} .. {})", fleet.name, o.policy.name(), from, to), o)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Batch deferral on the first price series: the default stream of batch jobs run at once, by
+/// the planner on what it knew, and by the planner on the actual prices (`hcp_harness::batchtest`).
+fn batch_table(
+    prices: &std::collections::BTreeMap<String, replay::GridSeries>,
+    from: SimTime,
+    to: SimTime,
+    seed: u64,
+) -> String {
+    use hcp_harness::batchtest::{BatchStream, arrivals, run};
+    let mut s = String::new();
+    let Some((point, series)) = prices.iter().next() else { return s };
+    let stream = BatchStream::default();
+    // Arrivals stop two days before the end, so every deadline falls inside the prices.
+    let jobs = arrivals(&stream, from.max(series.start()), to.min(series.end()).plus_ms(-2 * 86_400_000), seed);
+    if jobs.is_empty() {
+        return s;
+    }
+    let runs = run(series, &stream, &jobs);
+    let _ = writeln!(
+        s,
+        "\nbatch jobs at {point}: {} jobs of {} GPUs, {}-{} h each with {}-{} h of slack, {} GPUs free, {:.0} W per GPU",
+        jobs.len(),
+        stream.gpus_per_job,
+        stream.run_h.0,
+        stream.run_h.1,
+        stream.slack_h.0,
+        stream.slack_h.1,
+        stream.pool_gpus,
+        stream.gpu_draw_w
+    );
+    let _ = writeln!(
+        s,
+        "{:<18} {:>12} {:>14} {:>12} {:>10} {:>8} {:>12}",
+        "placement", "energy MWh", "energy USD", "USD/MWh", "saved", "late", "wait h mean"
+    );
+    let base = runs[0].cost_usd;
+    for r in &runs {
+        let _ = writeln!(
+            s,
+            "{:<18} {:>12.1} {:>14.0} {:>12.2} {:>9.1}% {:>8} {:>12.2}",
+            r.policy,
+            r.energy_mwh,
+            r.cost_usd,
+            r.usd_per_mwh,
+            if base.abs() > 0.0 { (base - r.cost_usd) / base.abs() * 100.0 } else { 0.0 },
+            r.late,
+            r.mean_wait_h
+        );
+    }
+    s
 }
 
 fn dispatch_config(a: &BacktestArgs) -> Result<DispatchConfig> {

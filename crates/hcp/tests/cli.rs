@@ -335,6 +335,9 @@ fn backtest_compares_the_four_policies_and_draws_a_chart() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("strike") && t.contains("strike tuned on the period") && !t.contains("optimizer "), "{t}");
+    // The text report ends with batch deferral on the same prices: at once, planner, oracle.
+    let batch = t.split("batch jobs at HB_SOUTH").nth(1).unwrap_or_else(|| panic!("no batch table: {t}"));
+    assert!(["at-once", "planner", "oracle"].iter().all(|p| batch.contains(p)), "{batch}");
 
     let o = hcp(&[
         "backtest",
@@ -346,7 +349,7 @@ fn backtest_compares_the_four_policies_and_draws_a_chart() {
     ]);
     assert!(text(&o).contains("--hashprice-usd-per-ph-day: must be a number > 0"), "{}", text(&o));
     let o = hcp(&[&args[..], &["--policy", "genius"]].concat());
-    assert!(text(&o).contains("policy must be one of"), "{}", text(&o));
+    assert!(text(&o).contains("policy: must be one of"), "{}", text(&o));
 }
 
 #[test]
