@@ -716,7 +716,8 @@ impl Manager {
         })
     }
 
-    /// Counts for metrics: (available, unknown, quarantined, maintenance).
+    /// Counts for metrics, disjoint but for maintenance: (available, unknown (not reporting),
+    /// quarantined (and reporting), in maintenance).
     pub fn counts(&self) -> (usize, usize, usize, usize) {
         let mut c = (0, 0, 0, 0);
         for st in &self.devices {
@@ -726,7 +727,8 @@ impl Manager {
             if !st.alive {
                 c.1 += 1;
             }
-            if matches!(st.health, Health::Quarantined { .. }) {
+            // Disjoint with unknown: a quarantined device that stopped reporting is unknown.
+            if st.alive && matches!(st.health, Health::Quarantined { .. }) {
                 c.2 += 1;
             }
             if st.maintenance {

@@ -2,7 +2,8 @@
 //! WebDriver (ChromeDriver), against `hcp up` as a user runs it: log in, watch live numbers
 //! change, drill into a decision, toggle maintenance, run a small backtest, then as a tenant see
 //! usage, create and revoke a key, download an invoice, submit a batch job. No console errors.
-//! Screenshots of each view go to `docs/screenshots/` (the README shows them).
+//! Screenshots of each view go to `target/screenshots/`; with `HCP_REFRESH_SCREENSHOTS=1` they
+//! replace the README's pictures in `docs/screenshots/` (so a plain test run leaves the tree clean).
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
 
@@ -21,7 +22,9 @@ const DEMO: &str = "hcpk_demo1_0f1e2d3c4b5a69788796a5b4c3d2e1f0";
 const WAIT: Duration = Duration::from_secs(60);
 
 fn screenshots() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/screenshots"))
+    let refresh = std::env::var("HCP_REFRESH_SCREENSHOTS").is_ok_and(|v| v == "1");
+    let dir = if refresh { "/../../docs/screenshots" } else { "/../../target/screenshots" };
+    PathBuf::from(format!("{}{dir}", env!("CARGO_MANIFEST_DIR")))
 }
 
 /// ChromeDriver on a free port, killed when dropped.

@@ -249,7 +249,7 @@ pub(crate) struct PnlQuery {
 
 /// Site P&L over a time range (operators): per site and for the fleet, mining revenue, inference
 /// revenue, energy cost, grid-program credits and margin, in micro-USD.
-#[utoipa::path(get, path = "/api/v1/pnl", tag = "billing", security(("bearer" = [])), params(PnlQuery), responses((status = 200, description = "Totals by site and for the fleet"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Needs viewer", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/pnl", tag = "billing", security(("bearer" = [])), params(PnlQuery), responses((status = 200, description = "Totals by site and for the fleet, in micro-USD (`_micro_usd`); `simulated` is true in demo mode, where the revenue and costs are the simulation's"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Needs viewer", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn pnl(State(app): AppState, Auth(p): Auth, Params(q): Params<PnlQuery>) -> ApiResult<Response> {
     p.require(Role::Viewer)?;
     if q.to_ms <= q.from_ms {
@@ -273,10 +273,22 @@ pub(crate) async fn pnl(State(app): AppState, Auth(p): Auth, Params(q): Params<P
         fleet.add(&p);
         ledger.post_pnl(&p).map_err(ApiError::internal)?;
     }
+    // Amounts in micro-USD, named so; in demo mode the revenue and costs are the simulation's.
+    let totals = |t: &hcp_billing::pnl::PnlTotals| {
+        serde_json::json!({
+            "rows": t.rows,
+            "mining_revenue_micro_usd": t.mining_revenue.0,
+            "inference_revenue_micro_usd": t.inference_revenue.0,
+            "energy_cost_micro_usd": t.energy_cost.0,
+            "grid_credits_micro_usd": t.grid_credits.0,
+            "margin_micro_usd": t.margin.0,
+        })
+    };
     Ok(Json(serde_json::json!({
         "from_ms": q.from_ms, "to_ms": q.to_ms,
-        "sites": by_site.iter().map(|(s, t)| serde_json::json!({"site": s, "totals": t})).collect::<Vec<_>>(),
-        "fleet": fleet,
+        "simulated": app.mode == "demo",
+        "sites": by_site.iter().map(|(s, t)| serde_json::json!({"site": s, "totals": totals(t)})).collect::<Vec<_>>(),
+        "fleet": totals(&fleet),
         "ledger_balanced": ledger.trial_balance() == 0,
     }))
     .into_response())
@@ -687,7 +699,10 @@ async fn run_job(
             remaining_ms: (need_ms - st.ran_ms).max(1),
             deadline_ms: deadline,
         };
-        let latest = deadline - waiting.remaining_ms;
+        // The latest start keeps a margin for the router's placement and the model's loading:
+        // 5 % of the run, at least 1 s, at most 10 min.
+        let margin = (waiting.remaining_ms / 20).clamp(1_000, 600_000);
+        let latest = deadline - waiting.remaining_ms - margin;
         if let Some(h) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&lease.row.id) {
             h.waiting = Some(waiting);
         }

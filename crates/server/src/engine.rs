@@ -70,6 +70,8 @@ enum Note {
 struct Timing {
     plan_s: f64,
     switch_s: f64,
+    /// The run's first decision (recorded whether or not it changed anything).
+    first: bool,
 }
 
 /// Operator actions that reach the engine thread.
@@ -428,6 +430,7 @@ pub async fn run(
         };
         let mut signals = vec![];
         let mut notes = vec![];
+        let mut decided_once = false;
         loop {
             if halt_sim.load(Ordering::Relaxed) {
                 return Ok(());
@@ -564,7 +567,7 @@ pub async fn run(
                 Output::Command(_) => {}
             });
             let plan_s = started.elapsed().as_secs_f64();
-            let timing = Timing { plan_s, switch_s: first_s.unwrap_or(plan_s) };
+            let mut timing = Timing { plan_s, switch_s: first_s.unwrap_or(plan_s), first: false };
             if let Err(v) = step {
                 anyhow::bail!("invariant broken: {} at {} (seed={})", v.what, v.at, v.seed);
             }
@@ -576,7 +579,10 @@ pub async fn run(
                 }));
             }
             for mut n in notes.drain(..) {
-                if let Note::Decided(_, s) = &mut n {
+                if let Note::Decided(d, s) = &mut n {
+                    // The first decision of a run with a plan (not a reclaim between intervals).
+                    timing.first = !decided_once && !d.ahead.sites.is_empty();
+                    decided_once |= timing.first;
                     *s = timing;
                 }
                 // The writer is gone: the process is stopping.
@@ -915,7 +921,28 @@ async fn record_decided(app: &App, d: Decided, timing: Timing) -> anyhow::Result
     // A plan is recorded when it changes devices, or GPUs are shed or serve again (GPU targets
     // are not device changes of the plan).
     let gpus_changed = plan.reasons.iter().any(|r| matches!(r, Reason::GpusShed { .. }));
-    if !plan.changes.is_empty() || gpus_changed {
+    if timing.first {
+        // Where each site starts: recorded even when the first plan changes nothing, so the
+        // decisions are never empty once the engine has planned.
+        for (i, s) in plan.sites.iter().enumerate() {
+            let price = match crate::events::finite(s.price_usd_per_mwh) {
+                Some(p) => format!("{p:.1} USD/MWh"),
+                None => "no price yet (the safe policy)".to_string(),
+            };
+            decisions.push(DecisionRow {
+                id: 0,
+                at_ms,
+                site_id: fleet.sites[i].id.clone(),
+                kind: "initial_plan".into(),
+                reason: format!(
+                    "engine started: ASICs {:.2} MW, GPUs {:.2} MW under a {:.2} MW limit at {price}",
+                    s.asic_mw, s.gpu_mw, s.limit_mw
+                ),
+                body: serde_json::json!({ "devices_changed": plan.changes.iter().filter(|c| fleet.devices[c.device.index()].site.index() == i).count() }).to_string(),
+            });
+        }
+    }
+    if !plan.changes.is_empty() || gpus_changed || timing.first {
         let mut per_reason = vec![0u32; plan.reasons.len()];
         for c in &plan.changes {
             if let Some(n) = per_reason.get_mut(c.reason as usize) {

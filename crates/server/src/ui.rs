@@ -31,7 +31,7 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
-        .route("/", get(|| async { Redirect::to("/ui/") }))
+        .route("/", get(root))
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
         .route("/ui/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
         .route("/ui/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
@@ -39,6 +39,15 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/ui/login", post(login))
         .route("/ui/logout", post(logout))
         .route("/ui/session", get(session))
+}
+
+/// `/`: to the dashboard, with a body that says where things are (for curl).
+async fn root() -> Response {
+    let body = "HCP: the dashboard is at /ui/, the REST API at /api/v1 (browse it at /docs, OpenAPI at \
+                /openapi.json), the OpenAI-compatible gateway at /v1, health at /healthz, metrics at /metrics.\n";
+    let mut r = (axum::http::StatusCode::SEE_OTHER, body).into_response();
+    r.headers_mut().insert(axum::http::header::LOCATION, axum::http::HeaderValue::from_static("/ui/"));
+    r
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {

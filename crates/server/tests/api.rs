@@ -915,11 +915,12 @@ async fn price_plans_apply_whole_periods_and_site_pnl_balances() {
     assert_eq!(pnl["sites"].as_array().map(Vec::len), Some(2), "{pnl}");
     assert_eq!(pnl["ledger_balanced"], true);
     let f = &pnl["fleet"];
-    let margin = f["mining_revenue"].as_i64().unwrap()
-        + f["inference_revenue"].as_i64().unwrap()
-        + f["grid_credits"].as_i64().unwrap()
-        - f["energy_cost"].as_i64().unwrap();
-    assert_eq!(f["margin"].as_i64(), Some(margin));
+    assert_eq!(pnl["simulated"], true, "demo mode's money is simulated");
+    let margin = f["mining_revenue_micro_usd"].as_i64().unwrap()
+        + f["inference_revenue_micro_usd"].as_i64().unwrap()
+        + f["grid_credits_micro_usd"].as_i64().unwrap()
+        - f["energy_cost_micro_usd"].as_i64().unwrap();
+    assert_eq!(f["margin_micro_usd"].as_i64(), Some(margin));
     p.stop().await;
 }
 
