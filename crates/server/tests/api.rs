@@ -11,11 +11,17 @@ use serde_json::{Value, json};
 const ADMIN: &str = "hcpa_admin_0123456789abcdef0123456789abcdef";
 const DEMO: &str = "hcpk_demo1_0123456789abcdef0123456789abcdef";
 
+/// Platforms alive at once in this binary, whatever `--test-threads` is: each runs a whole
+/// `hcp up` (an engine at 45,000 times real time, storage, the simulated backend), so memory and
+/// the engines' pace would otherwise grow with the machine's core count.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 struct Platform {
     running: Option<Running>,
     base: String,
     http: Client,
     dir: std::path::PathBuf,
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl Drop for Platform {
@@ -41,6 +47,7 @@ impl Platform {
         backends: Vec<hcp_server::gateway::BackendConfig>,
         fresh: bool,
     ) -> Platform {
+        let slot = SLOTS.acquire().await.expect("never closed");
         let dir = std::env::temp_dir().join(format!("hcp-api-{name}-{}", std::process::id()));
         if fresh {
             let _ = std::fs::remove_dir_all(&dir);
@@ -74,7 +81,7 @@ impl Platform {
         assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");
         let running = hcp_server::start(cfg, store).await.unwrap();
         let base = format!("http://{}", running.addr);
-        Platform { running: Some(running), base, http: Client::new(), dir }
+        Platform { running: Some(running), base, http: Client::new(), dir, _slot: slot }
     }
 
     async fn stop(mut self) {
@@ -1419,8 +1426,8 @@ async fn a_job_with_a_deadline_waits_for_the_planner_and_completes_in_time() {
     let (s, e) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(bad)).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
     assert!(e.to_string().contains("deadline_s"), "{e}");
-    // The demo runs 45,000 times as fast: 0.3 s is 15 intervals, 4 s is 200.
-    let body = json!({"gpus": 2, "duration_s": 0.3, "deadline_s": 4, "preemptible": false});
+    // The demo runs 45,000 times as fast: 0.3 s is 15 intervals, 10 s is 500.
+    let body = json!({"gpus": 2, "duration_s": 0.3, "deadline_s": 10, "preemptible": false});
     let (s, j) = p.call("POST", "/api/v1/jobs", Some(DEMO), Some(body)).await;
     assert_eq!(s, StatusCode::CREATED, "{j}");
     assert_eq!(j["state"], "deferred", "{j}");
