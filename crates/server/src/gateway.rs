@@ -238,14 +238,44 @@ pub async fn health_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
     }
 }
 
-/// Expires queued work past its time-to-live, four times a second.
+/// A notice this process announces when it changes, and every 30 s (so an engine that started
+/// since hears it).
+struct Announced<T> {
+    subject: &'static str,
+    last: Option<(T, i64)>,
+}
+
+impl<T: serde::Serialize + PartialEq> Announced<T> {
+    /// Publishes `notice` when it is due; the first one only when `first` says so.
+    async fn offer(&mut self, app: &App, notice: T, now: i64, first: bool) {
+        let due = match &self.last {
+            Some((n, at)) => *n != notice || now - at >= 30_000,
+            None => first,
+        };
+        if !due {
+            return;
+        }
+        match serde_json::to_vec(&notice) {
+            Ok(body) => {
+                if let Err(e) = app.bus.publish(self.subject, &body).await {
+                    tracing::warn!(error = %e, subject = self.subject, "not announced; tried again next tick");
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, subject = self.subject, "not announced"),
+        }
+        self.last = Some((notice, now));
+    }
+}
+
+/// Expires queued work past its time-to-live, four times a second, and announces the router's
+/// demand (`hcp.demand`) and the batch jobs waiting here for the planner (`hcp.jobs.waiting`).
 pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
-    // The router's demand goes to the engine (`hcp.demand`) when it changes, and every 30 s.
     let mut instance = [0u8; 8];
     getrandom::fill(&mut instance).map_err(|e| anyhow::anyhow!("random instance id: {e}"))?;
     let instance: String = instance.iter().map(|b| format!("{b:02x}")).collect();
-    let mut last: Option<(crate::events::DemandNotice, i64)> = None;
-    let mut last_waiting: Option<(crate::events::WaitingNotice, i64)> = None;
+    let mut demand = Announced { subject: "hcp.demand", last: None };
+    let mut waiting = Announced { subject: "hcp.jobs.waiting", last: None };
     loop {
         tokio::select! {
             r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
@@ -258,41 +288,10 @@ pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<boo
             r.demand()
         };
         let notice = crate::events::DemandNotice { instance: instance.clone(), queued, running };
-        let due = match &last {
-            Some((n, at)) => *n != notice || now - at >= 30_000,
-            None => true,
-        };
-        if due {
-            match serde_json::to_vec(&notice) {
-                Ok(body) => {
-                    if let Err(e) = app.bus.publish("hcp.demand", &body).await {
-                        tracing::warn!(error = %e, "demand not announced");
-                        continue;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "demand not announced"),
-            }
-            last = Some((notice, now));
-        }
-        // The batch jobs waiting here for the planner (`hcp.jobs.waiting`), the same way.
-        let waiting =
-            crate::events::WaitingNotice { instance: instance.clone(), jobs: crate::billing::waiting_jobs(&app) };
-        let due = match &last_waiting {
-            Some((n, at)) => *n != waiting || now - at >= 30_000,
-            None => !waiting.jobs.is_empty(),
-        };
-        if due {
-            match serde_json::to_vec(&waiting) {
-                Ok(body) => {
-                    if let Err(e) = app.bus.publish("hcp.jobs.waiting", &body).await {
-                        tracing::warn!(error = %e, "waiting jobs not announced");
-                        continue;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "waiting jobs not announced"),
-            }
-            last_waiting = Some((waiting, now));
-        }
+        demand.offer(&app, notice, now, true).await;
+        let jobs = crate::billing::waiting_jobs(&app);
+        let first = !jobs.is_empty();
+        waiting.offer(&app, crate::events::WaitingNotice { instance: instance.clone(), jobs }, now, first).await;
     }
 }
 
