@@ -151,7 +151,8 @@ fn alert<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_mode_on_recorded_feeds_goes_stale_recovers_and_takes_policies() {
-    // The API account's credentials, as an operator would set them (this test binary's only test).
+    // The API account's credentials, as an operator would set them (this test binary's only
+    // test: setting the environment is sound only while no other thread reads it).
     unsafe {
         std::env::set_var("HCP_TEST_ERCOT_USER", "api-user");
         std::env::set_var("HCP_TEST_ERCOT_PASS", "api-pass");

@@ -1415,6 +1415,47 @@ async fn a_running_job_is_resumed_after_a_restart_and_billed_once() {
     p.stop().await;
 }
 
+/// What a new user meets first: `/` says where things are (and sends a browser to the dashboard),
+/// and the decisions are not empty once the engine has planned: the initial plan is recorded for
+/// each site, whether or not it changed a device.
+#[tokio::test]
+async fn the_root_says_where_things_are_and_the_initial_plan_is_recorded() {
+    let p = Platform::start("first-hour").await;
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}/", p.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/ui/");
+    let body = r.text().await.unwrap();
+    assert!(body.contains("/docs") && body.contains("/v1") && body.contains("/ui/"), "{body}");
+    let mut initial = vec![];
+    for _ in 0..200 {
+        // The first two decisions recorded (newest first below id 3).
+        let (s, v) = p.call("GET", "/api/v1/decisions?after=3&limit=10", Some(ADMIN), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        initial = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["kind"] == "initial_plan")
+            .map(|d| (d["site_id"].as_str().unwrap().to_string(), d["reason"].as_str().unwrap().to_string()))
+            .collect::<Vec<_>>();
+        if initial.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    initial.sort();
+    assert_eq!(initial.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["tx-south", "tx-west"], "{initial:?}");
+    assert!(initial.iter().all(|(_, r)| r.starts_with("engine started: ASICs")), "{initial:?}");
+    p.stop().await;
+}
+
 /// A batch job with a deadline waits for the engine's planner (state `deferred`), is placed where
 /// its energy costs least before its deadline, starts when the plan says and completes, billed
 /// once; a deferred job can be cancelled; a deadline shorter than the run is refused, naming it.
