@@ -290,6 +290,16 @@ pub(crate) async fn usage_daily(
 ) -> ApiResult<Json<Value>> {
     let tenant = crate::billing::scope(&p, q.tenant.as_deref())?
         .ok_or_else(|| ApiError::invalid("tenant", "required for an operator account"))?;
+    // Times from 1970 to 9999 (ms since the epoch): nothing outside can hold usage, and the
+    // arithmetic below stays in range.
+    const MAX_MS: i64 = 253_402_300_800_000;
+    for (field, v) in [("from_ms", q.from_ms), ("to_ms", q.to_ms)] {
+        if let Some(v) = v
+            && !(0..=MAX_MS).contains(&v)
+        {
+            return Err(ApiError::invalid(field, format!("must be between 0 and {MAX_MS} (ms since 1970)")));
+        }
+    }
     let to = q.to_ms.unwrap_or_else(|| crate::wall_ms() + 1);
     let from = q.from_ms.unwrap_or(to - 30 * 86_400_000);
     if from >= to {

@@ -86,13 +86,29 @@ async fn observe(req: Request, next: Next) -> Response {
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = req.method().to_string();
+    let openai = req.uri().path().starts_with("/v1/");
     let span = tracing::info_span!("http", method = %method, route = %route, status = tracing::field::Empty);
-    let res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let mut res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    // A body over the limit is refused by the extractor in plain text: answered in the error
+    // shape of the API it was sent to.
+    let json = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if res.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+        let why = format!("the body is larger than {MAX_BODY} bytes");
+        res = if openai {
+            crate::openai::OaiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("too_large"), why)
+                .into_response()
+        } else {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", why).into_response()
+        };
+    }
     span.record("status", res.status().as_u16());
     let status = res.status().as_u16().to_string();
     metrics::histogram!("hcp_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone(), "status" => status.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("hcp_http_requests_total", "route" => route, "method" => method, "status" => status).increment(1);
+    res.headers_mut()
+        .entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(axum::http::HeaderValue::from_static("nosniff"));
     res
 }
 
@@ -871,6 +887,20 @@ pub(crate) async fn create_tenant(
     if !valid_name(&b.id) {
         return Err(ApiError::invalid("id", "1 to 64 lowercase letters, digits or -"));
     }
+    if b.name.trim().is_empty() || b.name.chars().count() > 200 {
+        return Err(ApiError::invalid("name", "1 to 200 characters"));
+    }
+    if !(b.weight.is_finite() && b.weight > 0.0 && b.weight <= 1_000.0) {
+        return Err(ApiError::invalid("weight", "must be a number above 0 and at most 1000"));
+    }
+    // A guarantee is capacity the router must be able to give: at most the fleet's GPUs.
+    let gpus = app.fleet.devices.iter().filter(|d| matches!(d.model, hcp_model::ModelRef::Gpu(_))).count() as f64;
+    if !(b.guaranteed_gpus.is_finite() && (0.0..=gpus).contains(&b.guaranteed_gpus)) {
+        return Err(ApiError::invalid("guaranteed_gpus", format!("must be between 0 and the fleet's {gpus} GPUs")));
+    }
+    if !(b.borrow_limit_gpus.is_finite() && (0.0..=1_000_000.0).contains(&b.borrow_limit_gpus)) {
+        return Err(ApiError::invalid("borrow_limit_gpus", "must be between 0 and 1000000"));
+    }
     let t = TenantRow {
         id: b.id,
         name: b.name,
@@ -883,7 +913,11 @@ pub(crate) async fn create_tenant(
     let after = serde_json::to_string(&t).map_err(ApiError::internal)?;
     app.store.audit(crate::wall_ms(), &p.actor(), "tenant.create", &t.id, None, Some(&after)).await?;
     // The router knows the tenant before the answer (other API processes hear the notice).
-    app.router.lock().unwrap_or_else(|e| e.into_inner()).add_tenant(&t).map_err(ApiError::internal)?;
+    app.router
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add_tenant(&t)
+        .map_err(|e| ApiError::invalid(e.field, e.rule))?;
     let _ = app.bus.publish("hcp.tenants", after.as_bytes()).await;
     Ok((StatusCode::CREATED, Json(t)))
 }
@@ -957,7 +991,19 @@ pub(crate) async fn revoke_key(
     Auth(p): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let k = app.store.key(&id).await?;
+    // Another tenant's key is as unknown to a tenant as a key that does not exist: the answer
+    // never names its owner.
+    let unknown = || ApiError::not_found(format!("key {id} not found"));
+    let k = match app.store.key(&id).await {
+        Ok(k) => k,
+        Err(hcp_store::StoreError::NotFound(_)) => return Err(unknown()),
+        Err(e) => return Err(e.into()),
+    };
+    if let Principal::Tenant { tenant, .. } = &p
+        && *tenant != k.tenant_id
+    {
+        return Err(unknown());
+    }
     p.require_tenant(&k.tenant_id)?;
     let was_active = app.store.revoke_key(&id, crate::wall_ms()).await?;
     app.gate.forget_key(&id);
@@ -1060,7 +1106,10 @@ pub(crate) async fn events(
     let from = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
         Some(v) => {
             let n: u64 = v.parse().map_err(|_| ApiError::invalid("Last-Event-ID", "must be a sequence number"))?;
-            hcp_bus::From::Seq(n + 1)
+            let next = n
+                .checked_add(1)
+                .ok_or_else(|| ApiError::invalid("Last-Event-ID", format!("must be below {}", u64::MAX)))?;
+            hcp_bus::From::Seq(next)
         }
         None => hcp_bus::From::New,
     };

@@ -265,6 +265,26 @@ async fn roles_and_tenants_see_only_what_they_may() {
     assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("default_band")));
     let (s, _) = p.call("POST", "/api/v1/tenants/other/keys", Some(key), Some(json!({"rate_per_s": 5}))).await;
     assert_eq!(s, StatusCode::CREATED);
+    // Another tenant's key id answers as a key that does not exist: the owner is never named.
+    let (_, k2) = p.call("POST", "/api/v1/tenants/other/keys", Some(ADMIN), Some(json!({"rate_per_s": 5}))).await;
+    let key2 = k2["key"].as_str().unwrap_or_else(|| panic!("a key: {k2}")).to_string();
+    let (_, mine) =
+        p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "third", "name": "T", "weight": 1}))).await;
+    assert_eq!(mine["id"], "third");
+    let (_, k3) = p.call("POST", "/api/v1/tenants/third/keys", Some(ADMIN), Some(json!({"rate_per_s": 5}))).await;
+    let third = k3["key"].as_str().unwrap().to_string();
+    let other_id = k2["id"].as_str().unwrap_or_else(|| panic!("a key id: {k2}"));
+    let (s1, b1) = p.call("DELETE", &format!("/api/v1/keys/{other_id}"), Some(&third), None).await;
+    let (s2, b2) = p.call("DELETE", "/api/v1/keys/nosuchkey", Some(&third), None).await;
+    assert_eq!((s1, s2), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
+    assert_eq!(
+        b1["error"]["message"].as_str().unwrap().replace(other_id, "ID"),
+        b2["error"]["message"].as_str().unwrap().replace("nosuchkey", "ID"),
+        "the same answer"
+    );
+    assert!(!b1.to_string().contains("other"), "{b1}");
+    let (s, _) = p.call("GET", "/api/v1/me", Some(&key2), None).await;
+    assert_eq!(s, StatusCode::OK, "and the key was not revoked");
     p.stop().await;
 }
 
@@ -278,6 +298,11 @@ async fn malformed_bodies_name_the_field_and_change_nothing() {
         (json!({"id": "a", "name": "A", "weight": -1}), "weight"),
         (json!({"id": "A B", "name": "A", "weight": 1}), "id"),
         (json!({"id": "a", "name": "A", "weight": 1, "guaranteed_gpus": -2}), "guaranteed_gpus"),
+        (json!({"id": "a", "name": "A", "weight": 1e308}), "weight"),
+        (json!({"id": "a", "name": "A", "weight": 1, "guaranteed_gpus": 1e308}), "guaranteed_gpus"),
+        (json!({"id": "a", "name": "A", "weight": 1, "guaranteed_gpus": 100_000}), "guaranteed_gpus"),
+        (json!({"id": "a", "name": "A", "weight": 1, "borrow_limit_gpus": 1e308}), "borrow_limit_gpus"),
+        (json!({"id": "a", "name": "", "weight": 1}), "name"),
     ];
     for (body, field) in cases {
         let (s, b) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(body.clone())).await;
@@ -297,9 +322,42 @@ async fn malformed_bodies_name_the_field_and_change_nothing() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let big = "x".repeat(300 * 1024);
-    let (s, _) =
+    let (s, b) =
         p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "a", "name": big, "weight": 1}))).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(b["error"]["code"], "too_large", "the API's error shape: {b}");
+    // The gateway answers in OpenAI's error shape, and every answer says nosniff.
+    let r = p
+        .http
+        .post(format!("{}/v1/chat/completions", p.base))
+        .bearer_auth(DEMO)
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"model":"llama-3-8b","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x".repeat(300 * 1024)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["type"], "invalid_request_error", "{b}");
+    assert_eq!(b["error"]["code"], "too_large", "{b}");
+    // Times and sequence numbers at the edge of their types are refused, naming the field.
+    let (s, b) = p.call("GET", "/api/v1/usage/daily?to_ms=-9223372036854775808", Some(DEMO), None).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("to_ms")), "{b}");
+    let r = p
+        .http
+        .get(format!("{}/api/v1/events", p.base))
+        .bearer_auth(ADMIN)
+        .header("last-event-id", "18446744073709551615")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["field"], "Last-Event-ID", "{b}");
     let (_, list) = p.call("GET", "/api/v1/tenants", Some(ADMIN), None).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1, "only the demo tenant: {list}");
     // Policies: rules name the field; versions guard against lost updates.
