@@ -868,11 +868,18 @@ pub(crate) async fn put_policy(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TenantBody {
+    /// 1 to 64 lowercase letters, digits or `-`.
     id: String,
+    /// 1 to 200 characters.
     name: String,
+    /// Its share of the capacity no guarantee holds, against the other tenants' weights: above 0,
+    /// at most 1000.
     weight: f64,
+    /// GPUs the router keeps for it (others' work is preempted to give them): 0 to the fleet's GPUs.
     #[serde(default)]
     guaranteed_gpus: f64,
+    /// GPUs it may use above its guarantee while others leave them idle: 0 to 1,000,000. With no
+    /// guarantee and no borrowing a tenant can use nothing.
     #[serde(default)]
     borrow_limit_gpus: f64,
 }
