@@ -175,6 +175,17 @@ enum Command {
         #[arg(long, default_value = "hcp-data")]
         data_dir: PathBuf,
     },
+    /// Recovery with local access to the storage: create or reset an admin account and print its
+    /// new token (once). For when no admin token is known any more; the platform may be running.
+    AdminReset {
+        #[arg(long)]
+        store: Option<String>,
+        #[arg(long, default_value = "hcp-data")]
+        data_dir: PathBuf,
+        /// The account to make admin (created if it does not exist).
+        #[arg(long, default_value = "admin")]
+        name: String,
+    },
     /// Ask a running platform whether it is up and ready (exit 0 when ready).
     Health {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -404,6 +415,7 @@ pub fn main() -> ExitCode {
             })
         }
         Command::Migrate { store, data_dir } => crate::serve::migrate(store.as_deref(), &data_dir),
+        Command::AdminReset { store, data_dir, name } => crate::serve::admin_reset(store.as_deref(), &data_dir, &name),
         Command::Health { url } => crate::serve::health(&url),
         Command::Sim(a) => sim(&a),
         Command::Backtest(a) => crate::backtest_cmd::run(&a),

@@ -251,6 +251,44 @@ pub fn migrate(store: Option<&str>, data_dir: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Creates or resets the admin account `name` in the store (of `data_dir`, or `store`) and prints
+/// its new token once. Needs the storage itself (the SQLite file, or the database's credentials):
+/// the recovery when no admin token is known. Audited as `account.reset` by `local`.
+pub fn admin_reset(store: Option<&str>, data_dir: &Path, name: &str) -> Result<ExitCode> {
+    if !hcp_server::auth::valid_name(name) {
+        anyhow::bail!("--name: 1 to 64 lowercase letters, digits or -");
+    }
+    let url = match store {
+        Some(s) => s.to_string(),
+        None => {
+            if !data_dir.exists() {
+                anyhow::bail!("--data-dir {}: no such directory (no platform has run there)", data_dir.display());
+            }
+            Config::data_dir_store(data_dir)
+        }
+    };
+    runtime()?.block_on(async {
+        let s = hcp_store::Store::open(&url).await?;
+        s.migrate().await?;
+        let secret = hcp_server::auth::secret();
+        let now = hcp_server::wall_ms();
+        s.put_account(&hcp_store::AccountRow {
+            name: name.to_string(),
+            role: "admin".into(),
+            secret_hash: hcp_server::auth::hash_secret(&secret),
+            created_ms: now,
+        })
+        .await?;
+        s.audit(now, "local", "account.reset", name, None, Some(&format!(r#"{{"name":"{name}","role":"admin"}}"#)))
+            .await?;
+        s.close().await;
+        println!("hcp: admin account {name} reset in {}; its token (shown once):", redact(&url));
+        println!("hcpa_{name}_{secret}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Asks a running platform whether it is up and ready; exit 0 when ready, 1 otherwise.
 pub fn health(url: &str) -> Result<ExitCode> {
     let base = url.trim_end_matches('/').to_string();

@@ -76,6 +76,17 @@ fn up_serves_prints_credentials_once_and_stops_on_sigterm() {
     assert!(!rest.iter().any(|l| l.contains("token")), "{rest:?}");
     let m = hcp(&["migrate", "--data-dir", dir.to_str().unwrap()]);
     assert!(m.status.success() && text(&m).contains("schema version 5"), "{}", text(&m));
+    // Recovery with local access: a new admin token; the old one no longer works.
+    let r = hcp(&["admin-reset", "--data-dir", dir.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r));
+    let token = String::from_utf8_lossy(&r.stdout).lines().last().unwrap().trim().to_string();
+    assert!(token.starts_with("hcpa_admin_") && token != admin, "{}", text(&r));
+    let mut up = Up::start(&["up", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(http("GET", &format!("{}/api/v1/me", up.base), &token, None).0, 200);
+    assert_eq!(http("GET", &format!("{}/api/v1/me", up.base), &admin, None).0, 401);
+    assert!(up.signal("-INT").success());
+    let none = hcp(&["admin-reset", "--data-dir", tmp("nowhere").to_str().unwrap()]);
+    assert!(!none.status.success() && text(&none).contains("no such directory"), "{}", text(&none));
 }
 
 /// Live mode with a feeds file that does not hold: the start stops with the file, the field and

@@ -56,6 +56,10 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(what) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", format!("{what} already exists"))
             }
+            e @ StoreError::LastAdmin(_) => ApiError {
+                field: Some("role".into()),
+                ..ApiError::new(StatusCode::CONFLICT, "last_admin", e.to_string())
+            },
             e => ApiError::internal(e),
         }
     }

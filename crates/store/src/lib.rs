@@ -35,6 +35,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+    /// The change would leave the platform with no admin account.
+    #[error("account {0} is the last admin: make another admin first")]
+    LastAdmin(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     /// A stored value that is none of its type's (a row written by something else).
@@ -644,9 +647,13 @@ impl Store {
         if !["admin", "operator", "viewer"].contains(&a.role.as_str()) {
             return Err(StoreError::Invalid { field: "role", rule: "must be admin, operator or viewer".into() });
         }
-        sqlx::query(
+        // An admin keeps the admin role while it is the last one: the platform would have no
+        // one left to manage it (`hcp admin-reset` is the local way back).
+        let r = sqlx::query(
             "INSERT INTO accounts (name, role, secret_hash, created_ms) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (name) DO UPDATE SET role = excluded.role, secret_hash = excluded.secret_hash",
+             ON CONFLICT (name) DO UPDATE SET role = excluded.role, secret_hash = excluded.secret_hash \
+             WHERE excluded.role = 'admin' OR accounts.role <> 'admin' \
+             OR (SELECT COUNT(*) FROM accounts WHERE role = 'admin') > 1",
         )
         .bind(&a.name)
         .bind(&a.role)
@@ -654,6 +661,9 @@ impl Store {
         .bind(a.created_ms)
         .execute(&self.pool)
         .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::LastAdmin(a.name.clone()));
+        }
         Ok(())
     }
 

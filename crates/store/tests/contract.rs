@@ -154,7 +154,21 @@ async fn contract(s: &Store) {
     let a = AccountRow { name: "root".into(), role: "admin".into(), secret_hash: "h".into(), created_ms: 1 };
     s.put_account(&a).await.unwrap();
     assert!(s.put_account(&AccountRow { role: "king".into(), ..a.clone() }).await.is_err());
-    assert_eq!(s.accounts().await.unwrap(), vec![a]);
+    assert_eq!(s.accounts().await.unwrap(), vec![a.clone()]);
+    // The last admin stays admin (its secret may change); with a second admin it may step down.
+    let demoted = AccountRow { role: "viewer".into(), ..a.clone() };
+    assert!(matches!(s.put_account(&demoted).await, Err(StoreError::LastAdmin(n)) if n == "root"));
+    assert_eq!(s.accounts().await.unwrap(), vec![a.clone()], "a refused write changes nothing");
+    let rotated = AccountRow { secret_hash: "h2".into(), ..a.clone() };
+    s.put_account(&rotated).await.unwrap();
+    let b = AccountRow { name: "second".into(), ..a.clone() };
+    s.put_account(&b).await.unwrap();
+    s.put_account(&demoted).await.unwrap();
+    assert!(matches!(
+        s.put_account(&AccountRow { role: "operator".into(), ..b.clone() }).await,
+        Err(StoreError::LastAdmin(_))
+    ));
+    s.put_account(&rotated).await.unwrap();
     let k = ApiKeyRow {
         id: "k1".into(),
         tenant_id: "acme".into(),

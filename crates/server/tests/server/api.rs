@@ -360,6 +360,12 @@ async fn malformed_bodies_name_the_field_and_change_nothing() {
     assert_eq!(b["error"]["field"], "Last-Event-ID", "{b}");
     let (_, list) = p.call("GET", "/api/v1/tenants", Some(ADMIN), None).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1, "only the demo tenant: {list}");
+    // The last admin cannot step down (nothing could manage the platform after it).
+    let (s, b) =
+        p.call("POST", "/api/v1/accounts", Some(ADMIN), Some(json!({"name": "admin", "role": "viewer"}))).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("last_admin")), "{b}");
+    let (s, _) = p.call("GET", "/api/v1/me", Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK, "still admin, same token");
     // Policies: rules name the field; versions guard against lost updates.
     let (s, b) = p
         .call("PUT", "/api/v1/policies/strike", Some(ADMIN), Some(json!({"expected_version": 0, "body": {"strike_usd_per_mwh": 99999, "curtail_after": 2, "resume_after": 4}})))
