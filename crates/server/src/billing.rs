@@ -387,12 +387,14 @@ pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Bod
     {
         return Err(ApiError::invalid("priority", format!("this key may use tier {band} or lower priority")));
     }
-    let tix = app
-        .router
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .tenant(&tenant)
-        .ok_or_else(|| ApiError::not_found(format!("tenant {tenant} not found")))?;
+    let tix = {
+        let r = app.router.lock().unwrap_or_else(|e| e.into_inner());
+        let tix = r.tenant(&tenant).ok_or_else(|| ApiError::not_found(format!("tenant {tenant} not found")))?;
+        if !r.can_ever_serve(&tenant) {
+            return Err(ApiError::invalid("tenant", crate::gateway::no_capacity(&tenant)));
+        }
+        tix
+    };
     let now = wall_ms();
     let id = format!("job-{}", crate::auth::short_id());
     let st = JobRecord {
@@ -813,7 +815,12 @@ async fn run_job(
             };
             accrue(&mut st);
             match wake {
-                Wake::Served => break 'job JobState::Completed,
+                Wake::Served => {
+                    // Its time is served: a wake that came late (a busy runtime) is the
+                    // platform's delay, not GPU time the job used or is billed for.
+                    st.ran_ms = st.ran_ms.min(need_ms);
+                    break 'job JobState::Completed;
+                }
                 Wake::Signal(JobSignal::Cancel) => break 'job JobState::Cancelled,
                 Wake::Signal(JobSignal::Run) | Wake::Placement(Some(Placement::Dispatched(_))) => {}
                 Wake::Placement(Some(Placement::Rejected(_))) => {}

@@ -295,6 +295,14 @@ pub async fn tick_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<boo
     }
 }
 
+/// Why a tenant's work can never be placed, and what changes that.
+pub fn no_capacity(tenant: &str) -> String {
+    format!(
+        "tenant {tenant} has no GPUs it may use: guaranteed_gpus and borrow_limit_gpus are both 0 (the defaults of \
+         POST /api/v1/tenants); a tenant created with either above 0, or a reserved-capacity policy for it, can be served"
+    )
+}
+
 async fn tenant_of(app: &App, headers: &HeaderMap) -> Result<(String, String, i64), OaiError> {
     match crate::routes::authenticate(app, headers, false).await.map_err(OaiError::from)? {
         Principal::Tenant { tenant, key, band, .. } => Ok((tenant, key, band)),
@@ -568,6 +576,14 @@ async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> 
         return Err(e);
     }
     let Some(tenant_ix) = tenant_ix else { return Err(reject_error(&RejectReason::UnknownTenant)) };
+    if !app.router.lock().unwrap_or_else(|e| e.into_inner()).can_ever_serve(&tenant) {
+        return Err(OaiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            no_capacity(&tenant),
+        ));
+    }
     let rid = format!("{}-{}", ep.id_prefix(), crate::auth::request_id());
     let idem = match header_str(&headers, "idempotency-key")? {
         None => None,

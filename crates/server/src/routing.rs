@@ -283,6 +283,13 @@ impl RouterState {
         Ok(())
     }
 
+    /// Whether work of a tenant can ever be placed: it has a guarantee (its own or the reserved
+    /// one) or may borrow. A tenant with neither would wait until its work times out.
+    pub fn can_ever_serve(&self, tenant: &str) -> bool {
+        let reserved = matches!(&self.reserved, Some((t, g)) if t == tenant && *g > 0);
+        self.tenant_rows.get(tenant).is_some_and(|t| t.guaranteed_gpus > 0.0 || t.borrow_limit_gpus > 0.0 || reserved)
+    }
+
     /// The guarantee the router holds for a tenant now (GPUs).
     pub fn guaranteed_gpus(&self, tenant: &str) -> Option<f64> {
         let id = self.tenants.get(tenant)?;
