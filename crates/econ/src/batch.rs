@@ -57,8 +57,11 @@ pub enum Why {
     CheapestNow,
     /// A later placement costs less and still meets the deadline.
     CheaperLater,
-    /// Nothing before its deadline holds it (run time, or GPUs free): it runs at once.
+    /// Its run time no longer fits before its deadline: it runs at once.
     Late,
+    /// No room for it now or ahead at the GPUs free, though its deadline still allows a later
+    /// start: it waits (the platform starts it at its latest start in any case).
+    NoRoom,
     /// No prices ahead are known: nothing to defer on.
     NoPrices,
 }
@@ -92,7 +95,9 @@ pub fn schedule(now: SimTime, path: &PricePath<'_>, jobs: &[BatchJob]) -> Vec<Pl
     // Intervals that any deadline reaches, bounded.
     let last_deadline = jobs.iter().map(|j| j.deadline.0).max().unwrap_or(now.0);
     let span = ((last_deadline - path.start.0).max(0) / iv + 1) as usize;
-    let n = span.clamp(1, path.max_intervals.max(1));
+    // Room for the longest job's stretch even past the look-ahead (priced at the last price).
+    let longest = jobs.iter().map(|j| (j.remaining_ms.max(0) / iv) as usize + 2).max().unwrap_or(1);
+    let n = span.clamp(1, path.max_intervals.max(1)).max(longest.min(span.max(1)));
     let price = |k: usize| -> f64 {
         match path.usd_per_mwh.get(k).or(path.usd_per_mwh.last()) {
             Some(p) if p.is_finite() => *p,
@@ -212,7 +217,28 @@ pub fn schedule(now: SimTime, path: &PricePath<'_>, jobs: &[BatchJob]) -> Vec<Pl
             }
         }
         let Some((taken, cost)) = best else {
-            out[i] = Some(run_at_once(Why::Late));
+            let next = path.start.0 + iv;
+            if next.max(now.0) + j.remaining_ms <= j.deadline.0 {
+                // No room now: wait for room rather than overbook (its deadline allows it).
+                out[i] = Some(Placement {
+                    id: j.id.clone(),
+                    run_now: false,
+                    start: SimTime(next),
+                    finish: SimTime(next + j.remaining_ms),
+                    why: Why::NoRoom,
+                    planned_usd: now_usd,
+                    now_usd,
+                });
+            } else {
+                // Late: it runs at once, and holds its GPUs for the placements after it.
+                let end = now.0 + j.remaining_ms;
+                for (k, f) in free.iter_mut().enumerate() {
+                    if path.start.0 + (k as i64) * iv < end {
+                        *f = f.saturating_sub(j.gpus);
+                    }
+                }
+                out[i] = Some(run_at_once(Why::Late));
+            }
             continue;
         };
         for (k, _) in &taken {
@@ -300,6 +326,20 @@ mod tests {
         let q = schedule(SimTime(0), &path(&prices, &[100]), &[job("a", 1, 3, 2, true)]);
         assert!(q[0].run_now);
         assert_eq!(q[0].why, Why::Late);
+    }
+
+    /// No GPUs free now or ahead: a job whose deadline allows waits for room (it is not released
+    /// to overbook the GPUs), one that cannot wait runs late and holds its GPUs.
+    #[test]
+    fn with_no_room_a_job_waits_unless_it_is_late() {
+        let prices = [10.0, 10.0, 10.0, 10.0];
+        let p = schedule(SimTime(0), &path(&prices, &[0]), &[job("a", 8, 1, 4, false)]);
+        assert!(!p[0].run_now);
+        assert_eq!(p[0].why, Why::NoRoom);
+        let q = schedule(SimTime(0), &path(&prices, &[8]), &[job("late", 8, 3, 2, false), job("b", 8, 1, 4, false)]);
+        assert_eq!((q[0].why, q[0].run_now), (Why::Late, true));
+        assert!(!q[1].run_now, "the late job holds the 8 GPUs through interval 2: {:?}", q[1]);
+        assert_eq!(q[1].start, SimTime(3 * IV));
     }
 
     #[test]

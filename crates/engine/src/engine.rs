@@ -116,6 +116,9 @@ pub struct Engine {
     /// start, the prices, the GPUs free).
     batch_waiting: Vec<hcp_econ::batch::BatchJob>,
     batch_path: Option<(SimTime, Vec<f64>, u32)>,
+    /// Jobs told to start since the last decision, with their GPUs: the demand does not show
+    /// them yet, so they are taken off the GPUs free, and not placed again.
+    batch_started: BTreeMap<String, u32>,
     /// Input kinds whose `refused:<kind>` alert is raised.
     refused_open: Vec<&'static str>,
     out: VecDeque<Output>,
@@ -176,6 +179,7 @@ impl Engine {
             alerts: BTreeMap::new(),
             batch_waiting: vec![],
             batch_path: None,
+            batch_started: BTreeMap::new(),
             refused_open: vec![],
             out: VecDeque::new(),
             cfg,
@@ -706,6 +710,8 @@ impl Engine {
         };
         let gpus = crate::policies::site_gpus(&self.fleet, &self.groups);
         let (n, w) = gpus.iter().fold((0u32, 0.0), |(n, w), g| (n + g.count, w + g.full_w));
+        let started: u32 = self.batch_started.values().sum();
+        let free = free.saturating_sub(started);
         let path = hcp_econ::batch::PricePath {
             start,
             interval_ms: iv,
@@ -714,7 +720,17 @@ impl Engine {
             free_gpus: &[free],
             max_intervals: BATCH_MAX_INTERVALS,
         };
-        let placements = hcp_econ::batch::schedule(now, &path, &self.batch_waiting);
+        let waiting: Vec<hcp_econ::batch::BatchJob> =
+            self.batch_waiting.iter().filter(|j| !self.batch_started.contains_key(&j.id)).cloned().collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let placements = hcp_econ::batch::schedule(now, &path, &waiting);
+        for (p, j) in placements.iter().zip(&waiting) {
+            if p.run_now {
+                self.batch_started.insert(j.id.clone(), j.gpus);
+            }
+        }
         self.out.push_back(Output::Batch(BatchPlan {
             at: now,
             path_start: start,
@@ -956,6 +972,8 @@ impl Engine {
         let (replicas, avail) = self.capacity(&targets);
         self.note_holds(&plan, &avail);
         self.set_batch_path(t0, &last_grid, &known, &gpu_busy);
+        // The demand now shows the jobs started before this decision (or they left the set).
+        self.batch_started.clear();
         self.place_batch(t0);
         let schedule = self.policy.schedule_ahead(t0, self.cfg.ahead_intervals);
         let ahead = Ahead {

@@ -151,12 +151,14 @@ fn run_one(series: &GridSeries, s: &BatchStream, jobs: &[Arrival], policy: Polic
     for k in 0..n {
         let t0 = start + k as i64 * iv;
         let t1 = t0 + iv;
-        while next < jobs.len() && jobs[next].at.0 < t1 {
+        // At once starts a job when it arrives, inside the interval; the planner decides at the
+        // interval's start on the jobs that have arrived by then (a job arriving inside the
+        // interval waits for the next decision: nothing is placed before it is known).
+        let known_by = if policy == Policy::AtOnce { t1 } else { t0 + 1 };
+        while next < jobs.len() && jobs[next].at.0 < known_by {
             waiting.push(&jobs[next]);
             next += 1;
         }
-        // Decide at the interval's start for the jobs that arrived before it; a job arriving inside
-        // the interval is decided on arrival with the same knowledge (at-once starts it then).
         let mut still = vec![];
         let free = s.pool_gpus.saturating_sub(used[k]);
         let path: Vec<f64> = match policy {

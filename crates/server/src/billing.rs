@@ -695,16 +695,17 @@ async fn run_job(
         app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     };
     if deferred && let Some(deadline) = st.deadline_ms {
+        let remaining_ms = (need_ms - st.ran_ms).max(1);
+        // The latest start keeps a margin for the router's placement and the model's loading:
+        // 5 % of the run, at least 1 s, at most 10 min. The planner plans to the deadline less it.
+        let margin = (remaining_ms / 20).clamp(1_000, 600_000);
         let waiting = crate::events::WaitingJob {
             id: lease.row.id.clone(),
             gpus: st.gpus,
-            remaining_ms: (need_ms - st.ran_ms).max(1),
-            deadline_ms: deadline,
+            remaining_ms,
+            deadline_ms: deadline - margin,
         };
-        // The latest start keeps a margin for the router's placement and the model's loading:
-        // 5 % of the run, at least 1 s, at most 10 min.
-        let margin = (waiting.remaining_ms / 20).clamp(1_000, 600_000);
-        let latest = deadline - waiting.remaining_ms - margin;
+        let latest = deadline - remaining_ms - margin;
         if let Some(h) = app.gateway.jobs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&lease.row.id) {
             h.waiting = Some(waiting);
         }

@@ -661,7 +661,12 @@ pub async fn run(
                     Ok(n) => {
                         waiting.insert(n.instance, (n.jobs, Instant::now()));
                         waiting.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
-                        let jobs = waiting.values().flat_map(|(j, _)| j.iter().cloned()).collect();
+                        // One entry per job: a job resumed elsewhere may still be listed by the
+                        // process that held it until that one's list lapses.
+                        let mut jobs: Vec<crate::events::WaitingJob> =
+                            waiting.values().flat_map(|(j, _)| j.iter().cloned()).collect();
+                        jobs.sort_by(|a, b| a.id.cmp(&b.id));
+                        jobs.dedup_by(|a, b| a.id == b.id);
                         let _ = control_tx.send(Control::Jobs(jobs));
                     }
                     Err(e) => tracing::warn!(error = %e, "waiting jobs message ignored"),

@@ -1508,13 +1508,13 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Workloads of `kind` not finished (queued or running) whose row was last written before
+    /// Workloads of `kind` not finished (deferred, queued or running) whose row was last written before
     /// `before_ms`: ones whose process stopped renewing them. Oldest write first.
     pub async fn stale_workloads(&self, kind: &str, before_ms: i64, limit: u32) -> Result<Vec<WorkloadRow>> {
         let limit = Page { after: None, limit: Some(limit) }.limit()?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT id, tenant_id, kind, state, body, created_ms, updated_ms FROM workloads \
-             WHERE kind = $1 AND state IN ('queued', 'running') AND updated_ms < $2 ORDER BY updated_ms, id LIMIT {limit}"
+             WHERE kind = $1 AND state IN ('deferred', 'queued', 'running') AND updated_ms < $2 ORDER BY updated_ms, id LIMIT {limit}"
         )))
         .bind(kind)
         .bind(before_ms)

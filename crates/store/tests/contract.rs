@@ -303,6 +303,9 @@ async fn contract(s: &Store) {
     assert_eq!(s.stale_workloads("batch", 20, 10).await.unwrap().len(), 0, "written at 20");
     assert_eq!(s.stale_workloads("batch", 21, 10).await.unwrap()[0].id, "job-1");
     assert_eq!(s.stale_workloads("job", 21, 10).await.unwrap().len(), 0, "another kind");
+    let deferred = WorkloadRow { state: hcp_model::JobState::Deferred, updated_ms: 21, ..next.clone() };
+    assert!(s.update_workload_if(&deferred, 20).await.unwrap());
+    assert_eq!(s.stale_workloads("batch", 22, 10).await.unwrap()[0].id, "job-1", "a deferred job is resumed too");
     s.put_workload(&WorkloadRow { state: hcp_model::JobState::Completed, updated_ms: 22, ..w }).await.unwrap();
     assert_eq!(s.stale_workloads("batch", 1_000, 10).await.unwrap().len(), 0, "finished work is not stale");
     let id1 = s.audit(1, "root", "tenant.create", "acme", None, Some("{}")).await.unwrap();
