@@ -10,9 +10,10 @@
 //!
 //! Jobs are placed earliest deadline first, so a tight job gets its interval before a loose one
 //! takes it. A job runs now when the current interval is part of its cheapest placement, when
-//! no placement before the deadline exists (it is late already: it runs at once, and says so), or
-//! when no price path is known (nothing to defer on). Ties go to the earlier interval, so a flat
-//! price path never delays anything.
+//! its run no longer fits before its deadline (it is late already: it runs at once, holds its
+//! GPUs, and says so), or when no price path is known (nothing to defer on). A job that finds no
+//! GPUs free but could still start later waits (`no_room`) rather than overbook them. Ties go to
+//! the earlier interval, so a flat price path never delays anything.
 //!
 //! Pure: no clock, no IO. The engine calls it at every decision and when the waiting jobs change.
 
