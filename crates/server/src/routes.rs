@@ -241,8 +241,13 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         serde_path_to_error::deserialize(de).map(Body).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "body".to_string() } else { path };
-            ApiError::invalid(field, e.inner().to_string())
+            let inner = e.inner();
+            // Broken JSON has no field to name (the path would read `?`): the body is at fault.
+            if inner.is_syntax() || inner.is_eof() {
+                return ApiError::invalid("body", format!("malformed JSON: {inner}"));
+            }
+            let field = if path == "." || path == "?" { "body".to_string() } else { path };
+            ApiError::invalid(field, inner.to_string())
         })
     }
 }

@@ -74,9 +74,14 @@ pub(crate) struct LoginBody {
 /// Checks the token as any API call would, then keeps it in the session cookie.
 async fn login(State(app): State<Arc<App>>, Body(b): Body<LoginBody>) -> ApiResult<Response> {
     let token = b.token.trim();
+    // Tokens are ASCII letters, digits, `_` and `-` (account names may hold `-`); anything else is
+    // named here (a header would not carry it, and the answer would say the header is missing).
+    if token.is_empty() || !token.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(crate::error::ApiError::invalid("token", "ASCII letters, digits, _ and - only"));
+    }
     let mut h = HeaderMap::new();
     let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| crate::error::ApiError::invalid("token", "letters, digits and underscores only"))?;
+        .map_err(|_| crate::error::ApiError::invalid("token", "ASCII letters, digits, _ and - only"))?;
     h.insert(header::AUTHORIZATION, bearer);
     let p = crate::routes::authenticate(&app, &h, true).await?;
     let cookie = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_S}");

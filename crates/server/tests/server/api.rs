@@ -321,6 +321,23 @@ async fn malformed_bodies_name_the_field_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // A token that is not ASCII is named at the dashboard's login (not "the header is missing").
+    let (s, b) = p.call("POST", "/ui/login", None, Some(json!({"token": "hcpa_admin_é"}))).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("token")), "{b}");
+    // Broken JSON names the body, not `?`.
+    let r = p
+        .http
+        .post(format!("{}/api/v1/tenants", p.base))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(r#"{"id": "a", "name": "#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["field"], "body", "{b}");
+    assert!(b["error"]["message"].as_str().unwrap().contains("malformed JSON"), "{b}");
     let big = "x".repeat(300 * 1024);
     let (s, b) =
         p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "a", "name": big, "weight": 1}))).await;
