@@ -124,7 +124,7 @@ pub fn schedule(now: SimTime, path: &PricePath<'_>, jobs: &[BatchJob]) -> Vec<Pl
         let mut k = 0usize;
         while left > 0 {
             let ms = usable(k, i64::MAX).min(left);
-            cost += usd(j.gpus, ms, if k < n { prices[k] } else { price(k) });
+            cost += usd(j.gpus, ms, price(k));
             left -= ms;
             k += 1;
         }

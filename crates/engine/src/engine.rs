@@ -119,6 +119,8 @@ pub struct Engine {
     /// Jobs told to start since the last decision, with their GPUs: the demand does not show
     /// them yet, so they are taken off the GPUs free, and not placed again.
     batch_started: BTreeMap<String, u32>,
+    /// Each site's GPUs and their draws (the fleet's groups do not change after construction).
+    site_gpus: Vec<crate::policies::SiteGpus>,
     /// Input kinds whose `refused:<kind>` alert is raised.
     refused_open: Vec<&'static str>,
     out: VecDeque<Output>,
@@ -142,8 +144,10 @@ impl Engine {
         // Decisions fall on whole intervals of market time.
         let first = SimTime(start.0.div_euclid(interval) * interval);
         let first = if first < start { first.plus_ms(interval) } else { first };
+        let groups = fleet.groups();
+        let site_gpus = crate::policies::site_gpus(fleet, &groups);
         Ok(Engine {
-            groups: fleet.groups(),
+            groups,
             site_point: fleet.sites.iter().map(|s| s.settlement_point.clone()).collect(),
             stale_keys: {
                 let mut p: Vec<String> = fleet.sites.iter().map(|s| s.settlement_point.clone()).collect();
@@ -180,6 +184,7 @@ impl Engine {
             batch_waiting: vec![],
             batch_path: None,
             batch_started: BTreeMap::new(),
+            site_gpus,
             refused_open: vec![],
             out: VecDeque::new(),
             cfg,
@@ -708,8 +713,7 @@ impl Engine {
             }
             _ => (vec![], 0),
         };
-        let gpus = crate::policies::site_gpus(&self.fleet, &self.groups);
-        let (n, w) = gpus.iter().fold((0u32, 0.0), |(n, w), g| (n + g.count, w + g.full_w));
+        let (n, w) = self.site_gpus.iter().fold((0u32, 0.0), |(n, w), g| (n + g.count, w + g.full_w));
         let started: u32 = self.batch_started.values().sum();
         let free = free.saturating_sub(started);
         let path = hcp_econ::batch::PricePath {
@@ -745,7 +749,7 @@ impl Engine {
     /// is known) and then the day-ahead prices; and the GPUs the demand leaves free. Empty when
     /// a site with GPUs has no prices.
     fn set_batch_path(&mut self, t0: SimTime, last_grid: &[GridSignal], known: &[Vec<f64>], busy: &[Option<u32>]) {
-        let gpus = crate::policies::site_gpus(&self.fleet, &self.groups);
+        let gpus = &self.site_gpus;
         let with_gpus: Vec<usize> = (0..gpus.len()).filter(|&s| gpus[s].count > 0).collect();
         let total: u32 = with_gpus.iter().map(|&s| gpus[s].count).sum();
         let held: u32 = with_gpus.iter().map(|&s| busy[s].unwrap_or(0).min(gpus[s].count)).sum();

@@ -255,10 +255,7 @@ enum EngineClock {
 
 impl EngineClock {
     fn now(&self) -> SimTime {
-        match self {
-            EngineClock::Demo(c) => c.sim_time(WallTime(wall_ms())),
-            EngineClock::Market(c) => c.market_time(WallTime(wall_ms())),
-        }
+        self.time_of(WallTime(wall_ms()))
     }
 
     fn wall_of(&self, t: SimTime) -> WallTime {

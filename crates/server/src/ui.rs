@@ -80,8 +80,8 @@ async fn login(State(app): State<Arc<App>>, Body(b): Body<LoginBody>) -> ApiResu
         return Err(crate::error::ApiError::invalid("token", "ASCII letters, digits, _ and - only"));
     }
     let mut h = HeaderMap::new();
-    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| crate::error::ApiError::invalid("token", "ASCII letters, digits, _ and - only"))?;
+    let bearer =
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("checked above: ASCII letters, digits, _ and -");
     h.insert(header::AUTHORIZATION, bearer);
     let p = crate::routes::authenticate(&app, &h, true).await?;
     let cookie = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_S}");
