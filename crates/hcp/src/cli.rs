@@ -118,6 +118,49 @@ pub struct GatewayArgs {
     /// (http2: it speaks HTTP/2 without TLS; all streams to it share one connection). Repeatable.
     #[arg(long = "backend", value_parser = hcp_server::gateway::BackendConfig::parse)]
     pub backends: Vec<hcp_server::gateway::BackendConfig>,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// How the platform's servers treat connections and where metrics are served.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NetArgs {
+    /// Seconds a client may take to send a request's headers (and an HTTP/1 connection may wait
+    /// idle between requests).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_s: u64,
+    /// Seconds a connection with no request in flight and no traffic stays open.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_s: u64,
+    /// Connections open at once per listener.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Connections open at once from one client address (behind a proxy, every connection comes
+    /// from the proxy: raise this to --max-connections there).
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections_per_addr: u64,
+    /// Serve /metrics on this address without credentials (bind it where only the scraper
+    /// reaches); the main port's /metrics then answers 404. Without it, /metrics on the main
+    /// port needs an operator account's token (any role: make a viewer account for the scraper).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Behind a proxy that writes X-Forwarded-For: take the client's address (which failed
+    /// logins are counted against) from its last entry. Never set it without such a proxy.
+    #[arg(long)]
+    pub trust_forwarded_for: bool,
+}
+
+impl NetArgs {
+    pub fn config(&self) -> hcp_server::NetConfig {
+        hcp_server::NetConfig {
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
+            max_connections: self.max_connections as usize,
+            max_connections_per_addr: self.max_connections_per_addr as usize,
+            metrics_listen: self.metrics_listen,
+            trust_forwarded_for: self.trust_forwarded_for,
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -118,6 +118,7 @@ fn serve_with(
         account_rate_per_s: account_rate()?,
         sim_backend_listen: (!gateway.no_sim_backend).then_some(gateway.sim_backend_listen),
         sim_backend_http2: gateway.sim_backend_protocol == crate::cli::Protocol::Http2,
+        net: gateway.net.config(),
         backends: gateway.backends,
         backtest_fleets: vec![load_fleet(None, SMALL_FLEET)?, load_fleet(None, REFERENCE_FLEET)?],
     };
@@ -127,6 +128,9 @@ fn serve_with(
         let running = hcp_server::start(cfg.clone(), store).await?;
         println!("hcp: listening on http://{}", running.addr);
         println!("hcp: OpenAI-compatible API at http://{}/v1", running.addr);
+        if let Some(m) = running.metrics_addr {
+            println!("hcp: metrics at http://{m}/metrics (no credentials: keep this address internal)");
+        }
         if cfg.api {
             println!("hcp: dashboard and customer portal at http://{}/", running.addr);
         }

@@ -9,6 +9,16 @@
 //! revoking a key drops it from the cache at once. Tokens are never logged. Each principal has a
 //! token bucket (tenant keys: the key's rate; accounts: [`ACCOUNT_RATE_PER_S`]); an empty bucket
 //! answers 429 with Retry-After.
+//!
+//! Wrong tokens cannot buy the process's memory and CPU ([`Guard`]): at most
+//! [`Guard::slots`] Argon2 checks run at once (each holds about 19 MiB); a token that failed is
+//! refused from memory for [`FAILED_TTL`] without a second check; a client address that failed
+//! [`FAILURES_PER_ADDR`] times in a [`FAILURE_WINDOW`] is refused without a check until the window
+//! ends, and so is any failing address trying a name (account or key id) that failed
+//! [`FAILURES_PER_NAME`] times (an address with no failure still gets its check: a flood of guesses
+//! does not lock the owner out). An unknown name is checked against a dummy hash, so it costs what
+//! a known one costs and the time of the answer does not tell which names exist. Tokens already
+//! verified are served from the cache and never wait for any of this.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,6 +32,17 @@ use crate::error::ApiError;
 
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
 pub const CACHE_MAX: usize = 10_000;
+/// How long a token that failed verification is refused without another check.
+pub const FAILED_TTL: Duration = Duration::from_secs(60);
+/// The window in which failures are counted.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Failed verifications one client address may cause in a window.
+pub const FAILURES_PER_ADDR: u32 = 20;
+/// Failed verifications of one account name or key id in a window, after which failing
+/// addresses are refused for that name without a check.
+pub const FAILURES_PER_NAME: u32 = 20;
+/// How long a request waits for a verification slot before it is told to come back.
+pub const SLOT_WAIT: Duration = Duration::from_secs(5);
 /// Default requests per second of an operator account (`Config::account_rate_per_s`).
 pub const ACCOUNT_RATE_PER_S: f64 = 1_000.0;
 
@@ -140,6 +161,168 @@ pub fn verify_secret(secret: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| argon2::Argon2::default().verify_password(secret.as_bytes(), &h).is_ok())
 }
 
+/// The hash an unknown name's secret is checked against: made once per process, with the same
+/// parameters as every stored hash, of a secret nobody knows.
+pub fn dummy_hash() -> &'static str {
+    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    H.get_or_init(|| hash_secret(&secret()))
+}
+
+/// Counts in a fixed window.
+struct Window {
+    from: Instant,
+    n: u32,
+}
+
+/// What stands between wrong tokens and the Argon2 checks (see the module's documentation).
+pub struct Guard {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    slots_n: usize,
+    /// Hashes of tokens that failed, with when.
+    failed: Mutex<HashMap<u64, Instant>>,
+    hasher: std::hash::RandomState,
+    /// Failures by `a:<address>` and `n:<name>`.
+    failures: Mutex<HashMap<String, Window>>,
+    /// Checks run (of any outcome), for tests and metrics.
+    pub checks: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicUsize,
+    /// The most checks that ran at once.
+    pub peak: std::sync::atomic::AtomicUsize,
+}
+
+/// The check a token may have now.
+pub enum Admission {
+    /// Run the check while holding this slot.
+    Check(tokio::sync::OwnedSemaphorePermit),
+    Refused(ApiError),
+}
+
+impl Guard {
+    /// `slots` checks at once (at least one).
+    pub fn new(slots: usize) -> Guard {
+        let slots = slots.max(1);
+        Guard {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(slots)),
+            slots_n: slots,
+            failed: Mutex::default(),
+            hasher: std::hash::RandomState::new(),
+            failures: Mutex::default(),
+            checks: Default::default(),
+            running: Default::default(),
+            peak: Default::default(),
+        }
+    }
+
+    /// Checks at once by default: half the cores (at least one), so that good requests keep
+    /// the other half while wrong tokens pour in.
+    pub fn default_slots() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get() / 2).max(1)
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots_n
+    }
+
+    fn token_hash(&self, token: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(token)
+    }
+
+    fn over(&self, key: &str, limit: u32, now: Instant) -> Option<Duration> {
+        let f = self.failures.lock().expect("failures lock");
+        let w = f.get(key)?;
+        let age = now.duration_since(w.from);
+        (age < FAILURE_WINDOW && w.n >= limit).then(|| FAILURE_WINDOW - age)
+    }
+
+    fn failures_of(&self, key: &str, now: Instant) -> u32 {
+        let f = self.failures.lock().expect("failures lock");
+        f.get(key).filter(|w| now.duration_since(w.from) < FAILURE_WINDOW).map_or(0, |w| w.n)
+    }
+
+    /// Whether `token` (naming `name`, sent from `addr`) may be checked now; waits up to
+    /// [`SLOT_WAIT`] for a slot.
+    pub async fn admit(&self, token: &str, name: &str, addr: Option<std::net::IpAddr>) -> Admission {
+        let now = Instant::now();
+        let refused = |why: String, wait: Duration| {
+            let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_failures", why);
+            e.retry_after_s = Some(wait.as_secs().max(1));
+            Admission::Refused(e)
+        };
+        {
+            let failed = self.failed.lock().expect("failed lock");
+            if failed.get(&self.token_hash(token)).is_some_and(|at| now.duration_since(*at) < FAILED_TTL) {
+                return Admission::Refused(ApiError::unauthorized("invalid token"));
+            }
+        }
+        let addr_key = addr.map(|a| format!("a:{a}"));
+        if let Some(k) = &addr_key {
+            if let Some(wait) = self.over(k, FAILURES_PER_ADDR, now) {
+                return refused(format!("too many invalid tokens from this address; retry in {} s", wait.as_secs()), wait);
+            }
+        }
+        // A name under attack: addresses that have failed are refused for it; one that has not
+        // (its owner, most likely) still gets its check.
+        let failing = addr_key.as_deref().is_none_or(|k| self.failures_of(k, now) > 0);
+        if failing {
+            if let Some(wait) = self.over(&format!("n:{name}"), FAILURES_PER_NAME, now) {
+                return refused(format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()), wait);
+            }
+        }
+        match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Admission::Check(p),
+            _ => {
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "too many token verifications in progress; retry shortly",
+                );
+                e.retry_after_s = Some(1);
+                Admission::Refused(e)
+            }
+        }
+    }
+
+    /// Runs one check off the async threads, counting it.
+    pub async fn check(&self, secret: String, hash: String) -> Result<bool, ApiError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.checks.fetch_add(1, Relaxed);
+        let running = self.running.fetch_add(1, Relaxed) + 1;
+        self.peak.fetch_max(running, Relaxed);
+        let r = tokio::task::spawn_blocking(move || verify_secret(&secret, &hash)).await;
+        self.running.fetch_sub(1, Relaxed);
+        r.map_err(ApiError::internal)
+    }
+
+    /// The token failed its check: remembered, and counted against its address and name.
+    pub fn failed(&self, token: &str, name: &str, addr: Option<std::net::IpAddr>) {
+        let now = Instant::now();
+        {
+            let mut failed = self.failed.lock().expect("failed lock");
+            if failed.len() >= CACHE_MAX {
+                failed.retain(|_, at| now.duration_since(*at) < FAILED_TTL);
+                if failed.len() >= CACHE_MAX {
+                    failed.clear();
+                }
+            }
+            failed.insert(self.token_hash(token), now);
+        }
+        let mut f = self.failures.lock().expect("failures lock");
+        if f.len() >= CACHE_MAX {
+            f.retain(|_, w| now.duration_since(w.from) < FAILURE_WINDOW);
+        }
+        let keys = addr.map(|a| format!("a:{a}")).into_iter().chain(std::iter::once(format!("n:{name}")));
+        for k in keys {
+            let w = f.entry(k).or_insert(Window { from: now, n: 0 });
+            if now.duration_since(w.from) >= FAILURE_WINDOW {
+                *w = Window { from: now, n: 0 };
+            }
+            w.n += 1;
+        }
+        metrics::counter!("hcp_auth_failures_total").increment(1);
+    }
+}
+
 /// What a token says it is, before verification.
 #[derive(Debug, PartialEq)]
 pub enum TokenKind<'a> {
@@ -177,6 +360,8 @@ pub struct Gate {
     verifying: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     buckets: Mutex<HashMap<String, Bucket>>,
     account_rate_per_s: f64,
+    /// The bounds on checks of tokens not in the cache.
+    pub guard: Guard,
 }
 
 impl Default for Gate {
@@ -187,7 +372,13 @@ impl Default for Gate {
 
 impl Gate {
     pub fn new(account_rate_per_s: f64) -> Self {
-        Gate { cache: Mutex::default(), verifying: Mutex::default(), buckets: Mutex::default(), account_rate_per_s }
+        Gate {
+            cache: Mutex::default(),
+            verifying: Mutex::default(),
+            buckets: Mutex::default(),
+            account_rate_per_s,
+            guard: Guard::new(Guard::default_slots()),
+        }
     }
 
     pub fn cached(&self, token: &str) -> Option<Principal> {
@@ -218,6 +409,11 @@ impl Gate {
     pub fn forget_key(&self, key_id: &str) {
         let mut c = self.cache.lock().expect("cache lock");
         c.retain(|_, (p, _)| !matches!(p, Principal::Tenant { key, .. } if key == key_id));
+    }
+
+    /// Forgets one cached entry (an ended session).
+    pub fn forget(&self, key: &str) {
+        self.cache.lock().expect("cache lock").remove(key);
     }
 
     /// Forgets every cached token of an account (its secret or role changed).

@@ -44,8 +44,10 @@ use tokio::sync::mpsc;
 
 use crate::auth::Principal;
 use crate::openai::{DEFAULT_MAX_TOKENS, Endpoint, OaiError, estimate_bytes, parse};
+use crate::routes::Peer;
 use crate::routing::Placement;
 use crate::{App, wall_ms};
+use std::net::IpAddr;
 
 /// Tries of one request on different replicas when backends fail before their first byte.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -303,8 +305,8 @@ pub fn no_capacity(tenant: &str) -> String {
     )
 }
 
-async fn tenant_of(app: &App, headers: &HeaderMap) -> Result<(String, String, i64), OaiError> {
-    match crate::routes::authenticate(app, headers, false).await.map_err(OaiError::from)? {
+async fn tenant_of(app: &App, headers: &HeaderMap, peer: Option<IpAddr>) -> Result<(String, String, i64), OaiError> {
+    match crate::routes::authenticate(app, headers, peer, false).await.map_err(OaiError::from)? {
         Principal::Tenant { tenant, key, band, .. } => Ok((tenant, key, band)),
         Principal::Account { .. } => Err(OaiError::new(
             StatusCode::FORBIDDEN,
@@ -315,8 +317,8 @@ async fn tenant_of(app: &App, headers: &HeaderMap) -> Result<(String, String, i6
     }
 }
 
-async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(e) = tenant_of(&app, &headers).await {
+async fn models(State(app): State<Arc<App>>, Peer(peer): Peer, headers: HeaderMap) -> Response {
+    if let Err(e) = tenant_of(&app, &headers, peer).await {
         return e.into_response();
     }
     let models = app.router.lock().unwrap_or_else(|e| e.into_inner()).models();
@@ -329,12 +331,12 @@ async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    serve(app, Endpoint::Chat, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+async fn chat(State(app): State<Arc<App>>, Peer(peer): Peer, headers: HeaderMap, body: Bytes) -> Response {
+    serve(app, Endpoint::Chat, headers, peer, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    serve(app, Endpoint::Completions, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+async fn completions(State(app): State<Arc<App>>, Peer(peer): Peer, headers: HeaderMap, body: Bytes) -> Response {
+    serve(app, Endpoint::Completions, headers, peer, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, OaiError> {
@@ -537,8 +539,14 @@ enum Try {
     Again,
 }
 
-async fn serve(app: Arc<App>, ep: Endpoint, headers: HeaderMap, body: Bytes) -> Result<Response, OaiError> {
-    let (tenant, key, key_band) = tenant_of(&app, &headers).await?;
+async fn serve(
+    app: Arc<App>,
+    ep: Endpoint,
+    headers: HeaderMap,
+    peer: Option<IpAddr>,
+    body: Bytes,
+) -> Result<Response, OaiError> {
+    let (tenant, key, key_band) = tenant_of(&app, &headers, peer).await?;
     let req = parse(ep, &body)?;
     let tier = tier(&headers, key_band)?;
     let tag = header_str(&headers, "x-hcp-tag")?.map(str::to_string);

@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod graphql;
 pub mod live;
 pub mod metering;
+pub mod net;
 pub mod openai;
 pub mod openapi;
 pub mod reads;
@@ -71,6 +72,45 @@ pub struct Config {
     pub backends: Vec<gateway::BackendConfig>,
     /// Fleets a backtest from the API may run besides the platform's own.
     pub backtest_fleets: Vec<Fleet>,
+    /// Connection limits, the metrics listener and the proxy trusted for client addresses.
+    pub net: NetConfig,
+}
+
+/// How the platform's servers treat connections (every listener: the API, the metrics listener
+/// and the simulated backend).
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The longest a client may take to send a request's headers; an HTTP/1 connection idle
+    /// between requests for this long is closed too.
+    pub header_read_timeout: std::time::Duration,
+    /// A connection with no request in flight and no byte moved for this long is closed (HTTP/2
+    /// and clients that never finish a first request line included).
+    pub idle_timeout: std::time::Duration,
+    /// Connections open at once, in total per listener.
+    pub max_connections: usize,
+    /// Connections open at once from one client address, per listener.
+    pub max_connections_per_addr: usize,
+    /// Serve `/metrics` here, without credentials (a listener on an internal network); the main
+    /// listener's `/metrics` then answers 404. None: `/metrics` on the main listener, for an
+    /// operator account's token (any role).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Take the client's address from the last entry of `X-Forwarded-For` (set only behind a
+    /// proxy that writes it; otherwise any client could pick the address its failures count
+    /// against).
+    pub trust_forwarded_for: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            header_read_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+            max_connections: 20_000,
+            max_connections_per_addr: 2_000,
+            metrics_listen: None,
+            trust_forwarded_for: false,
+        }
+    }
 }
 
 /// Where the engine's signals and time come from.
@@ -139,6 +179,10 @@ pub struct App {
     pub engine_config: hcp_engine::EngineConfig,
     /// The engine's mode as configured for this process (`demo`, `live`, `rehearsal`).
     pub mode: &'static str,
+    /// The client's address is the last of `X-Forwarded-For` (behind a proxy this platform trusts).
+    pub trust_forwarded_for: bool,
+    /// `/metrics` is served on its own listener (`NetConfig::metrics_listen`), not the main one.
+    pub metrics_elsewhere: bool,
 }
 
 /// The router's tenants and capacity from storage.
@@ -394,6 +438,8 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// A running platform: its address and a handle to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served without credentials, if it has its own listener.
+    pub metrics_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -416,75 +462,20 @@ impl Running {
     }
 }
 
-/// Every accepted connection sends small writes at once (no Nagle delay): an SSE stream writes a
-/// chunk of a few hundred bytes per token, and each must leave when it is written.
-pub fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn set(tcp: &mut tokio::net::TcpStream) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
-        }
-    }
-    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
-}
+pub use net::H2_MAX_STREAMS;
 
-/// Streams one HTTP/2 connection to a backend server of this process may carry at once. The
-/// gateway multiplexes all its requests to the simulated backend over one connection (hyper's
-/// default of 200 would queue the rest); a bound still, so a peer cannot open without limit.
-pub const H2_MAX_STREAMS: u32 = 65_536;
-
-/// Serves `router` on `listener` over HTTP/1.1 and over HTTP/2 without TLS (h2c, prior
-/// knowledge), each connection with Nagle off, until `stop` resolves; then stops accepting and
-/// lets every connection finish what it serves. For backends the gateway calls: over HTTP/2 one
-/// write and one read carry the tokens of many streams instead of one each.
-pub async fn serve_h1_h2c(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    use axum::serve::Listener;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(H2_MAX_STREAMS);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut stop = std::pin::pin!(stop);
-    // Accepted as `axum::serve` accepts (errors such as running out of file descriptors are
-    // logged and waited out), with Nagle off.
-    let mut listener = nodelay(listener);
-    loop {
-        let (tcp, _) = tokio::select! {
-            c = listener.accept() => c,
-            () = &mut stop => break,
-        };
-        let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone())).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    graceful.shutdown().await;
-}
-
-/// Serves HTTP on `listener` (with each connection's peer address) until `stop` turns true, then
-/// finishes the requests in flight.
+/// Serves on `listener` until `stop` turns true, then finishes the requests in flight.
 async fn serve_until(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    net: NetConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    what: &'static str,
 ) -> anyhow::Result<()> {
-    axum::serve(nodelay(listener), router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
-        .context(what)
+    net::serve(listener, router, net, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    })
+    .await;
+    Ok(())
 }
 
 /// Starts the roles the config names; returns once listening.
@@ -514,12 +505,28 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         graphql: graphql::schema(),
         engine_config: cfg.engine_config.clone(),
         mode: cfg.mode.name(),
+        trust_forwarded_for: cfg.net.trust_forwarded_for,
+        metrics_elsewhere: cfg.net.metrics_listen.is_some(),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_addr = match cfg.net.metrics_listen {
+        Some(listen) => {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("the metrics listener: listen on {listen}"))?;
+            let addr = l.local_addr()?;
+            tasks.push(tokio::spawn(serve_until(l, routes::metrics_router(app.clone()), cfg.net.clone(), rx.clone())));
+            Some(addr)
+        }
+        None => None,
+    };
+    // The simulated backend's one client is this process's gateway: one address, as many
+    // connections as it has streams over HTTP/1.1.
+    let backend_net = NetConfig { max_connections_per_addr: cfg.net.max_connections, ..cfg.net.clone() };
     if cfg.api {
         // Change notices for the read cache and the router: subscribed before the first request
         // is served and before the router is loaded from storage (a change in between arrives
@@ -552,14 +559,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
                 .with_context(|| format!("the simulated backend: listen on {listen}"))?;
             let addr = l.local_addr()?;
             *app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("http://{addr}"));
-            let (mut stop, router) = (rx.clone(), simbackend::router(sim.clone()));
-            tasks.push(tokio::spawn(async move {
-                let stop = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                serve_h1_h2c(l, router, stop).await;
-                Ok(())
-            }));
+            tasks.push(tokio::spawn(serve_until(l, simbackend::router(sim.clone()), backend_net, rx.clone())));
         }
         tasks.push(tokio::spawn(gateway::health_loop(app.clone(), rx.clone())));
         tasks.push(tokio::spawn(gateway::tick_loop(app.clone(), rx.clone())));
@@ -572,6 +572,9 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
                     m = sub.next() => match m {
                         Ok(m) => {
                             a.reads.note(&m.subject);
+                            if m.subject == ui::SESSION_ENDED {
+                                a.gate.forget(&routes::session_cache_key(&String::from_utf8_lossy(&m.payload)));
+                            }
                             if let Err(e) = a.live.note(&m.subject, &m.payload) {
                                 tracing::warn!(subject = %m.subject, error = %e, "notice not kept for the dashboard");
                             }
@@ -612,11 +615,11 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
             }
             Ok(())
         }));
-        tasks.push(tokio::spawn(serve_until(listener, routes::router(app.clone()), rx.clone(), "serve HTTP")));
+        tasks.push(tokio::spawn(serve_until(listener, routes::router(app.clone()), cfg.net.clone(), rx.clone())));
     } else {
         // A dispatcher-only process still answers health and metrics.
         let router = routes::ops_router().with_state(app.clone());
-        tasks.push(tokio::spawn(serve_until(listener, router, rx.clone(), "serve HTTP")));
+        tasks.push(tokio::spawn(serve_until(listener, router, cfg.net.clone(), rx.clone())));
     }
     if cfg.engine {
         tasks.push(tokio::spawn(engine::run(
@@ -628,90 +631,5 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
             rx.clone(),
         )));
     }
-    Ok(Running { addr, app, shutdown: tx, tasks })
-}
-
-#[cfg(test)]
-mod tests {
-    /// Every connection the platform's servers accept sends each write at once: a streamed
-    /// chunk does not wait for the client's acknowledgement of the one before (with Nagle's
-    /// algorithm on, the first token of a stream whose headers went out just before waited for
-    /// the client's delayed ACK, up to 40 ms).
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        use axum::serve::Listener;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let plain = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (io, _) = Listener::accept(&mut super::nodelay(l)).await;
-        assert!(io.nodelay().unwrap());
-        // A socket as the operating system makes it has Nagle on: the wrapper is what turns it off.
-        assert!(!plain.nodelay().unwrap());
-    }
-
-    /// A backend server of this process answers HTTP/1.1 and HTTP/2 without TLS; one HTTP/2
-    /// connection carries more streams at once than hyper's default limit (200); and on stop it
-    /// finishes the request in flight before it returns.
-    #[tokio::test]
-    async fn backend_servers_speak_http1_and_h2c_with_many_streams_per_connection() {
-        use std::sync::Arc;
-        use std::time::Duration;
-        const STREAMS: usize = 300;
-        let together = Arc::new(tokio::sync::Barrier::new(STREAMS));
-        let started = Arc::new(tokio::sync::Notify::new());
-        let router = {
-            let started = started.clone();
-            axum::Router::new()
-                .route(
-                    "/version",
-                    axum::routing::get(|req: axum::extract::Request| async move { format!("{:?}", req.version()) }),
-                )
-                // Each answers only once all STREAMS have arrived (or, if they cannot, after 20 s).
-                .route(
-                    "/together",
-                    axum::routing::get(move || {
-                        let b = together.clone();
-                        async move {
-                            match tokio::time::timeout(Duration::from_secs(20), b.wait()).await {
-                                Ok(_) => "met",
-                                Err(_) => "alone",
-                            }
-                        }
-                    }),
-                )
-                .route(
-                    "/slow",
-                    axum::routing::get(move || {
-                        let started = started.clone();
-                        async move {
-                            started.notify_one();
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            "finished"
-                        }
-                    }),
-                )
-        };
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(super::serve_h1_h2c(l, router, async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
-        let h1 = reqwest::Client::new();
-        let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
-        let get = |c: &reqwest::Client, path: &str| c.get(format!("http://{addr}{path}")).send();
-        assert_eq!(get(&h1, "/version").await.unwrap().text().await.unwrap(), "HTTP/1.1");
-        assert_eq!(get(&h2, "/version").await.unwrap().text().await.unwrap(), "HTTP/2.0");
-        let all = futures::future::join_all(
-            (0..STREAMS).map(|_| async { get(&h2, "/together").await.unwrap().text().await.unwrap() }),
-        )
-        .await;
-        let alone = all.iter().filter(|t| *t != "met").count();
-        assert_eq!(alone, 0, "{alone} of {STREAMS} streams did not run at the same time as the others");
-        let slow = tokio::spawn(get(&h2, "/slow"));
-        started.notified().await;
-        stop.send(true).unwrap();
-        assert_eq!(slow.await.unwrap().unwrap().text().await.unwrap(), "finished");
-        tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server returns once idle").unwrap();
-    }
+    Ok(Running { addr, metrics_addr, app, shutdown: tx, tasks })
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::App;
-use crate::auth::{Principal, Role, TokenKind, hash_secret, parse_token, secret, short_id, valid_name, verify_secret};
+use crate::auth::{Principal, Role, TokenKind, hash_secret, parse_token, secret, short_id, valid_name};
 use crate::error::{ApiError, ApiResult};
 use crate::reads::Table;
 
@@ -119,12 +119,14 @@ impl FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
-        authenticate(app, &parts.headers, parts.method.is_safe()).await.map(Auth)
+        let peer = peer_of(app, parts);
+        authenticate(app, &parts.headers, peer, parts.method.is_safe()).await.map(Auth)
     }
 }
 
-/// The session cookie the dashboard's login sets (HttpOnly, SameSite=Strict): it carries the
-/// token the user logged in with.
+/// The session cookie the dashboard's login sets (HttpOnly, SameSite=Strict, Secure behind
+/// TLS): it carries a random session secret (`hcps_...`) the server keeps (as a hash) until
+/// logout or expiry, never the token the user logged in with.
 pub const SESSION_COOKIE: &str = "hcp_session";
 /// The header a change authenticated by the session cookie must carry: a page of another site
 /// cannot set it (and SameSite=Strict keeps the cookie off its requests in the first place).
@@ -145,10 +147,46 @@ pub(crate) fn token_of(headers: &HeaderMap) -> Option<(&str, bool)> {
         .map(|(_, value)| (value, true))
 }
 
+/// The client's address: the TCP peer's, or where the platform runs behind a proxy it trusts
+/// (`Config::trust_forwarded_for`), the last address of `X-Forwarded-For` (the one that proxy
+/// saw). Failed tokens are counted per this address.
+pub(crate) struct Peer(pub Option<std::net::IpAddr>);
+
+impl FromRequestParts<Arc<App>> for Peer {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        Ok(Peer(peer_of(app, parts)))
+    }
+}
+
+pub(crate) fn peer_of(app: &App, parts: &Parts) -> Option<std::net::IpAddr> {
+    if app.trust_forwarded_for {
+        let forwarded = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .next_back()
+            .and_then(|a| a.trim().parse().ok());
+        if forwarded.is_some() {
+            return forwarded;
+        }
+    }
+    parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+}
+
 /// The token's principal (verified, or remembered from a recent verification), admitted by its
 /// rate limit. `safe`: the request changes nothing (GET, HEAD), so it needs no CSRF header when
-/// the token came from the session cookie.
-pub(crate) async fn authenticate(app: &App, headers: &HeaderMap, safe: bool) -> ApiResult<Principal> {
+/// the token came from the session cookie. `peer`: the client's address, which failures count
+/// against.
+pub(crate) async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    safe: bool,
+) -> ApiResult<Principal> {
     let (token, cookie) = token_of(headers)
         .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> (or a dashboard session)"))?;
     if cookie && !safe && !headers.contains_key(CSRF_HEADER) {
@@ -156,63 +194,125 @@ pub(crate) async fn authenticate(app: &App, headers: &HeaderMap, safe: bool) -> 
             "{CSRF_HEADER}: a change authenticated by the session cookie must carry this header"
         )));
     }
-    let p = match app.gate.cached(token) {
-        Some(p) => p,
-        None => {
-            // One verification per token at a time: a burst of requests with a token not yet
-            // cached (a client opening 1,000 streams) waits for the first one's Argon2 check
-            // instead of running 1,000 of them.
-            let lock = app.gate.verifying(token);
-            let _held = lock.lock().await;
-            match app.gate.cached(token) {
-                Some(p) => p,
-                None => {
-                    let p = verify(app, token).await;
-                    app.gate.verified(token);
-                    let p = p?;
-                    app.gate.remember(token, &p);
-                    p
-                }
-            }
-        }
-    };
+    let p = if cookie { session_principal(app, token).await? } else { principal(app, token, peer).await? };
     app.gate.admit(&p)?;
     Ok(p)
 }
 
-async fn verify(app: &App, token: &str) -> ApiResult<Principal> {
+/// A bearer token's principal, from the cache or verified.
+async fn principal(app: &App, token: &str, peer: Option<std::net::IpAddr>) -> ApiResult<Principal> {
+    if let Some(p) = app.gate.cached(token) {
+        return Ok(p);
+    }
+    // One verification per token at a time: a burst of requests with a token not yet cached (a
+    // client opening 1,000 streams) waits for the first one's Argon2 check instead of running
+    // 1,000 of them.
+    let lock = app.gate.verifying(token);
+    let _held = lock.lock().await;
+    if let Some(p) = app.gate.cached(token) {
+        return Ok(p);
+    }
+    let p = verify(app, token, peer).await;
+    app.gate.verified(token);
+    let p = p?;
+    app.gate.remember(token, &p);
+    Ok(p)
+}
+
+async fn verify(app: &App, token: &str, peer: Option<std::net::IpAddr>) -> ApiResult<Principal> {
     let bad = || ApiError::unauthorized("invalid token");
-    match parse_token(token).ok_or_else(bad)? {
+    let kind = parse_token(token).ok_or_else(bad)?;
+    let name = match &kind {
+        TokenKind::Account { name, .. } => format!("account:{name}"),
+        TokenKind::Key { id, .. } => format!("key:{id}"),
+    };
+    let guard = &app.gate.guard;
+    let _slot = match guard.admit(token, &name, peer).await {
+        crate::auth::Admission::Check(slot) => slot,
+        crate::auth::Admission::Refused(e) => return Err(e),
+    };
+    // Known or not, the name costs one check: an unknown one is checked against the dummy hash.
+    let (secret, hash, found) = match kind {
         TokenKind::Account { name, secret } => {
-            let accounts = app.store.accounts().await?;
-            let a = accounts.into_iter().find(|a| a.name == name).ok_or_else(bad)?;
-            let hash = a.secret_hash.clone();
-            let s = secret.to_string();
-            let ok = tokio::task::spawn_blocking(move || verify_secret(&s, &hash)).await.map_err(ApiError::internal)?;
-            if !ok {
-                return Err(bad());
-            }
-            let role = Role::parse(&a.role).ok_or_else(|| ApiError::internal("stored role"))?;
-            Ok(Principal::Account { name: a.name, role })
+            let a = app.store.accounts().await?.into_iter().find(|a| a.name == name);
+            let hash = a.as_ref().map_or_else(|| crate::auth::dummy_hash().to_string(), |a| a.secret_hash.clone());
+            (secret, hash, a.map(Found::Account))
         }
         TokenKind::Key { id, secret } => {
             let k = match app.store.key(id).await {
-                Ok(k) => k,
-                Err(hcp_store::StoreError::NotFound(_)) => return Err(bad()),
+                Ok(k) => Some(k),
+                Err(hcp_store::StoreError::NotFound(_)) => None,
                 Err(e) => return Err(e.into()),
             };
-            if k.revoked_ms.is_some() {
-                return Err(ApiError::unauthorized("key revoked"));
-            }
-            let hash = k.secret_hash.clone();
-            let s = secret.to_string();
-            let ok = tokio::task::spawn_blocking(move || verify_secret(&s, &hash)).await.map_err(ApiError::internal)?;
-            if !ok {
-                return Err(bad());
-            }
+            let hash = k.as_ref().map_or_else(|| crate::auth::dummy_hash().to_string(), |k| k.secret_hash.clone());
+            (secret, hash, k.map(Found::Key))
+        }
+    };
+    let ok = guard.check(secret.to_string(), hash).await?;
+    let found = match found {
+        Some(f) if ok => f,
+        _ => {
+            guard.failed(token, &name, peer);
+            return Err(bad());
+        }
+    };
+    match found {
+        Found::Account(a) => {
+            let role = Role::parse(&a.role).ok_or_else(|| ApiError::internal("stored role"))?;
+            Ok(Principal::Account { name: a.name, role })
+        }
+        // Said only to the holder of the secret: the id alone does not tell a key was revoked.
+        Found::Key(k) if k.revoked_ms.is_some() => Err(ApiError::unauthorized("key revoked")),
+        Found::Key(k) => {
             Ok(Principal::Tenant { tenant: k.tenant_id, key: k.id, band: k.default_band, rate_per_s: k.rate_per_s })
         }
     }
+}
+
+/// The SHA-256 of a session cookie's value, as the store keeps it.
+pub(crate) fn session_hash(cookie: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(cookie.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The cache key of a session (beside tokens in the same cache, so that revoking a key or
+/// changing an account drops its sessions' entries too).
+pub(crate) fn session_cache_key(hash: &str) -> String {
+    format!("session:{hash}")
+}
+
+/// The principal of a dashboard session: the account or key it was opened with, read again on
+/// every cache miss (a changed role or a revoked key applies to the session too).
+async fn session_principal(app: &App, cookie: &str) -> ApiResult<Principal> {
+    let ended = || ApiError::unauthorized("the dashboard session has ended or is unknown: log in again");
+    let hash = session_hash(cookie);
+    let key = session_cache_key(&hash);
+    if let Some(p) = app.gate.cached(&key) {
+        return Ok(p);
+    }
+    let row = app.store.session(&hash, crate::wall_ms()).await?.ok_or_else(ended)?;
+    let p = match row.kind.as_str() {
+        "account" => {
+            let a = app.store.accounts().await?.into_iter().find(|a| a.name == row.subject).ok_or_else(ended)?;
+            let role = Role::parse(&a.role).ok_or_else(|| ApiError::internal("stored role"))?;
+            Principal::Account { name: a.name, role }
+        }
+        _ => {
+            let k = match app.store.key(&row.subject).await {
+                Ok(k) if k.revoked_ms.is_none() => k,
+                Ok(_) | Err(hcp_store::StoreError::NotFound(_)) => return Err(ended()),
+                Err(e) => return Err(e.into()),
+            };
+            Principal::Tenant { tenant: k.tenant_id, key: k.id, band: k.default_band, rate_per_s: k.rate_per_s }
+        }
+    };
+    app.gate.remember(&key, &p);
+    Ok(p)
+}
+
+enum Found {
+    Account(hcp_store::AccountRow),
+    Key(ApiKeyRow),
 }
 
 /// A JSON body parsed strictly: unknown fields, wrong types and missing fields are 422 naming the
@@ -318,9 +418,29 @@ pub(crate) async fn readyz(State(app): AppState) -> Response {
     (status, Json(body)).into_response()
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
-pub(crate) async fn metrics_text(State(app): AppState) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
+#[utoipa::path(get, path = "/metrics", tag = "ops", security(("bearer" = [])), responses((status = 200, description = "Prometheus text exposition (an operator account's token, any role; or without credentials on the metrics listener, --metrics-listen)", content_type = "text/plain"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "A tenant key", body = crate::openapi::ErrorBody), (status = 404, description = "Served on the metrics listener instead", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn metrics_text(State(app): AppState, Auth(p): Auth) -> ApiResult<Response> {
+    if app.metrics_elsewhere {
+        return Err(ApiError::not_found("/metrics is served on the metrics listener (--metrics-listen), not here"));
+    }
+    // What it shows (power per site, prices, device counts) is what tenants may not read.
+    p.require(Role::Viewer)?;
+    Ok(open_metrics(State(app)).await)
+}
+
+/// The exposition without credentials: served only on the metrics listener.
+async fn open_metrics(State(app): AppState) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+/// The metrics listener's routes: `/metrics` without credentials (bind it to an address only
+/// the scraper reaches) and `/healthz`.
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(open_metrics))
+        .route("/healthz", get(healthz))
+        .layer(middleware::from_fn(observe))
+        .with_state(app)
 }
 
 // ---- reads ------------------------------------------------------------------------------------

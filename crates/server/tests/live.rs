@@ -218,6 +218,7 @@ usd_per_gpu_hour = 2.4
         backends: vec![],
         sim_backend_http2: true,
         backtest_fleets: vec![],
+        net: Default::default(),
     };
     let (store, _) = hcp_server::prepare(&cfg).await.unwrap();
     let running = hcp_server::start(cfg, store).await.unwrap();

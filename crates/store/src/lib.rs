@@ -156,6 +156,31 @@ pub struct ApiKeyRow {
     pub revoked_ms: Option<i64>,
 }
 
+/// The most keys a tenant may hold unrevoked at once: more keys would otherwise mean more of
+/// every per-key allowance.
+pub const MAX_KEYS_PER_TENANT: i64 = 20;
+
+/// A dashboard session (the cookie holds the secret; this, its SHA-256).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionRow {
+    pub id_hash: String,
+    /// `account` or `key`.
+    pub kind: String,
+    /// The account's name or the key's id.
+    pub subject: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// What one process adds to a tenant's one-minute window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateDelta {
+    pub tenant_id: String,
+    pub window_ms: i64,
+    pub requests: i64,
+    pub tokens: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyRow {
     pub name: String,
@@ -683,9 +708,11 @@ impl Store {
             return Err(StoreError::Invalid { field: "rate_per_s", rule: "must be a finite number > 0".into() });
         }
         self.tenant(&k.tenant_id).await?;
-        sqlx::query(
+        // The cap is checked in the insert itself, so two processes cannot both add the last one.
+        let r = sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, secret_hash, default_band, rate_per_s, created_ms, revoked_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+             SELECT $1, $2, $3, $4, $5, $6, NULL WHERE \
+             (SELECT COUNT(*) FROM api_keys WHERE tenant_id = $2 AND revoked_ms IS NULL) < $7",
         )
         .bind(&k.id)
         .bind(&k.tenant_id)
@@ -693,12 +720,22 @@ impl Store {
         .bind(k.default_band)
         .bind(k.rate_per_s)
         .bind(k.created_ms)
+        .bind(MAX_KEYS_PER_TENANT)
         .execute(&self.pool)
         .await
         .map_err(|e| match e {
             sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(format!("key {}", k.id)),
             e => e.into(),
         })?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::Invalid {
+                field: "tenant",
+                rule: format!(
+                    "tenant {} already has {MAX_KEYS_PER_TENANT} active keys, the most one may hold: revoke one first",
+                    k.tenant_id
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -733,6 +770,82 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    // ---- sessions -------------------------------------------------------------------------------
+
+    pub async fn create_session(&self, row: &SessionRow) -> Result<()> {
+        if !["account", "key"].contains(&row.kind.as_str()) {
+            return Err(StoreError::Invalid { field: "kind", rule: "must be account or key".into() });
+        }
+        // Expired sessions go as new ones come.
+        sqlx::query("DELETE FROM sessions WHERE expires_ms < $1").bind(row.created_ms).execute(&self.pool).await?;
+        sqlx::query(
+            "INSERT INTO sessions (id_hash, kind, subject, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&row.id_hash)
+        .bind(&row.kind)
+        .bind(&row.subject)
+        .bind(row.created_ms)
+        .bind(row.expires_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The session, if it exists and has not expired at `now_ms`.
+    pub async fn session(&self, id_hash: &str, now_ms: i64) -> Result<Option<SessionRow>> {
+        let r = sqlx::query(
+            "SELECT id_hash, kind, subject, created_ms, expires_ms FROM sessions WHERE id_hash = $1 AND expires_ms > $2",
+        )
+        .bind(id_hash)
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|r| SessionRow {
+            id_hash: r.get(0),
+            kind: r.get(1),
+            subject: r.get(2),
+            created_ms: r.get(3),
+            expires_ms: r.get(4),
+        }))
+    }
+
+    /// Ends a session; whether it existed.
+    pub async fn end_session(&self, id_hash: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(id_hash).execute(&self.pool).await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- shared rate windows --------------------------------------------------------------------
+
+    /// Adds each delta to its tenant's window and returns the windows' totals (requests, tokens)
+    /// in the same order: what every process together has admitted.
+    pub async fn add_rate_usage(&self, deltas: &[RateDelta]) -> Result<Vec<(i64, i64)>> {
+        let mut out = Vec::with_capacity(deltas.len());
+        let mut tx = self.pool.begin().await?;
+        for d in deltas {
+            let r = sqlx::query(
+                "INSERT INTO rate_windows (tenant_id, window_ms, requests, tokens) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (tenant_id, window_ms) DO UPDATE SET requests = rate_windows.requests + excluded.requests, \
+                 tokens = rate_windows.tokens + excluded.tokens RETURNING requests, tokens",
+            )
+            .bind(&d.tenant_id)
+            .bind(d.window_ms)
+            .bind(d.requests)
+            .bind(d.tokens)
+            .fetch_one(&mut *tx)
+            .await?;
+            out.push((r.get(0), r.get(1)));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Drops windows that began before `before_ms`.
+    pub async fn prune_rate_windows(&self, before_ms: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM rate_windows WHERE window_ms < $1").bind(before_ms).execute(&self.pool).await?;
+        Ok(r.rows_affected())
     }
 
     // ---- policies -------------------------------------------------------------------------------

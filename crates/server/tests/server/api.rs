@@ -76,6 +76,7 @@ impl Platform {
             backends,
             sim_backend_http2: true,
             backtest_fleets: vec![],
+            net: Default::default(),
         };
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
         assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");

@@ -76,6 +76,7 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
         // HTTP/1.1 here, HTTP/2 in the single-process tests: both ways to the backend are run.
         sim_backend_http2: false,
         backtest_fleets: vec![],
+        net: Default::default(),
     };
     // The API first, subscribed, then the dispatcher: its first intervals reach the stream.
     let (store, _) = hcp_server::prepare(&cfg(false)).await.unwrap();

@@ -1,0 +1,24 @@
+-- Version 6: dashboard sessions kept by the server, and tenant rate windows shared by every API
+-- process.
+
+-- A dashboard session: the cookie carries a random secret, stored here only as its SHA-256 (a
+-- copy of this table logs nobody in). The subject is re-read on every cache miss, so a role
+-- change or a revoked key takes effect on the session too; logout deletes the row.
+CREATE TABLE sessions (
+    id_hash TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL
+);
+CREATE INDEX sessions_expires ON sessions(expires_ms);
+
+-- Requests and tokens each tenant used in each one-minute window, summed over every API
+-- process (each adds what it admitted a few times a second and reads the total back).
+CREATE TABLE rate_windows (
+    tenant_id TEXT NOT NULL,
+    window_ms BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    tokens BIGINT NOT NULL,
+    PRIMARY KEY (tenant_id, window_ms)
+);
