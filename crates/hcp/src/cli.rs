@@ -277,6 +277,18 @@ enum BenchWhat {
         #[arg(long, default_value_t = 2_000)]
         writers: usize,
     },
+    /// Wrong tokens against a platform (from one address, then from many with fresh names)
+    /// while a client sends good requests: their latency, the Argon2 checks run, CPU and memory.
+    Auth {
+        #[arg(long)]
+        json: bool,
+        /// Concurrent attackers, each sending wrong tokens as fast as they are answered.
+        #[arg(long, default_value_t = 64)]
+        attackers: usize,
+        /// Measured seconds per phase.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// Gateway overhead: streams straight to the simulated backend, then through the gateway (and
     /// through LiteLLM's proxy when --litellm names its binary), closed loop, same run.
     Gateway {
@@ -468,6 +480,9 @@ pub fn main() -> ExitCode {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }
         Command::Bench { what: BenchWhat::Router { json, decisions } } => crate::bench::router(json, decisions),
+        Command::Bench { what: BenchWhat::Auth { json, attackers, seconds } } => {
+            crate::bench_auth::auth(json, attackers, seconds)
+        }
         Command::Bench { what: BenchWhat::Metering { json, events, writers } } => {
             crate::bench_gateway::metering(json, events, writers)
         }

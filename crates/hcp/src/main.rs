@@ -3,6 +3,7 @@
 
 mod backtest_cmd;
 mod bench;
+mod bench_auth;
 mod bench_gateway;
 mod bench_plane;
 mod chart;

@@ -240,37 +240,47 @@ impl Guard {
         f.get(key).filter(|w| now.duration_since(w.from) < FAILURE_WINDOW).map_or(0, |w| w.n)
     }
 
-    /// Whether `token` (naming `name`, sent from `addr`) may be checked now; waits up to
-    /// [`SLOT_WAIT`] for a slot.
-    pub async fn admit(&self, token: &str, name: &str, addr: Option<std::net::IpAddr>) -> Admission {
+    /// Why a check of `token` from `addr` for `name` is refused now, if it is.
+    fn refusal(&self, token: &str, name: &str, addr: Option<std::net::IpAddr>) -> Option<ApiError> {
         let now = Instant::now();
         let refused = |why: String, wait: Duration| {
             let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_failures", why);
             e.retry_after_s = Some(wait.as_secs().max(1));
-            Admission::Refused(e)
+            e
         };
         {
             let failed = self.failed.lock().expect("failed lock");
             if failed.get(&self.token_hash(token)).is_some_and(|at| now.duration_since(*at) < FAILED_TTL) {
-                return Admission::Refused(ApiError::unauthorized("invalid token"));
+                return Some(ApiError::unauthorized("invalid token"));
             }
         }
         let addr_key = addr.map(|a| format!("a:{a}"));
-        if let Some(k) = &addr_key {
-            if let Some(wait) = self.over(k, FAILURES_PER_ADDR, now) {
-                return refused(format!("too many invalid tokens from this address; retry in {} s", wait.as_secs()), wait);
-            }
+        if let Some(wait) = addr_key.as_deref().and_then(|k| self.over(k, FAILURES_PER_ADDR, now)) {
+            return Some(refused(format!("too many invalid tokens from this address; retry in {} s", wait.as_secs()), wait));
         }
         // A name under attack: addresses that have failed are refused for it; one that has not
         // (its owner, most likely) still gets its check.
         let failing = addr_key.as_deref().is_none_or(|k| self.failures_of(k, now) > 0);
         if failing {
             if let Some(wait) = self.over(&format!("n:{name}"), FAILURES_PER_NAME, now) {
-                return refused(format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()), wait);
+                return Some(refused(format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()), wait));
             }
         }
+        None
+    }
+
+    /// Whether `token` (naming `name`, sent from `addr`) may be checked now; waits up to
+    /// [`SLOT_WAIT`] for a slot. The limits are looked at again once a slot is held: the
+    /// failures of the checks that ran meanwhile count.
+    pub async fn admit(&self, token: &str, name: &str, addr: Option<std::net::IpAddr>) -> Admission {
+        if let Some(e) = self.refusal(token, name, addr) {
+            return Admission::Refused(e);
+        }
         match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Admission::Check(p),
+            Ok(Ok(p)) => match self.refusal(token, name, addr) {
+                Some(e) => Admission::Refused(e),
+                None => Admission::Check(p),
+            },
             _ => {
                 let mut e = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -40,12 +40,27 @@ impl Platform {
         Platform::start_in(name, sim, backends, true).await
     }
 
+    /// A platform with the simulated backend whose config `tune` changes first.
+    async fn start_tuned(name: &str, tune: impl FnOnce(&mut Config)) -> Platform {
+        Platform::start_full(name, true, vec![], true, tune).await
+    }
+
     /// `fresh`: on an empty data directory; else on what a platform of that name left.
     async fn start_in(
         name: &str,
         sim: bool,
         backends: Vec<hcp_server::gateway::BackendConfig>,
         fresh: bool,
+    ) -> Platform {
+        Platform::start_full(name, sim, backends, fresh, |_| {}).await
+    }
+
+    async fn start_full(
+        name: &str,
+        sim: bool,
+        backends: Vec<hcp_server::gateway::BackendConfig>,
+        fresh: bool,
+        tune: impl FnOnce(&mut Config),
     ) -> Platform {
         let slot = SLOTS.acquire().await.expect("never closed");
         let dir = std::env::temp_dir().join(format!("hcp-api-{name}-{}", std::process::id()));
@@ -58,7 +73,7 @@ impl Platform {
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleets/small.toml")),
         )
         .unwrap();
-        let cfg = Config {
+        let mut cfg = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             store_url: Config::data_dir_store(&dir),
             bus_url: None,
@@ -78,6 +93,7 @@ impl Platform {
             backtest_fleets: vec![],
             net: Default::default(),
         };
+        tune(&mut cfg);
         let (store, boot) = hcp_server::prepare(&cfg).await.unwrap();
         assert!(boot.admin_token.is_none() && boot.demo_tenant_key.is_none(), "given credentials are not printed");
         let running = hcp_server::start(cfg, store).await.unwrap();
@@ -197,6 +213,106 @@ async fn every_endpoint_refuses_missing_or_wrong_credentials() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (_, d) = p.call("GET", "/api/v1/devices/1", Some(ADMIN), None).await;
     assert_eq!(d["maintenance"], false);
+    p.stop().await;
+}
+
+/// Wrong tokens cannot buy the process's memory and CPU: checks run a few at a time, an address
+/// that keeps failing is refused without a check, a name under attack still lets its owner in
+/// from another address, and an unknown name costs what a known one does (so the time of the
+/// answer does not tell which names exist). Good tokens are served throughout.
+#[tokio::test]
+async fn wrong_tokens_are_bounded_and_tell_nothing() {
+    use hcp_server::auth::{FAILURES_PER_ADDR, FAILURES_PER_NAME};
+    use std::sync::atomic::Ordering::Relaxed;
+    let p = Platform::start("guard").await;
+    let guard = || &p.running.as_ref().unwrap().app.gate.guard;
+    let wrong = |name: &str| format!("{name}_{}", hcp_server::auth::secret());
+    // Unknown and known names each cost one check.
+    for t in [wrong("hcpa_admin"), wrong("hcpa_nobody"), wrong("hcpk_demo1"), wrong("hcpk_nokey")] {
+        let before = guard().checks.load(Relaxed);
+        let (s, b) = p.call("GET", "/api/v1/me", Some(&t), None).await;
+        assert_eq!((s, b["error"]["message"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid token")));
+        assert_eq!(guard().checks.load(Relaxed), before + 1, "{}", &t[..11]);
+    }
+    // The same wrong token again is refused from memory, without a check.
+    let t = wrong("hcpa_admin");
+    p.call("GET", "/api/v1/me", Some(&t), None).await;
+    let before = guard().checks.load(Relaxed);
+    let (s, _) = p.call("GET", "/api/v1/me", Some(&t), None).await;
+    assert_eq!((s, guard().checks.load(Relaxed)), (StatusCode::UNAUTHORIZED, before));
+    let ops = p.account("ops", "operator").await;
+    // 64 wrong tokens for one account at once, from one address, while a good token is used.
+    let before = guard().checks.load(Relaxed);
+    let pr = &p;
+    let attack = futures::future::join_all((0..64).map(|_| {
+        let t = wrong("hcpa_ops");
+        async move { pr.call("GET", "/api/v1/me", Some(&t), None).await }
+    }));
+    let good = async {
+        let mut statuses = vec![];
+        for _ in 0..20 {
+            statuses.push(p.call("GET", "/api/v1/me", Some(ADMIN), None).await.0);
+        }
+        statuses
+    };
+    let (answers, good) = tokio::join!(attack, good);
+    assert!(good.iter().all(|s| *s == StatusCode::OK), "{good:?}");
+    let checks = guard().checks.load(Relaxed) - before;
+    let slots = guard().slots() as u64;
+    assert!(guard().peak.load(Relaxed) <= slots as usize, "more checks at once than slots");
+    assert!(checks <= u64::from(FAILURES_PER_ADDR) + slots, "{checks} checks for 64 wrong tokens");
+    let limited = answers.iter().filter(|(s, b)| *s == StatusCode::TOO_MANY_REQUESTS && b["error"]["code"] == "too_many_failures").count();
+    let unauthorized = answers.iter().filter(|(s, _)| *s == StatusCode::UNAUTHORIZED).count();
+    assert_eq!(limited + unauthorized, 64, "only 401 and 429: {answers:?}");
+    assert!(limited >= 64 - FAILURES_PER_ADDR as usize - slots as usize, "{limited} refused without a check");
+    // This address is refused even a right token it has not used yet, until the window ends...
+    let (s, _) = p.call("GET", "/api/v1/me", Some(&ops), None).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // ...but from an address with no failure, the owner of the name under attack gets in, while
+    // a wrong token for it from there is checked once and then refused without a check.
+    let from = |ip: &str| reqwest::Client::builder().local_address(ip.parse::<std::net::IpAddr>().ok()).build().unwrap();
+    let me = |c: Client, t: String| {
+        let url = format!("{}/api/v1/me", p.base);
+        async move { c.get(url).bearer_auth(t).send().await.unwrap().status() }
+    };
+    // (This address's earlier failures count against it too: the name's count is topped up from
+    // another address until the name is over its limit.)
+    let mut name_failures = checks;
+    while name_failures < u64::from(FAILURES_PER_NAME) {
+        assert_eq!(me(from("127.0.0.4"), wrong("hcpa_ops")).await, StatusCode::UNAUTHORIZED);
+        name_failures += 1;
+    }
+    assert_eq!(me(from("127.0.0.3"), wrong("hcpa_ops")).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me(from("127.0.0.3"), wrong("hcpa_ops")).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(me(from("127.0.0.2"), ops.clone()).await, StatusCode::OK);
+    p.stop().await;
+}
+
+/// `/metrics` shows what tenants may not read: on the main port it needs an operator account's
+/// token; on its own listener it is open (and the main port's answers 404). `/healthz` stays open.
+#[tokio::test]
+async fn metrics_need_an_account_or_their_own_listener() {
+    let p = Platform::start("metrics").await;
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = p.http.get(format!("{}{path}", p.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap().status() }
+    };
+    assert_eq!(get("/metrics", None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(get("/metrics", Some(DEMO)).await, StatusCode::FORBIDDEN);
+    let viewer = p.account("scraper", "viewer").await;
+    assert_eq!(get("/metrics", Some(&viewer)).await, StatusCode::OK);
+    assert_eq!(get("/healthz", None).await, StatusCode::OK);
+    p.stop().await;
+    let p = Platform::start_tuned("metrics-own", |c| c.net.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let own = p.running.as_ref().unwrap().metrics_addr.expect("a metrics listener");
+    let r = p.http.get(format!("http://{own}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("hcp_http_requests_total"));
+    let r = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     p.stop().await;
 }
 
@@ -461,7 +577,7 @@ async fn lists_page_audit_records_every_change_and_keys_are_rate_limited() {
     ];
     let mut text = String::new();
     for _ in 0..120 {
-        text = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+        text = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
         if names.iter().all(|n| text.contains(n)) {
             break;
         }
@@ -557,7 +673,7 @@ async fn the_engine_records_decisions_and_streams_live_events() {
     assert_eq!(s, StatusCode::OK);
     let mut seen = false;
     for _ in 0..60 {
-        let m = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+        let m = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
         seen = m.lines().any(|l| {
             l.starts_with("hcp_managed_devices{state=\"maintenance\"}")
                 && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
@@ -584,7 +700,7 @@ async fn the_engine_records_decisions_and_streams_live_events() {
         assert!(south["in_service"].as_i64().unwrap() > 0 && south["slots"].as_i64().unwrap() > 0, "{r}");
         west_out = site("tx-west").is_some_and(|w| w["in_service"] == 0);
         if west_out {
-            let m = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+            let m = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
             assert!(m.contains("hcp_router_slots"), "router metrics");
             break;
         }
@@ -1038,7 +1154,7 @@ async fn a_backend_that_fails_before_its_first_byte_is_skipped_and_the_request_r
     assert_eq!(p.usage("retry").await.len(), 4, "one record each");
     let (_, m) = p.call("GET", "/v1/models", Some(DEMO), None).await;
     assert_eq!(m["data"][0]["replicas_in_service"], 1, "the dead backend is held out: {m}");
-    let metrics = p.http.get(format!("{}/metrics", p.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("hcp_gateway_backend_failures_total"), "the failure is counted");
     p.stop().await;
 }
@@ -1167,6 +1283,9 @@ async fn the_dashboard_reads_backtests_and_session_login() {
     assert_eq!(r.status(), StatusCode::OK);
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    // The cookie carries a session the server keeps, not the token; plain HTTP: not Secure.
+    assert!(cookie.starts_with("hcp_session=hcps_") && !cookie.contains(&operator), "{cookie}");
+    assert!(!cookie.contains("Secure"), "{cookie}");
     let session = cookie.split(';').next().unwrap().to_string();
     let r = p.http.get(format!("{}/api/v1/me", p.base)).header("cookie", &session).send().await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["account"], "ops");
@@ -1195,8 +1314,24 @@ async fn the_dashboard_reads_backtests_and_session_login() {
     assert_eq!(r.status(), StatusCode::OK);
     let (_, d) = p.call("GET", "/api/v1/devices/2", Some(ADMIN), None).await;
     assert_eq!(d["maintenance"], true);
-    let r = p.http.post(format!("{}/ui/logout", p.base)).send().await.unwrap();
+    // Behind a proxy that terminates TLS the cookie is Secure.
+    let r = p
+        .http
+        .post(format!("{}/ui/login", p.base))
+        .header("x-forwarded-proto", "https")
+        .json(&json!({"token": operator}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("; Secure"));
+    // Logout ends the session on the server: the old cookie, replayed, is refused.
+    let r = p.http.post(format!("{}/ui/logout", p.base)).header("cookie", &session).send().await.unwrap();
     assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    let r = p.http.get(format!("{}/api/v1/me", p.base)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A made-up session is refused too.
+    let r = p.http.get(format!("{}/api/v1/me", p.base)).header("cookie", "hcp_session=hcps_00").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     p.stop().await;
 }
 
