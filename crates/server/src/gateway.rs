@@ -417,9 +417,20 @@ struct Flight {
     relayed_bytes: usize,
     idem: Option<String>,
     done: bool,
+    /// The tenant's allowance window the request was counted in, and the tokens it reserved.
+    limit_window: Option<i64>,
+    reserved: i64,
 }
 
 impl Flight {
+    /// The tenant's allowance is settled to the tokens of the usage recorded (none if nothing
+    /// was).
+    fn settle(&mut self, used: i64) {
+        if let Some(w) = self.limit_window.take() {
+            self.app.limits.settle(&self.usage.tenant_id, w, used - self.reserved);
+        }
+    }
+
     fn release_router(&mut self, output_tokens: Option<u32>) {
         if let Some(id) = self.router_id.take() {
             self.app.router.lock().unwrap_or_else(|e| e.into_inner()).finish(id, output_tokens, wall_ms());
@@ -443,6 +454,7 @@ impl Flight {
         u.at_ms = wall_ms();
         self.done = true;
         self.release_router(Some(output));
+        self.settle(u.input_tokens + u.output_tokens);
         self.app.meter.record(u).await.map_err(|e| {
             tracing::error!(error = %e, "usage not recorded");
             OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "usage could not be recorded")
@@ -454,6 +466,7 @@ impl Flight {
         let u = self.cut_short(status);
         self.done = true;
         self.release_router(None);
+        self.settle(u.input_tokens + u.output_tokens);
         if let Err(e) = self.app.meter.record(u).await {
             tracing::error!(error = %e, "usage not recorded");
         }
@@ -466,13 +479,17 @@ impl Drop for Flight {
             self.app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
         }
         if self.done {
+            // Ended without usage (refused, or the backend refused it): its tokens go back.
+            self.settle(0);
             return;
         }
         self.release_router(None);
         if self.started {
             let u = self.cut_short(UsageStatus::Cancelled);
+            self.settle(u.input_tokens + u.output_tokens);
             self.app.meter.record_detached(u);
         }
+        self.settle(0);
         metrics::counter!("hcp_gateway_cancelled_total").increment(1);
     }
 }
@@ -592,6 +609,27 @@ async fn serve(
             no_capacity(&tenant),
         ));
     }
+    // The tenant's allowance a minute over all its keys (and every API process): the prompt
+    // and the most output asked for are reserved now, settled to what is used at the end.
+    let reserved = i64::from(req.prompt_tokens) + i64::from(max_out);
+    let limits = app.router.lock().unwrap_or_else(|e| e.into_inner()).tenant_limits(&tenant);
+    let limit_window = match limits {
+        Some((rpm, tpm)) => match crate::limits::admit(&app, &tenant, rpm, tpm, reserved).await {
+            Ok(w) => Some(w),
+            Err(over) => {
+                metrics::counter!("hcp_gateway_tenant_limited_total", "limit" => over.limit).increment(1);
+                let mut e = OaiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    Some("rate_limit_exceeded"),
+                    over.to_string(),
+                );
+                e.retry_after_s = Some(over.retry_after_s);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let rid = format!("{}-{}", ep.id_prefix(), crate::auth::request_id());
     let idem = match header_str(&headers, "idempotency-key")? {
         None => None,
@@ -639,6 +677,8 @@ async fn serve(
         relayed_bytes: 0,
         idem,
         done: false,
+        limit_window,
+        reserved,
     };
     // The backend always reports usage on a stream; the client sees it only if it asked.
     let upstream_body = if req.stream && !req.include_usage {

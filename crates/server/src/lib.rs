@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod gateway;
 pub mod graphql;
+pub mod limits;
 pub mod live;
 pub mod metering;
 pub mod net;
@@ -181,6 +182,8 @@ pub struct App {
     pub mode: &'static str,
     /// The client's address is the last of `X-Forwarded-For` (behind a proxy this platform trusts).
     pub trust_forwarded_for: bool,
+    /// Tenants' allowances a minute, shared with every API process through the store.
+    pub limits: limits::TenantLimits,
     /// `/metrics` is served on its own listener (`NetConfig::metrics_listen`), not the main one.
     pub metrics_elsewhere: bool,
 }
@@ -322,6 +325,9 @@ pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Bootstrap)> {
                 guaranteed_gpus: 0.0,
                 borrow_limit_gpus: 1e6,
                 created_ms: now,
+                // The demo tenant carries load tests and benchmarks: room for them.
+                requests_per_min: 10_000_000,
+                tokens_per_min: 10_000_000_000,
             })
             .await?;
         let key = match &cfg.demo_tenant_key {
@@ -507,6 +513,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         mode: cfg.mode.name(),
         trust_forwarded_for: cfg.net.trust_forwarded_for,
         metrics_elsewhere: cfg.net.metrics_listen.is_some(),
+        limits: limits::TenantLimits::default(),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
@@ -564,6 +571,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         tasks.push(tokio::spawn(gateway::health_loop(app.clone(), rx.clone())));
         tasks.push(tokio::spawn(gateway::tick_loop(app.clone(), rx.clone())));
         tasks.push(tokio::spawn(billing::resume_loop(app.clone(), rx.clone())));
+        tasks.push(tokio::spawn(limits::sync_loop(app.clone(), rx.clone())));
         let (a, mut stop) = (app.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
             loop {

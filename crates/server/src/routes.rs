@@ -1007,6 +1007,24 @@ pub(crate) struct TenantBody {
     /// guarantee and no borrowing a tenant can use nothing.
     #[serde(default)]
     borrow_limit_gpus: f64,
+    /// Requests a minute over all its keys and every API process together: 1 to 100,000,000
+    /// (default 60,000). Each key's own rate applies as well.
+    #[serde(default = "default_rpm")]
+    #[schema(minimum = 1, maximum = 100_000_000, default = 60_000)]
+    requests_per_min: i64,
+    /// Tokens (prompt and output) a minute over all its keys and every API process together: 1 to
+    /// 100,000,000,000 (default 20,000,000).
+    #[serde(default = "default_tpm")]
+    #[schema(minimum = 1, maximum = 100_000_000_000_i64, default = 20_000_000)]
+    tokens_per_min: i64,
+}
+
+fn default_rpm() -> i64 {
+    hcp_store::DEFAULT_REQUESTS_PER_MIN
+}
+
+fn default_tpm() -> i64 {
+    hcp_store::DEFAULT_TOKENS_PER_MIN
 }
 
 #[utoipa::path(post, path = "/api/v1/tenants", tag = "tenants", security(("bearer" = [])), request_body = TenantBody, responses((status = 201, body = hcp_store::TenantRow), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 409, description = "The id exists", body = crate::openapi::ErrorBody)))]
@@ -1033,6 +1051,12 @@ pub(crate) async fn create_tenant(
     if !(b.borrow_limit_gpus.is_finite() && (0.0..=1_000_000.0).contains(&b.borrow_limit_gpus)) {
         return Err(ApiError::invalid("borrow_limit_gpus", "must be between 0 and 1000000"));
     }
+    if !(1..=100_000_000).contains(&b.requests_per_min) {
+        return Err(ApiError::invalid("requests_per_min", "must be between 1 and 100000000"));
+    }
+    if !(1..=100_000_000_000).contains(&b.tokens_per_min) {
+        return Err(ApiError::invalid("tokens_per_min", "must be between 1 and 100000000000"));
+    }
     let t = TenantRow {
         id: b.id,
         name: b.name,
@@ -1040,6 +1064,8 @@ pub(crate) async fn create_tenant(
         guaranteed_gpus: b.guaranteed_gpus,
         borrow_limit_gpus: b.borrow_limit_gpus,
         created_ms: crate::wall_ms(),
+        requests_per_min: b.requests_per_min,
+        tokens_per_min: b.tokens_per_min,
     };
     app.store.create_tenant(&t).await?;
     let after = serde_json::to_string(&t).map_err(ApiError::internal)?;

@@ -270,6 +270,11 @@ impl RouterState {
         Ok(())
     }
 
+    /// A tenant's allowances a minute (requests, tokens), as last known.
+    pub fn tenant_limits(&self, tenant: &str) -> Option<(i64, i64)> {
+        self.tenant_rows.get(tenant).map(|t| (t.requests_per_min, t.tokens_per_min))
+    }
+
     /// The reserved-capacity policy in force (tenant, GPUs), or none: the router holds those GPUs
     /// for the tenant (its guarantee is at least them) as the plan keeps them serving.
     pub fn set_reserved(&mut self, reserved: Option<(String, u32)>) -> Result<(), Invalid> {
@@ -442,6 +447,8 @@ mod tests {
             guaranteed_gpus: 2.0,
             borrow_limit_gpus: 1e9,
             created_ms: 0,
+            requests_per_min: hcp_store::DEFAULT_REQUESTS_PER_MIN,
+            tokens_per_min: hcp_store::DEFAULT_TOKENS_PER_MIN,
         };
         s.add_tenant(&t).unwrap();
         assert_eq!(s.guaranteed_gpus("demo"), Some(2.0));
@@ -469,6 +476,8 @@ mod tests {
             guaranteed_gpus: 0.0,
             borrow_limit_gpus: 1e9,
             created_ms: 0,
+            requests_per_min: hcp_store::DEFAULT_REQUESTS_PER_MIN,
+            tokens_per_min: hcp_store::DEFAULT_TOKENS_PER_MIN,
         };
         s.add_tenant(&t).unwrap();
         s.add_tenant(&t).unwrap();

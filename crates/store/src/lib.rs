@@ -133,6 +133,26 @@ pub struct TenantRow {
     pub guaranteed_gpus: f64,
     pub borrow_limit_gpus: f64,
     pub created_ms: i64,
+    /// Requests a minute over all the tenant's keys and every API process (each key has its
+    /// own rate as well).
+    #[serde(default = "default_requests_per_min")]
+    pub requests_per_min: i64,
+    /// Tokens (prompt and output) a minute over all its keys and every API process.
+    #[serde(default = "default_tokens_per_min")]
+    pub tokens_per_min: i64,
+}
+
+/// A tenant's requests a minute unless it is given others.
+pub const DEFAULT_REQUESTS_PER_MIN: i64 = 60_000;
+/// A tenant's tokens a minute unless it is given others.
+pub const DEFAULT_TOKENS_PER_MIN: i64 = 20_000_000;
+
+fn default_requests_per_min() -> i64 {
+    DEFAULT_REQUESTS_PER_MIN
+}
+
+fn default_tokens_per_min() -> i64 {
+    DEFAULT_TOKENS_PER_MIN
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -625,9 +645,15 @@ impl Store {
                 rule: "guaranteed_gpus and borrow_limit_gpus must be >= 0".into(),
             });
         }
+        if t.requests_per_min < 1 || t.tokens_per_min < 1 {
+            return Err(StoreError::Invalid {
+                field: "requests_per_min",
+                rule: "requests_per_min and tokens_per_min must be >= 1".into(),
+            });
+        }
         let r = sqlx::query(
-            "INSERT INTO tenants (id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO tenants (id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms, requests_per_min, \
+             tokens_per_min) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&t.id)
         .bind(&t.name)
@@ -635,6 +661,8 @@ impl Store {
         .bind(t.guaranteed_gpus)
         .bind(t.borrow_limit_gpus)
         .bind(t.created_ms)
+        .bind(t.requests_per_min)
+        .bind(t.tokens_per_min)
         .execute(&self.pool)
         .await?;
         if r.rows_affected() == 0 {
@@ -646,7 +674,8 @@ impl Store {
     pub async fn tenants(&self, page: &Page) -> Result<Vec<TenantRow>> {
         // Tenants page by creation order; `after` is a creation time.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms FROM tenants \
+            "SELECT id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms, requests_per_min, tokens_per_min \
+             FROM tenants \
              WHERE created_ms > $1 ORDER BY created_ms, id LIMIT {}",
             page.limit()?
         )))
@@ -658,7 +687,8 @@ impl Store {
 
     pub async fn tenant(&self, id: &str) -> Result<TenantRow> {
         let r = sqlx::query(
-            "SELECT id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms FROM tenants WHERE id = $1",
+            "SELECT id, name, weight, guaranteed_gpus, borrow_limit_gpus, created_ms, requests_per_min, tokens_per_min \
+             FROM tenants WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -1752,6 +1782,8 @@ fn tenant_row(r: &AnyRow) -> TenantRow {
         guaranteed_gpus: r.get(3),
         borrow_limit_gpus: r.get(4),
         created_ms: r.get(5),
+        requests_per_min: r.get(6),
+        tokens_per_min: r.get(7),
     }
 }
 

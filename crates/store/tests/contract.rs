@@ -144,6 +144,8 @@ async fn contract(s: &Store) {
         guaranteed_gpus: 4.0,
         borrow_limit_gpus: 8.0,
         created_ms: 1_000,
+        requests_per_min: hcp_store::DEFAULT_REQUESTS_PER_MIN,
+        tokens_per_min: hcp_store::DEFAULT_TOKENS_PER_MIN,
     };
     s.create_tenant(&t).await.unwrap();
     assert!(matches!(s.create_tenant(&t).await, Err(StoreError::Conflict(_))));

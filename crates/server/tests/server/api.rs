@@ -1811,3 +1811,70 @@ async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_record
     assert!(records[0]["output_tokens"].as_i64().unwrap() < 2_000, "{:?}", records[0]);
     p.stop().await;
 }
+
+/// A tenant's allowance a minute holds over all its keys (ten keys are not ten times the
+/// throughput), for requests and for tokens; and a tenant holds at most
+/// `MAX_KEYS_PER_TENANT` keys unrevoked.
+#[tokio::test]
+async fn a_tenant_is_limited_over_all_its_keys() {
+    let p = Platform::start("tenant-limits").await;
+    let tenant = |id: &str, rpm: i64, tpm: i64| {
+        json!({"id": id, "name": id, "weight": 1, "borrow_limit_gpus": 64, "requests_per_min": rpm, "tokens_per_min": tpm})
+    };
+    let (s, b) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(tenant("few", 4, 1_000_000))).await;
+    assert_eq!((s, b["requests_per_min"].as_i64()), (StatusCode::CREATED, Some(4)), "{b}");
+    let mut keys = vec![];
+    for _ in 0..3 {
+        let (_, k) = p.call("POST", "/api/v1/tenants/few/keys", Some(ADMIN), Some(json!({}))).await;
+        keys.push(k["key"].as_str().unwrap().to_string());
+    }
+    let mut statuses = vec![];
+    for i in 0..6 {
+        let r = p.infer("/v1/chat/completions", &keys[i % 3], chat(4, false, false), &[]).await;
+        statuses.push(r.status());
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(r.headers().get("retry-after").is_some());
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(b["error"]["code"], "rate_limit_exceeded", "{b}");
+            assert!(b["error"]["message"].as_str().unwrap().contains("requests_per_min"), "{b}");
+        }
+    }
+    // (A minute boundary between the requests would start a new window: then at most 4 more.)
+    let served = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!((4..=5).contains(&served) && statuses[..4].iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    // Tokens: each request reserves its prompt and max_tokens; 100 a minute is about three.
+    let (s, _) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(tenant("thin", 1_000, 100))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (_, k) = p.call("POST", "/api/v1/tenants/thin/keys", Some(ADMIN), Some(json!({}))).await;
+    let key = k["key"].as_str().unwrap().to_string();
+    let mut refused = None;
+    for i in 0..10 {
+        let r = p.infer("/v1/chat/completions", &key, chat(20, false, false), &[]).await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            let b: Value = r.json().await.unwrap();
+            assert!(b["error"]["message"].as_str().unwrap().contains("tokens_per_min"), "{b}");
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert!(refused.is_some_and(|i| (2..=8).contains(&i)), "refused at request {refused:?}");
+    // Bounds are named.
+    let (s, b) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(tenant("zero", 0, 1))).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("requests_per_min")));
+    // The key cap: 3 keys so far, up to the cap, then refused naming the tenant; a revoked key
+    // frees its place.
+    let mut last = String::new();
+    for _ in 3..hcp_store::MAX_KEYS_PER_TENANT {
+        let (s, k) = p.call("POST", "/api/v1/tenants/few/keys", Some(ADMIN), Some(json!({}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{k}");
+        last = k["id"].as_str().unwrap().to_string();
+    }
+    let (s, b) = p.call("POST", "/api/v1/tenants/few/keys", Some(ADMIN), Some(json!({}))).await;
+    assert_eq!((s, b["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("tenant")), "{b}");
+    let (s, _) = p.call("DELETE", &format!("/api/v1/keys/{last}"), Some(ADMIN), None).await;
+    assert!(s.is_success());
+    let (s, _) = p.call("POST", "/api/v1/tenants/few/keys", Some(ADMIN), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    p.stop().await;
+}

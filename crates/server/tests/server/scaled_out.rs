@@ -152,6 +152,55 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     let gpu_ms = mine[0]["gpu_ms"].as_i64().unwrap();
     assert!((5_000..6_000).contains(&gpu_ms), "billed {gpu_ms} GPU-ms for the 5,000 its last renewal recorded");
     assert_eq!(mine[0]["status"], "cancelled");
+    // A tenant's allowance a minute holds over both API processes together (through the store).
+    let r = http
+        .post(format!("{url}/api/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"id": "lim", "name": "L", "weight": 1, "borrow_limit_gpus": 64, "requests_per_min": 6}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let key: serde_json::Value = http
+        .post(format!("{url}/api/v1/tenants/lim/keys"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["key"].as_str().unwrap().to_string();
+    let chat = serde_json::json!({"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let infer = |base: String| {
+        let (http, key, chat) = (http.clone(), key.clone(), chat.clone());
+        async move {
+            http.post(format!("{base}/v1/chat/completions")).bearer_auth(key).json(&chat).send().await.unwrap().status()
+        }
+    };
+    let (a, b) = (url.clone(), format!("http://{}", late.addr));
+    // The later process hears of the tenant on the bus.
+    for _ in 0..40 {
+        if late.app.router.lock().unwrap().tenant_limits("lim").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut statuses = vec![];
+    for _ in 0..3 {
+        statuses.push(infer(a.clone()).await.as_u16());
+    }
+    tokio::time::sleep(hcp_server::limits::SYNC_EVERY * 3).await;
+    for _ in 0..4 {
+        statuses.push(infer(b.clone()).await.as_u16());
+    }
+    tokio::time::sleep(hcp_server::limits::SYNC_EVERY * 3).await;
+    statuses.push(infer(a.clone()).await.as_u16());
+    // (A minute boundary in between would open a new window: the refusals would come later.)
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(statuses[..6].iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(refused == 2 || (refused == 0 && statuses.iter().all(|s| *s == 200)), "{statuses:?}");
     late.stop().await.unwrap();
     // The dispatcher process answers health and metrics only.
     let d = format!("http://{}", dispatcher.addr);

@@ -22,3 +22,7 @@ CREATE TABLE rate_windows (
     tokens BIGINT NOT NULL,
     PRIMARY KEY (tenant_id, window_ms)
 );
+
+-- Each tenant's allowance per minute, over all its keys and every API process together.
+ALTER TABLE tenants ADD COLUMN requests_per_min BIGINT NOT NULL DEFAULT 60000;
+ALTER TABLE tenants ADD COLUMN tokens_per_min BIGINT NOT NULL DEFAULT 20000000;
