@@ -19,10 +19,18 @@
 //! the relay, which drops the upstream request (the backend stops generating).
 //!
 //! Metering: every request that reached a backend has exactly one usage record (id: the request
-//! id, or the tenant's `Idempotency-Key`), written before the answer's last byte is sent (the
-//! non-streamed body, or the stream's `[DONE]`); a request cut short (client gone, backend failed,
-//! preempted) is recorded with what was delivered. A second request with a used idempotency key
-//! is refused (409), so a client retry is never counted twice.
+//! id, or the tenant's `Idempotency-Key`). A stream's is written before its `[DONE]` is sent; a
+//! non-streamed answer's once its body has been handed to the connection; a request cut short
+//! (client gone, backend failed, preempted, the process stopped) is recorded with what was
+//! delivered (a non-streamed answer not handed over: its prompt only).
+//!
+//! Idempotency keys: the answer of a request with a key is kept with its usage (for
+//! [`KEEP_ANSWERS_MS`], up to `MAX_OUTCOME_BYTES`) before it is sent. A retry with the key gets
+//! that answer again (`Idempotent-Replayed: true`; a stream as its whole event text) and is
+//! billed once, even when the process that answered stopped before its last byte left (or before
+//! its usage reached storage: the replay writes it). A retry while the first is in flight on the
+//! same process is 409 with `Retry-After`; a key whose request failed or was cut short (no answer
+//! to give) is 409 and a new key is needed.
 
 use hcp_model::{UsageKind, UsageStatus};
 use std::borrow::Cow;
@@ -404,6 +412,9 @@ fn reject_error(r: &RejectReason) -> OaiError {
     e
 }
 
+/// How long an answer kept for an idempotency key is kept.
+pub const KEEP_ANSWERS_MS: i64 = 24 * 3_600_000;
+
 /// A request from admission to its usage record. Dropped before it finished (the client went
 /// away, or the handler returned early), it takes the work out of the router and records what was
 /// delivered.
@@ -446,8 +457,9 @@ impl Flight {
         u
     }
 
-    /// Served: records usage durably, then frees the router.
-    async fn complete(&mut self, input: u32, output: u32) -> Result<(), OaiError> {
+    /// Served: records usage durably, then frees the router. A request with an idempotency key
+    /// first keeps its answer (`kept`: content type and body) for a retry, with the usage.
+    async fn complete(&mut self, input: u32, output: u32, kept: Option<(&'static str, Vec<u8>)>) -> Result<(), OaiError> {
         let mut u = self.usage.clone();
         u.input_tokens = input.into();
         u.output_tokens = output.into();
@@ -455,6 +467,24 @@ impl Flight {
         self.done = true;
         self.release_router(Some(output));
         self.settle(u.input_tokens + u.output_tokens);
+        if self.idem.is_some()
+            && let Some((content_type, body)) = kept
+        {
+            let o = hcp_store::OutcomeRow {
+                id: u.id.clone(),
+                status: 200,
+                content_type: content_type.into(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+                usage: serde_json::to_string(&u).expect("a usage row serialises"),
+                at_ms: u.at_ms,
+            };
+            if o.body.len() <= hcp_store::MAX_OUTCOME_BYTES
+                && let Err(e) = self.app.store.put_outcome(&o).await
+            {
+                // Billed and answered still; a retry with the key is then told it was served.
+                tracing::error!(error = %e, "answer not kept for its idempotency key");
+            }
+        }
         self.app.meter.record(u).await.map_err(|e| {
             tracing::error!(error = %e, "usage not recorded");
             OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "usage could not be recorded")
@@ -609,6 +639,21 @@ async fn serve(
             no_capacity(&tenant),
         ));
     }
+    let rid = format!("{}-{}", ep.id_prefix(), crate::auth::request_id());
+    let idem = match header_str(&headers, "idempotency-key")? {
+        None => None,
+        Some(k) if k.is_empty() || k.len() > 128 => {
+            return Err(OaiError::invalid("idempotency-key", "must be 1 to 128 characters"));
+        }
+        Some(k) => Some(format!("idem:{tenant}:{k}")),
+    };
+    let store_error = |e: hcp_store::StoreError| OaiError::from(crate::error::ApiError::from(e));
+    // A retry of a request already answered gets that answer again, billed once.
+    if let Some(k) = &idem
+        && let Some(o) = app.store.outcome(k).await.map_err(store_error)?
+    {
+        return replay(&app, o).await;
+    }
     // The tenant's allowance a minute over all its keys (and every API process): the prompt
     // and the most output asked for are reserved now, settled to what is used at the end.
     let reserved = i64::from(req.prompt_tokens) + i64::from(max_out);
@@ -630,27 +675,25 @@ async fn serve(
         },
         None => None,
     };
-    let rid = format!("{}-{}", ep.id_prefix(), crate::auth::request_id());
-    let idem = match header_str(&headers, "idempotency-key")? {
-        None => None,
-        Some(k) if k.is_empty() || k.len() > 128 => {
-            return Err(OaiError::invalid("idempotency-key", "must be 1 to 128 characters"));
-        }
-        Some(k) => Some(format!("idem:{tenant}:{k}")),
-    };
     let usage_id = idem.clone().unwrap_or_else(|| rid.clone());
     if let Some(k) = &idem {
-        let used = match app.store.usage_by_id(k).await {
-            Ok(u) => u.is_some(),
-            Err(e) => return Err(OaiError::from(crate::error::ApiError::from(e))),
+        let refuse = |why: &str, retry: bool| {
+            if let Some(w) = limit_window {
+                app.limits.settle(&tenant, w, -reserved);
+            }
+            let mut e = OaiError::new(StatusCode::CONFLICT, "invalid_request_error", Some("idempotency_key_reused"), why);
+            e.retry_after_s = retry.then_some(1);
+            e
         };
-        if used || !app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone()) {
-            return Err(OaiError::new(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                Some("idempotency_key_reused"),
-                "idempotency-key: a request with this key was already served or is in flight",
+        if app.store.usage_by_id(k).await.map_err(store_error)?.is_some() {
+            return Err(refuse(
+                "idempotency-key: a request with this key was served or cut short, and no answer is kept for it \
+                 (it failed, was cut short or was too large to keep): send a new key",
+                false,
             ));
+        }
+        if !app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone()) {
+            return Err(refuse("idempotency-key: a request with this key is in flight; retry when it has ended", true));
         }
     }
     let mut flight = Flight {
@@ -865,10 +908,55 @@ async fn whole(
         Some(u) => (u.prompt_tokens, u.completion_tokens),
         None => (req.prompt_tokens, estimate_bytes(a.text_len())),
     };
-    flight.complete(input, output).await?;
     v["id"] = serde_json::Value::String(rid.to_string());
-    let mut r = axum::Json(v).into_response();
+    let body = serde_json::to_vec(&v).expect("a JSON value serialises");
+    let mut r = if flight.idem.is_some() {
+        // Kept with its usage before it is sent: a retry with the key gets it again.
+        flight.complete(input, output, Some(("application/json", body.clone()))).await?;
+        Response::new(Body::from(body))
+    } else {
+        // Billed once it has been handed to the connection: a request cut before (the client
+        // gone, the process stopped) is billed for its prompt only.
+        let steps = futures::stream::unfold(Some((Some(Bytes::from(body)), flight)), move |st| async move {
+            let (bytes, mut flight) = st?;
+            match bytes {
+                Some(b) => Some((Ok::<_, std::convert::Infallible>(b), Some((None, flight)))),
+                None => {
+                    if let Err(e) = flight.complete(input, output, None).await {
+                        tracing::error!(error = %e.message, "an answer was delivered without its usage record");
+                    }
+                    None
+                }
+            }
+        });
+        Response::new(Body::from_stream(steps))
+    };
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert("x-request-id", HeaderValue::from_str(rid).expect("ascii id"));
+    Ok(r)
+}
+
+/// The answer kept for an idempotency key, sent again (`Idempotent-Replayed: true`). If the
+/// process that answered stopped before the usage reached storage, it is recorded now: the
+/// request is billed once either way.
+async fn replay(app: &App, o: hcp_store::OutcomeRow) -> Result<Response, OaiError> {
+    let store_error = |e: hcp_store::StoreError| OaiError::from(crate::error::ApiError::from(e));
+    if app.store.usage_by_id(&o.id).await.map_err(store_error)?.is_none() {
+        let u: UsageRow = serde_json::from_str(&o.usage)
+            .map_err(|e| OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, e.to_string()))?;
+        app.meter.record(u).await.map_err(|e| {
+            OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, format!("usage: {e}"))
+        })?;
+    }
+    metrics::counter!("hcp_gateway_replayed_total").increment(1);
+    let mut r = Response::new(Body::from(o.body));
+    *r.status_mut() = StatusCode::from_u16(u16::try_from(o.status).unwrap_or(200)).unwrap_or(StatusCode::OK);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&o.content_type).unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    h.insert("idempotent-replayed", HeaderValue::from_static("true"));
     Ok(r)
 }
 
@@ -892,6 +980,9 @@ struct Relay {
     over: bool,
     /// The backend sent `[DONE]`: what is left of its body is read before the relay ends.
     finished: bool,
+    /// What the client has been sent, kept for a request with an idempotency key (None once
+    /// over `MAX_OUTCOME_BYTES`: then no answer is kept).
+    sent: Option<Vec<u8>>,
 }
 
 fn error_event(code: &str, message: &str) -> Vec<u8> {
@@ -919,14 +1010,22 @@ impl Relay {
                     u32::try_from(self.flight.usage.input_tokens).unwrap_or(0),
                     estimate_bytes(self.flight.relayed_bytes),
                 ));
-                match self.flight.complete(input, output).await {
-                    Ok(()) => {
-                        if self.include_usage {
-                            out.extend_from_slice(&self.usage_line);
-                        }
-                        out.extend_from_slice(b"data: [DONE]\n\n");
+                let mut tail = std::mem::take(&mut out);
+                if self.include_usage {
+                    tail.extend_from_slice(&self.usage_line);
+                }
+                tail.extend_from_slice(b"data: [DONE]\n\n");
+                let kept = self.sent.take().map(|mut all| {
+                    all.extend_from_slice(&tail);
+                    ("text/event-stream", all)
+                });
+                match self.flight.complete(input, output, kept).await {
+                    Ok(()) => out = tail,
+                    Err(e) => {
+                        out = tail;
+                        out.truncate(out.len() - b"data: [DONE]\n\n".len());
+                        out.extend(error_event("usage_not_recorded", &e.message));
                     }
-                    Err(e) => out.extend(error_event("usage_not_recorded", &e.message)),
                 }
                 self.over = true;
                 self.finished = true;
@@ -1042,8 +1141,10 @@ fn relay(
     rx: mpsc::UnboundedReceiver<Placement>,
     include_usage: bool,
 ) -> Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>> {
+    let sent = flight.idem.is_some().then(Vec::new);
     let r = Relay {
         flight,
+        sent,
         reported: 0,
         resp,
         rx,
@@ -1056,7 +1157,17 @@ fn relay(
         over: false,
         finished: false,
     };
-    Box::pin(futures::stream::unfold(r, |mut r| async move { r.next().await.map(|b| (Ok(b), r)) }))
+    Box::pin(futures::stream::unfold(r, |mut r| async move {
+        let b = r.next().await?;
+        if let Some(sent) = &mut r.sent {
+            if sent.len() + b.len() <= hcp_store::MAX_OUTCOME_BYTES {
+                sent.extend_from_slice(&b);
+            } else {
+                r.sent = None;
+            }
+        }
+        Some((Ok(b), r))
+    }))
 }
 
 #[cfg(test)]

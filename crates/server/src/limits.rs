@@ -199,7 +199,8 @@ pub async fn admit(app: &crate::App, tenant: &str, rpm: i64, tpm: i64, tokens: i
 }
 
 /// Adds what this process admitted to the shared windows and reads every process's totals, every
-/// [`SYNC_EVERY`] until `stop`; once a minute, windows older than two minutes leave the store.
+/// [`SYNC_EVERY`] until `stop`; once a minute, windows older than two minutes leave the store
+/// (and answers kept for idempotency keys longer than a day).
 pub async fn sync_loop(
     app: std::sync::Arc<crate::App>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -219,6 +220,10 @@ pub async fn sync_loop(
             app.limits.forget_old(now);
             if let Err(e) = app.store.prune_rate_windows(window_of(now) - 2 * WINDOW_MS).await {
                 tracing::warn!(error = %e, "old rate windows not pruned");
+            }
+            // (Answers kept for idempotency keys go after a day, on the same beat.)
+            if let Err(e) = app.store.prune_outcomes(now - crate::gateway::KEEP_ANSWERS_MS).await {
+                tracing::warn!(error = %e, "old kept answers not pruned");
             }
         }
     }

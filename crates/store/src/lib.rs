@@ -192,6 +192,21 @@ pub struct SessionRow {
     pub expires_ms: i64,
 }
 
+/// The answer a request with an idempotency key was given, and its usage record (JSON).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutcomeRow {
+    /// The usage id: `idem:<tenant>:<key>`.
+    pub id: String,
+    pub status: i64,
+    pub content_type: String,
+    pub body: String,
+    pub usage: String,
+    pub at_ms: i64,
+}
+
+/// The largest answer kept for a retry (bytes of its body).
+pub const MAX_OUTCOME_BYTES: usize = 4 * 1024 * 1024;
+
 /// What one process adds to a tenant's one-minute window.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RateDelta {
@@ -845,6 +860,53 @@ impl Store {
     pub async fn end_session(&self, id_hash: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(id_hash).execute(&self.pool).await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    // ---- idempotent outcomes ----------------------------------------------------------------------
+
+    /// Keeps an answer for retries with its key; the first kept stays (a second is ignored).
+    pub async fn put_outcome(&self, o: &OutcomeRow) -> Result<()> {
+        check_text("outcome.id", &o.id, 200)?;
+        if o.body.len() > MAX_OUTCOME_BYTES {
+            return Err(StoreError::Invalid {
+                field: "outcome.body",
+                rule: format!("at most {MAX_OUTCOME_BYTES} bytes, got {}", o.body.len()),
+            });
+        }
+        sqlx::query(
+            "INSERT INTO outcomes (id, status, content_type, body, usage, at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&o.id)
+        .bind(o.status)
+        .bind(&o.content_type)
+        .bind(&o.body)
+        .bind(&o.usage)
+        .bind(o.at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn outcome(&self, id: &str) -> Result<Option<OutcomeRow>> {
+        let r = sqlx::query("SELECT id, status, content_type, body, usage, at_ms FROM outcomes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.map(|r| OutcomeRow {
+            id: r.get(0),
+            status: r.get(1),
+            content_type: r.get(2),
+            body: r.get(3),
+            usage: r.get(4),
+            at_ms: r.get(5),
+        }))
+    }
+
+    /// Drops answers kept since before `before_ms`.
+    pub async fn prune_outcomes(&self, before_ms: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM outcomes WHERE at_ms < $1").bind(before_ms).execute(&self.pool).await?;
+        Ok(r.rows_affected())
     }
 
     // ---- shared rate windows --------------------------------------------------------------------

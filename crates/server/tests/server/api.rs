@@ -869,6 +869,10 @@ impl Platform {
     }
 
     async fn usage(&self, tag: &str) -> Vec<Value> {
+        // A non-streamed answer is billed once handed to the connection, just after the client
+        // has its headers: what was handed over is committed before the read.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.running.as_ref().unwrap().app.meter.flush().await;
         let (s, u) = self.call("GET", &format!("/api/v1/usage?tag={tag}&limit=1000"), Some(DEMO), None).await;
         assert_eq!(s, StatusCode::OK, "{u}");
         u["items"].as_array().unwrap().clone()
@@ -980,11 +984,16 @@ async fn the_gateway_speaks_openai_and_meters_every_request_once() {
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(p.usage("t2").await[0]["tier"], 2);
-    // A client retry with the same idempotency key is refused, never counted twice.
+    // A client retry with the same idempotency key gets the same answer again, counted once.
     let idem = [("idempotency-key", "order-7"), ("x-hcp-tag", "t3")];
-    assert_eq!(p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &idem).await.status(), StatusCode::OK);
     let r = p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &idem).await;
-    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let first = r.text().await.unwrap();
+    let r = p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &idem).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(r.text().await.unwrap(), first);
     let u = p.usage("t3").await;
     assert_eq!((u.len(), u[0]["id"].as_str()), (1, Some("idem:demo:order-7")));
     assert_eq!(p.usage("t1").await.len(), 4, "refused requests leave no usage");
@@ -1818,6 +1827,7 @@ async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_record
 #[tokio::test]
 async fn a_tenant_is_limited_over_all_its_keys() {
     let p = Platform::start("tenant-limits").await;
+    p.serving().await;
     let tenant = |id: &str, rpm: i64, tpm: i64| {
         json!({"id": id, "name": id, "weight": 1, "borrow_limit_gpus": 64, "requests_per_min": rpm, "tokens_per_min": tpm})
     };
@@ -1876,5 +1886,74 @@ async fn a_tenant_is_limited_over_all_its_keys() {
     assert!(s.is_success());
     let (s, _) = p.call("POST", "/api/v1/tenants/few/keys", Some(ADMIN), Some(json!({}))).await;
     assert_eq!(s, StatusCode::CREATED);
+    p.stop().await;
+}
+
+/// Idempotency keys make a retry safe after anything: a streamed answer is given again whole; an
+/// answer whose process stopped after keeping it but before its usage reached storage is given
+/// again and billed then, once; a request without a key is billed once its answer has been
+/// handed over.
+#[tokio::test]
+async fn a_retried_idempotency_key_gets_its_answer_and_is_billed_once() {
+    let p = Platform::start("idem").await;
+    p.serving().await;
+    let idem = [("idempotency-key", "stream-1"), ("x-hcp-tag", "s1")];
+    let r = p.infer("/v1/chat/completions", DEMO, chat(6, true, true), &idem).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let first = r.text().await.unwrap();
+    assert!(first.ends_with("data: [DONE]\n\n"), "{first}");
+    let r = p.infer("/v1/chat/completions", DEMO, chat(6, true, true), &idem).await;
+    assert_eq!((r.status(), r.headers()["content-type"].to_str().unwrap()), (StatusCode::OK, "text/event-stream"));
+    assert_eq!(r.text().await.unwrap(), first, "the same events, whole");
+    assert_eq!(p.usage("s1").await.len(), 1);
+    // As after a crash: the answer was kept, the usage never written. The retry answers and bills.
+    let app = &p.running.as_ref().unwrap().app;
+    let usage = json!({
+        "seq": 0, "id": "idem:demo:lost-1", "tenant_id": "demo", "key_id": "demo1", "kind": "tokens", "tier": 1,
+        "model": "llama-3-8b", "site_id": "tx-west", "input_tokens": 7, "output_tokens": 9, "gpu_ms": 0,
+        "spot": false, "status": "completed", "tag": "s2", "at_ms": hcp_server::wall_ms(),
+    });
+    app.store
+        .put_outcome(&hcp_store::OutcomeRow {
+            id: "idem:demo:lost-1".into(),
+            status: 200,
+            content_type: "application/json".into(),
+            body: r#"{"id":"chatcmpl-kept","choices":[]}"#.into(),
+            usage: usage.to_string(),
+            at_ms: hcp_server::wall_ms(),
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let r = p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &[("idempotency-key", "lost-1")]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.json::<Value>().await.unwrap()["id"], "chatcmpl-kept");
+    }
+    let u = p.usage("s2").await;
+    assert_eq!((u.len(), u[0]["output_tokens"].as_i64()), (1, Some(9)), "billed once, as kept");
+    // Another tenant's key of the same name is another key.
+    let (_, t) = p
+        .call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "other", "name": "O", "weight": 1, "borrow_limit_gpus": 64})))
+        .await;
+    assert_eq!(t["id"], "other");
+    let (_, k) = p.call("POST", "/api/v1/tenants/other/keys", Some(ADMIN), Some(json!({}))).await;
+    let other = k["key"].as_str().unwrap().to_string();
+    let r = p.infer("/v1/chat/completions", &other, chat(4, false, false), &[("idempotency-key", "lost-1")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    assert_ne!(r.json::<Value>().await.unwrap()["id"], "chatcmpl-kept");
+    // Without a key: the usage follows the answer.
+    let r = p.infer("/v1/chat/completions", DEMO, chat(4, false, false), &[("x-hcp-tag", "s3")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let mut u = vec![];
+    for _ in 0..50 {
+        u = p.usage("s3").await;
+        if !u.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((u.len(), u[0]["id"].as_str()), (1, Some(id.as_str())));
     p.stop().await;
 }

@@ -26,3 +26,16 @@ CREATE TABLE rate_windows (
 -- Each tenant's allowance per minute, over all its keys and every API process together.
 ALTER TABLE tenants ADD COLUMN requests_per_min BIGINT NOT NULL DEFAULT 60000;
 ALTER TABLE tenants ADD COLUMN tokens_per_min BIGINT NOT NULL DEFAULT 20000000;
+
+-- The answer a request with an Idempotency-Key was given (its status, type and body) and its
+-- usage record as JSON, kept 24 hours: a retry with the same key gets this answer again, and is
+-- billed once (the usage is written from here if the process stopped before it was).
+CREATE TABLE outcomes (
+    id TEXT PRIMARY KEY,
+    status BIGINT NOT NULL,
+    content_type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    usage TEXT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE INDEX outcomes_at ON outcomes(at_ms);
