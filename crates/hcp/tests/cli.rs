@@ -75,7 +75,7 @@ fn up_serves_prints_credentials_once_and_stops_on_sigterm() {
     let rest: Vec<String> = up.lines.try_iter().collect();
     assert!(!rest.iter().any(|l| l.contains("token")), "{rest:?}");
     let m = hcp(&["migrate", "--data-dir", dir.to_str().unwrap()]);
-    assert!(m.status.success() && text(&m).contains("schema version 5"), "{}", text(&m));
+    assert!(m.status.success() && text(&m).contains("schema version 6"), "{}", text(&m));
     // Recovery with local access: a new admin token; the old one no longer works.
     let r = hcp(&["admin-reset", "--data-dir", dir.to_str().unwrap()]);
     assert!(r.status.success(), "{}", text(&r));

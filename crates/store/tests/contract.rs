@@ -49,8 +49,8 @@ fn page(limit: u32) -> Page {
 }
 
 async fn contract(s: &Store) {
-    assert_eq!(s.migrate().await.unwrap(), 5);
-    assert_eq!(s.migrate().await.unwrap(), 5, "migrating twice is a no-op");
+    assert_eq!(s.migrate().await.unwrap(), 6);
+    assert_eq!(s.migrate().await.unwrap(), 6, "migrating twice is a no-op");
     s.ping().await.unwrap();
 
     // Topology.
@@ -190,6 +190,53 @@ async fn contract(s: &Store) {
     assert!(!s.revoke_key("k1", 4_000).await.unwrap());
     assert_eq!(s.key("k1").await.unwrap().revoked_ms, Some(3_000));
     assert_eq!(s.keys_of("acme").await.unwrap().len(), 1);
+    // At most MAX_KEYS_PER_TENANT unrevoked keys (k1 is revoked: it does not count).
+    for i in 0..hcp_store::MAX_KEYS_PER_TENANT {
+        s.create_key(&ApiKeyRow { id: format!("cap{i}"), ..k.clone() }).await.unwrap();
+    }
+    let over = s.create_key(&ApiKeyRow { id: "cap-over".into(), ..k.clone() }).await;
+    assert!(matches!(over, Err(StoreError::Invalid { field: "tenant", .. })), "{over:?}");
+    assert!(matches!(s.key("cap-over").await, Err(StoreError::NotFound(_))));
+
+    // Sessions: found until they expire or end.
+    let sess = hcp_store::SessionRow {
+        id_hash: "h1".into(),
+        kind: "account".into(),
+        subject: "root".into(),
+        created_ms: 1_000,
+        expires_ms: 5_000,
+    };
+    s.create_session(&sess).await.unwrap();
+    assert_eq!(s.session("h1", 4_999).await.unwrap(), Some(sess.clone()));
+    assert_eq!(s.session("h1", 5_000).await.unwrap(), None, "expired");
+    assert!(s.create_session(&hcp_store::SessionRow { kind: "robot".into(), ..sess.clone() }).await.is_err());
+    assert!(s.end_session("h1").await.unwrap());
+    assert_eq!(s.session("h1", 2_000).await.unwrap(), None, "ended");
+    assert!(!s.end_session("h1").await.unwrap());
+
+    // Shared rate windows: deltas add up; the totals come back in order.
+    let d = |t: &str, r: i64, k: i64| hcp_store::RateDelta { tenant_id: t.into(), window_ms: 60_000, requests: r, tokens: k };
+    assert_eq!(s.add_rate_usage(&[d("a", 2, 10), d("b", 1, 1)]).await.unwrap(), vec![(2, 10), (1, 1)]);
+    assert_eq!(s.add_rate_usage(&[d("a", 3, -4)]).await.unwrap(), vec![(5, 6)]);
+    assert_eq!(s.prune_rate_windows(120_000).await.unwrap(), 2);
+    assert_eq!(s.add_rate_usage(&[d("a", 0, 0)]).await.unwrap(), vec![(0, 0)]);
+
+    // Kept answers: the first stays; pruned by age; bounded in size.
+    let o = hcp_store::OutcomeRow {
+        id: "idem:acme:1".into(),
+        status: 200,
+        content_type: "application/json".into(),
+        body: "{}".into(),
+        usage: "{}".into(),
+        at_ms: 1_000,
+    };
+    s.put_outcome(&o).await.unwrap();
+    s.put_outcome(&hcp_store::OutcomeRow { body: "{\"second\":1}".into(), ..o.clone() }).await.unwrap();
+    assert_eq!(s.outcome("idem:acme:1").await.unwrap(), Some(o.clone()));
+    let big = hcp_store::OutcomeRow { id: "idem:acme:2".into(), body: "x".repeat(hcp_store::MAX_OUTCOME_BYTES + 1), ..o.clone() };
+    assert!(matches!(s.put_outcome(&big).await, Err(StoreError::Invalid { field: "outcome.body", .. })));
+    assert_eq!(s.prune_outcomes(1_001).await.unwrap(), 1);
+    assert_eq!(s.outcome("idem:acme:1").await.unwrap(), None);
 
     // Policies with optimistic concurrency.
     assert_eq!(s.put_policy("strike", "{\"a\":1}", 0, 10).await.unwrap(), 1);
@@ -433,6 +480,6 @@ async fn sqlite_writes_survive_reopening() {
     let id = s.audit(1, "root", "x", "y", None, None).await.unwrap();
     drop(s);
     let s = Store::open(&url).await.unwrap();
-    assert_eq!(s.migrate().await.unwrap(), 5);
+    assert_eq!(s.migrate().await.unwrap(), 6);
     assert_eq!(s.audits(&page(1)).await.unwrap()[0].id, id);
 }
