@@ -47,6 +47,18 @@ impl ReplayFeed {
             }
             None => vec![],
         };
+        // Repaired intervals are said, never silent: a repeated timestamp keeps its first row.
+        for (sp, x) in &points {
+            if x.filled_gaps + x.dropped_duplicates > 0 {
+                tracing::warn!(
+                    feed = "replay",
+                    settlement_point = %sp,
+                    filled_gaps = x.filled_gaps,
+                    dropped_duplicates = x.dropped_duplicates,
+                    "recorded prices repaired: missing intervals filled forward, repeated timestamps dropped (the first kept)"
+                );
+            }
+        }
         if !cfg.as_points.is_empty() {
             let Some((_, only)) = points.iter().next().filter(|_| points.len() == 1) else {
                 return Err(FeedError::malformed(

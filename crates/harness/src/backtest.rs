@@ -185,6 +185,12 @@ impl BacktestInput<'_> {
         )
     }
 
+    /// What the runs will say about their inputs (a series applied to sites at other points,
+    /// repaired gaps and repeated timestamps).
+    pub fn notes(&self) -> Result<Vec<String>, BacktestError> {
+        Ok(self.harness()?.notes().to_vec())
+    }
+
     fn run<C: Controller>(&self, controller: C) -> Result<Run, BacktestError> {
         let mut h = self.harness()?;
         let mut rows = Vec::new();

@@ -296,14 +296,39 @@ impl<'f> Harness<'f> {
                     })
                 };
                 if map.len() == 1 {
-                    let (sp, x) = map.iter().next().expect("one series");
-                    notes.push(format!(
-                        "recorded prices of {} applied to every site",
-                        if sp.is_empty() { "the file" } else { sp }
-                    ));
-                    if x.filled_gaps + x.dropped_duplicates > 0 {
+                    let (sp, _) = map.iter().next().expect("one series");
+                    // A file of one named point priced sites at other points: said as a warning,
+                    // with the sites it applies to.
+                    let elsewhere: Vec<String> = fleet
+                        .sites
+                        .iter()
+                        .filter(|site| !sp.is_empty() && site.settlement_point != *sp)
+                        .map(|site| format!("{} ({})", site.id, site.settlement_point))
+                        .collect();
+                    if elsewhere.is_empty() {
                         notes.push(format!(
-                            "{} missing intervals filled forward, {} repeated dropped",
+                            "recorded prices of {} applied to every site",
+                            if sp.is_empty() { "the file" } else { sp }
+                        ));
+                    } else {
+                        notes.push(format!(
+                            "warning: the price file holds only settlement point {sp}; its prices are applied to \
+                             sites at other points: {}",
+                            elsewhere.join(", ")
+                        ));
+                    }
+                }
+                // Every series used: what was repaired in it.
+                let mut used: Vec<&String> = if map.len() == 1 { map.keys().collect() } else { unique.iter().collect() };
+                used.dedup();
+                for sp in used {
+                    if let Some(x) = map.get(sp.as_str())
+                        && x.filled_gaps + x.dropped_duplicates > 0
+                    {
+                        let name = if sp.is_empty() { "the file" } else { sp.as_str() };
+                        notes.push(format!(
+                            "warning: prices of {name}: {} missing intervals filled forward, {} repeated timestamps \
+                             dropped (the first of each kept)",
                             x.filled_gaps, x.dropped_duplicates
                         ));
                     }

@@ -182,6 +182,46 @@ fn setup_errors_name_the_field() {
     assert_eq!(mk(sc).field, "step");
 }
 
+/// Recorded prices that needed repair, or that are of another settlement point than a site's,
+/// are said in the run's notes (never silent): per series used, with the sites concerned.
+#[test]
+fn repaired_or_foreign_prices_are_said() {
+    let f = small();
+    let grid = |points: &[&str], repeat: bool| {
+        let mut text = String::from("interval_start,settlement_point,rt_price_usd_per_mwh\n");
+        for sp in points {
+            for q in 0..(96 * 3) {
+                let t = SimTime::parse("2024-07-01").unwrap().plus_ms(q * 900_000);
+                text.push_str(&format!("{t},{sp},{}\n", 20 + q % 7));
+                if repeat && q == 10 {
+                    text.push_str(&format!("{t},{sp},99\n"));
+                }
+            }
+        }
+        hcp_sim::replay::load_grid_csv("p.csv", text.as_bytes()).unwrap()
+    };
+    let notes = |g| {
+        Harness::new(
+            &f,
+            scenario("2024-07-01T06:00", 1.0, Fidelity::Cohort, 1),
+            GridSource::Recorded(g),
+            MarketSource::Simulated(MarketParams::default()),
+            DemandSource::Simulated(DemandParams::default()),
+        )
+        .unwrap()
+        .notes()
+        .to_vec()
+    };
+    // One file per site's point, one of them with a repeated timestamp.
+    let n = notes(grid(&["HB_SOUTH", "HB_WEST"], true));
+    assert!(n.iter().any(|x| x.contains("prices of HB_WEST") && x.contains("1 repeated timestamps dropped")), "{n:?}");
+    assert!(n.iter().any(|x| x.contains("prices of HB_SOUTH") && x.contains("1 repeated")), "{n:?}");
+    // One point only, another site's: a warning naming the sites priced with it.
+    let n = notes(grid(&["HB_NORTH"], false));
+    assert!(n.iter().any(|x| x.starts_with("warning: the price file holds only settlement point HB_NORTH")
+        && x.contains("(HB_SOUTH)") && x.contains("(HB_WEST)")), "{n:?}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 

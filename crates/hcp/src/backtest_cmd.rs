@@ -138,6 +138,11 @@ pub fn run(a: &BacktestArgs) -> Result<ExitCode> {
         Err(BacktestError::Violation(v)) => return Ok(crate::cli::violation_exit(&v)),
         Err(BacktestError::Setup(e)) => return Err(e.into()),
     };
+    // What the inputs needed (a series applied to sites at other points, repaired intervals):
+    // on stderr, so that --json stays one document on stdout.
+    for n in input.notes().unwrap_or_default() {
+        eprintln!("hcp backtest: {n}");
+    }
     if a.json {
         println!(
             "{}",

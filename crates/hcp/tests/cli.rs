@@ -218,7 +218,12 @@ fn sim_replays_the_recorded_ercot_prices_and_trace() {
     ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("recorded prices of HB_SOUTH applied to every site"), "{t}");
+    // The small fleet's second site is at HB_WEST: priced with HB_SOUTH's file, and told so.
+    assert!(
+        t.contains("warning: the price file holds only settlement point HB_SOUTH")
+            && t.contains("(HB_WEST)"),
+        "{t}"
+    );
     assert!(t.contains("recorded trace of"), "{t}");
     let csv = std::fs::read_to_string(&out).unwrap();
     assert_eq!(csv.lines().count() - 1, 2 * 7 * 288);

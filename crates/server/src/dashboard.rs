@@ -391,7 +391,7 @@ pub(crate) async fn run_backtest(
     let to = from.plus_ms(b.days * 86_400_000);
     let _one = app.backtest_slot.acquire().await.map_err(ApiError::internal)?;
     let started = std::time::Instant::now();
-    let (outcomes, name) = tokio::task::spawn_blocking(move || {
+    let (outcomes, name, notes) = tokio::task::spawn_blocking(move || {
         let interval = 15 * 60_000;
         let points: Vec<String> = {
             let mut v: Vec<String> = fleet.sites.iter().map(|s| s.settlement_point.clone()).collect();
@@ -432,7 +432,8 @@ pub(crate) async fn run_backtest(
             commit_mw: 0.0,
             credit_usd_per_mw_h: 0.0,
         };
-        (backtest(&input, &policies), fleet.name.clone())
+        let notes = input.notes().unwrap_or_default();
+        (backtest(&input, &policies), fleet.name.clone(), notes)
     })
     .await
     .map_err(ApiError::internal)?;
@@ -457,6 +458,7 @@ pub(crate) async fn run_backtest(
         "seconds": started.elapsed().as_secs_f64(),
         "outcomes": outcomes.iter().map(outcome_json).collect::<Vec<_>>(),
         "chart": { "policy": shown.policy.name(), "points": chart },
+        "notes": notes,
     })))
 }
 
