@@ -96,6 +96,68 @@ impl Modify for Bearer {
     }
 }
 
+/// The answers every operation can give by its shape, added where its annotation does not name
+/// them: an authenticated one 401, 403, 429 (its rate, or too many failed tokens) and 503 (token
+/// checks all busy); one with a body 413, 415 and 422; one with parameters 422, and 404 with a
+/// path parameter. What the server does is what the document says (schemathesis checks it).
+struct Standard;
+
+impl Modify for Standard {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{Operation, ParameterIn};
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |why: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(why)
+                    .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
+                    .build(),
+            )
+        };
+        let add = |op: &mut Operation| {
+            let mut codes: Vec<(&str, &str)> = vec![];
+            if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                codes.extend([
+                    ("401", "Missing or wrong credentials"),
+                    ("403", "Role or tenant not allowed"),
+                    ("429", "Over the caller's rate, or too many invalid tokens from its address (Retry-After)"),
+                    ("503", "Token verifications all busy (Retry-After)"),
+                ]);
+            }
+            if op.request_body.is_some() {
+                codes.extend([
+                    ("413", "The body is larger than the limit"),
+                    ("415", "Content-Type must be application/json"),
+                    ("422", "Invalid input, the field named"),
+                ]);
+            }
+            let params: Vec<ParameterIn> = op
+                .parameters
+                .iter()
+                .flatten()
+                .filter_map(|p| match p {
+                    RefOr::T(p) => Some(p.parameter_in.clone()),
+                    RefOr::Ref(_) => None,
+                })
+                .collect();
+            if !params.is_empty() {
+                codes.push(("422", "Invalid input, the field named"));
+            }
+            if params.iter().any(|p| matches!(p, ParameterIn::Path)) {
+                codes.push(("404", "Not found"));
+            }
+            for (code, why) in codes {
+                op.responses.responses.entry(code.to_string()).or_insert_with(|| error(why));
+            }
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete].into_iter().flatten() {
+                add(op);
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "HCP, the Hybrid Compute Platform", description = "Fleet, plans, decisions, signals, policies, tenants and keys. Every list is paged; every change is audited."),
@@ -111,7 +173,7 @@ impl Modify for Bearer {
         dashboard::backtest_fleets, dashboard::run_backtest, graphql::get_query, graphql::post_query,
     ),
     components(schemas(dashboard::BacktestBody, hcp_store::UsageDay, billing::UsagePage, billing::JobBody, hcp_store::UsageRow, ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
-    modifiers(&Bearer),
+    modifiers(&Bearer, &Standard),
 )]
 pub struct ApiDoc;
 
