@@ -56,9 +56,12 @@ pub(crate) struct UsageQuery {
     tenant: Option<String>,
     tag: Option<String>,
     site: Option<String>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     from_ms: Option<i64>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     to_ms: Option<i64>,
     after: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -72,6 +75,7 @@ pub struct UsagePage {
 #[utoipa::path(get, path = "/api/v1/usage", tag = "billing", security(("bearer" = [])), params(UsageQuery), responses((status = 200, body = UsagePage), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn usage(State(app): AppState, Auth(p): Auth, Params(q): Params<UsageQuery>) -> ApiResult<Response> {
     let tenant = scope(&p, q.tenant.as_deref())?;
+    crate::routes::check_times(&[("from_ms", q.from_ms), ("to_ms", q.to_ms)])?;
     let f = UsageFilter {
         tenant: tenant.as_deref(),
         tag: q.tag.as_deref(),
@@ -159,6 +163,7 @@ async fn build_invoice(app: &App, tenant: &str, period: &Period) -> ApiResult<hc
 #[serde(deny_unknown_fields)]
 pub(crate) struct FormatQuery {
     /// `json` (default) or `csv`.
+    #[param(pattern = "^(json|csv)$")]
     format: Option<String>,
 }
 
@@ -182,7 +187,7 @@ fn csv_response(body: String, name: &str) -> Response {
 /// A tenant's invoice for a month (`YYYY-MM`, UTC): line items by tier, model and unit, rated by
 /// the plan in force at the month's start, each line rounded once; `status` is `open` until the
 /// month ends.
-#[utoipa::path(get, path = "/api/v1/tenants/{id}/invoices/{period}", tag = "billing", security(("bearer" = [])), params(("id" = String, Path), ("period" = String, Path, description = "YYYY-MM"), FormatQuery), responses((status = 200, description = "The invoice, JSON or CSV"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 404, description = "No such tenant", body = crate::openapi::ErrorBody), (status = 422, description = "Bad period or format", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/tenants/{id}/invoices/{period}", tag = "billing", security(("bearer" = [])), params(("id" = String, Path), ("period" = String, Path, pattern = "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$", description = "YYYY-MM"), FormatQuery), responses((status = 200, description = "The invoice, JSON or CSV"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 404, description = "No such tenant", body = crate::openapi::ErrorBody), (status = 422, description = "Bad period or format", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn invoice(
     State(app): AppState,
     Auth(p): Auth,
@@ -204,7 +209,7 @@ pub(crate) async fn invoice(
 }
 
 /// Every tenant's invoice total for a month (admin), and the fleet's.
-#[utoipa::path(get, path = "/api/v1/invoices/{period}", tag = "billing", security(("bearer" = [])), params(("period" = String, Path, description = "YYYY-MM"), FormatQuery), responses((status = 200, description = "Totals by tenant"), (status = 403, description = "Needs admin", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/invoices/{period}", tag = "billing", security(("bearer" = [])), params(("period" = String, Path, pattern = "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$", description = "YYYY-MM"), FormatQuery), responses((status = 200, description = "Totals by tenant"), (status = 403, description = "Needs admin", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn invoices(
     State(app): AppState,
     Auth(p): Auth,
@@ -243,7 +248,9 @@ pub(crate) async fn invoices(
 #[serde(deny_unknown_fields)]
 pub(crate) struct PnlQuery {
     site: Option<String>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     from_ms: i64,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     to_ms: i64,
 }
 
@@ -252,6 +259,7 @@ pub(crate) struct PnlQuery {
 #[utoipa::path(get, path = "/api/v1/pnl", tag = "billing", security(("bearer" = [])), params(PnlQuery), responses((status = 200, description = "Totals by site and for the fleet, in micro-USD (`_micro_usd`); `simulated` is true in demo mode, where the revenue and costs are the simulation's"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Needs viewer", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn pnl(State(app): AppState, Auth(p): Auth, Params(q): Params<PnlQuery>) -> ApiResult<Response> {
     p.require(Role::Viewer)?;
+    crate::routes::check_times(&[("from_ms", Some(q.from_ms)), ("to_ms", Some(q.to_ms))])?;
     if q.to_ms <= q.from_ms {
         return Err(ApiError::invalid("to_ms", "must be after from_ms"));
     }
@@ -300,11 +308,14 @@ pub(crate) async fn pnl(State(app): AppState, Auth(p): Auth, Params(q): Params<P
 #[serde(deny_unknown_fields)]
 pub struct JobBody {
     /// GPUs the job needs, all at once.
+    #[schema(minimum = 1, maximum = 10_000)]
     pub gpus: u32,
     /// Run time it needs, in seconds (wall clock).
+    #[schema(exclusive_minimum = 0.0, maximum = 2_592_000.0)]
     pub duration_s: f64,
     /// Tier 0 (interactive) to 2 (batch); default 2.
     #[serde(default = "batch_tier")]
+    #[schema(minimum = 0, maximum = 2, default = 2)]
     pub priority: u8,
     /// Preemptible jobs run at the spot price and may be stopped when power shrinks.
     #[serde(default = "yes")]
@@ -357,7 +368,7 @@ fn gang_for(app: &App, gpus: u32) -> u32 {
 
 /// Submits a batch job: placed by the router as a gang (all its GPUs at once), metered in
 /// GPU-milliseconds when it ends.
-#[utoipa::path(post, path = "/api/v1/jobs", tag = "billing", security(("bearer" = [])), request_body = JobBody, responses((status = 201, description = "Accepted, queued"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "billing", security(("bearer" = [])), request_body = JobBody, responses((status = 201, description = "Accepted, queued"), (status = 404, description = "The tenant named does not exist", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn submit_job(State(app): AppState, Auth(p): Auth, Body(b): Body<JobBody>) -> ApiResult<Response> {
     let tenant = match (&p, &b.tenant) {
         (Principal::Tenant { tenant, .. }, None) => tenant.clone(),
@@ -860,6 +871,7 @@ async fn run_job(
 pub(crate) struct JobsQuery {
     tenant: Option<String>,
     after: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 

@@ -277,7 +277,9 @@ pub(crate) async fn workloads(State(app): AppState, Auth(p): Auth) -> ApiResult<
 pub(crate) struct DailyQuery {
     /// Required for an admin; a tenant key reads its own.
     tenant: Option<String>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     from_ms: Option<i64>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     to_ms: Option<i64>,
 }
 
@@ -290,16 +292,7 @@ pub(crate) async fn usage_daily(
 ) -> ApiResult<Json<Value>> {
     let tenant = crate::billing::scope(&p, q.tenant.as_deref())?
         .ok_or_else(|| ApiError::invalid("tenant", "required for an operator account"))?;
-    // Times from 1970 to 9999 (ms since the epoch): nothing outside can hold usage, and the
-    // arithmetic below stays in range.
-    const MAX_MS: i64 = 253_402_300_800_000;
-    for (field, v) in [("from_ms", q.from_ms), ("to_ms", q.to_ms)] {
-        if let Some(v) = v
-            && !(0..=MAX_MS).contains(&v)
-        {
-            return Err(ApiError::invalid(field, format!("must be between 0 and {MAX_MS} (ms since 1970)")));
-        }
-    }
+    crate::routes::check_times(&[("from_ms", q.from_ms), ("to_ms", q.to_ms)])?;
     let to = q.to_ms.unwrap_or_else(|| crate::wall_ms() + 1);
     let from = q.from_ms.unwrap_or(to - 30 * 86_400_000);
     if from >= to {
@@ -313,17 +306,32 @@ pub(crate) async fn usage_daily(
 #[serde(deny_unknown_fields)]
 pub struct BacktestBody {
     /// First day, `YYYY-MM-DD` (UTC).
+    #[schema(pattern = "^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")]
     from: String,
     /// Days to run, 1 to 7.
+    #[schema(minimum = 1, maximum = 7)]
     days: i64,
     /// A fleet this platform knows (`GET /api/v1/backtests` lists them); default: the one it runs.
     fleet: Option<String>,
     /// Policies to compare (optimizer, strike, always-on, perfect-foresight); default: all four.
+    #[schema(value_type = Option<Vec<PolicyName>>, min_items = 1, max_items = 4)]
     policies: Option<Vec<String>>,
     /// A constant hashprice (USD per PH/s per day); default: the simulated market.
     hashprice_usd_per_ph_day: Option<f64>,
     /// Seed of the simulated grid and market; default 1.
+    #[schema(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     seed: Option<u64>,
+}
+
+/// A policy's name, as the document lists them (the body carries them as strings).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "kebab-case")]
+#[allow(dead_code)]
+enum PolicyName {
+    Optimizer,
+    Strike,
+    AlwaysOn,
+    PerfectForesight,
 }
 
 /// One policy's result as JSON (the same fields as `hcp backtest --json`).
@@ -386,6 +394,10 @@ pub(crate) async fn run_backtest(
         && !(h.is_finite() && h > 0.0 && h < 10_000.0)
     {
         return Err(ApiError::invalid("hashprice_usd_per_ph_day", "must be a number > 0 and < 10000"));
+    }
+    // Seeds as the document types them (int64, at least 0).
+    if b.seed.is_some_and(|s| s > i64::MAX as u64) {
+        return Err(ApiError::invalid("seed", format!("must be 0 to {}", i64::MAX)));
     }
     let seed = b.seed.unwrap_or(1);
     let to = from.plus_ms(b.days * 86_400_000);

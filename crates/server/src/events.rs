@@ -80,6 +80,7 @@ pub struct ManualSignal {
     /// `rt_price` (the price in force now, USD/MWh, taken as the current 5-minute price),
     /// `da_price` (an hour's day-ahead price; `at_ms` required), `temperature_c`, `hashprice`
     /// (USD/PH/day) or `gpu_price` (USD/GPU-hour).
+    #[schema(pattern = "^(rt_price|da_price|temperature_c|hashprice|gpu_price)$")]
     pub kind: String,
     /// Settlement point for prices and temperature; ignored for `hashprice` and `gpu_price`.
     #[serde(default)]

@@ -43,11 +43,15 @@ pub fn routes() -> Router<Arc<App>> {
     Router::new().route("/graphql", get(get_query).post(post_query))
 }
 
-#[derive(Deserialize)]
+/// A GraphQL request body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct GqlBody {
+    /// The GraphQL document.
     query: String,
+    /// Variables: an object.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     variables: Option<serde_json::Value>,
     #[serde(default)]
     operation_name: Option<String>,
@@ -62,6 +66,9 @@ pub(crate) struct GqlQuery {
 }
 
 async fn run(app: Arc<App>, p: Principal, b: GqlBody) -> Response {
+    if b.variables.as_ref().is_some_and(|v| !v.is_object() && !v.is_null()) {
+        return ApiError::invalid("variables", "must be an object").into_response();
+    }
     let mut req = async_graphql::Request::new(b.query);
     if let Some(v) = b.variables {
         req = req.variables(async_graphql::Variables::from_json(v));
@@ -74,7 +81,7 @@ async fn run(app: Arc<App>, p: Principal, b: GqlBody) -> Response {
 }
 
 /// A GraphQL query (read-only; the schema is `docs/schema.graphql`).
-#[utoipa::path(post, path = "/graphql", tag = "graphql", security(("bearer" = [])), request_body(content = String, description = "JSON: {query, variables, operationName}", content_type = "application/json"), responses((status = 200, description = "GraphQL response: data and errors (a field the caller may not read is an error with code forbidden)"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 422, description = "Not a GraphQL request body", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(post, path = "/graphql", tag = "graphql", security(("bearer" = [])), request_body(content = GqlBody, description = "JSON: {query, variables, operationName}", content_type = "application/json"), responses((status = 200, description = "GraphQL response: data and errors (a field the caller may not read is an error with code forbidden)"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 422, description = "Not a GraphQL request body", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn post_query(State(app): State<Arc<App>>, Auth(p): Auth, body: axum::body::Bytes) -> Response {
     match serde_json::from_slice::<GqlBody>(&body) {
         Ok(b) => run(app, p, b).await,
@@ -87,7 +94,8 @@ pub(crate) async fn post_query(State(app): State<Arc<App>>, Auth(p): Auth, body:
 /// A GraphQL query in the query string (`?query=...&variables=<JSON>`).
 #[utoipa::path(get, path = "/graphql", tag = "graphql", security(("bearer" = [])), params(("query" = String, Query, description = "The GraphQL document"), ("variables" = Option<String>, Query, description = "Variables as JSON"), ("operationName" = Option<String>, Query)), responses((status = 200, description = "GraphQL response: data and errors"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn get_query(State(app): State<Arc<App>>, Auth(p): Auth, Params(q): Params<GqlQuery>) -> Response {
-    let variables = match q.variables.as_deref().map(serde_json::from_str).transpose() {
+    // An empty `variables` is none.
+    let variables = match q.variables.as_deref().filter(|v| !v.trim().is_empty()).map(serde_json::from_str).transpose() {
         Ok(v) => v,
         Err(e) => return ApiError::invalid("variables", format!("JSON: {e}")).into_response(),
     };

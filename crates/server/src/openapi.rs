@@ -131,20 +131,20 @@ impl Modify for Standard {
                     ("422", "Invalid input, the field named"),
                 ]);
             }
-            let params: Vec<ParameterIn> = op
+            let params: Vec<(ParameterIn, String)> = op
                 .parameters
                 .iter()
                 .flatten()
                 .filter_map(|p| match p {
-                    RefOr::T(p) => Some(p.parameter_in.clone()),
+                    RefOr::T(p) => Some((p.parameter_in.clone(), p.name.clone())),
                     RefOr::Ref(_) => None,
                 })
                 .collect();
             if !params.is_empty() {
                 codes.push(("422", "Invalid input, the field named"));
             }
-            if params.iter().any(|p| matches!(p, ParameterIn::Path)) {
-                codes.push(("404", "Not found"));
+            if params.iter().any(|(at, name)| matches!(at, ParameterIn::Path) || name == "tenant") {
+                codes.push(("404", "Not found (or a tenant the caller may not see)"));
             }
             for (code, why) in codes {
                 op.responses.responses.entry(code.to_string()).or_insert_with(|| error(why));
@@ -172,7 +172,7 @@ impl Modify for Standard {
         dashboard::fleet, dashboard::economics, dashboard::alerts, dashboard::workloads, dashboard::usage_daily,
         dashboard::backtest_fleets, dashboard::run_backtest, graphql::get_query, graphql::post_query,
     ),
-    components(schemas(dashboard::BacktestBody, hcp_store::UsageDay, billing::UsagePage, billing::JobBody, hcp_store::UsageRow, ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
+    components(schemas(crate::live::SignalsNow, hcp_store::SignalRow, dashboard::BacktestBody, hcp_store::UsageDay, billing::UsagePage, billing::JobBody, hcp_store::UsageRow, ErrorBody, ErrorDetail, SitesPage, DevicesPage, DecisionsPage, SignalsPage, SitePowerPage, DeviceMinutesPage, CommandsPage, TenantsPage, AuditPage)),
     modifiers(&Bearer, &Standard),
 )]
 pub struct ApiDoc;

@@ -315,6 +315,22 @@ enum Found {
     Key(ApiKeyRow),
 }
 
+/// Times from 1970 to 9999 in ms since the epoch: nothing outside can hold data, and the
+/// arithmetic on them stays in range.
+pub const MAX_MS: i64 = 253_402_300_800_000;
+
+/// Each given time is within [0, `MAX_MS`], or the field is named.
+pub(crate) fn check_times(times: &[(&'static str, Option<i64>)]) -> ApiResult<()> {
+    for (field, v) in times {
+        if let Some(v) = v
+            && !(0..=MAX_MS).contains(v)
+        {
+            return Err(ApiError::invalid(*field, format!("must be between 0 and {MAX_MS} (ms since 1970)")));
+        }
+    }
+    Ok(())
+}
+
 /// A JSON body parsed strictly: unknown fields, wrong types and missing fields are 422 naming the
 /// field.
 pub struct Body<T>(pub T);
@@ -357,6 +373,7 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body
 #[serde(deny_unknown_fields)]
 pub(crate) struct PageQuery {
     pub after: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -466,6 +483,7 @@ pub(crate) struct DeviceQuery {
     /// available, unknown or quarantined
     status: Option<String>,
     after: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -546,6 +564,7 @@ pub(crate) async fn plans(
 pub(crate) struct DecisionQuery {
     site: Option<String>,
     after: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -583,18 +602,25 @@ pub(crate) struct SignalQuery {
     /// Without both: every signal now, with the mode, sources, ages and feeds' health.
     kind: Option<String>,
     key: Option<String>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     from_ms: Option<i64>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     to_ms: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/api/v1/signals", tag = "signals", security(("bearer" = [])), params(SignalQuery), responses((status = 200, description = "Without kind and key: the signals now (crate::live::SignalsNow: mode, market time, each signal's value, source and age, each feed's health). With both: that signal's history (items).", body = crate::live::SignalsNow), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/signals", tag = "signals", security(("bearer" = [])), params(SignalQuery), responses((status = 200, description = "Without kind and key: the signals now (crate::live::SignalsNow: mode, market time, each signal's value, source and age, each feed's health). With both: that signal's history (items: SignalRow)."), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn signals(
     State(app): AppState,
     Auth(p): Auth,
     Params(q): Params<SignalQuery>,
 ) -> ApiResult<axum::response::Response> {
     p.require(Role::Viewer)?;
+    check_times(&[("from_ms", q.from_ms), ("to_ms", q.to_ms)])?;
+    if q.limit.is_some_and(|l| !(1..=hcp_store::MAX_PAGE).contains(&l)) {
+        return Err(ApiError::invalid("limit", format!("must be 1 to {}", hcp_store::MAX_PAGE)));
+    }
     let (kind, key) = match (q.kind, q.key) {
         (None, None) => {
             let mode = app.engine_expected.then_some(app.mode);
@@ -606,7 +632,7 @@ pub(crate) async fn signals(
     };
     let items = app
         .store
-        .signals(&kind, &key, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX), q.limit.unwrap_or(100))
+        .signals(&kind, &key, q.from_ms.unwrap_or(0), q.to_ms.unwrap_or(MAX_MS), q.limit.unwrap_or(100))
         .await?;
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
@@ -677,7 +703,9 @@ fn validate_manual(app: &App, m: &crate::events::ManualSignal) -> Result<(), Api
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RangeQuery {
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     from_ms: Option<i64>,
+    #[param(minimum = 0, maximum = 253_402_300_800_000_i64)]
     to_ms: Option<i64>,
 }
 
@@ -692,7 +720,8 @@ pub(crate) async fn site_power(
     if !app.fleet.sites.iter().any(|s| s.id == id) {
         return Err(ApiError::not_found(format!("site {id} not found")));
     }
-    let items = app.store.site_seconds(&id, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX)).await?;
+    check_times(&[("from_ms", q.from_ms), ("to_ms", q.to_ms)])?;
+    let items = app.store.site_seconds(&id, q.from_ms.unwrap_or(0), q.to_ms.unwrap_or(MAX_MS)).await?;
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
@@ -708,7 +737,8 @@ pub(crate) async fn device_telemetry(
     if i < 0 || i as usize >= app.fleet.devices.len() {
         return Err(ApiError::not_found(format!("device {i} not found")));
     }
-    let items = app.store.device_minutes(i, q.from_ms.unwrap_or(i64::MIN), q.to_ms.unwrap_or(i64::MAX)).await?;
+    check_times(&[("from_ms", q.from_ms), ("to_ms", q.to_ms)])?;
+    let items = app.store.device_minutes(i, q.from_ms.unwrap_or(0), q.to_ms.unwrap_or(MAX_MS)).await?;
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
@@ -719,6 +749,7 @@ pub(crate) struct CommandQuery {
     /// Only commands to this device.
     device: Option<i64>,
     after: Option<i64>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -821,6 +852,7 @@ pub(crate) async fn audit(
 #[serde(deny_unknown_fields)]
 pub(crate) struct MaintenanceBody {
     /// device, rack or site.
+    #[schema(pattern = "^(device|rack|site)$")]
     scope: String,
     /// Device index, rack index or site id.
     id: String,
@@ -950,7 +982,7 @@ fn validate_policy(fleet: &hcp_model::fleet::Fleet, name: &str, body: &serde_jso
     }
 }
 
-#[utoipa::path(put, path = "/api/v1/policies/{name}", tag = "policies", security(("bearer" = [])), params(("name" = String, Path, description = "strike, grid-commitment or reserved-capacity")), request_body = PolicyBody, responses((status = 200, description = "The new version"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 409, description = "Another version is current", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(put, path = "/api/v1/policies/{name}", tag = "policies", security(("bearer" = [])), params(("name" = String, Path, pattern = "^(strike|grid-commitment|reserved-capacity)$", description = "strike, grid-commitment or reserved-capacity")), request_body = PolicyBody, responses((status = 200, description = "The new version"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 409, description = "Another version is current", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn put_policy(
     State(app): AppState,
     Auth(p): Auth,
@@ -994,18 +1026,23 @@ pub(crate) async fn put_policy(
 #[serde(deny_unknown_fields)]
 pub(crate) struct TenantBody {
     /// 1 to 64 lowercase letters, digits or `-`.
+    #[schema(pattern = "^[a-z0-9-]{1,64}$")]
     id: String,
-    /// 1 to 200 characters.
+    /// 1 to 200 characters, not all blank.
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     name: String,
     /// Its share of the capacity no guarantee holds, against the other tenants' weights: above 0,
     /// at most 1000.
+    #[schema(exclusive_minimum = 0.0, maximum = 1000.0)]
     weight: f64,
     /// GPUs the router keeps for it (others' work is preempted to give them): 0 to the fleet's GPUs.
     #[serde(default)]
+    #[schema(minimum = 0.0)]
     guaranteed_gpus: f64,
     /// GPUs it may use above its guarantee while others leave them idle: 0 to 1,000,000. With no
     /// guarantee and no borrowing a tenant can use nothing.
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1_000_000.0)]
     borrow_limit_gpus: f64,
     /// Requests a minute over all its keys and every API process together: 1 to 100,000,000
     /// (default 60,000). Each key's own rate applies as well.
@@ -1083,9 +1120,14 @@ pub(crate) async fn create_tenant(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct KeyBody {
+    /// The tier its requests get by default: 0 (critical), 1 (standard) or 2 (batch).
     #[serde(default = "default_band")]
+    #[schema(minimum = 0, maximum = 2, default = 1)]
     default_band: i64,
+    /// Requests a second this key may make: above 0, at most 100,000 (a tenant key minting
+    /// another: at most its own).
     #[serde(default = "default_rate")]
+    #[schema(exclusive_minimum = 0.0, maximum = 100_000.0, default = 100.0)]
     rate_per_s: f64,
 }
 
@@ -1183,7 +1225,11 @@ pub(crate) async fn revoke_key(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AccountBody {
+    /// 1 to 64 lowercase letters, digits or `-`.
+    #[schema(pattern = "^[a-z0-9-]{1,64}$")]
     name: String,
+    /// admin, operator or viewer.
+    #[schema(pattern = "^(admin|operator|viewer)$")]
     role: String,
 }
 
@@ -1244,12 +1290,14 @@ pub(crate) async fn create_account(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventQuery {
-    /// Subjects under hcp. (default: everything).
+    /// Subjects under hcp. (default: everything): dot-separated tokens, `*` for one token, a
+    /// final `>` for the rest.
+    #[param(pattern = r"^(([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?|>)$")]
     topic: Option<String>,
 }
 
 /// Server-Sent Events from the bus; `Last-Event-ID` resumes after that sequence.
-#[utoipa::path(get, path = "/api/v1/events", tag = "events", security(("bearer" = [])), params(EventQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence")), responses((status = 200, description = "Server-Sent Events: id = bus sequence, event = subject", content_type = "text/event-stream"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 410, description = "History asked for is gone", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", security(("bearer" = [])), params(EventQuery, ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "Resume after this sequence")), responses((status = 200, description = "Server-Sent Events: id = bus sequence, event = subject", content_type = "text/event-stream"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody), (status = 403, description = "Role or tenant not allowed", body = crate::openapi::ErrorBody), (status = 422, description = "Invalid input, the field named", body = crate::openapi::ErrorBody), (status = 410, description = "History asked for is gone", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn events(
     State(app): AppState,
     Auth(p): Auth,
@@ -1263,10 +1311,12 @@ pub(crate) async fn events(
     };
     let from = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
         Some(v) => {
-            let n: u64 = v.parse().map_err(|_| ApiError::invalid("Last-Event-ID", "must be a sequence number"))?;
-            let next = n
-                .checked_add(1)
-                .ok_or_else(|| ApiError::invalid("Last-Event-ID", format!("must be below {}", u64::MAX)))?;
+            // A sequence as the document types it (int64, at least 0).
+            let n: i64 = v.parse().map_err(|_| ApiError::invalid("Last-Event-ID", "must be a sequence number"))?;
+            if n < 0 {
+                return Err(ApiError::invalid("Last-Event-ID", "must be a sequence number (>= 0)"));
+            }
+            let next = n as u64 + 1;
             hcp_bus::From::Seq(next)
         }
         None => hcp_bus::From::New,
