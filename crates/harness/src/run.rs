@@ -319,7 +319,8 @@ impl<'f> Harness<'f> {
                     }
                 }
                 // Every series used: what was repaired in it.
-                let mut used: Vec<&String> = if map.len() == 1 { map.keys().collect() } else { unique.iter().collect() };
+                let mut used: Vec<&String> =
+                    if map.len() == 1 { map.keys().collect() } else { unique.iter().collect() };
                 used.dedup();
                 for sp in used {
                     if let Some(x) = map.get(sp.as_str())

@@ -218,8 +218,12 @@ fn repaired_or_foreign_prices_are_said() {
     assert!(n.iter().any(|x| x.contains("prices of HB_SOUTH") && x.contains("1 repeated")), "{n:?}");
     // One point only, another site's: a warning naming the sites priced with it.
     let n = notes(grid(&["HB_NORTH"], false));
-    assert!(n.iter().any(|x| x.starts_with("warning: the price file holds only settlement point HB_NORTH")
-        && x.contains("(HB_SOUTH)") && x.contains("(HB_WEST)")), "{n:?}");
+    assert!(
+        n.iter().any(|x| x.starts_with("warning: the price file holds only settlement point HB_NORTH")
+            && x.contains("(HB_SOUTH)")
+            && x.contains("(HB_WEST)")),
+        "{n:?}"
+    );
 }
 
 proptest! {

@@ -126,7 +126,8 @@ pub fn auth(json_out: bool, attackers: usize, secs: f64) -> Result<std::process:
             let mut tasks = vec![];
             if attack != Attack::Quiet {
                 for a in 0..attackers {
-                    let (stop, answers, next_name, base) = (stop.clone(), answers.clone(), next_name.clone(), base.clone());
+                    let (stop, answers, next_name, base) =
+                        (stop.clone(), answers.clone(), next_name.clone(), base.clone());
                     let local: std::net::IpAddr = match attack {
                         Attack::Distributed => format!("127.0.{}.{}", 1 + a / 250, 1 + a % 250).parse()?,
                         _ => "127.0.0.1".parse()?,
@@ -216,7 +217,9 @@ pub fn auth(json_out: bool, attackers: usize, secs: f64) -> Result<std::process:
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("phase        attackers  good: n  min ms  median ms  p99 ms  max ms  wrong/s  401/429/503   checks/s  at once  cpu s  rss MiB (peak)");
+        println!(
+            "phase        attackers  good: n  min ms  median ms  p99 ms  max ms  wrong/s  401/429/503   checks/s  at once  cpu s  rss MiB (peak)"
+        );
         for p in &phases {
             let g = &p["good_ms"];
             let w = &p["wrong_tokens"];

@@ -346,7 +346,11 @@ pub fn gateway(
         sim_backend_http2: backend_http2,
         backtest_fleets: vec![],
         // A load generator on this machine: every connection from one address.
-        net: hcp_server::NetConfig { max_connections_per_addr: 1_000_000, max_connections: 1_000_000, ..Default::default() },
+        net: hcp_server::NetConfig {
+            max_connections_per_addr: 1_000_000,
+            max_connections: 1_000_000,
+            ..Default::default()
+        },
     };
     // The platform on a runtime of its own, the clients on another: a client task never waits in
     // the platform's run queue (with --split-cores they do not share cores either).

@@ -220,8 +220,7 @@ fn sim_replays_the_recorded_ercot_prices_and_trace() {
     assert!(o.status.success(), "{t}");
     // The small fleet's second site is at HB_WEST: priced with HB_SOUTH's file, and told so.
     assert!(
-        t.contains("warning: the price file holds only settlement point HB_SOUTH")
-            && t.contains("(HB_WEST)"),
+        t.contains("warning: the price file holds only settlement point HB_SOUTH") && t.contains("(HB_WEST)"),
         "{t}"
     );
     assert!(t.contains("recorded trace of"), "{t}");

@@ -29,11 +29,50 @@ impl Rng {
 }
 
 const TOKENS: &[&str] = &[
-    "", "0", "-1", "-0", "1e308", "-1e308", "1e-308", "NaN", "inf", "-inf", "18446744073709551616",
-    "-9223372036854775808", "9223372036854775807", "99999999999999999999999999", "0x10", "1.5", "\"",
-    "\"\"", ",", ",,,,", "\n", "\r\n", "\0", "\u{7f}", "é", "𝄞", "\u{202e}", "[", "]", "{", "}", "=", "[[x]]",
-    "null", "true", "false", "2024-13-45", "2024-06-01T25:61:00", "1970-01-01", "9999-12-31T23:59:59", "'",
-    "\\", "\\u0000", LONG,
+    "",
+    "0",
+    "-1",
+    "-0",
+    "1e308",
+    "-1e308",
+    "1e-308",
+    "NaN",
+    "inf",
+    "-inf",
+    "18446744073709551616",
+    "-9223372036854775808",
+    "9223372036854775807",
+    "99999999999999999999999999",
+    "0x10",
+    "1.5",
+    "\"",
+    "\"\"",
+    ",",
+    ",,,,",
+    "\n",
+    "\r\n",
+    "\0",
+    "\u{7f}",
+    "é",
+    "𝄞",
+    "\u{202e}",
+    "[",
+    "]",
+    "{",
+    "}",
+    "=",
+    "[[x]]",
+    "null",
+    "true",
+    "false",
+    "2024-13-45",
+    "2024-06-01T25:61:00",
+    "1970-01-01",
+    "9999-12-31T23:59:59",
+    "'",
+    "\\",
+    "\\u0000",
+    LONG,
 ];
 
 const LONG: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -115,7 +154,9 @@ fn seed() -> u64 {
 /// showing the first such input.
 fn fuzz(name: &str, samples: &[Vec<u8>], target: impl Fn(&[u8]) -> bool) {
     assert!(!samples.is_empty());
-    let mut rng = Rng(seed() ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| (h ^ u64::from(c)).wrapping_mul(0x100_0000_01b3)));
+    let mut rng =
+        Rng(seed()
+            ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| (h ^ u64::from(c)).wrapping_mul(0x100_0000_01b3)));
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let (mut runs, mut accepted, mut crashes) = (0usize, 0usize, vec![]);
@@ -167,9 +208,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn fleet_files() {
     let samples = vec![head("examples/fleets/small.toml", 10_000), head("examples/fleets/reference.toml", 10_000)];
-    fuzz("fleet TOML", &samples, |b| {
-        hcp_model::fleet::Fleet::from_toml("f.toml", &text(b)).is_ok()
-    });
+    fuzz("fleet TOML", &samples, |b| hcp_model::fleet::Fleet::from_toml("f.toml", &text(b)).is_ok());
 }
 
 #[test]
@@ -178,17 +217,13 @@ fn engine_and_feeds_config_files() {
         b"dispatch_interval_s = 900\nhysteresis_usd_per_mwh = 2.0\n".to_vec(),
         b"price_min_usd_per_mwh = -1000.0\nstale_market_s = 172800\nquarantine_s = 1800\n".to_vec(),
     ];
-    fuzz("engine config TOML", &engine, |b| {
-        hcp_engine::EngineConfig::from_toml(&text(b)).is_ok()
-    });
+    fuzz("engine config TOML", &engine, |b| hcp_engine::EngineConfig::from_toml(&text(b)).is_ok());
     let feeds = vec![
         b"[ercot]\nsettlement_points = [\"HB_SOUTH\"]\n[market]\n".to_vec(),
         b"[[replay]]\ngrid = \"p.csv\"\nfrom = \"2024-06-03\"\nas_points = [\"HB_WEST\"]\npoll_s = 5\n".to_vec(),
         b"[gpu_price]\nusd_per_gpu_hour = 2.1\n".to_vec(),
     ];
-    fuzz("feeds config TOML", &feeds, |b| {
-        hcp_feeds::FeedsConfig::from_toml(&text(b)).is_ok()
-    });
+    fuzz("feeds config TOML", &feeds, |b| hcp_feeds::FeedsConfig::from_toml(&text(b)).is_ok());
 }
 
 #[test]
@@ -208,13 +243,9 @@ fn price_market_and_trace_csv() {
         true
     });
     let market = vec![head("../shared/data/bitcoin/btc_daily_price_difficulty_hashprice_2020-04_2025-04.csv", 40)];
-    fuzz("market CSV", &market, |b| {
-        hcp_sim::replay::load_market_csv("m.csv", b).is_ok()
-    });
+    fuzz("market CSV", &market, |b| hcp_sim::replay::load_market_csv("m.csv", b).is_ok());
     let trace = vec![head("../shared/data/llm-traces/azure_llm_inference_2023_code.csv", 80)];
-    fuzz("trace CSV", &trace, |b| {
-        hcp_sim::replay::load_trace_csv("t.csv", b).is_ok()
-    });
+    fuzz("trace CSV", &trace, |b| hcp_sim::replay::load_trace_csv("t.csv", b).is_ok());
 }
 
 #[test]
@@ -236,7 +267,11 @@ fn gateway_request_bodies() {
 fn feed_responses() {
     let dir = root().join("crates/feeds/tests/responses");
     let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
-    let ercot = vec![read("ercot/spp_node_zone_hub.json"), read("ercot/lmp_node_zone_hub.json"), read("ercot/dam_stlmnt_pnt_prices.json")];
+    let ercot = vec![
+        read("ercot/spp_node_zone_hub.json"),
+        read("ercot/lmp_node_zone_hub.json"),
+        read("ercot/dam_stlmnt_pnt_prices.json"),
+    ];
     fuzz("ERCOT reports", &ercot, |b| {
         use hcp_feeds::ercot::{dam_rows, parse_report, sced_rows, spp_rows};
         let Ok(r) = parse_report("fuzz", b) else { return false };
@@ -244,7 +279,8 @@ fn feed_responses() {
         let sced = sced_rows(&r).is_ok();
         dam_rows(&r).is_ok() || spp || sced
     });
-    let mempool = vec![read("mempool/prices.json"), read("mempool/hashrate_3d.json"), read("mempool/reward_stats_144.json")];
+    let mempool =
+        vec![read("mempool/prices.json"), read("mempool/hashrate_3d.json"), read("mempool/reward_stats_144.json")];
     fuzz("mempool.space responses", &mempool, |b| {
         use hcp_feeds::mempool::{parse_difficulty, parse_prices, parse_reward_stats};
         let a = parse_prices(b).is_ok();
@@ -276,7 +312,8 @@ fn notices_from_the_bus() {
         br#"{"at_ms":1733500000000,"site":"tx-west","price_usd_per_mwh":31.5,"mining_mw":12.0,"inference_mw":3.0,"curtailed_mw":0.5}"#.to_vec(),
         br#"{"name":"reserved-capacity","version":3,"body":"{\"tenant\":\"acme\",\"gpus\":4}"}"#.to_vec(),
     ];
-    let subjects = ["hcp.interval.tx-west", "hcp.plan", "hcp.ahead", "hcp.devices", "hcp.signals", "hcp.alert", "hcp.feed"];
+    let subjects =
+        ["hcp.interval.tx-west", "hcp.plan", "hcp.ahead", "hcp.devices", "hcp.signals", "hcp.alert", "hcp.feed"];
     let n = std::sync::atomic::AtomicUsize::new(0);
     fuzz("live notices", &events, |b| {
         let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

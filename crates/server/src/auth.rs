@@ -256,14 +256,20 @@ impl Guard {
         }
         let addr_key = addr.map(|a| format!("a:{a}"));
         if let Some(wait) = addr_key.as_deref().and_then(|k| self.over(k, FAILURES_PER_ADDR, now)) {
-            return Some(refused(format!("too many invalid tokens from this address; retry in {} s", wait.as_secs()), wait));
+            return Some(refused(
+                format!("too many invalid tokens from this address; retry in {} s", wait.as_secs()),
+                wait,
+            ));
         }
         // A name under attack: addresses that have failed are refused for it; one that has not
         // (its owner, most likely) still gets its check.
         let failing = addr_key.as_deref().is_none_or(|k| self.failures_of(k, now) > 0);
         if failing {
             if let Some(wait) = self.over(&format!("n:{name}"), FAILURES_PER_NAME, now) {
-                return Some(refused(format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()), wait));
+                return Some(refused(
+                    format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()),
+                    wait,
+                ));
             }
         }
         None

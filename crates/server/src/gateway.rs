@@ -459,7 +459,12 @@ impl Flight {
 
     /// Served: records usage durably, then frees the router. A request with an idempotency key
     /// first keeps its answer (`kept`: content type and body) for a retry, with the usage.
-    async fn complete(&mut self, input: u32, output: u32, kept: Option<(&'static str, Vec<u8>)>) -> Result<(), OaiError> {
+    async fn complete(
+        &mut self,
+        input: u32,
+        output: u32,
+        kept: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<(), OaiError> {
         let mut u = self.usage.clone();
         u.input_tokens = input.into();
         u.output_tokens = output.into();
@@ -681,7 +686,8 @@ async fn serve(
             if let Some(w) = limit_window {
                 app.limits.settle(&tenant, w, -reserved);
             }
-            let mut e = OaiError::new(StatusCode::CONFLICT, "invalid_request_error", Some("idempotency_key_reused"), why);
+            let mut e =
+                OaiError::new(StatusCode::CONFLICT, "invalid_request_error", Some("idempotency_key_reused"), why);
             e.retry_after_s = retry.then_some(1);
             e
         };

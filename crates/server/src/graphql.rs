@@ -95,7 +95,8 @@ pub(crate) async fn post_query(State(app): State<Arc<App>>, Auth(p): Auth, body:
 #[utoipa::path(get, path = "/graphql", tag = "graphql", security(("bearer" = [])), params(("query" = String, Query, description = "The GraphQL document"), ("variables" = Option<String>, Query, description = "Variables as JSON"), ("operationName" = Option<String>, Query)), responses((status = 200, description = "GraphQL response: data and errors"), (status = 401, description = "Missing or wrong credentials", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn get_query(State(app): State<Arc<App>>, Auth(p): Auth, Params(q): Params<GqlQuery>) -> Response {
     // An empty `variables` is none.
-    let variables = match q.variables.as_deref().filter(|v| !v.trim().is_empty()).map(serde_json::from_str).transpose() {
+    let variables = match q.variables.as_deref().filter(|v| !v.trim().is_empty()).map(serde_json::from_str).transpose()
+    {
         Ok(v) => v,
         Err(e) => return ApiError::invalid("variables", format!("JSON: {e}")).into_response(),
     };

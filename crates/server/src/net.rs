@@ -24,8 +24,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::body::Bytes;
+use axum::extract::ConnectInfo;
 use axum::http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 

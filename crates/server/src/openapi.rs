@@ -110,7 +110,10 @@ impl Modify for Standard {
             RefOr::T(
                 ResponseBuilder::new()
                     .description(why)
-                    .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                    )
                     .build(),
             )
         };

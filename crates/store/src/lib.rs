@@ -718,7 +718,14 @@ impl Store {
             return Err(StoreError::Invalid { field: "role", rule: "must be admin, operator or viewer".into() });
         }
         // An admin keeps the admin role while it is the last one: the platform would have no
-        // one left to manage it (`hcp admin-reset` is the local way back).
+        // one left to manage it (`hcp admin-reset` is the local way back). On PostgreSQL the
+        // admin rows are locked first: two admins demoting each other at once would otherwise
+        // both count two admins (each statement's snapshot) and both succeed; the second now
+        // waits for the first and counts again. SQLite runs one write at a time.
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT name FROM accounts WHERE role = 'admin' FOR UPDATE").fetch_all(&mut *tx).await?;
+        }
         let r = sqlx::query(
             "INSERT INTO accounts (name, role, secret_hash, created_ms) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO UPDATE SET role = excluded.role, secret_hash = excluded.secret_hash \
@@ -729,8 +736,9 @@ impl Store {
         .bind(&a.role)
         .bind(&a.secret_hash)
         .bind(a.created_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::LastAdmin(a.name.clone()));
         }
@@ -936,7 +944,8 @@ impl Store {
 
     /// Drops windows that began before `before_ms`.
     pub async fn prune_rate_windows(&self, before_ms: i64) -> Result<u64> {
-        let r = sqlx::query("DELETE FROM rate_windows WHERE window_ms < $1").bind(before_ms).execute(&self.pool).await?;
+        let r =
+            sqlx::query("DELETE FROM rate_windows WHERE window_ms < $1").bind(before_ms).execute(&self.pool).await?;
         Ok(r.rows_affected())
     }
 

@@ -171,6 +171,22 @@ async fn contract(s: &Store) {
         Err(StoreError::LastAdmin(_))
     ));
     s.put_account(&rotated).await.unwrap();
+    // Two admins demoting each other at once: one succeeds, the other is the last admin.
+    for _ in 0..5 {
+        let (dx, dy) = (
+            AccountRow { role: "viewer".into(), ..rotated.clone() },
+            AccountRow { role: "viewer".into(), ..b.clone() },
+        );
+        let (x, y) = tokio::join!(s.put_account(&dx), s.put_account(&dy));
+        let ok = [x.is_ok(), y.is_ok()];
+        assert_eq!(ok.iter().filter(|o| **o).count(), 1, "{x:?} {y:?}");
+        assert!([x, y].iter().any(|r| matches!(r, Err(StoreError::LastAdmin(_)))));
+        let admins = s.accounts().await.unwrap().iter().filter(|a| a.role == "admin").count();
+        assert_eq!(admins, 1);
+        s.put_account(&rotated).await.unwrap();
+        s.put_account(&b).await.unwrap();
+    }
+    s.put_account(&rotated).await.unwrap();
     let k = ApiKeyRow {
         id: "k1".into(),
         tenant_id: "acme".into(),
@@ -215,7 +231,12 @@ async fn contract(s: &Store) {
     assert!(!s.end_session("h1").await.unwrap());
 
     // Shared rate windows: deltas add up; the totals come back in order.
-    let d = |t: &str, r: i64, k: i64| hcp_store::RateDelta { tenant_id: t.into(), window_ms: 60_000, requests: r, tokens: k };
+    let d = |t: &str, r: i64, k: i64| hcp_store::RateDelta {
+        tenant_id: t.into(),
+        window_ms: 60_000,
+        requests: r,
+        tokens: k,
+    };
     assert_eq!(s.add_rate_usage(&[d("a", 2, 10), d("b", 1, 1)]).await.unwrap(), vec![(2, 10), (1, 1)]);
     assert_eq!(s.add_rate_usage(&[d("a", 3, -4)]).await.unwrap(), vec![(5, 6)]);
     assert_eq!(s.prune_rate_windows(120_000).await.unwrap(), 2);
@@ -233,7 +254,11 @@ async fn contract(s: &Store) {
     s.put_outcome(&o).await.unwrap();
     s.put_outcome(&hcp_store::OutcomeRow { body: "{\"second\":1}".into(), ..o.clone() }).await.unwrap();
     assert_eq!(s.outcome("idem:acme:1").await.unwrap(), Some(o.clone()));
-    let big = hcp_store::OutcomeRow { id: "idem:acme:2".into(), body: "x".repeat(hcp_store::MAX_OUTCOME_BYTES + 1), ..o.clone() };
+    let big = hcp_store::OutcomeRow {
+        id: "idem:acme:2".into(),
+        body: "x".repeat(hcp_store::MAX_OUTCOME_BYTES + 1),
+        ..o.clone()
+    };
     assert!(matches!(s.put_outcome(&big).await, Err(StoreError::Invalid { field: "outcome.body", .. })));
     assert_eq!(s.prune_outcomes(1_001).await.unwrap(), 1);
     assert_eq!(s.outcome("idem:acme:1").await.unwrap(), None);

@@ -261,7 +261,10 @@ async fn wrong_tokens_are_bounded_and_tell_nothing() {
     let slots = guard().slots() as u64;
     assert!(guard().peak.load(Relaxed) <= slots as usize, "more checks at once than slots");
     assert!(checks <= u64::from(FAILURES_PER_ADDR) + slots, "{checks} checks for 64 wrong tokens");
-    let limited = answers.iter().filter(|(s, b)| *s == StatusCode::TOO_MANY_REQUESTS && b["error"]["code"] == "too_many_failures").count();
+    let limited = answers
+        .iter()
+        .filter(|(s, b)| *s == StatusCode::TOO_MANY_REQUESTS && b["error"]["code"] == "too_many_failures")
+        .count();
     let unauthorized = answers.iter().filter(|(s, _)| *s == StatusCode::UNAUTHORIZED).count();
     assert_eq!(limited + unauthorized, 64, "only 401 and 429: {answers:?}");
     assert!(limited >= 64 - FAILURES_PER_ADDR as usize - slots as usize, "{limited} refused without a check");
@@ -270,7 +273,8 @@ async fn wrong_tokens_are_bounded_and_tell_nothing() {
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
     // ...but from an address with no failure, the owner of the name under attack gets in, while
     // a wrong token for it from there is checked once and then refused without a check.
-    let from = |ip: &str| reqwest::Client::builder().local_address(ip.parse::<std::net::IpAddr>().ok()).build().unwrap();
+    let from =
+        |ip: &str| reqwest::Client::builder().local_address(ip.parse::<std::net::IpAddr>().ok()).build().unwrap();
     let me = |c: Client, t: String| {
         let url = format!("{}/api/v1/me", p.base);
         async move { c.get(url).bearer_auth(t).send().await.unwrap().status() }
@@ -673,7 +677,8 @@ async fn the_engine_records_decisions_and_streams_live_events() {
     assert_eq!(s, StatusCode::OK);
     let mut seen = false;
     for _ in 0..60 {
-        let m = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
+        let m =
+            p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
         seen = m.lines().any(|l| {
             l.starts_with("hcp_managed_devices{state=\"maintenance\"}")
                 && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
@@ -700,7 +705,16 @@ async fn the_engine_records_decisions_and_streams_live_events() {
         assert!(south["in_service"].as_i64().unwrap() > 0 && south["slots"].as_i64().unwrap() > 0, "{r}");
         west_out = site("tx-west").is_some_and(|w| w["in_service"] == 0);
         if west_out {
-            let m = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
+            let m = p
+                .http
+                .get(format!("{}/metrics", p.base))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
             assert!(m.contains("hcp_router_slots"), "router metrics");
             break;
         }
@@ -1163,7 +1177,8 @@ async fn a_backend_that_fails_before_its_first_byte_is_skipped_and_the_request_r
     assert_eq!(p.usage("retry").await.len(), 4, "one record each");
     let (_, m) = p.call("GET", "/v1/models", Some(DEMO), None).await;
     assert_eq!(m["data"][0]["replicas_in_service"], 1, "the dead backend is held out: {m}");
-    let metrics = p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
+    let metrics =
+        p.http.get(format!("{}/metrics", p.base)).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("hcp_gateway_backend_failures_total"), "the failure is counted");
     p.stop().await;
 }
@@ -1828,9 +1843,7 @@ async fn crlf_framed_streams_are_relayed_and_a_stream_preempted_midway_is_record
 async fn a_tenant_is_limited_over_all_its_keys() {
     let p = Platform::start("tenant-limits").await;
     p.serving().await;
-    let tenant = |id: &str, rpm: i64, tpm: i64| {
-        json!({"id": id, "name": id, "weight": 1, "borrow_limit_gpus": 64, "requests_per_min": rpm, "tokens_per_min": tpm})
-    };
+    let tenant = |id: &str, rpm: i64, tpm: i64| json!({"id": id, "name": id, "weight": 1, "borrow_limit_gpus": 64, "requests_per_min": rpm, "tokens_per_min": tpm});
     let (s, b) = p.call("POST", "/api/v1/tenants", Some(ADMIN), Some(tenant("few", 4, 1_000_000))).await;
     assert_eq!((s, b["requests_per_min"].as_i64()), (StatusCode::CREATED, Some(4)), "{b}");
     let mut keys = vec![];
@@ -1933,7 +1946,12 @@ async fn a_retried_idempotency_key_gets_its_answer_and_is_billed_once() {
     assert_eq!((u.len(), u[0]["output_tokens"].as_i64()), (1, Some(9)), "billed once, as kept");
     // Another tenant's key of the same name is another key.
     let (_, t) = p
-        .call("POST", "/api/v1/tenants", Some(ADMIN), Some(json!({"id": "other", "name": "O", "weight": 1, "borrow_limit_gpus": 64})))
+        .call(
+            "POST",
+            "/api/v1/tenants",
+            Some(ADMIN),
+            Some(json!({"id": "other", "name": "O", "weight": 1, "borrow_limit_gpus": 64})),
+        )
         .await;
     assert_eq!(t["id"], "other");
     let (_, k) = p.call("POST", "/api/v1/tenants/other/keys", Some(ADMIN), Some(json!({}))).await;

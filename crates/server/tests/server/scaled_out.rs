@@ -156,7 +156,9 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
     let r = http
         .post(format!("{url}/api/v1/tenants"))
         .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"id": "lim", "name": "L", "weight": 1, "borrow_limit_gpus": 64, "requests_per_min": 6}))
+        .json(
+            &serde_json::json!({"id": "lim", "name": "L", "weight": 1, "borrow_limit_gpus": 64, "requests_per_min": 6}),
+        )
         .send()
         .await
         .unwrap();
@@ -172,7 +174,8 @@ async fn a_dispatcher_and_an_api_share_postgres_and_nats() {
         .await
         .unwrap();
     let key = key["key"].as_str().unwrap().to_string();
-    let chat = serde_json::json!({"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let chat =
+        serde_json::json!({"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
     let infer = |base: String| {
         let (http, key, chat) = (http.clone(), key.clone(), chat.clone());
         async move {
