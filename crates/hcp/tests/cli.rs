@@ -507,7 +507,7 @@ fn the_official_openai_client_works_against_the_gateway() {
 /// operation, with an admin's token and with a tenant's key, a bounded number of examples, every
 /// check but `positive_data_acceptance` (it counts as wrong a refusal the document cannot
 /// express: a `to_ms` after `from_ms`, a tenant named only by an admin, a device index the fleet
-/// has; docs/api.md lists them). Zero failures, or the test fails with the report.
+/// has; docs/security.md lists them). Zero failures, or the test fails with the report.
 #[test]
 fn schemathesis_finds_the_server_as_the_document_says() {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-venv");

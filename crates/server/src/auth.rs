@@ -264,13 +264,11 @@ impl Guard {
         // A name under attack: addresses that have failed are refused for it; one that has not
         // (its owner, most likely) still gets its check.
         let failing = addr_key.as_deref().is_none_or(|k| self.failures_of(k, now) > 0);
-        if failing {
-            if let Some(wait) = self.over(&format!("n:{name}"), FAILURES_PER_NAME, now) {
-                return Some(refused(
-                    format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()),
-                    wait,
-                ));
-            }
+        if failing && let Some(wait) = self.over(&format!("n:{name}"), FAILURES_PER_NAME, now) {
+            return Some(refused(
+                format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()),
+                wait,
+            ));
         }
         None
     }
