@@ -1133,7 +1133,9 @@ async fn price_plans_apply_whole_periods_and_site_pnl_balances() {
     // The engine records each site's P&L per interval; the ledger of it balances.
     let mut pnl = Value::Null;
     for _ in 0..600 {
-        let (_, v) = p.call("GET", &format!("/api/v1/pnl?from_ms=0&to_ms={}", hcp_server::routes::MAX_MS), Some(ADMIN), None).await;
+        let (_, v) = p
+            .call("GET", &format!("/api/v1/pnl?from_ms=0&to_ms={}", hcp_server::routes::MAX_MS), Some(ADMIN), None)
+            .await;
         if v["fleet"]["rows"].as_i64().unwrap_or(0) >= 4 {
             pnl = v;
             break;
