@@ -159,6 +159,7 @@ impl NetArgs {
             max_connections_per_addr: self.max_connections_per_addr as usize,
             metrics_listen: self.metrics_listen,
             trust_forwarded_for: self.trust_forwarded_for,
+            ..Default::default()
         }
     }
 }

@@ -254,7 +254,7 @@ impl Guard {
                 return Some(ApiError::unauthorized("invalid token"));
             }
         }
-        let addr_key = addr.map(|a| format!("a:{a}"));
+        let addr_key = addr.map(|a| format!("a:{}", crate::net::client_key(a)));
         if let Some(wait) = addr_key.as_deref().and_then(|k| self.over(k, FAILURES_PER_ADDR, now)) {
             return Some(refused(
                 format!("too many invalid tokens from this address; retry in {} s", wait.as_secs()),
@@ -325,7 +325,10 @@ impl Guard {
         if f.len() >= CACHE_MAX {
             f.retain(|_, w| now.duration_since(w.from) < FAILURE_WINDOW);
         }
-        let keys = addr.map(|a| format!("a:{a}")).into_iter().chain(std::iter::once(format!("n:{name}")));
+        let keys = addr
+            .map(|a| format!("a:{}", crate::net::client_key(a)))
+            .into_iter()
+            .chain(std::iter::once(format!("n:{name}")));
         for k in keys {
             let w = f.entry(k).or_insert(Window { from: now, n: 0 });
             if now.duration_since(w.from) >= FAILURE_WINDOW {

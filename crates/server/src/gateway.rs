@@ -313,7 +313,11 @@ pub fn no_capacity(tenant: &str) -> String {
     )
 }
 
-async fn tenant_of(app: &App, headers: &HeaderMap, peer: Option<IpAddr>) -> Result<(String, String, i64), OaiError> {
+async fn tenant_of(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Result<(String, String, i64), OaiError> {
     match crate::routes::authenticate(app, headers, peer, false).await.map_err(OaiError::from)? {
         Principal::Tenant { tenant, key, band, .. } => Ok((tenant, key, band)),
         Principal::Account { .. } => Err(OaiError::new(
@@ -412,6 +416,21 @@ fn reject_error(r: &RejectReason) -> OaiError {
     e
 }
 
+/// An idempotency key held in flight on this process until a `Flight` takes it over or the
+/// request ends before one is made.
+struct IdemHold {
+    app: Arc<App>,
+    key: Option<String>,
+}
+
+impl Drop for IdemHold {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        }
+    }
+}
+
 /// How long an answer kept for an idempotency key is kept.
 pub const KEEP_ANSWERS_MS: i64 = 24 * 3_600_000;
 
@@ -472,28 +491,42 @@ impl Flight {
         self.done = true;
         self.release_router(Some(output));
         self.settle(u.input_tokens + u.output_tokens);
-        if self.idem.is_some()
-            && let Some((content_type, body)) = kept
-        {
-            let o = hcp_store::OutcomeRow {
+        let outcome = match kept {
+            Some((content_type, body)) if self.idem.is_some() => Some(hcp_store::OutcomeRow {
                 id: u.id.clone(),
                 status: 200,
                 content_type: content_type.into(),
                 body: String::from_utf8_lossy(&body).into_owned(),
                 usage: serde_json::to_string(&u).expect("a usage row serialises"),
                 at_ms: u.at_ms,
-            };
-            if o.body.len() <= hcp_store::MAX_OUTCOME_BYTES
-                && let Err(e) = self.app.store.put_outcome(&o).await
+            }),
+            _ => None,
+        };
+        // The answer kept and the usage written by a task of their own: a client that goes
+        // away meanwhile cancels neither (the request is `done`: nothing else would record it).
+        let app = self.app.clone();
+        let written = tokio::spawn(async move {
+            if let Some(o) = outcome.filter(|o| o.body.len() <= hcp_store::MAX_OUTCOME_BYTES)
+                && let Err(e) = app.store.put_outcome(&o).await
             {
                 // Billed and answered still; a retry with the key is then told it was served.
                 tracing::error!(error = %e, "answer not kept for its idempotency key");
             }
+            app.meter.record(u).await
+        });
+        match written.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "usage not recorded");
+                Err(OaiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    None,
+                    "usage could not be recorded",
+                ))
+            }
+            Err(e) => Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, e.to_string())),
         }
-        self.app.meter.record(u).await.map_err(|e| {
-            tracing::error!(error = %e, "usage not recorded");
-            OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "usage could not be recorded")
-        })
     }
 
     /// Ended early after the backend started (failed or preempted): recorded, router freed.
@@ -653,11 +686,34 @@ async fn serve(
         Some(k) => Some(format!("idem:{tenant}:{k}")),
     };
     let store_error = |e: hcp_store::StoreError| OaiError::from(crate::error::ApiError::from(e));
-    // A retry of a request already answered gets that answer again, billed once.
-    if let Some(k) = &idem
-        && let Some(o) = app.store.outcome(k).await.map_err(store_error)?
-    {
-        return replay(&app, o).await;
+    // The key is held (in flight on this process) before anything is looked up, so a first
+    // request finishing meanwhile cannot make its retry look like one with no answer kept.
+    let mut hold = IdemHold { app: app.clone(), key: None };
+    if let Some(k) = &idem {
+        if !app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone()) {
+            let mut e = OaiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_reused"),
+                "idempotency-key: a request with this key is in flight; retry when it has ended",
+            );
+            e.retry_after_s = Some(1);
+            return Err(e);
+        }
+        hold.key = Some(k.clone());
+        // A retry of a request already answered gets that answer again, billed once.
+        if let Some(o) = app.store.outcome(k).await.map_err(store_error)? {
+            return replay(&app, o).await;
+        }
+        if app.store.usage_by_id(k).await.map_err(store_error)?.is_some() {
+            return Err(OaiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_reused"),
+                "idempotency-key: a request with this key was served or cut short, and no answer is kept for it \
+                 (it failed, was cut short or was too large to keep): send a new key",
+            ));
+        }
     }
     // The tenant's allowance a minute over all its keys (and every API process): the prompt
     // and the most output asked for are reserved now, settled to what is used at the end.
@@ -681,27 +737,6 @@ async fn serve(
         None => None,
     };
     let usage_id = idem.clone().unwrap_or_else(|| rid.clone());
-    if let Some(k) = &idem {
-        let refuse = |why: &str, retry: bool| {
-            if let Some(w) = limit_window {
-                app.limits.settle(&tenant, w, -reserved);
-            }
-            let mut e =
-                OaiError::new(StatusCode::CONFLICT, "invalid_request_error", Some("idempotency_key_reused"), why);
-            e.retry_after_s = retry.then_some(1);
-            e
-        };
-        if app.store.usage_by_id(k).await.map_err(store_error)?.is_some() {
-            return Err(refuse(
-                "idempotency-key: a request with this key was served or cut short, and no answer is kept for it \
-                 (it failed, was cut short or was too large to keep): send a new key",
-                false,
-            ));
-        }
-        if !app.gateway.idem.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone()) {
-            return Err(refuse("idempotency-key: a request with this key is in flight; retry when it has ended", true));
-        }
-    }
     let mut flight = Flight {
         app: app.clone(),
         router_id: None,
@@ -724,7 +759,7 @@ async fn serve(
         },
         started: false,
         relayed_bytes: 0,
-        idem,
+        idem: hold.key.take(),
         done: false,
         limit_window,
         reserved,

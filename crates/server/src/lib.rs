@@ -99,6 +99,23 @@ pub struct NetConfig {
     /// proxy that writes it; otherwise any client could pick the address its failures count
     /// against).
     pub trust_forwarded_for: bool,
+    /// HTTP/2 streams one connection may carry at once.
+    pub h2_max_streams: u32,
+}
+
+impl NetConfig {
+    /// The simulated backend's: its one client is this process's gateway (one address, as many
+    /// connections as it has streams over HTTP/1.1, or all of them on one HTTP/2 connection),
+    /// whose pooled connections idle up to 90 s: those are not closed under it.
+    pub fn for_backend(net: &NetConfig) -> NetConfig {
+        NetConfig {
+            max_connections_per_addr: net.max_connections,
+            h2_max_streams: H2_MAX_STREAMS,
+            header_read_timeout: net.header_read_timeout.max(std::time::Duration::from_secs(120)),
+            idle_timeout: net.idle_timeout.max(std::time::Duration::from_secs(120)),
+            ..net.clone()
+        }
+    }
 }
 
 impl Default for NetConfig {
@@ -110,6 +127,7 @@ impl Default for NetConfig {
             max_connections_per_addr: 2_000,
             metrics_listen: None,
             trust_forwarded_for: false,
+            h2_max_streams: 256,
         }
     }
 }
@@ -531,9 +549,7 @@ pub async fn start(cfg: Config, store: Store) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    // The simulated backend's one client is this process's gateway: one address, as many
-    // connections as it has streams over HTTP/1.1.
-    let backend_net = NetConfig { max_connections_per_addr: cfg.net.max_connections, ..cfg.net.clone() };
+    let backend_net = NetConfig::for_backend(&cfg.net);
     if cfg.api {
         // Change notices for the read cache and the router: subscribed before the first request
         // is served and before the router is loaded from storage (a change in between arrives

@@ -31,10 +31,25 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::NetConfig;
 
-/// Streams one HTTP/2 connection to a server of this process may carry at once. The gateway
-/// multiplexes all its requests to the simulated backend over one connection (hyper's default of
-/// 200 would queue the rest); a bound still, so a peer cannot open without limit.
+/// Streams one HTTP/2 connection to the simulated backend may carry at once. The gateway
+/// multiplexes all its requests to it over one connection (hyper's default of 200 would queue the
+/// rest); a bound still. Public listeners keep `NetConfig::h2_max_streams` (256).
 pub const H2_MAX_STREAMS: u32 = 65_536;
+
+/// The address a client is counted by: an IPv4 address (an IPv4-mapped IPv6 one as the IPv4 it
+/// is), or an IPv6 /64 (one client's network: a host picks any of its 2^64 addresses).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
 
 /// Open connections by client address, and in all, on one listener.
 #[derive(Default)]
@@ -256,7 +271,7 @@ pub async fn serve(
     use hyper_util::service::TowerToHyperService;
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(cfg.header_read_timeout);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(H2_MAX_STREAMS);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(cfg.h2_max_streams);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let counts = Arc::new(Counts::default());
     let mut stop = std::pin::pin!(stop);
@@ -265,7 +280,7 @@ pub async fn serve(
             c = accept(&listener) => c,
             () = &mut stop => break,
         };
-        let Some(slot) = counts.take(peer.ip(), &cfg) else {
+        let Some(slot) = counts.take(client_key(peer.ip()), &cfg) else {
             metrics::counter!("hcp_connections_refused_total").increment(1);
             drop(tcp);
             continue;
@@ -470,7 +485,8 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(super::serve(l, router, crate::NetConfig::default(), async move {
+        let cfg = crate::NetConfig { h2_max_streams: super::H2_MAX_STREAMS, ..Default::default() };
+        let server = tokio::spawn(super::serve(l, router, cfg, async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
         let h1 = reqwest::Client::new();

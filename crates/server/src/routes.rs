@@ -182,7 +182,7 @@ pub(crate) fn peer_of(app: &App, parts: &Parts) -> Option<std::net::IpAddr> {
 /// the token came from the session cookie. `peer`: the client's address, which failures count
 /// against.
 pub(crate) async fn authenticate(
-    app: &App,
+    app: &Arc<App>,
     headers: &HeaderMap,
     peer: Option<std::net::IpAddr>,
     safe: bool,
@@ -199,33 +199,53 @@ pub(crate) async fn authenticate(
     Ok(p)
 }
 
-/// A bearer token's principal, from the cache or verified.
-async fn principal(app: &App, token: &str, peer: Option<std::net::IpAddr>) -> ApiResult<Principal> {
+/// A bearer token's principal, from the cache or verified. The verification runs as a task of
+/// its own: a client that goes away mid-check (closes the connection, resets its HTTP/2 stream)
+/// cancels nothing, so the check still holds its slot to the end and its failure is counted.
+async fn principal(app: &Arc<App>, token: &str, peer: Option<std::net::IpAddr>) -> ApiResult<Principal> {
+    // Only a token's shape is looked up: a session's cache key is not a bearer token.
+    if parse_token(token).is_none() {
+        return Err(ApiError::unauthorized("invalid token"));
+    }
     if let Some(p) = app.gate.cached(token) {
         return Ok(p);
     }
-    // One verification per token at a time: a burst of requests with a token not yet cached (a
-    // client opening 1,000 streams) waits for the first one's Argon2 check instead of running
-    // 1,000 of them.
-    let lock = app.gate.verifying(token);
-    let _held = lock.lock().await;
-    if let Some(p) = app.gate.cached(token) {
-        return Ok(p);
-    }
-    let p = verify(app, token, peer).await;
-    app.gate.verified(token);
-    let p = p?;
-    app.gate.remember(token, &p);
-    Ok(p)
+    let (app, token) = (app.clone(), token.to_string());
+    tokio::spawn(async move {
+        // One verification per token at a time: a burst of requests with a token not yet
+        // cached (a client opening 1,000 streams) waits for the first one's Argon2 check
+        // instead of running 1,000 of them.
+        let lock = app.gate.verifying(&token);
+        let _held = lock.lock().await;
+        if let Some(p) = app.gate.cached(&token) {
+            return Ok(p);
+        }
+        let p = verify(&app, &token, peer).await;
+        app.gate.verified(&token);
+        let p = p?;
+        app.gate.remember(&token, &p);
+        Ok(p)
+    })
+    .await
+    .map_err(ApiError::internal)?
 }
 
-async fn verify(app: &App, token: &str, peer: Option<std::net::IpAddr>) -> ApiResult<Principal> {
+async fn verify(app: &Arc<App>, token: &str, peer: Option<std::net::IpAddr>) -> ApiResult<Principal> {
     let bad = || ApiError::unauthorized("invalid token");
     let kind = parse_token(token).ok_or_else(bad)?;
     let name = match &kind {
         TokenKind::Account { name, .. } => format!("account:{name}"),
         TokenKind::Key { id, .. } => format!("key:{id}"),
     };
+    // A name no account or key can have is refused without a check (and without a place in the
+    // failure counts, whose keys it would otherwise make as long as a header allows).
+    let bare = match &kind {
+        TokenKind::Account { name, .. } => name,
+        TokenKind::Key { id, .. } => id,
+    };
+    if !valid_name(bare) {
+        return Err(bad());
+    }
     let guard = &app.gate.guard;
     let _slot = match guard.admit(token, &name, peer).await {
         crate::auth::Admission::Check(slot) => slot,
@@ -262,7 +282,11 @@ async fn verify(app: &App, token: &str, peer: Option<std::net::IpAddr>) -> ApiRe
             Ok(Principal::Account { name: a.name, role })
         }
         // Said only to the holder of the secret: the id alone does not tell a key was revoked.
-        Found::Key(k) if k.revoked_ms.is_some() => Err(ApiError::unauthorized("key revoked")),
+        // Remembered as failed, so that a revoked key in use is not checked again and again.
+        Found::Key(k) if k.revoked_ms.is_some() => {
+            guard.failed(token, &name, peer);
+            Err(ApiError::unauthorized("key revoked"))
+        }
         Found::Key(k) => {
             Ok(Principal::Tenant { tenant: k.tenant_id, key: k.id, band: k.default_band, rate_per_s: k.rate_per_s })
         }
@@ -1277,6 +1301,8 @@ pub(crate) async fn create_account(
     let after = serde_json::json!({ "name": b.name, "role": role.as_str() }).to_string();
     let before = before.map(|a| serde_json::json!({ "name": a.name, "role": a.role }).to_string());
     app.store.audit(crate::wall_ms(), &p.actor(), "account.put", &b.name, before.as_deref(), Some(&after)).await?;
+    // A new secret ends the account's dashboard sessions (opened with the old one).
+    app.store.end_sessions_of("account", &b.name).await?;
     app.gate.forget_account(&b.name);
     Ok((
         StatusCode::CREATED,

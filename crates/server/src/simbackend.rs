@@ -118,9 +118,7 @@ pub fn serve_elsewhere(app: &crate::App, listener: tokio::net::TcpListener) -> a
     let sim = app.sim.clone().ok_or_else(|| anyhow::anyhow!("the platform runs no simulated backend"))?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
-        // Its one client is the gateway: every connection comes from one address.
-        let d = crate::NetConfig::default();
-        let net = crate::NetConfig { max_connections_per_addr: d.max_connections, ..d };
+        let net = crate::NetConfig::for_backend(&crate::NetConfig::default());
         crate::net::serve(listener, router(sim), net, std::future::pending()).await;
     });
     *app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(base.clone());

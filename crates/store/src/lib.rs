@@ -761,7 +761,16 @@ impl Store {
             return Err(StoreError::Invalid { field: "rate_per_s", rule: "must be a finite number > 0".into() });
         }
         self.tenant(&k.tenant_id).await?;
-        // The cap is checked in the insert itself, so two processes cannot both add the last one.
+        // The cap is checked in the insert itself; on PostgreSQL the tenant's row is locked first,
+        // so two inserts at once do not both count the keys before either is written (SQLite
+        // runs one write at a time).
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
+                .bind(&k.tenant_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        }
         let r = sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, secret_hash, default_band, rate_per_s, created_ms, revoked_ms) \
              SELECT $1, $2, $3, $4, $5, $6, NULL WHERE \
@@ -774,12 +783,13 @@ impl Store {
         .bind(k.rate_per_s)
         .bind(k.created_ms)
         .bind(MAX_KEYS_PER_TENANT)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| match e {
             sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(format!("key {}", k.id)),
             e => e.into(),
         })?;
+        tx.commit().await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::Invalid {
                 field: "tenant",
@@ -917,14 +927,31 @@ impl Store {
         Ok(r.rows_affected())
     }
 
+    /// Ends every session of an account or key; how many there were.
+    pub async fn end_sessions_of(&self, kind: &str, subject: &str) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM sessions WHERE kind = $1 AND subject = $2")
+            .bind(kind)
+            .bind(subject)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     // ---- shared rate windows --------------------------------------------------------------------
 
     /// Adds each delta to its tenant's window and returns the windows' totals (requests, tokens)
     /// in the same order: what every process together has admitted.
     pub async fn add_rate_usage(&self, deltas: &[RateDelta]) -> Result<Vec<(i64, i64)>> {
-        let mut out = Vec::with_capacity(deltas.len());
+        // Rows are written in one order by every process (tenant, window), so two processes'
+        // transactions cannot wait on each other's rows.
+        let mut order: Vec<usize> = (0..deltas.len()).collect();
+        order.sort_by(|a, b| {
+            (&deltas[*a].tenant_id, deltas[*a].window_ms).cmp(&(&deltas[*b].tenant_id, deltas[*b].window_ms))
+        });
+        let mut out = vec![(0, 0); deltas.len()];
         let mut tx = self.pool.begin().await?;
-        for d in deltas {
+        for i in order {
+            let d = &deltas[i];
             let r = sqlx::query(
                 "INSERT INTO rate_windows (tenant_id, window_ms, requests, tokens) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (tenant_id, window_ms) DO UPDATE SET requests = rate_windows.requests + excluded.requests, \
@@ -936,7 +963,7 @@ impl Store {
             .bind(d.tokens)
             .fetch_one(&mut *tx)
             .await?;
-            out.push((r.get(0), r.get(1)));
+            out[i] = (r.get(0), r.get(1));
         }
         tx.commit().await?;
         Ok(out)

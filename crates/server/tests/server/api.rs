@@ -1358,6 +1358,13 @@ async fn the_dashboard_reads_backtests_and_session_login() {
     // A made-up session is refused too.
     let r = p.http.get(format!("{}/api/v1/me", p.base)).header("cookie", "hcp_session=hcps_00").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A new secret for the account ends the sessions opened with the old one.
+    let r = p.http.post(format!("{}/ui/login", p.base)).json(&json!({"token": operator})).send().await.unwrap();
+    let session = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let me = |c: String| p.http.get(format!("{}/api/v1/me", p.base)).header("cookie", c).send();
+    assert_eq!(me(session.clone()).await.unwrap().status(), StatusCode::OK);
+    p.account("ops", "operator").await;
+    assert_eq!(me(session).await.unwrap().status(), StatusCode::UNAUTHORIZED);
     p.stop().await;
 }
 
