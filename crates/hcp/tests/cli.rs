@@ -456,19 +456,23 @@ fn traces_reach_an_otlp_collector_when_one_is_configured() {
     assert!(up.signal("-TERM").success());
 }
 
-/// A Python environment with the official `openai` package (created once under the test target
-/// directory; pip fetches the package from PyPI).
-fn openai_python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+/// A Python virtual environment `name` under the test target directory with `package` installed
+/// from PyPI (once: later runs find it, as `ready` run with its python says); its directory.
+fn python_venv(name: &str, ready: &[&str], package: &str) -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let py = venv.join("bin/python");
-    let ok = |py: &PathBuf| Command::new(py).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
-    if !ok(&py) {
+    if !Command::new(&py).args(ready).status().is_ok_and(|s| s.success()) {
         let s = Command::new("python3").args(["-m", "venv", venv.to_str().unwrap()]).status().expect("python3");
         assert!(s.success(), "python3 -m venv");
-        let s = Command::new(&py).args(["-m", "pip", "install", "-q", "openai>=1.40,<3"]).status().unwrap();
-        assert!(s.success(), "pip install openai");
+        let s = Command::new(&py).args(["-m", "pip", "install", "-q", package]).status().unwrap();
+        assert!(s.success(), "pip install {package}");
     }
-    py
+    venv
+}
+
+/// A Python environment with the official `openai` package.
+fn openai_python() -> PathBuf {
+    python_venv("openai-venv", &["-c", "import openai"], "openai>=1.40,<3").join("bin/python")
 }
 
 #[test]
@@ -510,17 +514,8 @@ fn the_official_openai_client_works_against_the_gateway() {
 /// has; docs/security.md lists them). Zero failures, or the test fails with the report.
 #[test]
 fn schemathesis_finds_the_server_as_the_document_says() {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-venv");
+    let venv = python_venv("schemathesis-venv", &["-c", "import schemathesis"], "schemathesis==4.32.5");
     let st = venv.join("bin/schemathesis");
-    if !Command::new(&st).arg("--version").status().is_ok_and(|s| s.success()) {
-        let s = Command::new("python3").args(["-m", "venv", venv.to_str().unwrap()]).status().expect("python3");
-        assert!(s.success(), "python3 -m venv");
-        let s = Command::new(venv.join("bin/python"))
-            .args(["-m", "pip", "install", "-q", "schemathesis==4.32.5"])
-            .status()
-            .unwrap();
-        assert!(s.success(), "pip install schemathesis");
-    }
     let dir = tmp("schemathesis-data");
     let _ = std::fs::remove_dir_all(&dir);
     let admin = "hcpa_admin_0123456789abcdef0123456789abcdef";

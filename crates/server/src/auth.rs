@@ -168,6 +168,11 @@ pub fn dummy_hash() -> &'static str {
     H.get_or_init(|| hash_secret(&secret()))
 }
 
+/// The failure count's key of a client address (an IPv4 address or an IPv6 /64).
+fn addr_key(a: std::net::IpAddr) -> String {
+    format!("a:{}", crate::net::client_key(a))
+}
+
 /// Counts in a fixed window.
 struct Window {
     from: Instant,
@@ -228,16 +233,17 @@ impl Guard {
         self.hasher.hash_one(token)
     }
 
-    fn over(&self, key: &str, limit: u32, now: Instant) -> Option<Duration> {
+    /// The failures counted for `key` in its current window, and the time left in it.
+    fn window(&self, key: &str, now: Instant) -> Option<(u32, Duration)> {
         let f = self.failures.lock().expect("failures lock");
         let w = f.get(key)?;
         let age = now.duration_since(w.from);
-        (age < FAILURE_WINDOW && w.n >= limit).then(|| FAILURE_WINDOW - age)
+        (age < FAILURE_WINDOW).then(|| (w.n, FAILURE_WINDOW - age))
     }
 
-    fn failures_of(&self, key: &str, now: Instant) -> u32 {
-        let f = self.failures.lock().expect("failures lock");
-        f.get(key).filter(|w| now.duration_since(w.from) < FAILURE_WINDOW).map_or(0, |w| w.n)
+    /// How long `key` stays refused, when it has `limit` failures in its window.
+    fn over(&self, key: &str, limit: u32, now: Instant) -> Option<Duration> {
+        self.window(key, now).filter(|(n, _)| *n >= limit).map(|(_, left)| left)
     }
 
     /// Why a check of `token` from `addr` for `name` is refused now, if it is.
@@ -254,7 +260,7 @@ impl Guard {
                 return Some(ApiError::unauthorized("invalid token"));
             }
         }
-        let addr_key = addr.map(|a| format!("a:{}", crate::net::client_key(a)));
+        let addr_key = addr.map(addr_key);
         if let Some(wait) = addr_key.as_deref().and_then(|k| self.over(k, FAILURES_PER_ADDR, now)) {
             return Some(refused(
                 format!("too many invalid tokens from this address; retry in {} s", wait.as_secs()),
@@ -263,7 +269,7 @@ impl Guard {
         }
         // A name under attack: addresses that have failed are refused for it; one that has not
         // (its owner, most likely) still gets its check.
-        let failing = addr_key.as_deref().is_none_or(|k| self.failures_of(k, now) > 0);
+        let failing = addr_key.as_deref().is_none_or(|k| self.window(k, now).is_some_and(|(n, _)| n > 0));
         if failing && let Some(wait) = self.over(&format!("n:{name}"), FAILURES_PER_NAME, now) {
             return Some(refused(
                 format!("too many invalid tokens for this name; retry in {} s", wait.as_secs()),
@@ -325,10 +331,7 @@ impl Guard {
         if f.len() >= CACHE_MAX {
             f.retain(|_, w| now.duration_since(w.from) < FAILURE_WINDOW);
         }
-        let keys = addr
-            .map(|a| format!("a:{}", crate::net::client_key(a)))
-            .into_iter()
-            .chain(std::iter::once(format!("n:{name}")));
+        let keys = addr.map(addr_key).into_iter().chain(std::iter::once(format!("n:{name}")));
         for k in keys {
             let w = f.entry(k).or_insert(Window { from: now, n: 0 });
             if now.duration_since(w.from) >= FAILURE_WINDOW {

@@ -685,7 +685,6 @@ async fn serve(
         }
         Some(k) => Some(format!("idem:{tenant}:{k}")),
     };
-    let store_error = |e: hcp_store::StoreError| OaiError::from(crate::error::ApiError::from(e));
     // The key is held (in flight on this process) before anything is looked up, so a first
     // request finishing meanwhile cannot make its retry look like one with no answer kept.
     let mut hold = IdemHold { app: app.clone(), key: None };
@@ -702,10 +701,10 @@ async fn serve(
         }
         hold.key = Some(k.clone());
         // A retry of a request already answered gets that answer again, billed once.
-        if let Some(o) = app.store.outcome(k).await.map_err(store_error)? {
+        if let Some(o) = app.store.outcome(k).await? {
             return replay(&app, o).await;
         }
-        if app.store.usage_by_id(k).await.map_err(store_error)?.is_some() {
+        if app.store.usage_by_id(k).await?.is_some() {
             return Err(OaiError::new(
                 StatusCode::CONFLICT,
                 "invalid_request_error",
@@ -981,8 +980,7 @@ async fn whole(
 /// process that answered stopped before the usage reached storage, it is recorded now: the
 /// request is billed once either way.
 async fn replay(app: &App, o: hcp_store::OutcomeRow) -> Result<Response, OaiError> {
-    let store_error = |e: hcp_store::StoreError| OaiError::from(crate::error::ApiError::from(e));
-    if app.store.usage_by_id(&o.id).await.map_err(store_error)?.is_none() {
+    if app.store.usage_by_id(&o.id).await?.is_none() {
         let u: UsageRow = serde_json::from_str(&o.usage)
             .map_err(|e| OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, e.to_string()))?;
         app.meter.record(u).await.map_err(|e| {

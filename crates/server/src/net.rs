@@ -191,6 +191,14 @@ impl<IO> Watched<IO> {
         Watched { io, activity, idle, last: now, timer: Box::pin(tokio::time::sleep(idle)) }
     }
 
+    /// A write that moved bytes is activity.
+    fn wrote(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last = Instant::now();
+        }
+        r
+    }
+
     /// Ready(error) once idle for too long; else the timer is armed to wake the reader.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         while self.timer.as_mut().poll(cx).is_ready() {
@@ -227,10 +235,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last = Instant::now();
-        }
-        r
+        self.wrote(r)
     }
 
     fn poll_write_vectored(
@@ -239,10 +244,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last = Instant::now();
-        }
-        r
+        self.wrote(r)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -43,6 +43,13 @@ impl OaiError {
     }
 }
 
+/// A storage failure in the gateway answers as the API would, in OpenAI's shape.
+impl From<hcp_store::StoreError> for OaiError {
+    fn from(e: hcp_store::StoreError) -> Self {
+        OaiError::from(ApiError::from(e))
+    }
+}
+
 impl From<ApiError> for OaiError {
     fn from(e: ApiError) -> Self {
         let kind = match e.status {

@@ -233,19 +233,16 @@ async fn principal(app: &Arc<App>, token: &str, peer: Option<std::net::IpAddr>) 
 async fn verify(app: &Arc<App>, token: &str, peer: Option<std::net::IpAddr>) -> ApiResult<Principal> {
     let bad = || ApiError::unauthorized("invalid token");
     let kind = parse_token(token).ok_or_else(bad)?;
-    let name = match &kind {
-        TokenKind::Account { name, .. } => format!("account:{name}"),
-        TokenKind::Key { id, .. } => format!("key:{id}"),
+    let (what, bare) = match &kind {
+        TokenKind::Account { name, .. } => ("account", *name),
+        TokenKind::Key { id, .. } => ("key", *id),
     };
     // A name no account or key can have is refused without a check (and without a place in the
     // failure counts, whose keys it would otherwise make as long as a header allows).
-    let bare = match &kind {
-        TokenKind::Account { name, .. } => name,
-        TokenKind::Key { id, .. } => id,
-    };
     if !valid_name(bare) {
         return Err(bad());
     }
+    let name = format!("{what}:{bare}");
     let guard = &app.gate.guard;
     let _slot = match guard.admit(token, &name, peer).await {
         crate::auth::Admission::Check(slot) => slot,
@@ -277,20 +274,26 @@ async fn verify(app: &Arc<App>, token: &str, peer: Option<std::net::IpAddr>) -> 
         }
     };
     match found {
-        Found::Account(a) => {
-            let role = Role::parse(&a.role).ok_or_else(|| ApiError::internal("stored role"))?;
-            Ok(Principal::Account { name: a.name, role })
-        }
+        Found::Account(a) => account_principal(a),
         // Said only to the holder of the secret: the id alone does not tell a key was revoked.
         // Remembered as failed, so that a revoked key in use is not checked again and again.
         Found::Key(k) if k.revoked_ms.is_some() => {
             guard.failed(token, &name, peer);
             Err(ApiError::unauthorized("key revoked"))
         }
-        Found::Key(k) => {
-            Ok(Principal::Tenant { tenant: k.tenant_id, key: k.id, band: k.default_band, rate_per_s: k.rate_per_s })
-        }
+        Found::Key(k) => Ok(key_principal(k)),
     }
+}
+
+/// An operator account as the caller.
+fn account_principal(a: hcp_store::AccountRow) -> ApiResult<Principal> {
+    let role = Role::parse(&a.role).ok_or_else(|| ApiError::internal("stored role"))?;
+    Ok(Principal::Account { name: a.name, role })
+}
+
+/// A tenant key as the caller.
+fn key_principal(k: ApiKeyRow) -> Principal {
+    Principal::Tenant { tenant: k.tenant_id, key: k.id, band: k.default_band, rate_per_s: k.rate_per_s }
 }
 
 /// The SHA-256 of a session cookie's value, as the store keeps it.
@@ -316,19 +319,14 @@ async fn session_principal(app: &App, cookie: &str) -> ApiResult<Principal> {
     }
     let row = app.store.session(&hash, crate::wall_ms()).await?.ok_or_else(ended)?;
     let p = match row.kind.as_str() {
-        "account" => {
-            let a = app.store.accounts().await?.into_iter().find(|a| a.name == row.subject).ok_or_else(ended)?;
-            let role = Role::parse(&a.role).ok_or_else(|| ApiError::internal("stored role"))?;
-            Principal::Account { name: a.name, role }
-        }
-        _ => {
-            let k = match app.store.key(&row.subject).await {
-                Ok(k) if k.revoked_ms.is_none() => k,
-                Ok(_) | Err(hcp_store::StoreError::NotFound(_)) => return Err(ended()),
-                Err(e) => return Err(e.into()),
-            };
-            Principal::Tenant { tenant: k.tenant_id, key: k.id, band: k.default_band, rate_per_s: k.rate_per_s }
-        }
+        "account" => account_principal(
+            app.store.accounts().await?.into_iter().find(|a| a.name == row.subject).ok_or_else(ended)?,
+        )?,
+        _ => match app.store.key(&row.subject).await {
+            Ok(k) if k.revoked_ms.is_none() => key_principal(k),
+            Ok(_) | Err(hcp_store::StoreError::NotFound(_)) => return Err(ended()),
+            Err(e) => return Err(e.into()),
+        },
     };
     app.gate.remember(&key, &p);
     Ok(p)
@@ -642,9 +640,8 @@ pub(crate) async fn signals(
 ) -> ApiResult<axum::response::Response> {
     p.require(Role::Viewer)?;
     check_times(&[("from_ms", q.from_ms), ("to_ms", q.to_ms)])?;
-    if q.limit.is_some_and(|l| !(1..=hcp_store::MAX_PAGE).contains(&l)) {
-        return Err(ApiError::invalid("limit", format!("must be 1 to {}", hcp_store::MAX_PAGE)));
-    }
+    // The page's bound, checked for the signals now as well (they take no page).
+    Page { after: None, limit: q.limit }.limit()?;
     let (kind, key) = match (q.kind, q.key) {
         (None, None) => {
             let mode = app.engine_expected.then_some(app.mode);

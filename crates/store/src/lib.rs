@@ -63,7 +63,8 @@ pub struct Page {
 }
 
 impl Page {
-    fn limit(&self) -> Result<i64> {
+    /// The page's size: `limit` (1 to [`MAX_PAGE`]), 100 when not given.
+    pub fn limit(&self) -> Result<i64> {
         match self.limit {
             Some(0) => Err(StoreError::Invalid { field: "limit", rule: "must be >= 1".into() }),
             Some(l) if l > MAX_PAGE => {
