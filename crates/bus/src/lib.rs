@@ -139,6 +139,19 @@ impl Bus {
         }
     }
 
+    /// Drops the kept history of the subjects matching `filter` (a benchmark's bulk traffic, for
+    /// example); live subscriptions are not affected. Returns the messages dropped.
+    pub async fn purge(&self, filter: &str) -> Result<u64> {
+        check_subject(filter, true)?;
+        match self {
+            Bus::Local(l) => Ok(l.purge(filter)),
+            Bus::Nats(n) => {
+                let stream = n.js.get_stream(STREAM).await.map_err(nats_err)?;
+                Ok(stream.purge().filter(filter).await.map_err(nats_err)?.purged)
+            }
+        }
+    }
+
     /// Whether the bus answers (for readiness).
     pub async fn ping(&self) -> Result<()> {
         match self {
@@ -208,12 +221,15 @@ pub struct Local {
 struct LocalState {
     log: VecDeque<(std::time::Instant, Message)>,
     next_seq: u64,
+    /// The oldest sequence the limits have kept (a purge of some subjects does not move it: the
+    /// other subjects' history from here on is whole).
+    kept_from: u64,
 }
 
 impl Local {
     fn new(limits: Limits) -> Self {
         let (tx, _) = broadcast::channel(4_096);
-        Local { limits, state: Mutex::new(LocalState { log: VecDeque::new(), next_seq: 1 }), tx }
+        Local { limits, state: Mutex::new(LocalState { log: VecDeque::new(), next_seq: 1, kept_from: 1 }), tx }
     }
 
     fn publish(&self, subject: &str, payload: &[u8]) -> Result<u64> {
@@ -226,16 +242,25 @@ impl Local {
         while st.log.len() > self.limits.max_messages
             || st.log.front().is_some_and(|(t, _)| now.duration_since(*t) > self.limits.max_age)
         {
-            st.log.pop_front();
+            if let Some((_, m)) = st.log.pop_front() {
+                st.kept_from = m.seq + 1;
+            }
         }
         // Sent under the lock, so that a subscriber's snapshot and its live channel meet exactly.
         let _ = self.tx.send(m);
         Ok(seq)
     }
 
+    fn purge(&self, filter: &str) -> u64 {
+        let mut st = self.state.lock().expect("bus lock");
+        let before = st.log.len();
+        st.log.retain(|(_, m)| !matches(filter, &m.subject));
+        (before - st.log.len()) as u64
+    }
+
     fn history(&self, filter: &str, from: u64) -> Result<VecDeque<Message>> {
         let st = self.state.lock().expect("bus lock");
-        let oldest = st.log.front().map_or(st.next_seq, |(_, m)| m.seq);
+        let oldest = st.kept_from;
         if from < oldest && from < st.next_seq {
             return Err(BusError::Gap { from, oldest });
         }

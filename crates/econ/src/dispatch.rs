@@ -317,6 +317,10 @@ struct Group {
     skip_counts: [u32; 4],
     /// Scratch: a pending new level per member (`u8::MAX` = none; bit 7 marks a forced move).
     pending: Vec<u8>,
+    /// Per member, whether the dispatcher may move it (no skip): a copy of `skip` in member order,
+    /// kept by `refresh` (the only writer of `skip`), so that a cut's walk over a million segments
+    /// reads one contiguous array instead of two scattered ones.
+    member_free: Vec<bool>,
     /// Exact draw of the free members when their levels are not the prefix (cooldowns held some).
     irregular_w: Option<f64>,
     /// Index of the feeder among its site's feeders.
@@ -390,6 +394,10 @@ pub struct PlanRun<'a> {
     skipped: [u32; 4],
     /// Changes already handed out by `step`.
     handed: usize,
+    /// Whether an increase came before a reduction in the changes so far (then `finish` has to
+    /// reorder them; usually the cuts' order already puts every reduction first).
+    seen_up: bool,
+    mixed: bool,
 }
 
 impl PlanRun<'_> {
@@ -401,7 +409,16 @@ impl PlanRun<'_> {
         while self.next < self.cuts.len() && self.plan.changes.len() - from < min_changes {
             let cut = self.cuts[self.next];
             self.next += 1;
+            let before = self.plan.changes.len();
             self.d.apply_cut(&cut, now, &mut self.restarts, &mut self.plan);
+            // The new changes are still in cache: note whether they break the order.
+            for c in &self.plan.changes[before..] {
+                if c.to_level > c.from_level {
+                    self.seen_up = true;
+                } else if self.seen_up {
+                    self.mixed = true;
+                }
+            }
         }
         self.handed = self.plan.changes.len();
         &self.plan.changes[from..]
@@ -429,17 +446,19 @@ impl PlanRun<'_> {
             .zip(skipped)
             .filter(|&(_, n)| n > 0)
             .collect();
-        let mut ups = std::mem::take(&mut plan.changes);
-        let mut downs = Vec::with_capacity(ups.len());
-        ups.retain(|c| {
-            let up = c.to_level > c.from_level;
-            if !up {
-                downs.push(*c);
-            }
-            up
-        });
-        downs.append(&mut ups);
-        plan.changes = downs;
+        if self.mixed {
+            let mut ups = std::mem::take(&mut plan.changes);
+            let mut downs = Vec::with_capacity(ups.len());
+            ups.retain(|c| {
+                let up = c.to_level > c.from_level;
+                if !up {
+                    downs.push(*c);
+                }
+                up
+            });
+            downs.append(&mut ups);
+            plan.changes = downs;
+        }
         plan
     }
 }
@@ -539,6 +558,7 @@ impl Dispatcher {
                 anchor_price: None,
                 skip_counts: [0; 4],
                 pending: vec![u8::MAX; g.devices.len()],
+                member_free: g.devices.iter().map(|x| d.skip[x.index()].is_none()).collect(),
                 irregular_w: None,
                 local_feeder: 0,
                 version: 0,
@@ -734,7 +754,8 @@ impl Dispatcher {
         let mut changed = g.resorted;
         let mut freed = false;
         let mut counts = [0u32; 4];
-        for &dev in &g.devices {
+        let mut free = std::mem::take(&mut self.groups[gi].member_free);
+        for (k, &dev) in self.groups[gi].devices.iter().enumerate() {
             let i = dev as usize;
             let s = self.skip_of(i, now_ms);
             changed |= s != self.skip[i];
@@ -743,8 +764,10 @@ impl Dispatcher {
                 counts[x as usize] += 1;
             }
             self.skip[i] = s;
+            free[k] = s.is_none();
         }
         let g = &mut self.groups[gi];
+        g.member_free = free;
         g.dirty = false;
         g.resorted = false;
         g.skip_counts = counts;
@@ -854,7 +877,20 @@ impl Dispatcher {
                 2
             }
         });
+        // Room for every change the cuts can make (a member changes at most once per cut), so
+        // that a whole-fleet flip does not grow its list by doubling and copying.
+        let bound: usize = cuts
+            .iter()
+            .map(|c| {
+                let g = &self.groups[c.gi];
+                let m = g.devices.len();
+                if g.cut == usize::MAX || g.irregular_w.is_some() { m } else { c.n.abs_diff(g.cut).min(m) }
+            })
+            .sum();
+        plan.changes.reserve(bound);
         PlanRun {
+            seen_up: false,
+            mixed: false,
             restarts: vec![0; self.feeder_limit_w.len()],
             d: self,
             plan,
@@ -1120,7 +1156,7 @@ impl Dispatcher {
         let mut pending = std::mem::take(&mut self.groups[gi].pending);
         let g = &self.groups[gi];
         let mut touched: Vec<u32> = Vec::new();
-        let free = |m: u32| self.skip[g.devices[m as usize] as usize].is_none();
+        let free = |m: u32| g.member_free[m as usize];
         if old == usize::MAX {
             for j in 0..n {
                 let m = g.seg_member[j] as usize;

@@ -28,6 +28,8 @@
 //! Architecture invariant: pure and deterministic: no IO, clock, threads or randomness; `now_ms`
 //! comes in with every input; iteration is in device order.
 
+pub mod wire;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 

@@ -71,6 +71,12 @@ impl DevicePlane {
         &self.agents
     }
 
+    /// The plane alone, for a driver that takes the commands and delivers them itself
+    /// ([`Plane::drain_commands`]; the end-to-end benchmark sends them over the agent link).
+    pub fn plane_mut(&mut self) -> &mut Plane {
+        &mut self.plane
+    }
+
     pub fn now_ms(&self) -> i64 {
         self.plane.now_ms()
     }

@@ -55,6 +55,7 @@ pub fn sim(json: bool, fleet: Option<&Path>, device_hours: f64, cohort_days: u32
     if !(1..=3_660).contains(&cohort_days) {
         anyhow::bail!("--cohort-days: must be between 1 and 3660");
     }
+    let machine = crate::measure::Machine::start();
     let t = Instant::now();
     let fleet = load_fleet(fleet, REFERENCE_FLEET)?;
     let load_s = t.elapsed().as_secs_f64();
@@ -88,6 +89,7 @@ pub fn sim(json: bool, fleet: Option<&Path>, device_hours: f64, cohort_days: u32
             "target_wall_s": 10.0,
         },
         "peak_rss_mib": peak_rss_mib(),
+        "machine": machine.report(),
     });
     if json {
         println!("{obj}");
@@ -97,22 +99,21 @@ pub fn sim(json: bool, fleet: Option<&Path>, device_hours: f64, cohort_days: u32
     Ok(ExitCode::SUCCESS)
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
 /// `hcp bench dispatch`: fast-path latency on the reference fleet, from a new price to the
-/// complete list of changed targets; whole fleet and one site.
-pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitCode> {
+/// complete list of changed targets; whole fleet and one site. Each plan's wall time and the CPU
+/// time of the planning thread beside it (a plan whose wall time is far above its CPU time was
+/// preempted, not slow); `runs` fresh dispatchers over the same events, and the spread of each
+/// figure over them.
+pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize, runs: usize) -> Result<ExitCode> {
+    use crate::measure::{percentiles, quantile, timed};
     use hcp_econ::dispatch::{DispatchConfig, Dispatcher, GpuBudget, SiteSignal};
     use hcp_model::DeviceIdx;
     use hcp_sim::grid::{self, GridParams, GridRun};
     if !(10..=100_000).contains(&events) {
         anyhow::bail!("--events: must be between 10 and 100000");
     }
+    crate::measure::check_runs(runs)?;
+    let machine = crate::measure::Machine::start();
     let fleet = load_fleet(fleet, REFERENCE_FLEET)?;
     let n_sites = fleet.sites.len();
     // Prices: a simulated ERCOT-like series (spikes included), one event per 5 minutes.
@@ -145,44 +146,58 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
             GpuBudget { planned_w: n as f64 * 1_275.0, min_w: n as f64 * 775.0, ..Default::default() }
         })
         .collect();
-    let t_build = Instant::now();
-    let mut d = Dispatcher::new(&fleet, cfg, 0);
-    let build_s = t_build.elapsed().as_secs_f64();
-    let asics: Vec<DeviceIdx> =
-        (0..fleet.devices.len() as u32).map(DeviceIdx).filter(|&i| d.power_w(i).is_some()).collect();
     let hashprice = 45.0;
-    let mut full = Vec::with_capacity(events);
-    let mut single = Vec::with_capacity(events);
-    let mut changes = Vec::with_capacity(events);
     let step = 5 * 60_000;
-    for e in 0..events {
-        let now = e as i64 * step;
-        // Telemetry keeps every device fresh (not timed).
-        for &i in &asics {
-            d.observe(i, now, 1.0, false);
+    let mut per_run = vec![];
+    let mut groups = 0;
+    let mut asic_count = 0;
+    for _ in 0..runs {
+        let ((mut d, asics), build_ms, _) = timed(|| {
+            let d = Dispatcher::new(&fleet, cfg.clone(), 0);
+            let asics: Vec<DeviceIdx> =
+                (0..fleet.devices.len() as u32).map(DeviceIdx).filter(|&i| d.power_w(i).is_some()).collect();
+            (d, asics)
+        });
+        groups = d.group_count();
+        asic_count = asics.len();
+        let (mut full, mut full_cpu) = (Vec::with_capacity(events), Vec::with_capacity(events));
+        let (mut single, mut single_cpu) = (Vec::with_capacity(events), Vec::with_capacity(events));
+        let mut changes = Vec::with_capacity(events);
+        for e in 0..events {
+            let now = e as i64 * step;
+            // Telemetry keeps every device fresh (not timed).
+            for &i in &asics {
+                d.observe(i, now, 1.0, false);
+            }
+            // Every other event spikes, so that a large part of the fleet switches.
+            let p = if e % 2 == 1 { prices[e % prices.len()] + 400.0 } else { prices[e % prices.len()] };
+            let signals = vec![SiteSignal::new(p, now, 25.0); n_sites];
+            let (plan, wall, cpu) = timed(|| d.plan(now, &signals, hashprice, &gpus, &[]));
+            full.push(wall);
+            full_cpu.push(cpu);
+            changes.push(plan.changes.len() as f64);
+            drop(plan);
+            // One site's price moves a little a second later.
+            let mut one = signals.clone();
+            one[0].price_usd_per_mwh += 3.0;
+            one[0].price_at_ms = now + 1_000;
+            let (plan, wall, cpu) =
+                timed(|| d.plan_sites(now + 1_000, &[hcp_model::SiteIdx(0)], &one, hashprice, &gpus, &[]));
+            single.push(wall * 1e3);
+            single_cpu.push(cpu * 1e3);
+            std::hint::black_box(plan);
         }
-        // Every other event spikes, so that a large part of the fleet switches.
-        let p = if e % 2 == 1 { prices[e % prices.len()] + 400.0 } else { prices[e % prices.len()] };
-        let signals = vec![SiteSignal::new(p, now, 25.0); n_sites];
-        let t = Instant::now();
-        let plan = d.plan(now, &signals, hashprice, &gpus, &[]);
-        full.push(t.elapsed().as_secs_f64() * 1e3);
-        changes.push(plan.changes.len() as f64);
-        // One site's price moves a little a second later.
-        let mut one = signals.clone();
-        one[0].price_usd_per_mwh += 3.0;
-        one[0].price_at_ms = now + 1_000;
-        let t = Instant::now();
-        let plan = d.plan_sites(now + 1_000, &[hcp_model::SiteIdx(0)], &one, hashprice, &gpus, &[]);
-        single.push(t.elapsed().as_secs_f64() * 1e6);
-        std::hint::black_box(plan);
+        // Plans whose wall time exceeds their CPU time by more than 1 ms: the thread was off its core.
+        let preempted = full.iter().zip(&full_cpu).filter(|(w, c)| **w - **c > 1.0).count();
+        changes.sort_by(f64::total_cmp);
+        per_run.push(serde_json::json!({
+            "build_ms": build_ms,
+            "full_fleet_plan_ms": { "wall": percentiles(&mut full), "thread_cpu": percentiles(&mut full_cpu) },
+            "plans_preempted_over_1ms": preempted,
+            "changed_targets_per_event": { "p50": quantile(&changes, 0.5), "max": changes.last() },
+            "single_site_plan_us": { "wall": percentiles(&mut single), "thread_cpu": percentiles(&mut single_cpu) },
+        }));
     }
-    let mut f = full.clone();
-    f.sort_by(f64::total_cmp);
-    let mut s1 = single.clone();
-    s1.sort_by(f64::total_cmp);
-    let mut c = changes.clone();
-    c.sort_by(f64::total_cmp);
     // Planning path: 10 sites x 96 intervals x every ASIC group, day-ahead prices of the series.
     let sites_da: Vec<Vec<f64>> = (0..n_sites)
         .map(|s| series.signals.iter().skip(s * 7).step_by(3).take(96).map(|x| x.da_price_usd_per_mwh).collect())
@@ -192,7 +207,7 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
     let gpu_w: Vec<f64> = gpus.iter().map(|g| g.planned_w).collect();
     let current = vec![0.0; n_sites];
     let planner = hcp_econ::plan::PlannerConfig { four_cp_usd_per_kw_year: 100.0, ..Default::default() };
-    let mut plan_s = vec![];
+    let (mut plan_s, mut plan_cpu) = (vec![], vec![]);
     let mut plan_size = (0, 0);
     for _ in 0..3 {
         let input = hcp_econ::plan::PlanInput {
@@ -203,30 +218,38 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
             gpu_w: &gpu_w,
             current_asic_w: &current,
         };
-        let t = Instant::now();
-        let schedule = hcp_econ::plan::solve(&fleet, &planner, &input)?;
-        plan_s.push(t.elapsed().as_secs_f64());
+        let (schedule, wall, cpu) = timed(|| hcp_econ::plan::solve(&fleet, &planner, &input));
+        let schedule = schedule?;
+        plan_s.push(wall / 1e3);
+        plan_cpu.push(cpu / 1e3);
         plan_size = (schedule.variables, schedule.constraints);
     }
-    plan_s.sort_by(f64::total_cmp);
     let obj = serde_json::json!({
         "fleet": fleet.name,
-        "asics": asics.len(),
+        "asics": asic_count,
         "sites": n_sites,
-        "groups": d.group_count(),
-        "events": events,
-        "build_s": build_s,
-        "full_fleet_plan_ms": { "p50": percentile(&f, 0.5), "p99": percentile(&f, 0.99), "max": f.last(), "target_p99": 5.0 },
-        "changed_targets_per_event": { "p50": percentile(&c, 0.5), "max": c.last() },
-        "single_site_plan_us": { "p50": percentile(&s1, 0.5), "p99": percentile(&s1, 0.99), "max": s1.last(), "target": 50.0 },
+        "groups": groups,
+        "events_per_run": events,
+        "target_full_fleet_plan_cpu_ms_p99": 5.0,
+        "target_single_site_plan_us": 50.0,
+        "spread": crate::measure::spreads(&per_run, &[
+            "full_fleet_plan_ms.wall.p50", "full_fleet_plan_ms.wall.p99",
+            "full_fleet_plan_ms.thread_cpu.p50", "full_fleet_plan_ms.thread_cpu.p99", "full_fleet_plan_ms.thread_cpu.max",
+            "single_site_plan_us.wall.p50", "single_site_plan_us.wall.p99",
+            "single_site_plan_us.thread_cpu.p50", "single_site_plan_us.thread_cpu.p99",
+            "plans_preempted_over_1ms",
+        ]),
+        "runs": per_run,
         "planner": {
             "sites": n_sites,
             "intervals": 96,
             "variables": plan_size.0,
             "constraints": plan_size.1,
-            "solve_s_median_of_3": plan_s[1],
+            "solve_s": crate::measure::spread(&plan_s),
+            "solve_thread_cpu_s": crate::measure::spread(&plan_cpu),
             "solver": "clarabel (good_lp)",
         },
+        "machine": machine.report(),
     });
     if json {
         println!("{obj}");
@@ -236,15 +259,19 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-/// `hcp bench router`: routing decisions per second with 10,000 tenants, 3 bands and 1,000
-/// replicas (10 models x 100), and the time to preempt after a 30 % capacity cut with 50,000 items
-/// running.
-pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
+/// `hcp bench router`: placements per second (a request dispatched to a replica) with 10,000
+/// tenants, 3 bands and 1,000 replicas (10 models x 100), each loop step one completion (a slot
+/// frees: the router places a waiting request) and one arrival (answered `Queue`: the backlog is
+/// kept full); admission answers are counted apart. Then the time to preempt after a 30 % capacity
+/// cut with 50,000 items running. `runs` fresh routers; the spread over them.
+pub fn router(json: bool, placements_target: u64, runs: usize) -> Result<ExitCode> {
     use hcp_model::TenantId;
     use hcp_sched::{Decision, ModelId, ReplicaId, ReplicaSpec, Router, RouterConfig, TenantSpec, Work};
-    if !(10_000..=100_000_000).contains(&decisions_target) {
-        anyhow::bail!("--decisions: must be between 10000 and 100000000");
+    if !(10_000..=100_000_000).contains(&placements_target) {
+        anyhow::bail!("--placements: must be between 10000 and 100000000");
     }
+    crate::measure::check_runs(runs)?;
+    let machine = crate::measure::Machine::start();
     // A small deterministic generator (SplitMix64) for the synthetic load.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut rnd = move || {
@@ -279,9 +306,6 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
         }
         Ok(r)
     };
-    let mut r = build(64)?;
-    let mut out = Vec::with_capacity(1_024);
-    let mut running: Vec<u64> = Vec::with_capacity(70_000);
     let mut next = 0u64;
     let mut arrive = |r: &mut Router, rnd: &mut dyn FnMut() -> u64, out: &mut Vec<Decision>, now: i64| {
         next += 1;
@@ -300,39 +324,61 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
         };
         r.arrive(w, now, out);
     };
-    // Warm up to a full fleet with a backlog.
-    for _ in 0..80_000 {
-        arrive(&mut r, &mut rnd, &mut out, 0);
-    }
-    let collect = |out: &mut Vec<Decision>, running: &mut Vec<u64>| -> u64 {
-        let n = out.len() as u64;
+    // Every decision is an answer; a placement is a `Dispatch`.
+    let collect = |out: &mut Vec<Decision>, running: &mut Vec<u64>| -> (u64, u64) {
+        let (mut answers, mut placed) = (0, 0);
         for d in out.drain(..) {
+            answers += 1;
             if let Decision::Dispatch { id, .. } = d {
                 running.push(id);
+                placed += 1;
             }
         }
-        n
+        (answers, placed)
     };
-    collect(&mut out, &mut running);
-    let mut decisions = 0u64;
-    let t = Instant::now();
-    let mut now = 1i64;
-    while decisions < decisions_target {
-        // One completion (frees a slot: the router dispatches from the backlog) and one arrival.
-        let i = (rnd() % running.len().max(1) as u64) as usize;
-        if !running.is_empty() {
-            let id = running.swap_remove(i);
-            r.complete(id, 200, now, &mut out);
+    let mut per_run = vec![];
+    for _ in 0..runs {
+        let mut r = build(64)?;
+        let mut out = Vec::with_capacity(1_024);
+        let mut running: Vec<u64> = Vec::with_capacity(70_000);
+        // Warm up to a full fleet with a backlog.
+        for _ in 0..80_000 {
+            arrive(&mut r, &mut rnd, &mut out, 0);
         }
-        arrive(&mut r, &mut rnd, &mut out, now);
-        decisions += collect(&mut out, &mut running);
-        now += 1;
+        collect(&mut out, &mut running);
+        let (mut answers, mut placements) = (0u64, 0u64);
+        let (c0, t) = (crate::measure::thread_cpu_s(), Instant::now());
+        let mut now = 1i64;
+        while placements < placements_target {
+            // One completion (frees a slot: the router places from the backlog) and one arrival.
+            let i = (rnd() % running.len().max(1) as u64) as usize;
+            if !running.is_empty() {
+                let id = running.swap_remove(i);
+                r.complete(id, 200, now, &mut out);
+            }
+            arrive(&mut r, &mut rnd, &mut out, now);
+            let (a, p) = collect(&mut out, &mut running);
+            answers += a;
+            placements += p;
+            now += 1;
+        }
+        let wall = t.elapsed().as_secs_f64();
+        let cpu = crate::measure::thread_cpu_s() - c0;
+        r.check().map_err(anyhow::Error::msg)?;
+        per_run.push(serde_json::json!({
+            "placements": placements,
+            "answers": answers,
+            "wall_s": wall,
+            "thread_cpu_s": cpu,
+            "placements_per_s": placements as f64 / wall,
+            "placements_per_cpu_s": placements as f64 / cpu,
+            "answers_per_s": answers as f64 / wall,
+            "ns_per_placement_cpu": cpu * 1e9 / placements as f64,
+        }));
     }
-    let wall = t.elapsed().as_secs_f64();
-    r.check().map_err(anyhow::Error::msg)?;
     // Shrink: 50,000 running items (1,000 replicas x 50 slots), every replica cut by 30 %. Fifteen
-    // fresh routers, each cut once; the median and the fastest are reported.
-    let mut walls = vec![];
+    // fresh routers, each cut once.
+    let (mut walls, mut cpus) = (vec![], vec![]);
     let (mut before, mut preempted) = (0, 0);
     for _ in 0..15 {
         let mut s = build(50)?;
@@ -343,31 +389,32 @@ pub fn router(json: bool, decisions_target: u64) -> Result<ExitCode> {
         out.clear();
         before = s.running_len();
         let sizes: Vec<(ReplicaId, u32)> = (0..1_000u32).map(|k| (ReplicaId(k), 35)).collect();
-        let t = Instant::now();
-        s.resize_many(&sizes, 60_000, &mut out);
-        walls.push(t.elapsed().as_secs_f64() * 1e3);
+        let ((), wall, cpu) = crate::measure::timed(|| s.resize_many(&sizes, 60_000, &mut out));
+        walls.push(wall);
+        cpus.push(cpu);
         preempted = out.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count();
         s.check().map_err(anyhow::Error::msg)?;
     }
-    walls.sort_by(f64::total_cmp);
-    let shrink_ms = walls[walls.len() / 2];
     let obj = serde_json::json!({
         "tenants": tenants,
         "bands": 3,
         "replicas": 1_000,
         "models": 10,
-        "decisions": decisions,
-        "wall_s": wall,
-        "decisions_per_s": decisions as f64 / wall,
-        "target_decisions_per_s": 1_000_000,
+        "placements_per_run": placements_target,
+        "target_placements_per_s": 1_000_000,
+        "spread": crate::measure::spreads(&per_run, &[
+            "placements_per_s", "placements_per_cpu_s", "answers_per_s", "ns_per_placement_cpu",
+        ]),
+        "runs": per_run,
         "shrink": {
             "running_before": before,
             "preempted": preempted,
-            "runs": walls.len(),
-            "wall_ms": shrink_ms,
-            "wall_ms_min": walls[0],
+            "cuts": walls.len(),
+            "wall_ms": crate::measure::spread(&walls),
+            "thread_cpu_ms": crate::measure::spread(&cpus),
             "target_ms": 10.0,
         },
+        "machine": machine.report(),
     });
     if json {
         println!("{obj}");

@@ -79,6 +79,7 @@ pub fn auth(json_out: bool, attackers: usize, secs: f64) -> Result<std::process:
     if attackers == 0 || attackers > 250 || !(secs.is_finite() && secs > 0.0) {
         bail!("--attackers: 1 to 250; --seconds: > 0");
     }
+    let machine = crate::measure::Machine::start();
     let dir = std::env::temp_dir().join(format!("hcp-bench-auth-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -213,7 +214,7 @@ pub fn auth(json_out: bool, attackers: usize, secs: f64) -> Result<std::process:
     })?;
     platform.block_on(running.stop())?;
     let _ = std::fs::remove_dir_all(&dir);
-    let out = json!({ "bench": "auth", "cores": std::thread::available_parallelism().map_or(1, |n| n.get()), "phases": phases });
+    let out = json!({ "bench": "auth", "phases": phases, "machine": machine.report() });
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -28,6 +28,7 @@ pub fn metering(json_out: bool, events: u64, writers: usize) -> Result<std::proc
     if events == 0 || writers == 0 {
         bail!("--events and --writers: must be >= 1");
     }
+    let machine = crate::measure::Machine::start();
     let dir = tmpdir("metering");
     let out = crate::serve::runtime()?.block_on(async {
         let store = hcp_store::Store::open(&format!("sqlite:{}", dir.join("m.db").display())).await?;
@@ -83,6 +84,7 @@ pub fn metering(json_out: bool, events: u64, writers: usize) -> Result<std::proc
             "batches": meter.stats.batches.load(Ordering::Relaxed),
             "stored": stored,
             "lost": events as i64 - stored,
+            "machine": machine.report(),
         }))
     })?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -111,6 +113,8 @@ const LITELLM_KEY: &str = "sk-hcp-bench-0123456789abcdef0123456789abcdef";
 struct Lat {
     ttft: Vec<Duration>,
     total: Vec<Duration>,
+    /// Requests completed, warm-up included (the CPU readings span the warm-up too).
+    completed_all: u64,
     failed: u64,
     /// Failures by HTTP status (0: the connection failed or the stream did not end in [DONE]).
     by_status: std::collections::BTreeMap<u16, u64>,
@@ -168,8 +172,9 @@ async fn closed_loop(urls: Arc<Vec<String>>, key: &str, clients: usize, secs: f6
                     Ok((f, t)) if counted => {
                         lat.ttft.push(f);
                         lat.total.push(t);
+                        lat.completed_all += 1;
                     }
-                    Ok(_) => {}
+                    Ok(_) => lat.completed_all += 1,
                     Err(status) => {
                         lat.failed += 1;
                         *lat.by_status.entry(status).or_default() += 1;
@@ -185,6 +190,7 @@ async fn closed_loop(urls: Arc<Vec<String>>, key: &str, clients: usize, secs: f6
         if let Ok(l) = t.await {
             all.ttft.extend(l.ttft);
             all.total.extend(l.total);
+            all.completed_all += l.completed_all;
             all.failed += l.failed;
             for (k, v) in l.by_status {
                 *all.by_status.entry(k).or_default() += v;
@@ -214,6 +220,7 @@ async fn start_litellm(
     replicas: &[String],
     dir: &std::path::Path,
     cpus: Option<&str>,
+    workers: usize,
 ) -> Result<(std::process::Child, String)> {
     let mut cfg = String::from("model_list:\n");
     for r in replicas {
@@ -221,7 +228,10 @@ async fn start_litellm(
             "  - model_name: llama-3-8b\n    litellm_params:\n      model: openai/llama-3-8b\n      api_base: {r}\n      api_key: none\n"
         ));
     }
-    cfg.push_str("litellm_settings:\n  drop_params: true\n  set_verbose: false\n");
+    // As LiteLLM's production advice has it: no verbose or per-request logging, no spend logs
+    // (there is no database here), a request timeout, and one worker per core it is given.
+    cfg.push_str("litellm_settings:\n  drop_params: true\n  set_verbose: false\n  request_timeout: 600\n");
+    cfg.push_str("general_settings:\n  disable_spend_logs: true\n  disable_error_logs: true\n");
     let path = dir.join("litellm.yaml");
     std::fs::write(&path, cfg)?;
     let port = 4000 + (std::process::id() % 1000) as u16;
@@ -235,8 +245,11 @@ async fn start_litellm(
         None => std::process::Command::new(bin),
     };
     let child = cmd
-        .args(["--config", path.to_str().unwrap_or_default(), "--port", &port.to_string(), "--num_workers", "1"])
+        .args(["--config", path.to_str().unwrap_or_default(), "--port", &port.to_string()])
+        .args(["--num_workers", &workers.to_string()])
         .env("LITELLM_MASTER_KEY", LITELLM_KEY)
+        .env("LITELLM_LOG", "ERROR")
+        .env("LITELLM_MODE", "PRODUCTION")
         // No network here: use the bundled model cost map and do not fetch tokenizers (LiteLLM
         // falls back to tiktoken at once instead of retrying Hugging Face on every request).
         .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -258,11 +271,12 @@ async fn start_litellm(
 }
 
 /// A runtime whose threads run only on `cores` (one worker per core, each pinned to its own).
-fn pinned_runtime(cores: Vec<core_affinity::CoreId>) -> Result<tokio::runtime::Runtime> {
+fn pinned_runtime(cores: Vec<core_affinity::CoreId>, name: &str) -> Result<tokio::runtime::Runtime> {
     let n = cores.len();
     let next = Arc::new(AtomicU64::new(0));
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(n)
+        .thread_name(name)
         .enable_all()
         .on_thread_start(move || {
             let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -280,14 +294,29 @@ struct Placement {
     load: tokio::runtime::Runtime,
     /// The platform's cores as `taskset -c` takes them, when split.
     platform_cpus: Option<String>,
+    /// How many cores the platform (or LiteLLM in its turn) is given.
+    platform_cores: usize,
 }
+
+/// The platform runtime's threads' name: its CPU time is read by it.
+const PLATFORM_THREADS: &str = "hcp-platform";
 
 fn placement(split: bool) -> Result<Placement> {
     if !split {
+        let platform = tokio::runtime::Builder::new_multi_thread()
+            .thread_name(PLATFORM_THREADS)
+            .enable_all()
+            .build()
+            .context("start the platform's runtime")?;
         return Ok(Placement {
-            platform: crate::serve::runtime()?,
-            load: crate::serve::runtime()?,
+            platform,
+            load: tokio::runtime::Builder::new_multi_thread()
+                .thread_name(LOAD_THREADS)
+                .enable_all()
+                .build()
+                .context("start the load's runtime")?,
             platform_cpus: None,
+            platform_cores: cores(),
         });
     }
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -297,10 +326,15 @@ fn placement(split: bool) -> Result<Placement> {
     let (load, platform) = cores.split_at(cores.len() / 2);
     let cpus = platform.iter().map(|c| c.id.to_string()).collect::<Vec<_>>().join(",");
     Ok(Placement {
-        platform: pinned_runtime(platform.to_vec())?,
-        load: pinned_runtime(load.to_vec())?,
+        platform: pinned_runtime(platform.to_vec(), PLATFORM_THREADS)?,
+        load: pinned_runtime(load.to_vec(), LOAD_THREADS)?,
         platform_cpus: Some(cpus),
+        platform_cores: platform.len(),
     })
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// What `hcp bench gateway` compares and how it places the load.
@@ -310,19 +344,46 @@ pub struct Arms {
     pub split_cores: bool,
     /// The gateway calls the simulated backend over HTTP/2 (else HTTP/1.1).
     pub backend_http2: bool,
+    /// The p99 time to first token at which requests/s per core are compared.
+    pub p99_ttft_ms: f64,
+}
+
+/// One front's run at one concurrency: latency, throughput and the CPU it used.
+fn measured(name: &str, l: &mut Lat, secs: f64, cpu_s: Option<f64>) -> serde_json::Value {
+    let mut v = report(name, l, secs);
+    if let Some(cpu) = cpu_s {
+        v["cpu_s"] = json!(cpu);
+        // Requests per CPU-second: the requests/s one core of this front serves (the CPU readings
+        // span the warm-up, so the requests counted do too).
+        v["requests_per_cpu_s"] = json!(l.completed_all as f64 / cpu.max(1e-9));
+    }
+    v
+}
+
+/// The threads of the load (clients and the simulated backend).
+const LOAD_THREADS: &str = "hcp-load";
+
+/// The platform's CPU time so far: the whole process less the load's threads (so the platform's
+/// storage workers, metrics upkeep and engine count, not only its runtime's threads).
+fn platform_cpu_s() -> f64 {
+    crate::measure::process_cpu_s() - crate::measure::named_threads_cpu_s(LOAD_THREADS).values().sum::<f64>()
 }
 
 pub fn gateway(
     json_out: bool,
-    streams: usize,
+    streams: &[usize],
     secs: f64,
     max_tokens: u32,
     arms: Arms,
 ) -> Result<std::process::ExitCode> {
-    let Arms { litellm, split_cores, backend_http2 } = arms;
-    if streams == 0 || secs.is_nan() || secs <= 0.0 {
-        bail!("--streams and --seconds: must be > 0");
+    let Arms { litellm, split_cores, backend_http2, p99_ttft_ms } = arms;
+    if streams.is_empty() || streams.iter().any(|&s| s == 0 || s > 20_000) || secs.is_nan() || secs <= 0.0 {
+        bail!("--streams: each between 1 and 20000; --seconds: must be > 0");
     }
+    if p99_ttft_ms.is_nan() || p99_ttft_ms <= 0.0 {
+        bail!("--p99-ttft-ms: must be > 0");
+    }
+    let machine = crate::measure::Machine::start();
     let place = placement(split_cores)?;
     let dir = tmpdir("gateway");
     let fleet = crate::cli::load_fleet(None, crate::cli::SMALL_FLEET)?;
@@ -334,8 +395,10 @@ pub fn gateway(
         engine: true,
         api: true,
         seed: 1,
-        // One interval at start, then quiet: the engine's work stays out of the measurement.
-        speed: 1.0,
+        // An interval every 15 s: the first plans find the GPUs reporting (the very first, at
+        // start, has heard from no device yet and gives them no capacity); the engine's work on
+        // the small fleet is a few milliseconds per plan.
+        speed: 60.0,
         engine_config: Default::default(),
         mode: Default::default(),
         admin_token: Some(ADMIN.into()),
@@ -356,15 +419,20 @@ pub fn gateway(
     // the platform's run queue (with --split-cores they do not share cores either).
     let running = place.platform.block_on(async {
         let (store, _) = hcp_server::prepare(&cfg).await?;
+        // Every GPU reserved for the bench's tenant: they serve whatever the simulated price
+        // (the engine sheds GPUs whose work is worth less than their power, and idles those with
+        // no work), so the capacity under test is there from the first plan.
+        let gpus = cfg.fleet.gpu_count();
+        let body = json!({"tenant": "demo", "gpus": gpus}).to_string();
+        store.put_policy("reserved-capacity", &body, 0, 0).await?;
         hcp_server::start(cfg, store).await
     })?;
     let out = place.load.block_on(async {
         let base = format!("http://{}", running.addr);
-        if split_cores {
-            // The simulated backend is load, not the platform under test: it runs with the clients.
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            hcp_server::simbackend::serve_elsewhere(&running.app, l)?;
-        }
+        // The simulated backend is load, not the platform under test: it runs with the clients,
+        // so that the platform runtime's CPU time is the gateway's.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        hcp_server::simbackend::serve_elsewhere(&running.app, l)?;
         let http = reqwest::Client::new();
         // A key with room for the load (the demo key's rate is 100/s).
         let k: serde_json::Value = http
@@ -389,75 +457,126 @@ pub fn gateway(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if replicas.is_empty() {
-            bail!("no replica came into service");
+            let summary = running.app.router.lock().unwrap_or_else(|e| e.into_inner()).summary();
+            bail!("no replica came into service within 30 s; the router: {summary}");
         }
         replicas.sort_unstable();
         let sim = running.app.gateway.sim_base.lock().unwrap_or_else(|e| e.into_inner()).clone().context("sim")?;
         let direct: Vec<String> = replicas.iter().map(|r| format!("{sim}/r/{r}/v1")).collect();
-        let mut results = vec![];
         let d = Arc::new(direct.iter().map(|b| format!("{b}/chat/completions")).collect::<Vec<_>>());
-        let mut l = closed_loop(d, &key, streams, secs, max_tokens).await;
-        results.push(report("direct", &mut l, secs));
         let g = Arc::new(vec![format!("{base}/v1/chat/completions")]);
-        let mut l = closed_loop(g.clone(), &key, streams, secs, max_tokens).await;
-        results.push(report("gateway", &mut l, secs));
-        // The router's view of the gateway run: capacity in service and its queue time (a
-        // request waiting for a free slot is admission control, not relay overhead).
+        let mut lite = match &litellm {
+            Some(bin) => {
+                let workers = place.platform_cores;
+                let (child, url) = start_litellm(bin, &direct, &dir, place.platform_cpus.as_deref(), workers).await?;
+                Some((child, Arc::new(vec![format!("{url}/v1/chat/completions")])))
+            }
+            None => None,
+        };
+        let threads_before = crate::measure::named_threads_cpu_s(PLATFORM_THREADS);
+        let mut points = vec![];
+        for &c in streams {
+            let mut fronts = vec![];
+            let mut l = closed_loop(d.clone(), &key, c, secs, max_tokens).await;
+            fronts.push(measured("direct", &mut l, secs, None));
+            let cpu0 = platform_cpu_s();
+            let mut l = closed_loop(g.clone(), &key, c, secs, max_tokens).await;
+            let cpu = platform_cpu_s() - cpu0;
+            fronts.push(measured("gateway", &mut l, secs, Some(cpu)));
+            if let Some((child, u)) = &lite {
+                let cpu0 = crate::measure::tree_cpu_s(child.id());
+                let mut l = closed_loop(u.clone(), LITELLM_KEY, c, secs, max_tokens).await;
+                let cpu = crate::measure::tree_cpu_s(child.id()) - cpu0;
+                fronts.push(measured("litellm", &mut l, secs, Some(cpu)));
+            }
+            let f = |i: usize, k: &str| fronts.get(i).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
+            let mut point = json!({
+                "streams": c,
+                "fronts": fronts.clone(),
+                "gateway_added_ttft_ms": { "p50": f(1, "ttft_ms_p50") - f(0, "ttft_ms_p50"), "p99": f(1, "ttft_ms_p99") - f(0, "ttft_ms_p99") },
+            });
+            if lite.is_some() {
+                let (gp50, lp50) = (f(1, "ttft_ms_p50") - f(0, "ttft_ms_p50"), f(2, "ttft_ms_p50") - f(0, "ttft_ms_p50"));
+                point["litellm_added_ttft_ms"] =
+                    json!({ "p50": lp50, "p99": f(2, "ttft_ms_p99") - f(0, "ttft_ms_p99") });
+                // Added time is a difference of two medians: below the direct path's noise (about
+                // 0.1 ms) a ratio means nothing, so the gateway's side is floored there.
+                point["litellm_over_gateway_added_ttft_p50"] = json!(lp50 / gp50.max(0.1));
+                point["gateway_over_litellm_requests_per_cpu_s"] =
+                    json!(f(1, "requests_per_cpu_s") / f(2, "requests_per_cpu_s"));
+            }
+            points.push(point);
+        }
+        // Each platform thread's share of the gateway runs' CPU: the gateway uses every core it is
+        // given when its busiest threads share the work.
+        let threads_after = crate::measure::named_threads_cpu_s(PLATFORM_THREADS);
+        let mut per_thread = crate::measure::threads_delta(&threads_before, &threads_after);
+        per_thread.sort_by(|a, b| b.total_cmp(a));
+        let total: f64 = per_thread.iter().sum();
+        let busiest: Vec<f64> =
+            per_thread.iter().take(place.platform_cores).map(|t| t / total.max(1e-9)).collect();
+        // At the fixed p99 time to first token: each front's best throughput among the points
+        // that keep it, and its requests per CPU-second there.
+        let at_target = |i: usize| {
+            points
+                .iter()
+                .filter_map(|p| p["fronts"].get(i))
+                .filter(|f| f["ttft_ms_p99"].as_f64().is_some_and(|x| x <= p99_ttft_ms) && f["failed"] == 0)
+                .max_by(|a, b| {
+                    a["requests_per_s"].as_f64().unwrap_or(0.0).total_cmp(&b["requests_per_s"].as_f64().unwrap_or(0.0))
+                })
+                .map(|f| json!({"requests_per_s": f["requests_per_s"], "requests_per_cpu_s": f["requests_per_cpu_s"], "ttft_ms_p99": f["ttft_ms_p99"]}))
+        };
         let router = running.app.router.lock().unwrap_or_else(|e| e.into_inner()).summary();
-        if let Some(bin) = &litellm {
-            let (mut child, url) = start_litellm(bin, &direct, &dir, place.platform_cpus.as_deref()).await?;
-            let u = Arc::new(vec![format!("{url}/v1/chat/completions")]);
-            let mut l = closed_loop(u, LITELLM_KEY, streams, secs, max_tokens).await;
-            results.push(report("litellm", &mut l, secs));
+        if let Some((mut child, _)) = lite.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let f = |i: usize, k: &str| results.get(i).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
-        let added = |i: usize, k: &str| f(i, k) - f(0, k);
-        let mut v = json!({
-            "streams": streams,
-            "seconds": secs,
+        anyhow::Ok(json!({
+            "seconds_per_front": secs,
             "max_tokens": max_tokens,
             "replicas": replicas.len(),
+            "platform_cores": place.platform_cores,
             "split_cores": place.platform_cpus.as_ref().map(|c| json!({"platform_cpus": c})),
+            "litellm_workers": litellm.as_ref().map(|_| place.platform_cores),
             "gateway_to_backend": if backend_http2 { "HTTP/2 (h2c)" } else { "HTTP/1.1" },
             "router_slots": router["slots"],
-            "router_bands": router["bands"],
-            "fronts": results,
-            "gateway_added_ttft_ms_p50": added(1, "ttft_ms_p50"),
-            "gateway_added_total_ms_p50": added(1, "total_ms_p50"),
-        });
-        if litellm.is_some() {
-            v["litellm_added_ttft_ms_p50"] = json!(added(2, "ttft_ms_p50"));
-            v["litellm_added_total_ms_p50"] = json!(added(2, "total_ms_p50"));
-            v["litellm_over_gateway_added_ttft_p50"] = json!(added(2, "ttft_ms_p50") / added(1, "ttft_ms_p50"));
-        }
-        anyhow::Ok(v)
+            "points": points,
+            "at_p99_ttft": {
+                "p99_ttft_ms": p99_ttft_ms,
+                "gateway": at_target(1),
+                "litellm": litellm.as_ref().and_then(|_| at_target(2)),
+            },
+            "platform_threads_busiest_share": busiest,
+            "machine": machine.report(),
+        }))
     })?;
     place.platform.block_on(running.stop())?;
     let _ = std::fs::remove_dir_all(&dir);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        for r in out["fronts"].as_array().into_iter().flatten() {
+        for p in out["points"].as_array().into_iter().flatten() {
+            println!("{} concurrent streams:", p["streams"]);
+            for r in p["fronts"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:8} {:>7} req ({:.0}/s, {} failed, {:.0} req per CPU-s): first token p50 {:.2} ms p99 {:.2} ms; whole stream p50 {:.2} ms",
+                    r["front"].as_str().unwrap_or(""),
+                    r["requests"],
+                    r["requests_per_s"].as_f64().unwrap_or(0.0),
+                    r["failed"],
+                    r["requests_per_cpu_s"].as_f64().unwrap_or(f64::NAN),
+                    r["ttft_ms_p50"].as_f64().unwrap_or(0.0),
+                    r["ttft_ms_p99"].as_f64().unwrap_or(0.0),
+                    r["total_ms_p50"].as_f64().unwrap_or(0.0),
+                );
+            }
             println!(
-                "{:8} {:>7} req ({:.0}/s, {} failed): first token p50 {:.2} ms p99 {:.2} ms; whole stream p50 {:.2} ms p99 {:.2} ms",
-                r["front"].as_str().unwrap_or(""),
-                r["requests"],
-                r["requests_per_s"].as_f64().unwrap_or(0.0),
-                r["failed"],
-                r["ttft_ms_p50"].as_f64().unwrap_or(0.0),
-                r["ttft_ms_p99"].as_f64().unwrap_or(0.0),
-                r["total_ms_p50"].as_f64().unwrap_or(0.0),
-                r["total_ms_p99"].as_f64().unwrap_or(0.0)
+                "  gateway adds p50 {:.2} ms to the first token; LiteLLM {:.2} ms",
+                p["gateway_added_ttft_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
+                p["litellm_added_ttft_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
             );
         }
-        println!(
-            "gateway adds p50 {:.2} ms to the first token, {:.2} ms to the whole stream, at {} concurrent streams",
-            out["gateway_added_ttft_ms_p50"].as_f64().unwrap_or(f64::NAN),
-            out["gateway_added_total_ms_p50"].as_f64().unwrap_or(f64::NAN),
-            streams
-        );
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

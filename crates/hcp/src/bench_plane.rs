@@ -10,10 +10,7 @@ use hcp_harness::plane::{DevicePlane, PlaneConfig};
 use hcp_sim::agents::Agents;
 
 use crate::cli::{REFERENCE_FLEET, load_fleet};
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
+use crate::measure::{Machine, percentiles, quantile, thread_cpu_s};
 
 fn print(obj: &serde_json::Value, json: bool) -> Result<ExitCode> {
     if json {
@@ -24,20 +21,31 @@ fn print(obj: &serde_json::Value, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What one switch took: wall times (ms) to the first batch leaving and to the whole plan sent,
+/// the planning thread's CPU time for each, the first batch's size, the plan's changes, and the
+/// parts of the first (decide + first step, intents, send).
+struct Switch {
+    first_ms: f64,
+    whole_ms: f64,
+    first_cpu_ms: f64,
+    whole_cpu_ms: f64,
+    first_batch: usize,
+    changes: usize,
+    parts: [f64; 3],
+}
+
 /// One signal handled as the engine handles it: the dispatcher decides every group's cut and turns
 /// the first batch's worth of them into device changes (reductions first), those become intents
-/// and the resource manager sends them; then the rest of the plan follows. Returns the wall times
-/// (ms) to the first batch leaving and to the whole plan sent, the first batch's size, the plan's
-/// changes, and the parts of the first (decide + first step, intents, send).
+/// and the resource manager sends them; then the rest of the plan follows.
 fn switch(
     plane: &mut DevicePlane,
     d: &mut Dispatcher,
     which: Option<hcp_model::SiteIdx>,
     signals: &[SiteSignal],
     gpus: &[GpuBudget],
-) -> (f64, f64, usize, usize, [f64; 3]) {
+) -> Switch {
     let now = plane.now_ms();
-    let t = Instant::now();
+    let (c0, t) = (thread_cpu_s(), Instant::now());
     let mut run = match which {
         Some(s) => d.start_plan_sites(now, &[s], signals, 45.0, gpus, &[]),
         None => d.start_plan(now, signals, 45.0, gpus, &[]),
@@ -48,19 +56,54 @@ fn switch(
     let t_apply = t.elapsed().as_secs_f64() * 1e3;
     let n = plane.send_now(first);
     let t_first = t.elapsed().as_secs_f64() * 1e3;
+    let c_first = thread_cpu_s();
     plane.apply_changes(run.step(usize::MAX));
     let plan = run.finish();
     plane.reconcile_now(d);
     let t_whole = t.elapsed().as_secs_f64() * 1e3;
-    (t_first, t_whole, n, plan.changes.len(), [t_plan, t_apply - t_plan, t_first - t_apply])
+    let c_whole = thread_cpu_s();
+    Switch {
+        first_ms: t_first,
+        whole_ms: t_whole,
+        first_cpu_ms: (c_first - c0) * 1e3,
+        whole_cpu_ms: (c_whole - c0) * 1e3,
+        first_batch: n,
+        changes: plan.changes.len(),
+        parts: [t_plan, t_apply - t_plan, t_first - t_apply],
+    }
 }
 
-fn summary(v: &mut [f64]) -> serde_json::Value {
-    v.sort_by(f64::total_cmp);
-    serde_json::json!({ "p50": quantile(v, 0.5), "p99": quantile(v, 0.99), "max": v[v.len() - 1] })
+/// The figures of a case's switches.
+fn case(v: &[Switch]) -> serde_json::Value {
+    let col = |f: &dyn Fn(&Switch) -> f64| -> Vec<f64> { v.iter().map(f).collect() };
+    let median = |f: &dyn Fn(&Switch) -> f64| {
+        let mut c = col(f);
+        c.sort_by(f64::total_cmp);
+        quantile(&c, 0.5)
+    };
+    serde_json::json!({
+        "runs": v.len(),
+        "signal_to_first_batch_ms": {
+            "wall": percentiles(&mut col(&|s| s.first_ms)),
+            "thread_cpu": percentiles(&mut col(&|s| s.first_cpu_ms)),
+            "target_p99": 10.0,
+        },
+        "first_batch_commands": percentiles(&mut col(&|s| s.first_batch as f64)),
+        "signal_to_whole_plan_sent_ms": {
+            "wall": percentiles(&mut col(&|s| s.whole_ms)),
+            "thread_cpu": percentiles(&mut col(&|s| s.whole_cpu_ms)),
+        },
+        "changes_per_event": percentiles(&mut col(&|s| s.changes as f64)),
+        "median_parts_ms": {
+            "decide_and_first_step": median(&|s| s.parts[0]),
+            "intents": median(&|s| s.parts[1]),
+            "send": median(&|s| s.parts[2]),
+        },
+    })
 }
 
-/// From a price signal arriving to the first command batch leaving, in three cases:
+/// From a price signal arriving to the first command batch leaving, in memory (no store, bus or
+/// agent link: `--end-to-end` has them), in three cases:
 /// - a grid event on the running fleet: from a settled state (every ASIC running), a spike sleeps
 ///   every ASIC; the first batch is a full batch of reductions. Repeated from a copy of the
 ///   settled state (the copy is not timed).
@@ -72,6 +115,7 @@ pub fn switching(json: bool, fleet: Option<&Path>, events: usize) -> Result<Exit
     if !(10..=10_000).contains(&events) {
         anyhow::bail!("--events: must be between 10 and 10000");
     }
+    let machine = Machine::start();
     let fleet = load_fleet(fleet, REFERENCE_FLEET)?;
     let cfg = DispatchConfig { min_on_ms: 0, min_off_ms: 0, ..DispatchConfig::default() };
     let mut d = Dispatcher::new(&fleet, cfg, 0);
@@ -87,70 +131,42 @@ pub fn switching(json: bool, fleet: Option<&Path>, events: usize) -> Result<Exit
     plane.advance_to(200_000, &mut d);
     plane.take_output();
     // Grid events on the running fleet.
-    let (mut grid_first, mut grid_whole, mut grid_batch, mut grid_parts) = (vec![], vec![], vec![], vec![]);
+    let mut grid = vec![];
     for k in 0..events.min(100) {
         let (mut p, mut dd) = (plane.clone(), d.clone());
         let signals = vec![SiteSignal::new(900.0 + k as f64, p.now_ms(), 25.0); sites];
-        let (first, whole, n, _, parts) = switch(&mut p, &mut dd, None, &signals, &gpus);
-        grid_first.push(first);
-        grid_whole.push(whole);
-        grid_batch.push(n as f64);
-        grid_parts.push(parts);
+        grid.push(switch(&mut p, &mut dd, None, &signals, &gpus));
     }
     // Flips and one-site moves.
-    let (mut lat, mut whole, mut batch, mut changes, mut parts, mut single) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut flips, mut single) = (vec![], vec![]);
     for e in 0..events {
         let now = plane.now_ms();
         let price = if e % 2 == 1 { 900.0 } else { 25.0 + (e % 7) as f64 };
         let signals = vec![SiteSignal::new(price, now, 25.0); sites];
-        let (first, all, n, c, p) = switch(&mut plane, &mut d, None, &signals, &gpus);
-        lat.push(first);
-        whole.push(all);
-        batch.push(n as f64);
-        changes.push(c as f64);
-        parts.push(p);
+        flips.push(switch(&mut plane, &mut d, None, &signals, &gpus));
         plane.advance_to(now + 10_000, &mut d);
         let mut one = signals.clone();
         one[0].price_usd_per_mwh += 3.0;
         one[0].price_at_ms = now + 10_000;
-        single.push(switch(&mut plane, &mut d, Some(hcp_model::SiteIdx(0)), &one, &gpus).0);
+        single.push(switch(&mut plane, &mut d, Some(hcp_model::SiteIdx(0)), &one, &gpus));
         plane.advance_to(now + 20_000, &mut d);
         plane.take_output();
     }
-    let median_parts = |parts: &[[f64; 3]]| {
-        let m = |k: usize| {
-            let mut v: Vec<f64> = parts.iter().map(|p| p[k]).collect();
-            v.sort_by(f64::total_cmp);
-            quantile(&v, 0.5)
-        };
-        serde_json::json!({ "decide_and_first_step": m(0), "intents": m(1), "send": m(2) })
-    };
-    let with_target = |v: &mut Vec<f64>| {
-        let mut s = summary(v);
-        s["target_p99"] = 10.0.into();
-        s
-    };
+    let mut one_wall: Vec<f64> = single.iter().map(|s| s.first_ms).collect();
+    let mut one_cpu: Vec<f64> = single.iter().map(|s| s.first_cpu_ms).collect();
     let obj = serde_json::json!({
         "fleet": fleet.name,
         "devices": fleet.devices.len(),
         "events": events,
         "plane_build_s": build_s,
-        "grid_event_on_running_fleet": {
-            "runs": grid_first.len(),
-            "signal_to_first_batch_ms": with_target(&mut grid_first),
-            "first_batch_commands": summary(&mut grid_batch),
-            "signal_to_whole_plan_sent_ms": summary(&mut grid_whole),
-            "median_parts_ms": median_parts(&grid_parts),
+        "grid_event_on_running_fleet": case(&grid),
+        "flips": case(&flips),
+        "one_site_signal_to_first_batch_ms": {
+            "wall": percentiles(&mut one_wall),
+            "thread_cpu": percentiles(&mut one_cpu),
+            "target_p99": 10.0,
         },
-        "flips": {
-            "signal_to_first_batch_ms": with_target(&mut lat),
-            "first_batch_commands": summary(&mut batch),
-            "signal_to_whole_plan_sent_ms": summary(&mut whole),
-            "changes_per_event": summary(&mut changes),
-            "median_parts_ms": median_parts(&parts),
-        },
-        "one_site_signal_to_first_batch_ms": with_target(&mut single),
+        "machine": machine.report(),
     });
     print(&obj, json)
 }
@@ -164,6 +180,7 @@ pub fn telemetry(json: bool, fleet: Option<&Path>, minutes: u32, store_url: Opti
     if !(1..=60).contains(&minutes) {
         anyhow::bail!("--minutes: must be between 1 and 60");
     }
+    let machine = Machine::start();
     let fleet = load_fleet(fleet, REFERENCE_FLEET)?;
     let span_ms = i64::from(minutes) * 60_000;
     let cfg = PlaneConfig::default();
@@ -220,6 +237,7 @@ pub fn telemetry(json: bool, fleet: Option<&Path>, minutes: u32, store_url: Opti
     // Reports per second one core sustains with their rollups stored.
     let sustained = out.reports as f64 / (ingest_s + store_s);
     let obj = serde_json::json!({
+        "machine": machine.report(),
         "fleet": fleet.name,
         "devices": fleet.devices.len(),
         "simulated_minutes": minutes + 1,

@@ -295,18 +295,22 @@ enum BenchWhat {
     Gateway {
         #[arg(long)]
         json: bool,
-        /// Concurrent streams.
-        #[arg(long, default_value_t = 1_000)]
-        streams: usize,
+        /// Concurrent streams, one measurement per value (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 50])]
+        streams: Vec<usize>,
         /// Measured seconds per front (after 2 s of warm-up).
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
         /// Output tokens per request.
         #[arg(long, default_value_t = 64)]
         max_tokens: u32,
-        /// LiteLLM's proxy binary (`pip install 'litellm[proxy]'`), to measure it side by side.
+        /// LiteLLM's proxy binary (`pip install 'litellm[proxy]'`), to measure it side by side
+        /// (one worker per core it is given, no per-request logging).
         #[arg(long)]
         litellm: Option<String>,
+        /// The p99 time to first token at which each front's requests/s per core are compared.
+        #[arg(long, default_value_t = 250.0)]
+        p99_ttft_ms: f64,
         /// The platform (and LiteLLM in its turn) on half of the cores, the clients and the
         /// simulated backend on the other half: the gateway measured on cores of its own.
         #[arg(long)]
@@ -332,14 +336,18 @@ enum BenchWhat {
         #[arg(long, default_value_t = 365)]
         cohort_days: u32,
     },
-    /// Router throughput (10,000 tenants, 3 bands, 1,000 replicas) and capacity-shrink preemption.
+    /// Router placements per second (10,000 tenants, 3 bands, 1,000 replicas; admission answers
+    /// counted apart) and capacity-shrink preemption, over repeated runs.
     Router {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
-        /// Decisions to time.
-        #[arg(long, default_value_t = 2_000_000)]
-        decisions: u64,
+        /// Placements (requests dispatched to a replica) to time per run.
+        #[arg(long, default_value_t = 1_000_000)]
+        placements: u64,
+        /// Runs, each on a fresh router; the report gives min/median/max over them.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// Switching: from a price signal to the first command batch leaving for the devices (plan,
     /// intents, reconcile), reference fleet, every other event flipping the whole fleet.
@@ -353,6 +361,20 @@ enum BenchWhat {
         /// Price events to time.
         #[arg(long, default_value_t = 200)]
         events: usize,
+        /// From the signal to every command of the plan acknowledged by the site agents, through
+        /// the store, the bus and the agent link (grid events on the running fleet).
+        #[arg(long)]
+        end_to_end: bool,
+        /// With --end-to-end: the store's URL (default: a fresh SQLite file; `postgres://...`).
+        #[arg(long, requires = "end_to_end")]
+        store: Option<String>,
+        /// With --end-to-end: the bus's URL (default: in-process; `nats://HOST:PORT`).
+        #[arg(long, requires = "end_to_end")]
+        bus: Option<String>,
+        /// With --end-to-end: commands one instant may send (default: every device, the whole plan
+        /// at once).
+        #[arg(long, requires = "end_to_end")]
+        batch_max: Option<usize>,
     },
     /// Telemetry ingestion: every device of the reference fleet reporting every 10 s, through the
     /// resource manager and dispatcher, rolled up per device-minute and stored.
@@ -378,9 +400,12 @@ enum BenchWhat {
         /// Fleet file (default: the built-in reference fleet).
         #[arg(long)]
         fleet: Option<PathBuf>,
-        /// Price events to time.
+        /// Price events to time per run.
         #[arg(long, default_value_t = 400)]
         events: usize,
+        /// Runs, each with a fresh dispatcher; the report gives min/median/max over them.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
 }
 
@@ -480,7 +505,9 @@ pub fn main() -> ExitCode {
         Command::Bench { what: BenchWhat::Sim { json, fleet, device_hours, cohort_days } } => {
             crate::bench::sim(json, fleet.as_deref(), device_hours, cohort_days)
         }
-        Command::Bench { what: BenchWhat::Router { json, decisions } } => crate::bench::router(json, decisions),
+        Command::Bench { what: BenchWhat::Router { json, placements, runs } } => {
+            crate::bench::router(json, placements, runs)
+        }
         Command::Bench { what: BenchWhat::Auth { json, attackers, seconds } } => {
             crate::bench_auth::auth(json, attackers, seconds)
         }
@@ -488,20 +515,35 @@ pub fn main() -> ExitCode {
             crate::bench_gateway::metering(json, events, writers)
         }
         Command::Bench {
-            what: BenchWhat::Gateway { json, streams, seconds, max_tokens, litellm, split_cores, backend_protocol },
+            what:
+                BenchWhat::Gateway {
+                    json,
+                    streams,
+                    seconds,
+                    max_tokens,
+                    litellm,
+                    split_cores,
+                    backend_protocol,
+                    p99_ttft_ms,
+                },
         } => {
-            let arms =
-                crate::bench_gateway::Arms { litellm, split_cores, backend_http2: backend_protocol == Protocol::Http2 };
-            crate::bench_gateway::gateway(json, streams, seconds, max_tokens, arms)
+            let backend_http2 = backend_protocol == Protocol::Http2;
+            let arms = crate::bench_gateway::Arms { litellm, split_cores, backend_http2, p99_ttft_ms };
+            crate::bench_gateway::gateway(json, &streams, seconds, max_tokens, arms)
         }
-        Command::Bench { what: BenchWhat::Switching { json, fleet, events } } => {
-            crate::bench_plane::switching(json, fleet.as_deref(), events)
+        Command::Bench { what: BenchWhat::Switching { json, fleet, events, end_to_end, store, bus, batch_max } } => {
+            if end_to_end {
+                let link = crate::bench_e2e::Link { store: store.as_deref(), bus: bus.as_deref(), batch_max };
+                crate::bench_e2e::end_to_end(json, fleet.as_deref(), events, link)
+            } else {
+                crate::bench_plane::switching(json, fleet.as_deref(), events)
+            }
         }
         Command::Bench { what: BenchWhat::Telemetry { json, fleet, minutes, store } } => {
             crate::bench_plane::telemetry(json, fleet.as_deref(), minutes, store.as_deref())
         }
-        Command::Bench { what: BenchWhat::Dispatch { json, fleet, events } } => {
-            crate::bench::dispatch(json, fleet.as_deref(), events)
+        Command::Bench { what: BenchWhat::Dispatch { json, fleet, events, runs } } => {
+            crate::bench::dispatch(json, fleet.as_deref(), events, runs)
         }
     };
     match result {

@@ -4,11 +4,13 @@
 mod backtest_cmd;
 mod bench;
 mod bench_auth;
+mod bench_e2e;
 mod bench_gateway;
 mod bench_plane;
 mod chart;
 mod cli;
 mod loadtest;
+mod measure;
 mod report;
 mod serve;
 

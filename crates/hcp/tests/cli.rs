@@ -75,7 +75,7 @@ fn up_serves_prints_credentials_once_and_stops_on_sigterm() {
     let rest: Vec<String> = up.lines.try_iter().collect();
     assert!(!rest.iter().any(|l| l.contains("token")), "{rest:?}");
     let m = hcp(&["migrate", "--data-dir", dir.to_str().unwrap()]);
-    assert!(m.status.success() && text(&m).contains("schema version 6"), "{}", text(&m));
+    assert!(m.status.success() && text(&m).contains("schema version 7"), "{}", text(&m));
     // Recovery with local access: a new admin token; the old one no longer works.
     let r = hcp(&["admin-reset", "--data-dir", dir.to_str().unwrap()]);
     assert!(r.status.success(), "{}", text(&r));
@@ -377,10 +377,18 @@ fn bench_dispatch_prints_json() {
         root().join("examples/fleets/small.toml").to_str().unwrap(),
         "--events",
         "20",
+        "--runs",
+        "2",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v["full_fleet_plan_ms"]["p99"].as_f64().unwrap() > 0.0);
+    let run = &v["runs"][0]["full_fleet_plan_ms"];
+    assert!(run["wall"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(run["thread_cpu"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    let cpu = &v["spread"]["full_fleet_plan_ms"]["thread_cpu"]["p99"];
+    assert_eq!(cpu["runs"], 2, "{v}");
+    assert!(cpu["min"].as_f64().unwrap() <= cpu["max"].as_f64().unwrap(), "{v}");
+    assert!(v["machine"]["loadavg_1_5_15_start"].is_array(), "{v}");
     assert!(v["planner"]["variables"].as_u64().unwrap() > 0);
 }
 
@@ -391,10 +399,24 @@ fn bench_switching_and_telemetry_print_json() {
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let grid = &v["grid_event_on_running_fleet"];
-    assert!(grid["signal_to_first_batch_ms"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(grid["signal_to_first_batch_ms"]["wall"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(grid["signal_to_first_batch_ms"]["thread_cpu"]["p99"].as_f64().unwrap() > 0.0, "{v}");
     assert!(grid["first_batch_commands"]["p50"].as_f64().unwrap() > 0.0, "a spike on a running fleet sends: {v}");
     assert!(v["flips"]["changes_per_event"]["max"].as_f64().unwrap() > 0.0, "a spike changes targets: {v}");
-    assert!(v["one_site_signal_to_first_batch_ms"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["one_site_signal_to_first_batch_ms"]["wall"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    // End to end: every command of each plan acknowledged by the site agents through the store, the
+    // bus and the agent link; the parts add up to the whole.
+    let o = hcp(&["bench", "switching", "--end-to-end", "--json", "--fleet", small.to_str().unwrap(), "--events", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let asics = v["commands_per_event"]["p50"].as_f64().unwrap();
+    assert!(asics >= 300.0, "a spike sleeps the small fleet's ASICs: {v}");
+    assert!(v["bytes_per_event"]["max"].as_f64().unwrap() < asics * 37.0, "commands travel as runs: {v}");
+    let total = v["signal_to_all_acknowledged_ms"]["max"].as_f64().unwrap();
+    assert!(total > 0.0 && v["parts_ms"]["persist"]["p50"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!((v["store"].as_str(), v["bus"].as_str()), (Some("Sqlite"), Some("inproc")), "{v}");
+    let o = hcp(&["bench", "switching", "--store", "sqlite:x.db"]);
+    assert!(!o.status.success() && text(&o).contains("--end-to-end"), "{}", text(&o));
     let o = hcp(&["bench", "telemetry", "--json", "--fleet", small.to_str().unwrap(), "--minutes", "1"]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -418,10 +440,15 @@ fn replay_and_bench_router_print_json() {
     }
     let o = hcp(&["replay", "--trace", trace.to_str().unwrap(), "--shrink", "lots"]);
     assert!(text(&o).contains("--shrink: expected FRACTION@TIME"), "{}", text(&o));
-    let o = hcp(&["bench", "router", "--json", "--decisions", "20000"]);
+    let o = hcp(&["bench", "router", "--json", "--placements", "20000", "--runs", "2"]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v["decisions_per_s"].as_f64().unwrap() > 0.0);
+    // Each loop step places one request and answers one arrival: answers are about twice the
+    // placements, and the headline counts placements only.
+    let run = &v["runs"][0];
+    let (placed, answers) = (run["placements"].as_f64().unwrap(), run["answers"].as_f64().unwrap());
+    assert!(placed >= 20_000.0 && (1.8..2.2).contains(&(answers / placed)), "{v}");
+    assert_eq!(v["spread"]["placements_per_s"]["runs"], 2, "{v}");
     assert_eq!(v["shrink"]["running_before"].as_u64(), Some(50_000));
 }
 
@@ -552,4 +579,28 @@ fn schemathesis_finds_the_server_as_the_document_says() {
     }
     assert!(up.signal("-TERM").success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_gateway_uses_every_core_it_is_given() {
+    // The platform on its own runtime with a worker per core, streams through the gateway: the
+    // busiest platform threads, one per core, each carry a real share of the gateway's CPU time.
+    let o = hcp(&["bench", "gateway", "--json", "--streams", "40", "--seconds", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let g = &v["points"][0]["fronts"][1];
+    assert_eq!(g["front"], "gateway", "{v}");
+    assert!(g["requests"].as_u64().unwrap() > 50 && g["failed"] == 0, "{v}");
+    assert!(g["requests_per_cpu_s"].as_f64().unwrap() > 0.0, "{v}");
+    let cores = v["platform_cores"].as_u64().unwrap() as usize;
+    let shares: Vec<f64> =
+        v["platform_threads_busiest_share"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(shares.len(), cores, "{v}");
+    if cores >= 2 {
+        let even = 1.0 / cores as f64;
+        assert!(
+            shares.iter().all(|&s| s >= 0.4 * even),
+            "the gateway's work stays on fewer threads than cores: {shares:?}"
+        );
+    }
 }

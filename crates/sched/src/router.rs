@@ -143,7 +143,8 @@ pub struct ReplicaSpec {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RejectReason {
     UnknownTenant,
-    /// No replica of the model exists, or none could ever hold the request's KV cache or gang.
+    /// No replica of the model exists, or none in service could ever hold the request's KV cache
+    /// or gang. (When every replica is out of service, work waits for them instead.)
     NeverFits,
     QueueFull {
         band: u8,
@@ -424,6 +425,11 @@ pub struct Router {
     /// Tenant queues, referred to from `TenantBand::waiting_in`; emptied ones are reused.
     queues: Vec<TenantQueue>,
     free_queues: Vec<u32>,
+    /// Each tenant queue's key in its band's backlog order. Counters only rise, and a charge does
+    /// not re-key the order at once: a stored key is at most the tenant's current one, and an
+    /// entry is re-keyed when a walk of the order reaches it (`order_next`), so the walk sees the
+    /// order by current counters.
+    qkey: Vec<u64>,
     /// Scratch for placements, victims and deferred index updates.
     place_buf: Vec<u32>,
     victim_buf: Vec<Victim>,
@@ -495,6 +501,7 @@ impl Router {
             deferred: None,
             queues: Vec::new(),
             free_queues: Vec::new(),
+            qkey: Vec::new(),
             place_buf: Vec::new(),
             victim_buf: Vec::new(),
             victim_keys: Vec::new(),
@@ -938,7 +945,7 @@ impl Router {
         let q = match self.tband[tb].waiting_in.iter().find(|w| w.0 == mix) {
             Some(&(_, q)) => q,
             None => {
-                if let Some(&(k, _, _)) = self.models[mix as usize].bands[band].order.first()
+                if let Some((k, _, _)) = self.order_next(mix, band, None)
                     && f64::from_bits(k) > self.tband[tb].counter
                 {
                     self.set_counter(tix, band, f64::from_bits(k));
@@ -947,12 +954,14 @@ impl Router {
                     Some(q) => q,
                     None => {
                         self.queues.push(TenantQueue::new());
+                        self.qkey.push(0);
                         (self.queues.len() - 1) as u32
                     }
                 };
                 self.tband[tb].waiting_in.push((mix, q));
-                let counter = self.tband[tb].counter;
-                self.models[mix as usize].bands[band].order.insert((key(counter), tix, q));
+                let k = key(self.tband[tb].counter);
+                self.qkey[q as usize] = k;
+                self.models[mix as usize].bands[band].order.insert((k, tix, q));
                 q
             }
         };
@@ -1006,7 +1015,7 @@ impl Router {
                 *tq = TenantQueue::new();
             }
             self.free_queues.push(q);
-            bq.order.remove(&(key(tb.counter), tix, q));
+            bq.order.remove(&(self.qkey[q as usize], tix, q));
             tb.waiting_in.swap_remove(w);
         }
         bq.len -= 1;
@@ -1097,9 +1106,12 @@ impl Router {
         }
         let kv = u64::from(w.prompt_tokens + w.max_output_tokens);
         let mix = self.model_ix.get(&w.model).copied();
+        // Every replica of the model out of service (its GPUs idle or shed by the power plan) is
+        // not "never": the work waits in its queue (its time-to-live bounds the wait), and the
+        // waiting is the demand that brings the GPUs back.
         let Some(mix) = mix.filter(|&m| {
             let m = &self.models[m as usize];
-            m.max_kv >= kv && m.total_slots >= u64::from(w.gang)
+            (m.max_kv >= kv && m.total_slots >= u64::from(w.gang)) || (m.total_slots == 0 && !m.replicas.is_empty())
         }) else {
             out.push(Decision::Reject { id, reason: RejectReason::NeverFits });
             return;
@@ -1180,16 +1192,32 @@ impl Router {
         self.set_counter(tix, band, new);
     }
 
-    /// Sets a tenant's virtual counter in a band, keeping the backlog order keys in step for
-    /// every model the tenant waits on in that band.
+    /// Raises a tenant's virtual counter in a band (counters never fall). The backlog orders it
+    /// waits in are re-keyed lazily, by [`Router::order_next`].
     fn set_counter(&mut self, tix: u32, band: usize, new: f64) {
         let t = &mut self.tband[tix as usize * self.nb + band];
-        let old = std::mem::replace(&mut t.counter, new);
-        for &(mix, q) in &t.waiting_in {
-            let bq = &mut self.models[mix as usize].bands[band];
-            if bq.order.remove(&(key(old), tix, q)) {
-                bq.order.insert((key(new), tix, q));
+        debug_assert!(new >= t.counter, "a counter never falls");
+        t.counter = new;
+    }
+
+    /// The first entry of a model's band's backlog order after `after` (from the start: None) by
+    /// current counters. Entries met on the way whose stored key fell behind their tenant's counter
+    /// move to their place first. Every entry before the one returned is current, so a walk from
+    /// the start sees exactly the order a fully re-keyed set would have.
+    fn order_next(&mut self, mix: u32, band: usize, after: Option<(u64, u32, u32)>) -> Option<(u64, u32, u32)> {
+        loop {
+            let o = &mut self.models[mix as usize].bands[band].order;
+            let e = *match after {
+                None => o.first(),
+                Some(c) => o.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)).next(),
+            }?;
+            let cur = key(self.tband[e.1 as usize * self.nb + band].counter);
+            if cur == e.0 {
+                return Some(e);
             }
+            o.remove(&e);
+            o.insert((cur, e.1, e.2));
+            self.qkey[e.2 as usize] = cur;
         }
     }
 
@@ -1318,14 +1346,7 @@ impl Router {
         let mut best: Option<(f64, u32)> = None;
         let mut after_best = 0;
         for _ in 0..64 {
-            let next = {
-                let bq = &self.models[mix as usize].bands[band];
-                let mut it = match cursor {
-                    None => bq.order.range(..),
-                    Some(c) => bq.order.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
-                };
-                it.next().copied().map(|k| (k, self.queues[k.2 as usize].front().map(|e| e.1)))
-            };
+            let next = self.order_next(mix, band, cursor).map(|k| (k, self.queues[k.2 as usize].front().map(|e| e.1)));
             let Some((k, Some(ix))) = next else { break };
             cursor = Some(k);
             if best.is_some() {
@@ -1632,7 +1653,10 @@ impl Router {
                 for (t, tb) in self.tband.iter().enumerate().skip(b).step_by(self.nb) {
                     for &(mix, q) in &tb.waiting_in {
                         if self.models[mix as usize].id == m.id {
-                            expect.insert((key(tb.counter), (t / self.nb) as u32, q));
+                            if self.qkey[q as usize] > key(tb.counter) {
+                                return Err(OutOfStep(format!("queue {q}: order key ahead of its counter")));
+                            }
+                            expect.insert((self.qkey[q as usize], (t / self.nb) as u32, q));
                             len += self.queues[q as usize].len();
                         }
                     }

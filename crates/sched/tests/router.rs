@@ -490,3 +490,29 @@ fn a_cordoned_replica_keeps_its_work_takes_no_new_work_and_is_not_reclaimed_from
     assert!(!dispatched(&out).is_empty(), "returning it serves the queue: {out:?}");
     r.check().unwrap();
 }
+
+#[test]
+fn work_waits_for_replicas_out_of_service_instead_of_being_refused() {
+    // The power plan idles a model's GPUs (no work, headroom lent to the ASICs): its replicas are
+    // out, not gone. New work waits (that waiting is the demand that brings them back) and is
+    // placed when they return.
+    let mut r = router();
+    tenant(&mut r, 1, 1.0, 0.0, 100.0);
+    let mut out = vec![];
+    let spec = |slots: u32, kv_tokens: u64| ReplicaSpec { id: ReplicaId(1), model: M, gpus: 2, slots, kv_tokens };
+    // Out of service, as the platform announces it: no slots, the least KV cache it may state.
+    r.set_replica(spec(2, 1_000_000), 0, &mut out).unwrap();
+    r.set_replica(spec(0, 1), 0, &mut out).unwrap();
+    out.clear();
+    r.arrive(work(1, 1, 0), 1, &mut out);
+    assert!(out.iter().all(|d| !matches!(d, Decision::Reject { .. })), "{out:?}");
+    assert_eq!(r.queued_len(), 1);
+    r.check().unwrap();
+    r.set_replica(spec(2, 1_000_000), 2, &mut out).unwrap();
+    assert_eq!(dispatched(&out), vec![1]);
+    r.check().unwrap();
+    // A model with no replica at all still refuses at once.
+    out.clear();
+    r.arrive(Work { model: ModelId(9), ..work(2, 1, 0) }, 3, &mut out);
+    assert!(matches!(out[..], [Decision::Reject { reason: RejectReason::NeverFits, .. }]), "{out:?}");
+}

@@ -5,6 +5,7 @@
 //! Architecture invariant: an adapter. Decisions are made by the pure crates (`hcp-econ`,
 //! `hcp-fleet`, `hcp-sched`); this crate feeds them inputs, stores and serves what they output.
 
+pub mod agentlink;
 pub mod auth;
 pub mod billing;
 pub mod dashboard;

@@ -253,6 +253,20 @@ pub struct CommandRow {
     pub outcome_ms: Option<i64>,
 }
 
+/// A batch of commands for one site's agent, as sent (the bytes of `hcp_fleet::wire`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandBatchRow {
+    /// Assigned by storage in the order written (0 when adding).
+    pub seq: i64,
+    pub epoch: i64,
+    pub site_id: String,
+    pub issued_ms: i64,
+    pub first_id: i64,
+    pub last_id: i64,
+    pub commands: i64,
+    pub body: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SignalRow {
     pub kind: String,
@@ -1166,9 +1180,62 @@ impl Store {
         Ok(skipped)
     }
 
+    /// Records command batches before they are sent, in one transaction (all or none).
+    pub async fn add_command_batches(&self, rows: &[CommandBatchRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO command_batches (epoch, site_id, issued_ms, first_id, last_id, commands, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(r.epoch)
+            .bind(&r.site_id)
+            .bind(r.issued_ms)
+            .bind(r.first_id)
+            .bind(r.last_id)
+            .bind(r.commands)
+            .bind(&r.body)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A site's command batches issued at or after `from_ms`, oldest first, at most `limit`.
+    pub async fn command_batches(&self, site_id: &str, from_ms: i64, limit: u32) -> Result<Vec<CommandBatchRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, epoch, site_id, issued_ms, first_id, last_id, commands, body FROM command_batches \
+             WHERE site_id = $1 AND issued_ms >= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(site_id)
+        .bind(from_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| CommandBatchRow {
+                seq: r.get(0),
+                epoch: r.get(1),
+                site_id: r.get(2),
+                issued_ms: r.get(3),
+                first_id: r.get(4),
+                last_id: r.get(5),
+                commands: r.get(6),
+                body: r.get(7),
+            })
+            .collect())
+    }
+
     /// The highest command id recorded (0 when none): a restarted engine continues after it.
     pub async fn max_command_id(&self) -> Result<i64> {
-        let r = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM commands").fetch_one(&self.pool).await?;
+        let r = sqlx::query(
+            "SELECT MAX(m) FROM (SELECT COALESCE(MAX(id), 0) AS m FROM commands \
+             UNION ALL SELECT COALESCE(MAX(last_id), 0) AS m FROM command_batches) AS t",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok(r.get(0))
     }
 

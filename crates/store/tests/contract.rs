@@ -49,8 +49,8 @@ fn page(limit: u32) -> Page {
 }
 
 async fn contract(s: &Store) {
-    assert_eq!(s.migrate().await.unwrap(), 6);
-    assert_eq!(s.migrate().await.unwrap(), 6, "migrating twice is a no-op");
+    assert_eq!(s.migrate().await.unwrap(), 7);
+    assert_eq!(s.migrate().await.unwrap(), 7, "migrating twice is a no-op");
     s.ping().await.unwrap();
 
     // Topology.
@@ -311,6 +311,28 @@ async fn contract(s: &Store) {
     let many: Vec<CommandRow> = (100..250).map(|id| CommandRow { id, device_idx: id % 7, ..c.clone() }).collect();
     s.add_commands(&many).await.unwrap();
     assert_eq!(s.max_command_id().await.unwrap(), 249);
+    // Command batches as sent: bytes kept exactly, in the order written, per site; their ids
+    // count for the next engine's first id.
+    let batch = |site: &str, first: i64, body: Vec<u8>| CommandBatchRow {
+        seq: 0,
+        epoch: 2,
+        site_id: site.into(),
+        issued_ms: 50,
+        first_id: first,
+        last_id: first + 9,
+        commands: 10,
+        body,
+    };
+    let bytes: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
+    s.add_command_batches(&[batch("a", 300, bytes.clone()), batch("b", 310, vec![1]), batch("a", 320, vec![])])
+        .await
+        .unwrap();
+    let got = s.command_batches("a", 0, 10).await.unwrap();
+    assert_eq!(got.iter().map(|b| b.first_id).collect::<Vec<_>>(), vec![300, 320]);
+    assert_eq!(got[0].body, bytes);
+    assert!(got[0].seq < got[1].seq && got[1].body.is_empty());
+    assert!(s.command_batches("a", 51, 10).await.unwrap().is_empty());
+    assert_eq!(s.max_command_id().await.unwrap(), 329);
     let answers: Vec<(i64, String, i64)> = vec![
         (100, "applied".into(), 9),
         (101, "failed: x".into(), 9),
@@ -505,6 +527,6 @@ async fn sqlite_writes_survive_reopening() {
     let id = s.audit(1, "root", "x", "y", None, None).await.unwrap();
     drop(s);
     let s = Store::open(&url).await.unwrap();
-    assert_eq!(s.migrate().await.unwrap(), 6);
+    assert_eq!(s.migrate().await.unwrap(), 7);
     assert_eq!(s.audits(&page(1)).await.unwrap()[0].id, id);
 }
