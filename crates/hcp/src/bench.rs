@@ -91,12 +91,7 @@ pub fn sim(json: bool, fleet: Option<&Path>, device_hours: f64, cohort_days: u32
         "peak_rss_mib": peak_rss_mib(),
         "machine": machine.report(),
     });
-    if json {
-        println!("{obj}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&obj)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    crate::measure::print_report(&obj, json)
 }
 
 /// `hcp bench dispatch`: fast-path latency on the reference fleet, from a new price to the
@@ -251,12 +246,7 @@ pub fn dispatch(json: bool, fleet: Option<&Path>, events: usize, runs: usize) ->
         },
         "machine": machine.report(),
     });
-    if json {
-        println!("{obj}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&obj)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    crate::measure::print_report(&obj, json)
 }
 
 /// `hcp bench router`: placements per second (a request dispatched to a replica) with 10,000
@@ -416,10 +406,5 @@ pub fn router(json: bool, placements_target: u64, runs: usize) -> Result<ExitCod
         },
         "machine": machine.report(),
     });
-    if json {
-        println!("{obj}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&obj)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    crate::measure::print_report(&obj, json)
 }

@@ -222,10 +222,5 @@ pub fn end_to_end(json_out: bool, fleet: Option<&Path>, events: usize, link: Lin
         "bus_messages_purged_after": purged,
         "machine": machine.report(),
     });
-    if json_out {
-        println!("{obj}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&obj)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    crate::measure::print_report(&obj, json_out)
 }

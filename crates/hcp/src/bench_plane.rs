@@ -10,16 +10,7 @@ use hcp_harness::plane::{DevicePlane, PlaneConfig};
 use hcp_sim::agents::Agents;
 
 use crate::cli::{REFERENCE_FLEET, load_fleet};
-use crate::measure::{Machine, percentiles, quantile, thread_cpu_s};
-
-fn print(obj: &serde_json::Value, json: bool) -> Result<ExitCode> {
-    if json {
-        println!("{obj}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(obj)?);
-    }
-    Ok(ExitCode::SUCCESS)
-}
+use crate::measure::{Machine, percentiles, print_report as print, quantile, thread_cpu_s};
 
 /// What one switch took: wall times (ms) to the first batch leaving and to the whole plan sent,
 /// the planning thread's CPU time for each, the first batch's size, the plan's changes, and the

@@ -635,12 +635,7 @@ fn replay(trace: &Path, tenants: u32, shrink: &str, json: bool) -> Result<ExitCo
             "share_vs_entitlement_after": t.share_vs_entitlement_after,
         })).collect::<Vec<_>>(),
     });
-    if json {
-        println!("{obj}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&obj)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    crate::measure::print_report(&obj, json)
 }
 
 fn run_and_report(h: &mut Harness, fleet: &Fleet, mode: BaselineMode, out: Option<&Path>) -> Result<ExitCode> {

@@ -189,6 +189,16 @@ fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(v, |cur, k| cur.get(k))
 }
 
+/// A bench's report on standard output: one JSON line with `--json`, else indented.
+pub fn print_report(obj: &Value, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    if json {
+        println!("{obj}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(obj)?);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 /// Repeated runs: `--runs` must be 1..=50.
 pub fn check_runs(runs: usize) -> anyhow::Result<()> {
     if !(1..=50).contains(&runs) {
